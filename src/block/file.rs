@@ -1,0 +1,373 @@
+//! The bottom of every stack: a regular file or block device, driven through io_uring.
+
+use super::{BlockDevice, Completion, IoBuf, IoChannel, IoOp, SECTOR_SHIFT};
+use io_uring::{opcode, squeue, types, IoUring};
+use log::warn;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// A file or block device holding the disk's sectors.
+pub struct FileDevice {
+    file: Arc<File>,
+    sectors: u64,
+    ring_entries: u32,
+}
+
+impl FileDevice {
+    /// Opens `path` with O_DIRECT (falling back to buffered I/O where the file system refuses
+    /// it). `ring_entries` bounds the submissions one channel keeps in its ring at once.
+    pub fn open(path: &Path, readonly: bool, ring_entries: u32) -> io::Result<Self> {
+        let open = |direct: bool| {
+            OpenOptions::new()
+                .read(true)
+                .write(!readonly)
+                .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+                .open(path)
+        };
+        let file = match open(true) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                warn!("{}: O_DIRECT refused, using buffered I/O", path.display());
+                open(false)?
+            }
+            other => other?,
+        };
+        let bytes = device_size(&file)?;
+        Ok(FileDevice {
+            file: Arc::new(file),
+            sectors: bytes >> SECTOR_SHIFT,
+            ring_entries: ring_entries.clamp(8, 4096).next_power_of_two(),
+        })
+    }
+}
+
+/// The size in bytes of a regular file or block device.
+pub fn device_size(file: &File) -> io::Result<u64> {
+    let meta = file.metadata()?;
+    if !meta.file_type().is_block_device() {
+        return Ok(meta.len());
+    }
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at `size`.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+/// _IOR(0x12, 114, size_t)
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+impl BlockDevice for FileDevice {
+    fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    fn new_channel(&self) -> io::Result<Box<dyn IoChannel>> {
+        Ok(Box::new(UringChannel::new(
+            self.file.clone(),
+            self.ring_entries,
+        )?))
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+/// An operation the kernel is working on: what to give back and what length to expect.
+struct Slot {
+    id: u64,
+    buf: Option<IoBuf>,
+    expect: Option<usize>,
+}
+
+pub struct UringChannel {
+    file: Arc<File>,
+    ring: IoUring,
+    eventfd: EventFd,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    /// Built entries waiting for room in the submission queue.
+    backlog: std::collections::VecDeque<squeue::Entry>,
+    in_flight: usize,
+}
+
+impl UringChannel {
+    fn new(file: Arc<File>, entries: u32) -> io::Result<Self> {
+        let ring = IoUring::builder().setup_cqsize(entries * 2).build(entries)?;
+        let eventfd = EventFd::new(EFD_NONBLOCK)?;
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        Ok(UringChannel {
+            file,
+            ring,
+            eventfd,
+            slots: Vec::new(),
+            free: Vec::new(),
+            backlog: Default::default(),
+            in_flight: 0,
+        })
+    }
+
+    fn alloc_slot(&mut self, slot: Slot) -> u64 {
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(slot);
+                i
+            }
+            None => {
+                self.slots.push(Some(slot));
+                self.slots.len() - 1
+            }
+        };
+        idx as u64
+    }
+
+    /// Moves backlog entries into the submission queue while it has room.
+    fn fill_sq(&mut self) {
+        let mut sq = self.ring.submission();
+        while let Some(e) = self.backlog.front() {
+            // SAFETY: every entry's buffer is owned by its slot until the completion is reaped,
+            // and the file is kept open by self.file.
+            if unsafe { sq.push(e) }.is_err() {
+                break;
+            }
+            self.backlog.pop_front();
+        }
+    }
+}
+
+impl IoChannel for UringChannel {
+    fn add(&mut self, id: u64, op: IoOp) {
+        let fd = types::Fd(self.file.as_raw_fd());
+        let (entry, buf, expect) = match op {
+            IoOp::Read { sector, mut buf } => {
+                let len = buf.len();
+                let e = opcode::Read::new(fd, buf.as_mut_ptr(), len as u32)
+                    .offset(sector << SECTOR_SHIFT)
+                    .build();
+                (e, Some(buf), Some(len))
+            }
+            IoOp::Write { sector, buf } => {
+                let len = buf.len();
+                let e = opcode::Write::new(fd, buf.as_ptr(), len as u32)
+                    .offset(sector << SECTOR_SHIFT)
+                    .build();
+                (e, Some(buf), Some(len))
+            }
+            IoOp::Flush => {
+                let e = opcode::Fsync::new(fd)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build();
+                (e, None, None)
+            }
+            IoOp::Discard { sector, sectors } | IoOp::WriteZeroes { sector, sectors } => {
+                // A punched hole reads back as zeros on files and block devices alike.
+                let e = opcode::Fallocate::new(fd, sectors << SECTOR_SHIFT)
+                    .offset(sector << SECTOR_SHIFT)
+                    .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                    .build();
+                (e, None, None)
+            }
+        };
+        let key = self.alloc_slot(Slot { id, buf, expect });
+        self.backlog.push_back(entry.user_data(key));
+        self.in_flight += 1;
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        loop {
+            self.fill_sq();
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    // The completion queue is full: the caller must reap first.
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            if self.backlog.is_empty() {
+                return Ok(());
+            }
+            // The SQ was full: the submit made room; if nothing was consumed, stop spinning.
+            if self.ring.submission().is_full() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn poll(&mut self, out: &mut Vec<Completion>) {
+        // Reset the eventfd before reaping so a completion posted meanwhile re-arms it.
+        let _ = self.eventfd.read();
+        let cq = self.ring.completion();
+        for cqe in cq {
+            let key = cqe.user_data() as usize;
+            let Some(slot) = self.slots.get_mut(key).and_then(Option::take) else {
+                continue;
+            };
+            self.free.push(key);
+            self.in_flight -= 1;
+            let res = cqe.result();
+            let result = if res < 0 {
+                Err(-res)
+            } else if slot.expect.is_some_and(|n| n != res as usize) {
+                // Short transfer: past the end of a shrunk file, or a device error.
+                Err(libc::EIO)
+            } else {
+                Ok(())
+            };
+            out.push(Completion {
+                id: slot.id,
+                result,
+                buf: slot.buf,
+            });
+        }
+        if !self.backlog.is_empty() {
+            let _ = self.submit();
+        }
+    }
+
+    fn wait(&mut self) -> io::Result<()> {
+        if self.in_flight == 0 {
+            return Ok(());
+        }
+        self.fill_sq();
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn completion_fd(&self) -> RawFd {
+        self.eventfd.as_raw_fd()
+    }
+}
+
+impl Drop for UringChannel {
+    fn drop(&mut self) {
+        // Buffers must outlive the kernel's use of them: drain before freeing.
+        while self.in_flight > 0 {
+            let mut done = Vec::new();
+            if self.wait().is_err() {
+                break;
+            }
+            self.poll(&mut done);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::run_sync;
+
+    fn device(len: u64) -> (tempfile::NamedTempFile, FileDevice) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(len).unwrap();
+        let d = FileDevice::open(f.path(), false, 64).unwrap();
+        (f, d)
+    }
+
+    fn filled(len: usize, seed: u8) -> IoBuf {
+        let mut b = IoBuf::new(len);
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = (i as u8).wrapping_mul(31).wrapping_add(seed);
+        }
+        b
+    }
+
+    #[test]
+    fn size_is_in_sectors_rounded_down() {
+        let (_f, d) = device(10 * 512 + 100);
+        assert_eq!(d.sectors(), 10);
+    }
+
+    #[test]
+    fn write_read_roundtrip_and_file_content() {
+        let (f, d) = device(1 << 20);
+        let mut ch = d.new_channel().unwrap();
+        let data = filled(8192, 3);
+        let expect = data.to_vec();
+        let (r, _) = run_sync(ch.as_mut(), IoOp::Write { sector: 8, buf: data });
+        r.unwrap();
+        let (r, buf) = run_sync(ch.as_mut(), IoOp::Read { sector: 8, buf: IoBuf::new(8192) });
+        r.unwrap();
+        assert_eq!(&buf.unwrap()[..], &expect[..]);
+        run_sync(ch.as_mut(), IoOp::Flush).0.unwrap();
+        let on_disk = std::fs::read(f.path()).unwrap();
+        assert_eq!(&on_disk[4096..4096 + 8192], &expect[..]);
+    }
+
+    #[test]
+    fn many_in_flight_and_more_than_ring_entries() {
+        let (_f, d) = device(4 << 20);
+        let mut ch = d.new_channel().unwrap();
+        // 200 ops > 64 ring entries: the backlog must carry the rest.
+        for i in 0..200u64 {
+            ch.add(i, IoOp::Write { sector: i * 8, buf: filled(4096, i as u8) });
+        }
+        let mut done = Vec::new();
+        while done.len() < 200 {
+            ch.submit().unwrap();
+            ch.poll(&mut done);
+            if done.len() < 200 {
+                ch.wait().unwrap();
+            }
+        }
+        assert!(done.iter().all(|c| c.result.is_ok()));
+        assert_eq!(ch.in_flight(), 0);
+        for i in [0u64, 77, 199] {
+            let (r, b) = run_sync(ch.as_mut(), IoOp::Read { sector: i * 8, buf: IoBuf::new(4096) });
+            r.unwrap();
+            assert_eq!(&b.unwrap()[..], &filled(4096, i as u8)[..]);
+        }
+    }
+
+    #[test]
+    fn read_past_end_is_an_error() {
+        let (_f, d) = device(4096);
+        let mut ch = d.new_channel().unwrap();
+        let (r, _) = run_sync(ch.as_mut(), IoOp::Read { sector: 4, buf: IoBuf::new(4096) });
+        assert_eq!(r, Err(libc::EIO));
+    }
+
+    #[test]
+    fn discard_reads_back_zeros() {
+        let (_f, d) = device(1 << 20);
+        let mut ch = d.new_channel().unwrap();
+        run_sync(ch.as_mut(), IoOp::Write { sector: 0, buf: filled(65536, 9) }).0.unwrap();
+        run_sync(ch.as_mut(), IoOp::Discard { sector: 8, sectors: 16 }).0.unwrap();
+        run_sync(ch.as_mut(), IoOp::WriteZeroes { sector: 64, sectors: 8 }).0.unwrap();
+        let (r, b) = run_sync(ch.as_mut(), IoOp::Read { sector: 0, buf: IoBuf::new(65536) });
+        r.unwrap();
+        let b = b.unwrap();
+        let orig = filled(65536, 9);
+        assert_eq!(&b[..4096], &orig[..4096]);
+        assert!(b[4096..12288].iter().all(|&x| x == 0));
+        assert_eq!(&b[12288..32768], &orig[12288..32768]);
+        assert!(b[32768..36864].iter().all(|&x| x == 0));
+        assert_eq!(&b[36864..], &orig[36864..]);
+    }
+
+    #[test]
+    fn readonly_device_rejects_writes() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(8192).unwrap();
+        let d = FileDevice::open(f.path(), true, 8).unwrap();
+        let mut ch = d.new_channel().unwrap();
+        let (r, _) = run_sync(ch.as_mut(), IoOp::Write { sector: 0, buf: IoBuf::new(512) });
+        assert_eq!(r, Err(libc::EBADF));
+    }
+}

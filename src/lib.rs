@@ -1,0 +1,9 @@
+//! ubiblk: block-device utilities for virtual machines.
+//!
+//! - [`block`]: the block-device trait and its layers (the data path's storage side).
+//! - [`virtio_blk`]: virtio-blk request parsing and the per-queue worker.
+//! - [`vhost`]: the vhost-user plumbing that connects a VMM to the workers.
+//! - [`config`]: the YAML options.
+
+pub mod block;
+pub mod config;
