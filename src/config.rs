@@ -20,7 +20,10 @@ pub enum ConfigError {
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config field `{field}`: {problem}")]
-    Field { field: &'static str, problem: String },
+    Field {
+        field: &'static str,
+        problem: String,
+    },
 }
 
 fn field_err(field: &'static str, problem: impl Into<String>) -> ConfigError {
@@ -164,7 +167,10 @@ impl Options {
             ));
         }
         if self.poll_queue_timeout_us > 1_000_000 {
-            return Err(field_err("poll_queue_timeout_us", "must be at most 1000000"));
+            return Err(field_err(
+                "poll_queue_timeout_us",
+                "must be at most 1000000",
+            ));
         }
         if self.device_id.len() > DEVICE_ID_LEN {
             return Err(field_err(

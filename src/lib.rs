@@ -7,3 +7,5 @@
 
 pub mod block;
 pub mod config;
+pub mod vhost;
+pub mod virtio_blk;

@@ -73,7 +73,12 @@ impl std::ops::DerefMut for IoBuf {
 impl Drop for IoBuf {
     fn drop(&mut self) {
         // SAFETY: allocated in new() with exactly this layout.
-        unsafe { dealloc(self.ptr.as_ptr(), Layout::from_size_align_unchecked(self.cap, ALIGN)) }
+        unsafe {
+            dealloc(
+                self.ptr.as_ptr(),
+                Layout::from_size_align_unchecked(self.cap, ALIGN),
+            )
+        }
     }
 }
 

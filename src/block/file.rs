@@ -100,7 +100,9 @@ pub struct UringChannel {
 
 impl UringChannel {
     fn new(file: Arc<File>, entries: u32) -> io::Result<Self> {
-        let ring = IoUring::builder().setup_cqsize(entries * 2).build(entries)?;
+        let ring = IoUring::builder()
+            .setup_cqsize(entries * 2)
+            .build(entries)?;
         let eventfd = EventFd::new(EFD_NONBLOCK)?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         Ok(UringChannel {
@@ -300,9 +302,21 @@ mod tests {
         let mut ch = d.new_channel().unwrap();
         let data = filled(8192, 3);
         let expect = data.to_vec();
-        let (r, _) = run_sync(ch.as_mut(), IoOp::Write { sector: 8, buf: data });
+        let (r, _) = run_sync(
+            ch.as_mut(),
+            IoOp::Write {
+                sector: 8,
+                buf: data,
+            },
+        );
         r.unwrap();
-        let (r, buf) = run_sync(ch.as_mut(), IoOp::Read { sector: 8, buf: IoBuf::new(8192) });
+        let (r, buf) = run_sync(
+            ch.as_mut(),
+            IoOp::Read {
+                sector: 8,
+                buf: IoBuf::new(8192),
+            },
+        );
         r.unwrap();
         assert_eq!(&buf.unwrap()[..], &expect[..]);
         run_sync(ch.as_mut(), IoOp::Flush).0.unwrap();
@@ -316,7 +330,13 @@ mod tests {
         let mut ch = d.new_channel().unwrap();
         // 200 ops > 64 ring entries: the backlog must carry the rest.
         for i in 0..200u64 {
-            ch.add(i, IoOp::Write { sector: i * 8, buf: filled(4096, i as u8) });
+            ch.add(
+                i,
+                IoOp::Write {
+                    sector: i * 8,
+                    buf: filled(4096, i as u8),
+                },
+            );
         }
         let mut done = Vec::new();
         while done.len() < 200 {
@@ -329,7 +349,13 @@ mod tests {
         assert!(done.iter().all(|c| c.result.is_ok()));
         assert_eq!(ch.in_flight(), 0);
         for i in [0u64, 77, 199] {
-            let (r, b) = run_sync(ch.as_mut(), IoOp::Read { sector: i * 8, buf: IoBuf::new(4096) });
+            let (r, b) = run_sync(
+                ch.as_mut(),
+                IoOp::Read {
+                    sector: i * 8,
+                    buf: IoBuf::new(4096),
+                },
+            );
             r.unwrap();
             assert_eq!(&b.unwrap()[..], &filled(4096, i as u8)[..]);
         }
@@ -339,7 +365,13 @@ mod tests {
     fn read_past_end_is_an_error() {
         let (_f, d) = device(4096);
         let mut ch = d.new_channel().unwrap();
-        let (r, _) = run_sync(ch.as_mut(), IoOp::Read { sector: 4, buf: IoBuf::new(4096) });
+        let (r, _) = run_sync(
+            ch.as_mut(),
+            IoOp::Read {
+                sector: 4,
+                buf: IoBuf::new(4096),
+            },
+        );
         assert_eq!(r, Err(libc::EIO));
     }
 
@@ -347,10 +379,40 @@ mod tests {
     fn discard_reads_back_zeros() {
         let (_f, d) = device(1 << 20);
         let mut ch = d.new_channel().unwrap();
-        run_sync(ch.as_mut(), IoOp::Write { sector: 0, buf: filled(65536, 9) }).0.unwrap();
-        run_sync(ch.as_mut(), IoOp::Discard { sector: 8, sectors: 16 }).0.unwrap();
-        run_sync(ch.as_mut(), IoOp::WriteZeroes { sector: 64, sectors: 8 }).0.unwrap();
-        let (r, b) = run_sync(ch.as_mut(), IoOp::Read { sector: 0, buf: IoBuf::new(65536) });
+        run_sync(
+            ch.as_mut(),
+            IoOp::Write {
+                sector: 0,
+                buf: filled(65536, 9),
+            },
+        )
+        .0
+        .unwrap();
+        run_sync(
+            ch.as_mut(),
+            IoOp::Discard {
+                sector: 8,
+                sectors: 16,
+            },
+        )
+        .0
+        .unwrap();
+        run_sync(
+            ch.as_mut(),
+            IoOp::WriteZeroes {
+                sector: 64,
+                sectors: 8,
+            },
+        )
+        .0
+        .unwrap();
+        let (r, b) = run_sync(
+            ch.as_mut(),
+            IoOp::Read {
+                sector: 0,
+                buf: IoBuf::new(65536),
+            },
+        );
         r.unwrap();
         let b = b.unwrap();
         let orig = filled(65536, 9);
@@ -367,7 +429,13 @@ mod tests {
         f.as_file().set_len(8192).unwrap();
         let d = FileDevice::open(f.path(), true, 8).unwrap();
         let mut ch = d.new_channel().unwrap();
-        let (r, _) = run_sync(ch.as_mut(), IoOp::Write { sector: 0, buf: IoBuf::new(512) });
+        let (r, _) = run_sync(
+            ch.as_mut(),
+            IoOp::Write {
+                sector: 0,
+                buf: IoBuf::new(512),
+            },
+        );
         assert_eq!(r, Err(libc::EBADF));
     }
 }

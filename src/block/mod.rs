@@ -22,12 +22,24 @@ pub const SECTOR_SHIFT: u32 = 9;
 /// back in the [`Completion`].
 #[derive(Debug)]
 pub enum IoOp {
-    Read { sector: u64, buf: IoBuf },
-    Write { sector: u64, buf: IoBuf },
+    Read {
+        sector: u64,
+        buf: IoBuf,
+    },
+    Write {
+        sector: u64,
+        buf: IoBuf,
+    },
     Flush,
     /// Deallocate; the range reads as zeros afterwards.
-    Discard { sector: u64, sectors: u64 },
-    WriteZeroes { sector: u64, sectors: u64 },
+    Discard {
+        sector: u64,
+        sectors: u64,
+    },
+    WriteZeroes {
+        sector: u64,
+        sectors: u64,
+    },
 }
 
 /// A finished operation: `result` is `Err(errno)` on failure.

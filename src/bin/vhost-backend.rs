@@ -1,0 +1,125 @@
+//! vhost-backend: serves a disk to a VMM over vhost-user-blk.
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use log::{error, info};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ubiblk::block::{BlockDevice, FileDevice};
+use ubiblk::config::Options;
+use ubiblk::vhost::{self, BlockBackend, QueueSettings};
+use ubiblk::virtio_blk::{self, ConfigSpace, DeviceInfo, Limits};
+
+/// Serve a file or block device to a VM as a vhost-user-blk disk.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Path to the backend YAML configuration file.
+    #[arg(short = 'f', long = "config", value_name = "CONFIG_YAML")]
+    config: PathBuf,
+    /// Path to the key encryption key (KEK) file that unwraps `encryption_key`.
+    #[arg(short = 'k', long = "kek", value_name = "KEK_FILE")]
+    kek: Option<PathBuf>,
+    /// Delete the KEK file once it has been read.
+    #[arg(short = 'u', long = "unlink-kek", requires = "kek")]
+    unlink_kek: bool,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vhost-backend: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let opts = Options::load(&args.config)?;
+    if args.kek.is_some() || opts.encryption_key.is_some() {
+        bail!("encryption_key / --kek: encryption is not supported by this build yet");
+    }
+    if opts.image_path.is_some() {
+        bail!("image_path: lazy stripe fetch is not supported by this build yet");
+    }
+    if opts.io_debug_path.is_some() {
+        bail!("io_debug_path: the I/O debug log is not supported by this build yet");
+    }
+
+    let ring_entries = u32::from(opts.queue_size) * 2;
+    let device: Arc<dyn BlockDevice> = Arc::new(
+        FileDevice::open(&opts.path, opts.readonly, ring_entries)
+            .with_context(|| format!("path: cannot open {}", opts.path.display()))?,
+    );
+    let sectors = device.sectors();
+    info!("{}: {} sectors", opts.path.display(), sectors);
+
+    let mut device_id = [0u8; 20];
+    device_id[..opts.device_id.len()].copy_from_slice(opts.device_id.as_bytes());
+    let info = Arc::new(DeviceInfo {
+        limits: Limits {
+            sectors,
+            max_data_len: opts.seg_size_max * opts.seg_count_max,
+            max_descriptors: opts.seg_count_max as usize + 2,
+            max_discard_segs: virtio_blk::MAX_DISCARD_SEGS,
+            max_discard_sectors: virtio_blk::MAX_DISCARD_SECTORS,
+        },
+        readonly: opts.readonly,
+        skip_sync: opts.skip_sync,
+        device_id,
+    });
+    let config = ConfigSpace {
+        capacity: sectors,
+        size_max: opts.seg_size_max,
+        seg_max: opts.seg_count_max,
+        num_queues: opts.num_queues,
+    };
+    let settings = QueueSettings {
+        num_queues: opts.num_queues,
+        queue_size: opts.queue_size,
+        poll_timeout: Duration::from_micros(opts.poll_queue_timeout_us),
+    };
+
+    let current: Arc<Mutex<Option<Arc<BlockBackend>>>> = Arc::default();
+    spawn_signal_handler(device.clone(), current.clone(), opts.socket.clone())?;
+    vhost::serve(&opts.socket, device, info, config, settings, current)
+}
+
+/// On SIGTERM/SIGINT: let in-flight I/O finish, sync the disk, remove the socket, exit.
+fn spawn_signal_handler(
+    device: Arc<dyn BlockDevice>,
+    current: Arc<Mutex<Option<Arc<BlockBackend>>>>,
+    socket: PathBuf,
+) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("cannot install signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                info!("signal {sig}: shutting down");
+                let backend = current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if let Some(b) = backend {
+                    b.drain_all(None);
+                }
+                let code = match device.sync() {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        error!("final sync failed: {e}");
+                        1
+                    }
+                };
+                let _ = std::fs::remove_file(&socket);
+                std::process::exit(code);
+            }
+        })
+        .context("cannot start signal thread")?;
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! The per-queue data path: turns parsed requests into block-device operations and finished
+//! operations into status bytes and guest data.
+
+use log::debug;
+use std::sync::Arc;
+use virtio_bindings::virtio_blk::*;
+use vm_memory::{Bytes, GuestMemory};
+
+use super::request::{gather, scatter, Op, ParseError, Request};
+use crate::block::{BufPool, Completion, IoChannel, IoOp};
+
+/// Device-wide facts every queue needs.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    pub limits: super::request::Limits,
+    pub readonly: bool,
+    pub skip_sync: bool,
+    pub device_id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+}
+
+/// A request whose used-ring entry is ready: descriptor head and bytes written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    pub head: u16,
+    pub len: u32,
+}
+
+struct InFlight {
+    head: u16,
+    req: Request,
+    pending: u32,
+    failed: bool,
+}
+
+/// State of one virtqueue's worker: its device channel and the requests it has started.
+pub struct QueueWorker {
+    info: Arc<DeviceInfo>,
+    channel: Box<dyn IoChannel>,
+    pool: BufPool,
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    completions: Vec<Completion>,
+}
+
+impl QueueWorker {
+    pub fn new(info: Arc<DeviceInfo>, channel: Box<dyn IoChannel>) -> Self {
+        QueueWorker {
+            info,
+            channel,
+            pool: BufPool::default(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            completions: Vec::new(),
+        }
+    }
+
+    pub fn channel(&self) -> &dyn IoChannel {
+        self.channel.as_ref()
+    }
+
+    /// Requests started and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Starts a parsed request. Returns its completion when it finished at once (errors,
+    /// GET_ID, ...); otherwise it is returned later by [`QueueWorker::reap`].
+    pub fn start<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        head: u16,
+        parsed: Result<Request, ParseError>,
+    ) -> Option<Finished> {
+        let req = match parsed {
+            Ok(r) => r,
+            Err(e) => {
+                debug!("request {head}: {e}");
+                let len = match e.status {
+                    Some(addr) if mem.write_obj(e.code, addr).is_ok() => 1,
+                    _ => 0,
+                };
+                return Some(Finished { head, len });
+            }
+        };
+        let ops = match self.build_ops(mem, &req) {
+            Ok(ops) => ops,
+            Err(code) => return Some(complete(mem, head, &req, code)),
+        };
+        if ops.is_empty() {
+            return Some(complete(mem, head, &req, VIRTIO_BLK_S_OK as u8));
+        }
+        let slot = InFlight {
+            head,
+            req,
+            pending: ops.len() as u32,
+            failed: false,
+        };
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(slot);
+                i
+            }
+            None => {
+                self.slots.push(Some(slot));
+                self.slots.len() - 1
+            }
+        };
+        for op in ops {
+            self.channel.add(idx as u64, op);
+        }
+        None
+    }
+
+    /// The device operations for `req`, or a status to complete it with right away.
+    fn build_ops<M: GuestMemory>(&mut self, mem: &M, req: &Request) -> Result<Vec<IoOp>, u8> {
+        let ioerr = VIRTIO_BLK_S_IOERR as u8;
+        let writes = matches!(
+            req.op,
+            Op::Write { .. } | Op::Discard(_) | Op::WriteZeroes(_)
+        );
+        if writes && self.info.readonly {
+            return Err(ioerr);
+        }
+        let len = req.data_len as usize;
+        Ok(match &req.op {
+            Op::Read { .. } | Op::Write { .. } if len == 0 => Vec::new(),
+            Op::Read { sector } => vec![IoOp::Read {
+                sector: *sector,
+                buf: self.pool.get(len),
+            }],
+            Op::Write { sector } => {
+                let mut buf = self.pool.get(len);
+                if gather(mem, &req.data, &mut buf).is_err() {
+                    self.pool.put(buf);
+                    return Err(ioerr);
+                }
+                vec![IoOp::Write {
+                    sector: *sector,
+                    buf,
+                }]
+            }
+            Op::Flush if self.info.skip_sync => Vec::new(),
+            Op::Flush => vec![IoOp::Flush],
+            Op::GetId => {
+                scatter(mem, &req.data, &self.info.device_id).map_err(|_| ioerr)?;
+                Vec::new()
+            }
+            Op::Discard(ranges) | Op::WriteZeroes(ranges) => ranges
+                .iter()
+                .filter(|r| r.sectors > 0)
+                .map(|r| match req.op {
+                    Op::Discard(_) => IoOp::Discard {
+                        sector: r.sector,
+                        sectors: r.sectors,
+                    },
+                    _ => IoOp::WriteZeroes {
+                        sector: r.sector,
+                        sectors: r.sectors,
+                    },
+                })
+                .collect(),
+        })
+    }
+
+    /// Submits everything started since the last call.
+    pub fn submit(&mut self) {
+        if let Err(e) = self.channel.submit() {
+            log::error!("io submission failed: {e}");
+        }
+    }
+
+    /// Collects finished requests into `out` without blocking.
+    pub fn reap<M: GuestMemory>(&mut self, mem: &M, out: &mut Vec<Finished>) {
+        let mut completions = std::mem::take(&mut self.completions);
+        self.channel.poll(&mut completions);
+        for c in completions.drain(..) {
+            let idx = c.id as usize;
+            let Some(slot) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
+                continue;
+            };
+            if let Err(errno) = c.result {
+                debug!("request {}: device error {errno}", slot.head);
+                slot.failed = true;
+            }
+            if let Some(buf) = c.buf {
+                if !slot.failed
+                    && matches!(slot.req.op, Op::Read { .. })
+                    && scatter(mem, &slot.req.data, &buf).is_err()
+                {
+                    slot.failed = true;
+                }
+                self.pool.put(buf);
+            }
+            slot.pending -= 1;
+            if slot.pending == 0 {
+                if let Some(slot) = self.slots[idx].take() {
+                    self.free.push(idx);
+                    let code = if slot.failed {
+                        VIRTIO_BLK_S_IOERR
+                    } else {
+                        VIRTIO_BLK_S_OK
+                    };
+                    out.push(complete(mem, slot.head, &slot.req, code as u8));
+                }
+            }
+        }
+        self.completions = completions;
+    }
+
+    /// Waits for every started request to finish, collecting them into `out`.
+    pub fn drain<M: GuestMemory>(&mut self, mem: &M, out: &mut Vec<Finished>) {
+        self.submit();
+        while self.in_flight() > 0 {
+            self.reap(mem, out);
+            if self.in_flight() == 0 {
+                break;
+            }
+            if let Err(e) = self.channel.wait() {
+                log::error!("waiting for io failed: {e}");
+                break;
+            }
+        }
+    }
+}
+
+/// Writes the status byte and returns the used-ring entry.
+fn complete<M: GuestMemory>(mem: &M, head: u16, req: &Request, code: u8) -> Finished {
+    if mem.write_obj(code, req.status).is_err() {
+        return Finished { head, len: 0 };
+    }
+    let len = if code == VIRTIO_BLK_S_OK as u8 {
+        req.used_len()
+    } else {
+        1
+    };
+    Finished { head, len }
+}
