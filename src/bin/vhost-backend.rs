@@ -107,7 +107,7 @@ fn spawn_signal_handler(
                 info!("signal {sig}: shutting down");
                 let backend = current.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 if let Some(b) = backend {
-                    b.drain_all(None);
+                    b.drain_all();
                 }
                 let code = match device.sync() {
                     Ok(()) => 0,

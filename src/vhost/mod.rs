@@ -7,7 +7,7 @@ use log::{error, info, warn};
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -39,6 +39,9 @@ pub struct BlockBackend {
     info: Arc<DeviceInfo>,
     config: ConfigSpace,
     workers: Vec<Mutex<QueueWorker>>,
+    /// Each queue's ring, remembered from its first event so requests drained outside the
+    /// worker thread (stop, shutdown) can still be completed to the guest.
+    vrings: Vec<OnceLock<VringRwLock>>,
     mem: RwLock<Memory>,
     event_idx: AtomicBool,
     /// Set at shutdown so polling loops let go of their worker.
@@ -60,7 +63,9 @@ impl BlockBackend {
                 )))
             })
             .collect::<io::Result<Vec<_>>>()?;
+        let vrings = (0..settings.num_queues).map(|_| OnceLock::new()).collect();
         Ok(BlockBackend {
+            vrings,
             settings,
             info,
             config,
@@ -168,43 +173,43 @@ impl BlockBackend {
             if progressed {
                 last_activity = now;
             }
-            let polling = now.duration_since(last_activity) < self.settings.poll_timeout;
-            if polling {
+            if now.duration_since(last_activity) < self.settings.poll_timeout {
                 std::hint::spin_loop();
                 continue;
             }
-            if !event_idx && !polling && !progressed {
-                if !notifications_on {
-                    let _ = vring.enable_notification();
-                }
+            if notifications_on && !event_idx && !progressed {
                 break;
             }
-            if event_idx || !notifications_on {
-                // enable_notification() says whether chains arrived while notifications were
-                // off; those would otherwise wait for a kick that never comes.
-                notifications_on = true;
-                match vring.enable_notification() {
-                    Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(e) => {
-                        warn!("enable_notification failed: {e}");
-                        break;
-                    }
+            // enable_notification() says whether chains arrived while notifications were off
+            // (or, with EVENT_IDX, since the last avail_event update); those would otherwise
+            // wait for a kick that never comes.
+            notifications_on = true;
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn!("enable_notification failed: {e}");
+                    break;
                 }
             }
         }
     }
 
-    /// Finishes every request in flight on every queue; used before the process exits.
-    pub fn drain_all(&self, vrings: Option<&[VringRwLock]>) {
-        self.stopping.store(true, Ordering::Relaxed);
+    /// Waits for queue `q`'s requests in flight and completes them to the guest.
+    fn drain(&self, q: usize) {
         let mem = self.memory();
+        let mut done = Vec::new();
+        self.worker(q).drain(&*mem.memory(), &mut done);
+        if let Some(vring) = self.vrings[q].get() {
+            self.complete(vring, &mut done);
+        }
+    }
+
+    /// Finishes every request in flight on every queue and stops polling; before exit.
+    pub fn drain_all(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
         for q in 0..self.workers.len() {
-            let mut done = Vec::new();
-            self.worker(q).drain(&*mem.memory(), &mut done);
-            if let Some(v) = vrings.and_then(|v| v.get(q)) {
-                self.complete(v, &mut done);
-            }
+            self.drain(q);
         }
     }
 }
@@ -261,16 +266,8 @@ impl VhostUserBackend for BlockBackend {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // GET_VRING_BASE: finish what the guest already handed us before the ring goes away.
-        let q = queue_index as usize;
-        if q < self.workers.len() {
-            let mem = self.memory();
-            let mut done = Vec::new();
-            self.worker(q).drain(&*mem.memory(), &mut done);
-            // The vring lock is not ours here; finished requests are reported by the
-            // frontend-visible used index only if the ring is still alive, so drop them.
-            if !done.is_empty() {
-                info!("queue {q}: {} requests finished while stopping", done.len());
-            }
+        if (queue_index as usize) < self.workers.len() {
+            self.drain(queue_index as usize);
         }
         Ok(())
     }
@@ -291,6 +288,9 @@ impl VhostUserBackend for BlockBackend {
             return Ok(());
         };
         if u64::from(device_event) == self.completion_token() || device_event == 0 {
+            if let Some(slot) = self.vrings.get(thread_id) {
+                slot.get_or_init(|| vring.clone());
+            }
             self.process(thread_id, vring);
         }
         Ok(())
@@ -347,7 +347,7 @@ pub fn serve(
         drop(handlers);
         // Dropping the daemon joins the worker threads; then nothing races the drain.
         drop(daemon);
-        backend.drain_all(None);
+        backend.drain_all();
         if let Err(e) = device.sync() {
             error!("sync after disconnect failed: {e}");
         }
