@@ -7,5 +7,6 @@
 
 pub mod block;
 pub mod config;
+pub mod crypto;
 pub mod vhost;
 pub mod virtio_blk;

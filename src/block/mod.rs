@@ -7,9 +7,11 @@
 //! device-mapper targets stack, so the virtio front end never knows which layers are present.
 
 mod buf;
+mod crypt;
 mod file;
 
 pub use buf::{BufPool, IoBuf};
+pub use crypt::CryptDevice;
 pub use file::FileDevice;
 
 use std::io;

@@ -552,6 +552,8 @@ pub struct ClientOptions {
     pub mem_size: usize,
     /// How long to retry connecting while the socket refuses connections.
     pub connect_timeout: Duration,
+    /// Timeout of the synchronous helpers (`Err(ETIME)` when exceeded); `None` = forever.
+    pub io_timeout: Option<Duration>,
 }
 
 impl Default for ClientOptions {
@@ -562,6 +564,7 @@ impl Default for ClientOptions {
             read_only: false,
             mem_size: 8 << 20,
             connect_timeout: Duration::from_secs(5),
+            io_timeout: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -622,6 +625,7 @@ pub struct QueueIo {
     buf_len: usize,
     completions: Vec<MaybeUninit<Completion>>,
     in_flight: usize,
+    io_timeout: Option<Duration>,
 }
 
 /// One completed request: `user_data` as submitted and `ret` (0 or negative errno).
@@ -771,16 +775,22 @@ impl QueueIo {
     }
 
     /// Fast-path variant of [`reap`](Self::reap) for benchmarks: calls `f(user_data, ret)` for
-    /// each completion without allocating.
-    pub fn reap_with(&mut self, min: usize, mut f: impl FnMut(usize, i32)) -> IoResult<usize> {
+    /// each completion without allocating. Returns `Err(ETIME)` on timeout.
+    pub fn reap_with(
+        &mut self,
+        min: usize,
+        timeout: Option<Duration>,
+        mut f: impl FnMut(usize, i32),
+    ) -> IoResult<usize> {
         let min = min.min(self.in_flight);
         let cap = self.in_flight.max(1);
         if self.completions.len() < cap {
             self.completions.resize_with(cap, MaybeUninit::uninit);
         }
+        let mut t = timeout;
         let n = self
             .q
-            .do_io(&mut self.completions[..cap], min, None, None)
+            .do_io(&mut self.completions[..cap], min, t.as_mut(), None)
             .map_err(|e| e.errno().raw_os_error())?;
         self.in_flight -= n;
         for c in &self.completions[..n] {
@@ -854,8 +864,7 @@ impl QueueIo {
     }
 
     /// Scatter-gather write; segments are placed at odd multiples of 512 in the buffer area
-    /// (512, then after each segment a further 512-byte gap, rounded to 512), so they are
-    /// neither page aligned nor adjacent.
+    /// (see [`scattered_offsets`]), so they are neither page aligned nor adjacent.
     pub fn writev(&mut self, offset: u64, bufs: &[&[u8]]) -> IoResult<()> {
         let offs = scattered_offsets(bufs.iter().map(|b| b.len()));
         let segs: Vec<(usize, &[u8])> = offs.into_iter().zip(bufs.iter().copied()).collect();
@@ -903,15 +912,17 @@ impl QueueIo {
     }
 }
 
-/// Buffer offsets for segments of the given lengths: first at 512, each next one after the
-/// previous segment plus a 512-byte gap, rounded up to a multiple of 512 (odd multiples when
-/// segment lengths are multiples of 1024).
+/// Buffer offsets for segments of the given lengths: always odd multiples of 512 (so never
+/// page aligned), first at 512, each next one at least 512 bytes after the previous segment.
 pub fn scattered_offsets(lens: impl Iterator<Item = usize>) -> Vec<usize> {
     let mut off = 512usize;
     let mut out = Vec::new();
     for len in lens {
         out.push(off);
         off = (off + len + 512).div_ceil(512) * 512;
+        if (off / 512).is_multiple_of(2) {
+            off += 512;
+        }
     }
     out
 }
@@ -1007,6 +1018,7 @@ impl Client {
                 buf_len: per_queue,
                 completions: Vec::new(),
                 in_flight: 0,
+                io_timeout: opts.io_timeout,
             })
             .collect();
         Ok(Client {

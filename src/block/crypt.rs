@@ -1,0 +1,191 @@
+//! The encryption layer: AES-256-XTS over another device, like dm-crypt over a disk.
+//!
+//! Writes are encrypted in their (already private) bounce buffer before they go down; reads
+//! are decrypted when they come back up. Nothing the layer below stores is plaintext.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use super::{BlockDevice, BufPool, Completion, IoChannel, IoOp, SECTOR_SHIFT};
+use crate::crypto::Xts;
+
+/// WRITE_ZEROES becomes writes of encrypted zeros, in pieces of at most this many bytes.
+const ZERO_CHUNK: usize = 1 << 20;
+
+pub struct CryptDevice {
+    inner: Arc<dyn BlockDevice>,
+    xts: Arc<Xts>,
+}
+
+impl CryptDevice {
+    pub fn new(inner: Arc<dyn BlockDevice>, xts: Xts) -> Self {
+        CryptDevice {
+            inner,
+            xts: Arc::new(xts),
+        }
+    }
+}
+
+impl BlockDevice for CryptDevice {
+    fn sectors(&self) -> u64 {
+        self.inner.sectors()
+    }
+
+    fn new_channel(&self) -> io::Result<Box<dyn IoChannel>> {
+        Ok(Box::new(CryptChannel {
+            inner: self.inner.new_channel()?,
+            xts: self.xts.clone(),
+            ops: Vec::new(),
+            free: Vec::new(),
+            pool: BufPool::default(),
+            below: Vec::new(),
+        }))
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.inner.sync()
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    /// Decrypt the data, which starts at this sector, on the way up.
+    Read(u64),
+    /// The buffers below are ours (encrypted zeros): recycle them.
+    Zeroes,
+    /// Pass the buffer (if any) back up as is.
+    Other,
+}
+
+/// An operation of ours, made of `parts` operations below.
+struct Op {
+    id: u64,
+    kind: Kind,
+    parts: u32,
+    result: Result<(), i32>,
+}
+
+struct CryptChannel {
+    inner: Box<dyn IoChannel>,
+    xts: Arc<Xts>,
+    ops: Vec<Option<Op>>,
+    free: Vec<usize>,
+    pool: BufPool,
+    below: Vec<Completion>,
+}
+
+impl CryptChannel {
+    fn track(&mut self, op: Op) -> u64 {
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.ops[i] = Some(op);
+                i
+            }
+            None => {
+                self.ops.push(Some(op));
+                self.ops.len() - 1
+            }
+        };
+        idx as u64
+    }
+}
+
+impl IoChannel for CryptChannel {
+    fn add(&mut self, id: u64, op: IoOp) {
+        let mut tracked = Op {
+            id,
+            kind: Kind::Other,
+            parts: 1,
+            result: Ok(()),
+        };
+        match op {
+            IoOp::Read { sector, buf } => {
+                tracked.kind = Kind::Read(sector);
+                let key = self.track(tracked);
+                self.inner.add(key, IoOp::Read { sector, buf });
+            }
+            IoOp::Write { sector, mut buf } => {
+                self.xts.encrypt(sector, &mut buf);
+                let key = self.track(tracked);
+                self.inner.add(key, IoOp::Write { sector, buf });
+            }
+            IoOp::WriteZeroes { sector, sectors } => {
+                // A hole below would read back as decrypted garbage: store encrypted zeros.
+                let chunk = (ZERO_CHUNK >> SECTOR_SHIFT) as u64;
+                tracked.kind = Kind::Zeroes;
+                tracked.parts = sectors.div_ceil(chunk).max(1) as u32;
+                let key = self.track(tracked);
+                let mut at = sector;
+                while at < sector + sectors {
+                    let n = (sector + sectors - at).min(chunk);
+                    let mut buf = self.pool.get((n << SECTOR_SHIFT) as usize);
+                    buf.fill(0);
+                    self.xts.encrypt(at, &mut buf);
+                    self.inner.add(key, IoOp::Write { sector: at, buf });
+                    at += n;
+                }
+                if sectors == 0 {
+                    self.inner.add(key, IoOp::Flush);
+                }
+            }
+            // Discarded sectors read back as unspecified data, which virtio allows.
+            op @ (IoOp::Flush | IoOp::Discard { .. }) => {
+                let key = self.track(tracked);
+                self.inner.add(key, op);
+            }
+        }
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        self.inner.submit()
+    }
+
+    fn poll(&mut self, out: &mut Vec<Completion>) {
+        let mut below = std::mem::take(&mut self.below);
+        self.inner.poll(&mut below);
+        for c in below.drain(..) {
+            let key = c.id as usize;
+            let Some(op) = self.ops.get_mut(key).and_then(Option::as_mut) else {
+                continue;
+            };
+            if c.result.is_err() {
+                op.result = c.result;
+            }
+            op.parts -= 1;
+            let mut buf = c.buf;
+            match (op.kind, buf.as_mut()) {
+                (Kind::Read(sector), Some(b)) if op.result.is_ok() => self.xts.decrypt(sector, b),
+                (Kind::Zeroes, Some(_)) => {
+                    if let Some(b) = buf.take() {
+                        self.pool.put(b);
+                    }
+                }
+                _ => {}
+            }
+            if op.parts == 0 {
+                if let Some(op) = self.ops[key].take() {
+                    self.free.push(key);
+                    out.push(Completion {
+                        id: op.id,
+                        result: op.result,
+                        buf,
+                    });
+                }
+            }
+        }
+        self.below = below;
+    }
+
+    fn wait(&mut self) -> io::Result<()> {
+        self.inner.wait()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
+    }
+
+    fn completion_fd(&self) -> RawFd {
+        self.inner.completion_fd()
+    }
+}
