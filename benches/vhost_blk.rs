@@ -64,6 +64,8 @@ fn backends() -> Vec<BackendSpec> {
     vec![
         ours("ours", &[]),
         qsd("qsd", QsdOptions::default()),
+        // Not run by default: ours without busy polling.
+        ours("ours-nopoll", &["poll_queue_timeout_us: 0"]),
         // Not run by default (select with UBIBLK_BENCH_BACKENDS=...,qsd-iothread):
         qsd(
             "qsd-iothread",

@@ -81,7 +81,7 @@ fn default_seg_count_max() -> u32 {
     4
 }
 fn default_poll_queue_timeout_us() -> u64 {
-    1000
+    500
 }
 fn default_device_id() -> String {
     "ubiblk".to_string()
@@ -144,7 +144,7 @@ impl Options {
         if self.queue_size > MAX_QUEUE_SIZE {
             return Err(field_err("queue_size", "must be at most 32768"));
         }
-        if self.seg_size_max < 512 || self.seg_size_max % 512 != 0 {
+        if self.seg_size_max < 512 || !self.seg_size_max.is_multiple_of(512) {
             return Err(field_err(
                 "seg_size_max",
                 format!("{} is not a positive multiple of 512", self.seg_size_max),

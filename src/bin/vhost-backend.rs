@@ -72,6 +72,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         },
         readonly: opts.readonly,
         skip_sync: opts.skip_sync,
+        iovec_align: device.iovec_align(),
         device_id,
     });
     let config = ConfigSpace {

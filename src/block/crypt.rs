@@ -40,6 +40,7 @@ impl BlockDevice for CryptDevice {
             free: Vec::new(),
             pool: BufPool::default(),
             below: Vec::new(),
+            refused: Vec::new(),
         }))
     }
 
@@ -73,6 +74,8 @@ struct CryptChannel {
     free: Vec<usize>,
     pool: BufPool,
     below: Vec<Completion>,
+    /// Operations refused at `add`, reported by the next `poll`.
+    refused: Vec<Completion>,
 }
 
 impl CryptChannel {
@@ -129,6 +132,14 @@ impl IoChannel for CryptChannel {
                     self.inner.add(key, IoOp::Flush);
                 }
             }
+            // iovec_align() is None: callers never send these here.
+            IoOp::ReadVec { .. } | IoOp::WriteVec { .. } => {
+                self.refused.push(Completion {
+                    id,
+                    result: Err(libc::EINVAL),
+                    buf: None,
+                });
+            }
             // Discarded sectors read back as unspecified data, which virtio allows.
             op @ (IoOp::Flush | IoOp::Discard { .. }) => {
                 let key = self.track(tracked);
@@ -142,6 +153,7 @@ impl IoChannel for CryptChannel {
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.refused);
         let mut below = std::mem::take(&mut self.below);
         self.inner.poll(&mut below);
         for c in below.drain(..) {
@@ -182,10 +194,14 @@ impl IoChannel for CryptChannel {
     }
 
     fn in_flight(&self) -> usize {
-        self.inner.in_flight()
+        self.inner.in_flight() + self.refused.len()
     }
 
     fn completion_fd(&self) -> RawFd {
         self.inner.completion_fd()
+    }
+
+    fn ack_completion_fd(&mut self) {
+        self.inner.ack_completion_fd()
     }
 }

@@ -14,8 +14,10 @@ pub use buf::{BufPool, IoBuf};
 pub use crypt::CryptDevice;
 pub use file::FileDevice;
 
+use std::any::Any;
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 pub const SECTOR_SIZE: usize = 512;
 pub const SECTOR_SHIFT: u32 = 9;
@@ -32,6 +34,16 @@ pub enum IoOp {
         sector: u64,
         buf: IoBuf,
     },
+    /// Read straight into caller memory (no bounce copy); see [`BlockDevice::iovec_align`].
+    ReadVec {
+        sector: u64,
+        iov: IoVecs,
+    },
+    /// Write straight from caller memory.
+    WriteVec {
+        sector: u64,
+        iov: IoVecs,
+    },
     Flush,
     /// Deallocate; the range reads as zeros afterwards.
     Discard {
@@ -42,6 +54,50 @@ pub enum IoOp {
         sector: u64,
         sectors: u64,
     },
+}
+
+/// Memory outside our own buffers (the guest's) handed to the device for one operation.
+pub struct IoVecs {
+    iov: Vec<libc::iovec>,
+    len: usize,
+    /// Keeps the mapping the vectors point into alive until the operation is done.
+    _owner: Arc<dyn Any + Send + Sync>,
+}
+
+// SAFETY: the vectors are plain addresses, only dereferenced by the kernel while `_owner`
+// keeps them mapped; nothing in this process reads through them.
+unsafe impl Send for IoVecs {}
+
+impl IoVecs {
+    /// # Safety
+    /// Every vector must stay valid for reads and writes for as long as `owner` lives.
+    pub unsafe fn new(iov: Vec<libc::iovec>, owner: Arc<dyn Any + Send + Sync>) -> Self {
+        let len = iov.iter().map(|v| v.iov_len).sum();
+        IoVecs {
+            iov,
+            len,
+            _owner: owner,
+        }
+    }
+
+    /// Total bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_slice(&self) -> &[libc::iovec] {
+        &self.iov
+    }
+}
+
+impl std::fmt::Debug for IoVecs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IoVecs({} vectors, {} bytes)", self.iov.len(), self.len)
+    }
 }
 
 /// A finished operation: `result` is `Err(errno)` on failure.
@@ -66,6 +122,9 @@ pub trait IoChannel: Send {
     fn in_flight(&self) -> usize;
     /// A file descriptor that becomes readable when `poll` has something to return.
     fn completion_fd(&self) -> RawFd;
+    /// Clears `completion_fd`'s readiness after it woke the caller; call before `poll`.
+    /// (Polling loops skip this: it costs a syscall.)
+    fn ack_completion_fd(&mut self);
 }
 
 /// A store of 512-byte sectors.
@@ -75,6 +134,11 @@ pub trait BlockDevice: Send + Sync {
     fn new_channel(&self) -> io::Result<Box<dyn IoChannel>>;
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
+    /// If the device takes [`IoOp::ReadVec`] / [`IoOp::WriteVec`], the alignment their vectors'
+    /// addresses and lengths need. Layers that transform data keep the default: `None`.
+    fn iovec_align(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Runs one operation to completion on `channel`; for tools and tests, not the data path.

@@ -39,7 +39,7 @@ impl RoundKeys {
     /// Pre-whitened blocks in, cipher blocks out: `buf[i] = E(buf[i] ^ t[i]) ^ t[i]` (or D for
     /// decryption), with `tweaks[i]` as `t[i]`. `buf.len()` is a multiple of 32 bytes.
     pub fn xts(&self, buf: &mut [u8], tweaks: &[u128], decrypt: bool) {
-        assert!(buf.len() % 32 == 0 && tweaks.len() * 16 >= buf.len());
+        assert!(buf.len().is_multiple_of(32) && tweaks.len() * 16 >= buf.len());
         // SAFETY: available() held when self was built; the lengths were checked above.
         unsafe { xts_kernel(self, buf, tweaks, decrypt) }
     }

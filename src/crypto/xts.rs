@@ -61,7 +61,7 @@ impl Xts {
 
     fn apply(&self, first_sector: u64, buf: &mut [u8], encrypt: bool) {
         assert!(
-            buf.len() % SECTOR_SIZE == 0,
+            buf.len().is_multiple_of(SECTOR_SIZE),
             "XTS buffers are whole sectors"
         );
         let mut tweaks = [0u128; BATCH_SECTORS * BLOCKS_PER_SECTOR];
@@ -191,7 +191,7 @@ mod tests {
             for i in 0..16 {
                 chunk[i] = b[i] ^ t.to_le_bytes()[i];
             }
-            t = t << 1 ^ (t >> 127) * 0x87;
+            t = (t << 1) ^ ((t >> 127) * 0x87);
         }
     }
 

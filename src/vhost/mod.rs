@@ -101,7 +101,8 @@ impl BlockBackend {
         worker: &mut QueueWorker,
         done: &mut Vec<Finished>,
     ) -> bool {
-        let guard = mem.memory();
+        // An owned snapshot: requests keep it to pin guest buffers the device is using.
+        let guard = mem.memory().into_inner();
         let mut found = false;
         loop {
             let chain = {
@@ -110,7 +111,7 @@ impl BlockBackend {
                 if !queue.ready() {
                     break;
                 }
-                match queue.pop_descriptor_chain(guard.clone()) {
+                match queue.pop_descriptor_chain(&*guard) {
                     Some(c) => c,
                     None => break,
                 }
@@ -118,7 +119,7 @@ impl BlockBackend {
             found = true;
             let head = chain.head_index();
             let parsed = Request::parse(chain, &*guard, &self.info.limits);
-            if let Some(f) = worker.start(&*guard, head, parsed) {
+            if let Some(f) = worker.start(&guard, head, parsed) {
                 done.push(f);
             }
         }
@@ -149,9 +150,12 @@ impl BlockBackend {
 
     /// Runs queue `queue`: starts new requests, reaps finished ones, and keeps polling for up
     /// to `poll_timeout` after the last activity before going back to sleeping on the kick.
-    fn process(&self, queue: usize, vring: &VringRwLock) {
+    fn process(&self, queue: usize, vring: &VringRwLock, woken_by_completion: bool) {
         let mem = self.memory();
         let mut worker = self.worker(queue);
+        if woken_by_completion {
+            worker.ack_completion_fd();
+        }
         let mut done = Vec::new();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut last_activity = Instant::now();
@@ -174,7 +178,9 @@ impl BlockBackend {
                 last_activity = now;
             }
             if now.duration_since(last_activity) < self.settings.poll_timeout {
-                std::hint::spin_loop();
+                // Poll politely: the kernel's io-wq workers that carry out our I/O may need
+                // this core (on small hosts they compete with the poller).
+                std::thread::yield_now();
                 continue;
             }
             if notifications_on && !event_idx && !progressed {
@@ -287,11 +293,12 @@ impl VhostUserBackend for BlockBackend {
         let Some(vring) = vrings.first() else {
             return Ok(());
         };
-        if u64::from(device_event) == self.completion_token() || device_event == 0 {
+        let completion = u64::from(device_event) == self.completion_token();
+        if completion || device_event == 0 {
             if let Some(slot) = self.vrings.get(thread_id) {
                 slot.get_or_init(|| vring.clone());
             }
-            self.process(thread_id, vring);
+            self.process(thread_id, vring, completion);
         }
         Ok(())
     }

@@ -152,7 +152,9 @@ impl Request {
         if total_len(&readable) < HEADER_LEN as u64 {
             return Err(ioerr("request header too short"));
         }
-        gather(mem, &readable, &mut header).map_err(|_| ioerr("unreadable header"))?;
+        if !gather(mem, &readable, &mut header) {
+            return Err(ioerr("unreadable header"));
+        }
         let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let sector = u64::from_le_bytes([
             header[8], header[9], header[10], header[11], header[12], header[13], header[14],
@@ -177,7 +179,7 @@ impl Request {
                 if len > u64::from(limits.max_data_len) {
                     return Err(ioerr("request larger than seg_size_max * seg_count_max"));
                 }
-                if len % SECTOR_SIZE as u64 != 0 {
+                if !len.is_multiple_of(SECTOR_SIZE as u64) {
                     return Err(ioerr("data length not a multiple of 512"));
                 }
                 check_range(sector, len >> SECTOR_SHIFT, limits.sectors).map_err(ioerr)?;
@@ -200,15 +202,16 @@ impl Request {
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
                 let zeroes = req_type == VIRTIO_BLK_T_WRITE_ZEROES;
-                if out_len == 0 || out_len % DISCARD_SEG_LEN as u64 != 0 {
+                if out_len == 0 || !out_len.is_multiple_of(DISCARD_SEG_LEN as u64) {
                     return Err(ioerr("discard payload not a whole number of segments"));
                 }
                 if out_len / DISCARD_SEG_LEN as u64 > u64::from(limits.max_discard_segs) {
                     return Err(ioerr("too many discard segments"));
                 }
                 let mut payload = vec![0u8; out_len as usize];
-                gather(mem, &out_data, &mut payload)
-                    .map_err(|_| ioerr("unreadable discard payload"))?;
+                if !gather(mem, &out_data, &mut payload) {
+                    return Err(ioerr("unreadable discard payload"));
+                }
                 let mut ranges = Vec::with_capacity(payload.len() / DISCARD_SEG_LEN);
                 for seg in payload.chunks_exact(DISCARD_SEG_LEN) {
                     let mut s = [0u8; 8];
@@ -296,40 +299,34 @@ fn trim(regions: &[Region], mut front: u64, back: u64) -> Vec<Region> {
     out
 }
 
-/// Copies the start of `regions` into `buf`.
-pub fn gather<M: GuestMemory>(mem: &M, regions: &[Region], buf: &mut [u8]) -> Result<(), ()> {
+/// Copies the start of `regions` into `buf`; false if guest memory could not be read.
+pub fn gather<M: GuestMemory>(mem: &M, regions: &[Region], buf: &mut [u8]) -> bool {
     let mut off = 0;
     for r in regions {
         if off == buf.len() {
             break;
         }
         let n = (r.len as usize).min(buf.len() - off);
-        mem.read_slice(&mut buf[off..off + n], r.addr)
-            .map_err(|_| ())?;
+        if mem.read_slice(&mut buf[off..off + n], r.addr).is_err() {
+            return false;
+        }
         off += n;
     }
-    if off == buf.len() {
-        Ok(())
-    } else {
-        Err(())
-    }
+    off == buf.len()
 }
 
-/// Copies `buf` into the start of `regions`.
-pub fn scatter<M: GuestMemory>(mem: &M, regions: &[Region], buf: &[u8]) -> Result<(), ()> {
+/// Copies `buf` into the start of `regions`; false if guest memory could not be written.
+pub fn scatter<M: GuestMemory>(mem: &M, regions: &[Region], buf: &[u8]) -> bool {
     let mut off = 0;
     for r in regions {
         if off == buf.len() {
             break;
         }
         let n = (r.len as usize).min(buf.len() - off);
-        mem.write_slice(&buf[off..off + n], r.addr)
-            .map_err(|_| ())?;
+        if mem.write_slice(&buf[off..off + n], r.addr).is_err() {
+            return false;
+        }
         off += n;
     }
-    if off == buf.len() {
-        Ok(())
-    } else {
-        Err(())
-    }
+    off == buf.len()
 }

@@ -350,7 +350,7 @@ fn indirect_tables_are_followed_and_nesting_refused() {
 
 struct Rig {
     _file: tempfile::NamedTempFile,
-    mem: GuestMemoryMmap,
+    mem: Arc<GuestMemoryMmap>,
     worker: QueueWorker,
 }
 
@@ -364,12 +364,13 @@ fn rig(readonly: bool, skip_sync: bool) -> Rig {
         limits: limits(),
         readonly,
         skip_sync,
+        iovec_align: crate::block::BlockDevice::iovec_align(&dev),
         device_id,
     });
     let worker = QueueWorker::new(info, crate::block::BlockDevice::new_channel(&dev).unwrap());
     Rig {
         _file: file,
-        mem: mem(),
+        mem: Arc::new(mem()),
         worker,
     }
 }
@@ -383,7 +384,7 @@ impl Rig {
         if let Some(f) = self.worker.start(&self.mem, 0, parsed) {
             out.push(f);
         }
-        self.worker.drain(&self.mem, &mut out);
+        self.worker.drain(&*self.mem, &mut out);
         assert_eq!(out.len(), 1);
         let status: u8 = self.mem.read_obj(GuestAddress(STATUS)).unwrap();
         (status, out[0].len)

@@ -4,10 +4,10 @@
 use log::debug;
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
-use vm_memory::{Bytes, GuestMemory};
+use vm_memory::{Bytes, GuestMemory, Permissions};
 
-use super::request::{gather, scatter, Op, ParseError, Request};
-use crate::block::{BufPool, Completion, IoChannel, IoOp};
+use super::request::{gather, scatter, Op, ParseError, Region, Request};
+use crate::block::{BufPool, Completion, IoChannel, IoOp, IoVecs};
 
 /// Device-wide facts every queue needs.
 #[derive(Debug, Clone)]
@@ -15,6 +15,9 @@ pub struct DeviceInfo {
     pub limits: super::request::Limits,
     pub readonly: bool,
     pub skip_sync: bool,
+    /// Alignment guest buffers need to go to the device without a bounce copy; `None` if the
+    /// device stack always needs our own buffers (e.g. to encrypt them).
+    pub iovec_align: Option<usize>,
     pub device_id: [u8; VIRTIO_BLK_ID_BYTES as usize],
 }
 
@@ -58,6 +61,11 @@ impl QueueWorker {
         self.channel.as_ref()
     }
 
+    /// Clears the completion fd's readiness after it woke us (see [`IoChannel::ack_completion_fd`]).
+    pub fn ack_completion_fd(&mut self) {
+        self.channel.ack_completion_fd();
+    }
+
     /// Requests started and not yet finished.
     pub fn in_flight(&self) -> usize {
         self.slots.len() - self.free.len()
@@ -65,9 +73,11 @@ impl QueueWorker {
 
     /// Starts a parsed request. Returns its completion when it finished at once (errors,
     /// GET_ID, ...); otherwise it is returned later by [`QueueWorker::reap`].
-    pub fn start<M: GuestMemory>(
+    ///
+    /// `mem` is shared so that guest buffers handed to the device stay mapped until it is done.
+    pub fn start<M: GuestMemory + Send + Sync + 'static>(
         &mut self,
-        mem: &M,
+        mem: &Arc<M>,
         head: u16,
         parsed: Result<Request, ParseError>,
     ) -> Option<Finished> {
@@ -76,7 +86,7 @@ impl QueueWorker {
             Err(e) => {
                 debug!("request {head}: {e}");
                 let len = match e.status {
-                    Some(addr) if mem.write_obj(e.code, addr).is_ok() => 1,
+                    Some(addr) if mem.as_ref().write_obj(e.code, addr).is_ok() => 1,
                     _ => 0,
                 };
                 return Some(Finished { head, len });
@@ -84,10 +94,10 @@ impl QueueWorker {
         };
         let ops = match self.build_ops(mem, &req) {
             Ok(ops) => ops,
-            Err(code) => return Some(complete(mem, head, &req, code)),
+            Err(code) => return Some(complete(mem.as_ref(), head, &req, code)),
         };
         if ops.is_empty() {
-            return Some(complete(mem, head, &req, VIRTIO_BLK_S_OK as u8));
+            return Some(complete(mem.as_ref(), head, &req, VIRTIO_BLK_S_OK as u8));
         }
         let slot = InFlight {
             head,
@@ -112,7 +122,11 @@ impl QueueWorker {
     }
 
     /// The device operations for `req`, or a status to complete it with right away.
-    fn build_ops<M: GuestMemory>(&mut self, mem: &M, req: &Request) -> Result<Vec<IoOp>, u8> {
+    fn build_ops<M: GuestMemory + Send + Sync + 'static>(
+        &mut self,
+        mem: &Arc<M>,
+        req: &Request,
+    ) -> Result<Vec<IoOp>, u8> {
         let ioerr = VIRTIO_BLK_S_IOERR as u8;
         let writes = matches!(
             req.op,
@@ -124,25 +138,30 @@ impl QueueWorker {
         let len = req.data_len as usize;
         Ok(match &req.op {
             Op::Read { .. } | Op::Write { .. } if len == 0 => Vec::new(),
-            Op::Read { sector } => vec![IoOp::Read {
-                sector: *sector,
-                buf: self.pool.get(len),
-            }],
-            Op::Write { sector } => {
-                let mut buf = self.pool.get(len);
-                if gather(mem, &req.data, &mut buf).is_err() {
-                    self.pool.put(buf);
-                    return Err(ioerr);
-                }
-                vec![IoOp::Write {
-                    sector: *sector,
-                    buf,
+            Op::Read { sector } | Op::Write { sector } => {
+                let write = matches!(req.op, Op::Write { .. });
+                let direct = self
+                    .info
+                    .iovec_align
+                    .and_then(|align| guest_iovecs(mem, &req.data, align, write));
+                vec![match direct {
+                    Some(iov) if write => IoOp::WriteVec {
+                        sector: *sector,
+                        iov,
+                    },
+                    Some(iov) => IoOp::ReadVec {
+                        sector: *sector,
+                        iov,
+                    },
+                    None => self.bounced(mem.as_ref(), req, *sector, write)?,
                 }]
             }
             Op::Flush if self.info.skip_sync => Vec::new(),
             Op::Flush => vec![IoOp::Flush],
             Op::GetId => {
-                scatter(mem, &req.data, &self.info.device_id).map_err(|_| ioerr)?;
+                if !scatter(mem.as_ref(), &req.data, &self.info.device_id) {
+                    return Err(ioerr);
+                }
                 Vec::new()
             }
             Op::Discard(ranges) | Op::WriteZeroes(ranges) => ranges
@@ -160,6 +179,25 @@ impl QueueWorker {
                 })
                 .collect(),
         })
+    }
+
+    /// A read or write through one of our buffers (copying the guest's data for writes).
+    fn bounced<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        req: &Request,
+        sector: u64,
+        write: bool,
+    ) -> Result<IoOp, u8> {
+        let mut buf = self.pool.get(req.data_len as usize);
+        if !write {
+            return Ok(IoOp::Read { sector, buf });
+        }
+        if !gather(mem, &req.data, &mut buf) {
+            self.pool.put(buf);
+            return Err(VIRTIO_BLK_S_IOERR as u8);
+        }
+        Ok(IoOp::Write { sector, buf })
     }
 
     /// Submits everything started since the last call.
@@ -185,7 +223,7 @@ impl QueueWorker {
             if let Some(buf) = c.buf {
                 if !slot.failed
                     && matches!(slot.req.op, Op::Read { .. })
-                    && scatter(mem, &slot.req.data, &buf).is_err()
+                    && !scatter(mem, &slot.req.data, &buf)
                 {
                     slot.failed = true;
                 }
@@ -221,6 +259,38 @@ impl QueueWorker {
             }
         }
     }
+}
+
+/// Host addresses of `regions`, if every piece is `align`-aligned in address and length (and
+/// so can go to the device directly); `None` means use a bounce buffer.
+fn guest_iovecs<M: GuestMemory + Send + Sync + 'static>(
+    mem: &Arc<M>,
+    regions: &[Region],
+    align: usize,
+    device_reads_guest: bool,
+) -> Option<IoVecs> {
+    let access = if device_reads_guest {
+        Permissions::Read
+    } else {
+        Permissions::Write
+    };
+    let mut iov = Vec::with_capacity(regions.len());
+    for r in regions {
+        for slice in mem.get_slices(r.addr, r.len as usize, access).ok()? {
+            let slice = slice.ok()?;
+            let ptr = slice.ptr_guard_mut().as_ptr();
+            if !(ptr as usize).is_multiple_of(align) || slice.len() % align != 0 {
+                return None;
+            }
+            iov.push(libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: slice.len(),
+            });
+        }
+    }
+    // SAFETY: the vectors point into guest memory mapped by `mem`; the IoVecs holds a reference
+    // to `mem`, so the mapping outlives the operation.
+    Some(unsafe { IoVecs::new(iov, mem.clone()) })
 }
 
 /// Writes the status byte and returns the used-ring entry.

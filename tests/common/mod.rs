@@ -224,23 +224,39 @@ impl BackendConfig {
         self
     }
 
+    /// The YAML text. A top-level key given in an `extra` line replaces the default line for it.
     pub fn to_yaml(&self) -> String {
-        let mut y = String::new();
-        y += &format!("path: {}\n", yaml_str(&self.path.to_string_lossy()));
-        y += &format!("socket: {}\n", yaml_str(&self.socket.to_string_lossy()));
-        y += &format!("num_queues: {}\n", self.num_queues);
-        y += &format!("queue_size: {}\n", self.queue_size);
-        y += &format!("seg_size_max: {}\n", self.seg_size_max);
-        y += &format!("seg_count_max: {}\n", self.seg_count_max);
-        y += &format!("poll_queue_timeout_us: {}\n", self.poll_queue_timeout_us);
+        let overridden: Vec<&str> = self
+            .extra_yaml
+            .iter()
+            .filter_map(|l| l.split_once(':').map(|(k, _)| k.trim()))
+            .collect();
+        let mut lines = vec![
+            ("path", yaml_str(&self.path.to_string_lossy())),
+            ("socket", yaml_str(&self.socket.to_string_lossy())),
+            ("num_queues", self.num_queues.to_string()),
+            ("queue_size", self.queue_size.to_string()),
+            ("seg_size_max", self.seg_size_max.to_string()),
+            ("seg_count_max", self.seg_count_max.to_string()),
+            (
+                "poll_queue_timeout_us",
+                self.poll_queue_timeout_us.to_string(),
+            ),
+        ];
         if let Some(ro) = self.readonly {
-            y += &format!("readonly: {ro}\n");
+            lines.push(("readonly", ro.to_string()));
         }
         if let Some(id) = &self.device_id {
-            y += &format!("device_id: {}\n", yaml_str(id));
+            lines.push(("device_id", yaml_str(id)));
         }
         if let Some(s) = self.skip_sync {
-            y += &format!("skip_sync: {s}\n");
+            lines.push(("skip_sync", s.to_string()));
+        }
+        let mut y = String::new();
+        for (key, value) in lines {
+            if !overridden.contains(&key) {
+                y += &format!("{key}: {value}\n");
+            }
         }
         for line in &self.extra_yaml {
             y += line;
