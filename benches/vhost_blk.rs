@@ -66,6 +66,11 @@ fn backends() -> Vec<BackendSpec> {
         qsd("qsd", QsdOptions::default()),
         // Not run by default: ours without busy polling.
         ours("ours-nopoll", &["poll_queue_timeout_us: 0"]),
+        // Not run by default: ours with AES-256-XTS (raw keys).
+        ours(
+            "ours-enc",
+            &["encryption_key: [\"ERERERERERERERERERERERERERERERERERERERERERE=\", \"fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn4=\"]"],
+        ),
         // Not run by default (select with UBIBLK_BENCH_BACKENDS=...,qsd-iothread):
         qsd(
             "qsd-iothread",

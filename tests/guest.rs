@@ -355,3 +355,16 @@ fn guest_fio_verify_single_segment() {
     let out = run_guest_fio("seg_size_max: 4096\nseg_count_max: 1\nqueue_size: 128\n", 1);
     assert!(out.console.contains("fio-verify: PASS"));
 }
+
+/// The same fio verification on an AES-XTS encrypted disk (raw keys in the config).
+#[test]
+fn guest_fio_verify_encrypted() {
+    let keys = "encryption_key:\n  - \"ERERERERERERERERERERERERERERERERERERERERERE=\"\n  - \"fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn4=\"\n";
+    let out = run_guest_fio(keys, 2);
+    assert!(out.console.contains("fio-verify: PASS"));
+    let data = fs::read(&out.disk).unwrap();
+    assert!(
+        data.iter().any(|&b| b != 0),
+        "disk file is still all zeroes"
+    );
+}

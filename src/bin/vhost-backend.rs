@@ -8,8 +8,9 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ubiblk::block::{BlockDevice, FileDevice};
+use ubiblk::block::{BlockDevice, CryptDevice, FileDevice};
 use ubiblk::config::Options;
+use ubiblk::crypto::keys::Kek;
 use ubiblk::vhost::{self, BlockBackend, QueueSettings};
 use ubiblk::virtio_blk::{self, ConfigSpace, DeviceInfo, Limits};
 
@@ -42,8 +43,13 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let opts = Options::load(&args.config)?;
-    if args.kek.is_some() || opts.encryption_key.is_some() {
-        bail!("encryption_key / --kek: encryption is not supported by this build yet");
+    // Read (and unlink) the KEK first, so a bad config does not leave it behind.
+    let kek = match &args.kek {
+        Some(path) => Kek::load(path, args.unlink_kek)?,
+        None => Kek::None,
+    };
+    if args.kek.is_some() && opts.encryption_key.is_none() {
+        bail!("--kek given but the config has no encryption_key: refusing to serve unencrypted");
     }
     if opts.image_path.is_some() {
         bail!("image_path: lazy stripe fetch is not supported by this build yet");
@@ -53,10 +59,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let ring_entries = u32::from(opts.queue_size) * 2;
-    let device: Arc<dyn BlockDevice> = Arc::new(
+    let mut device: Arc<dyn BlockDevice> = Arc::new(
         FileDevice::open(&opts.path, opts.readonly, ring_entries)
             .with_context(|| format!("path: cannot open {}", opts.path.display()))?,
     );
+    if let Some(entries) = &opts.encryption_key {
+        device = Arc::new(CryptDevice::new(device, kek.cipher(entries)?));
+        info!("AES-256-XTS encryption on");
+    }
+    drop(kek);
     let sectors = device.sectors();
     info!("{}: {} sectors", opts.path.display(), sectors);
 

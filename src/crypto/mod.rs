@@ -1,5 +1,6 @@
 //! Cryptography: the XTS data cipher and KEK unwrapping of data keys.
 
+pub mod keys;
 #[cfg(target_arch = "x86_64")]
 mod vaes;
 pub mod xts;

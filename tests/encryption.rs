@@ -1,0 +1,249 @@
+//! The encrypted backend, checked against an independent XTS implementation (OpenSSL via
+//! Python's `cryptography`, tests/tools/xts_ref.py) in both directions, through libblkio.
+
+mod common;
+
+use base64::Engine;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vhost-backend");
+const K1: [u8; 32] = [0x11; 32];
+const K2: [u8; 32] = [0x7e; 32];
+const SIZE: u64 = 8 << 20;
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Runs the reference over `data` (starting at `sector`).
+fn reference(op: &str, sector: u64, data: &[u8], dir: &Path) -> Vec<u8> {
+    let (src, dst) = (dir.join("ref.in"), dir.join("ref.out"));
+    std::fs::write(&src, data).unwrap();
+    let st = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/tools/xts_ref.py"
+        ))
+        .args([op, &hex(&K1), &hex(&K2), &sector.to_string()])
+        .args([&src, &dst])
+        .status()
+        .expect("python3 (with the `cryptography` package) is needed: .ci/run installs it");
+    assert!(st.success(), "xts_ref.py failed");
+    std::fs::read(dst).unwrap()
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    img: PathBuf,
+    sock: PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::Builder::new()
+        .prefix("ubiblk-enc")
+        .tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap();
+    let img = dir.path().join("disk.raw");
+    std::fs::write(&img, vec![0u8; SIZE as usize]).unwrap();
+    let sock = dir.path().join("vhost.sock");
+    Setup { dir, img, sock }
+}
+
+fn raw_keys() -> String {
+    format!("encryption_key: [\"{}\", \"{}\"]", b64(&K1), b64(&K2))
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[2])
+        .collect()
+}
+
+#[test]
+fn writes_land_encrypted_and_decrypt_independently() {
+    let s = setup();
+    let _be = Backend::start(BIN, &BackendConfig::new(&s.img, &s.sock).extra(raw_keys())).unwrap();
+    let mut c = Client::connect_queues(&s.sock, 1).unwrap();
+    let data = pattern(65536);
+    let off = 3 * 512; // an odd sector: the tweak is the absolute sector number
+    c.write(0, off, &data).unwrap();
+    assert_eq!(c.read(0, off, data.len()).unwrap(), data);
+    c.flush(0).unwrap();
+    let raw = read_file_at(&s.img, off, data.len()).unwrap();
+    assert_ne!(raw, data);
+    // No 512-byte piece of the plaintext appears on disk.
+    let disk = std::fs::read(&s.img).unwrap();
+    assert!(!disk.windows(64).any(|w| w == &data[512..576]));
+    assert_eq!(reference("decrypt", off / 512, &raw, s.dir.path()), data);
+}
+
+#[test]
+fn independently_encrypted_disk_reads_back_plain() {
+    let s = setup();
+    let data = pattern(1 << 20);
+    let cipher = reference("encrypt", 2048, &data, s.dir.path());
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&s.img)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &cipher, 2048 * 512).unwrap();
+    drop(f);
+    let _be = Backend::start(BIN, &BackendConfig::new(&s.img, &s.sock).extra(raw_keys())).unwrap();
+    let mut c = Client::connect_queues(&s.sock, 1).unwrap();
+    for (off, len) in [(0usize, 65536usize), (512, 4096), (1048576 - 8192, 8192)] {
+        let got = c.read(0, 2048 * 512 + off as u64, len).unwrap();
+        assert_eq!(got, data[off..off + len], "offset {off}");
+    }
+}
+
+#[test]
+fn write_zeroes_stores_encrypted_zeros() {
+    let s = setup();
+    let _be = Backend::start(BIN, &BackendConfig::new(&s.img, &s.sock).extra(raw_keys())).unwrap();
+    let mut c = Client::connect_queues(&s.sock, 1).unwrap();
+    c.write(0, 0, &pattern(16384)).unwrap();
+    c.write_zeroes(0, 4096, 8192, true).unwrap();
+    let got = c.read(0, 0, 16384).unwrap();
+    assert_eq!(&got[..4096], &pattern(16384)[..4096]);
+    assert!(got[4096..12288].iter().all(|&b| b == 0));
+    let raw = read_file_at(&s.img, 4096, 8192).unwrap();
+    assert!(
+        raw.iter().any(|&b| b != 0),
+        "zeros must be stored encrypted"
+    );
+    assert_eq!(reference("decrypt", 8, &raw, s.dir.path()), vec![0u8; 8192]);
+}
+
+fn wrap(kek: &[u8; 32], iv: &[u8; 12], aad: &[u8], key: &[u8; 32]) -> String {
+    use aes_gcm::aead::AeadInOut;
+    use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+    let gcm = Aes256Gcm::new_from_slice(kek).unwrap();
+    let mut buf = key.to_vec();
+    let tag = gcm
+        .encrypt_inout_detached(
+            &Nonce::try_from(&iv[..]).unwrap(),
+            aad,
+            buf.as_mut_slice().into(),
+        )
+        .unwrap();
+    buf.extend_from_slice(&tag);
+    b64(&buf)
+}
+
+const KEK: [u8; 32] = [0xa5; 32];
+const IV: [u8; 12] = [0x3c; 12];
+const AAD: &[u8] = b"vm3jgez8_0";
+
+fn kek_yaml(key: &[u8; 32]) -> String {
+    format!(
+        "method: aes256-gcm\nkey: {}\ninit_vector: {}\nauth_data: {}\n",
+        b64(key),
+        b64(&IV),
+        b64(AAD)
+    )
+}
+
+fn wrapped_keys() -> String {
+    format!(
+        "encryption_key: [\"{}\", \"{}\"]",
+        wrap(&KEK, &IV, AAD, &K1),
+        wrap(&KEK, &IV, AAD, &K2)
+    )
+}
+
+#[test]
+fn kek_wrapped_keys_unlink_and_agree_with_raw_keys() {
+    let s = setup();
+    let kek = s.dir.path().join("kek.yaml");
+    std::fs::write(&kek, kek_yaml(&KEK)).unwrap();
+    let cfg = BackendConfig::new(&s.img, &s.sock).extra(wrapped_keys());
+    let args = ["--kek", kek.to_str().unwrap(), "--unlink-kek"];
+    let be = Backend::start_with_args(BIN, &cfg, &args).unwrap();
+    assert!(!kek.exists(), "--unlink-kek left the KEK file");
+    let mut c = Client::connect_queues(&s.sock, 1).unwrap();
+    c.write(0, 0, &pattern(4096)).unwrap();
+    drop(c);
+    drop(be);
+    let raw = read_file_at(&s.img, 0, 4096).unwrap();
+    assert_eq!(reference("decrypt", 0, &raw, s.dir.path()), pattern(4096));
+}
+
+#[test]
+fn kek_from_a_fifo() {
+    let s = setup();
+    let fifo = s.dir.path().join("kek.fifo");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::write(fifo, kek_yaml(&KEK)).unwrap())
+    };
+    let cfg = BackendConfig::new(&s.img, &s.sock).extra(wrapped_keys());
+    let _be = Backend::start_with_args(BIN, &cfg, &["--kek", fifo.to_str().unwrap()]).unwrap();
+    writer.join().unwrap();
+    let mut c = Client::connect_queues(&s.sock, 1).unwrap();
+    c.write(0, 512, &pattern(1024)).unwrap();
+    assert_eq!(c.read(0, 512, 1024).unwrap(), pattern(1024));
+}
+
+/// Starts the backend expecting it to refuse; returns its log.
+fn refused(s: &Setup, cfg: &BackendConfig, args: &[&str]) -> String {
+    let mut guard = Backend::spawn(BIN, cfg, args).unwrap();
+    let st = guard
+        .wait_timeout(Duration::from_secs(10))
+        .expect("backend kept running");
+    assert!(!st.success());
+    assert!(!s.sock.exists(), "a refused backend must not serve");
+    guard.log()
+}
+
+#[test]
+fn bad_keys_are_refused_with_a_clear_error() {
+    let s = setup();
+    let kek = s.dir.path().join("kek.yaml");
+    let cfg = BackendConfig::new(&s.img, &s.sock).extra(wrapped_keys());
+    let kek_arg = ["--kek", kek.to_str().unwrap()];
+
+    std::fs::write(&kek, kek_yaml(&[0x5a; 32])).unwrap();
+    let log = refused(&s, &cfg, &kek_arg);
+    assert!(log.contains("authentication failed"), "{log}");
+
+    std::fs::write(
+        &kek,
+        "method: aes256-gcm\nkey: nope!\ninit_vector: AA==\nauth_data: \"\"\n",
+    )
+    .unwrap();
+    let log = refused(&s, &cfg, &kek_arg);
+    assert!(log.contains("key") && log.contains("base64"), "{log}");
+
+    // Wrapped keys without --kek.
+    let log = refused(&s, &cfg, &[]);
+    assert!(log.contains("--kek"), "{log}");
+
+    // A 31-byte raw key.
+    let short = BackendConfig::new(&s.img, &s.sock).extra(format!(
+        "encryption_key: [\"{}\", \"{}\"]",
+        b64(&[1; 31]),
+        b64(&K2)
+    ));
+    let log = refused(&s, &short, &[]);
+    assert!(
+        log.contains("encryption_key[0]") && log.contains("31 bytes"),
+        "{log}"
+    );
+
+    // --kek without encryption_key.
+    std::fs::write(&kek, kek_yaml(&KEK)).unwrap();
+    let plain = BackendConfig::new(&s.img, &s.sock);
+    let log = refused(&s, &plain, &kek_arg);
+    assert!(log.contains("encryption_key"), "{log}");
+}
