@@ -60,6 +60,8 @@ fn qsd(name: &str, opts: QsdOptions) -> BackendSpec {
 
 /// The backends compared. Later rows can compare e.g. an encrypted configuration of ours:
 /// `ours("ours-enc", &["encryption_key: ..."])`.
+const ENC_KEYS: &str = "encryption_key: [\"ERERERERERERERERERERERERERERERERERERERERERE=\", \"fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn4=\"]";
+
 fn backends() -> Vec<BackendSpec> {
     vec![
         ours("ours", &[]),
@@ -67,10 +69,8 @@ fn backends() -> Vec<BackendSpec> {
         // Not run by default: ours without busy polling.
         ours("ours-nopoll", &["poll_queue_timeout_us: 0"]),
         // Not run by default: ours with AES-256-XTS (raw keys).
-        ours(
-            "ours-enc",
-            &["encryption_key: [\"ERERERERERERERERERERERERERERERERERERERERERE=\", \"fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn4=\"]"],
-        ),
+        ours("ours-enc", &[ENC_KEYS]),
+        ours("ours-enc-nopoll", &[ENC_KEYS, "poll_queue_timeout_us: 0"]),
         // Not run by default (select with UBIBLK_BENCH_BACKENDS=...,qsd-iothread):
         qsd(
             "qsd-iothread",

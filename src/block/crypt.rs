@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use super::{BlockDevice, BufPool, Completion, IoChannel, IoOp, SECTOR_SHIFT};
+use super::{BlockDevice, BufPool, Completion, IoChannel, IoOp, IoVecs, SECTOR_SHIFT, SECTOR_SIZE};
 use crate::crypto::Xts;
 
 /// WRITE_ZEROES becomes writes of encrypted zeros, in pieces of at most this many bytes.
@@ -47,12 +47,42 @@ impl BlockDevice for CryptDevice {
     fn sync(&self) -> io::Result<()> {
         self.inner.sync()
     }
+
+    fn iovec_align(&self) -> Option<usize> {
+        // Caller memory is only read or written by the cipher (never by the kernel), which
+        // needs each 512-byte data unit in one piece.
+        Some(SECTOR_SIZE)
+    }
 }
 
-#[derive(Clone, Copy)]
+/// Runs the cipher between caller vectors and our buffer, one vector at a time.
+fn transform_vecs(xts: &Xts, sector: u64, iov: &IoVecs, buf: &mut [u8], to_buf: bool) {
+    let mut off = 0;
+    for v in iov.as_slice() {
+        let len = v.iov_len.min(buf.len() - off) / SECTOR_SIZE * SECTOR_SIZE;
+        let at = sector + (off / SECTOR_SIZE) as u64;
+        let ours = buf[off..].as_mut_ptr();
+        let theirs = v.iov_base.cast::<u8>();
+        // SAFETY: IoVecs guarantees its vectors are valid for `iov_len` bytes while it lives;
+        // `ours` has at least `len` bytes left. The two never overlap (ours is our heap).
+        unsafe {
+            if to_buf {
+                xts.apply(at, theirs, ours, len, true);
+            } else {
+                xts.apply(at, ours, theirs, len, false);
+            }
+        }
+        off += len;
+    }
+}
+
 enum Kind {
     /// Decrypt the data, which starts at this sector, on the way up.
     Read(u64),
+    /// Decrypt our buffer into the caller's memory on the way up; the buffer is ours.
+    ReadVec(u64, IoVecs),
+    /// The buffer below is ours (the caller's data, encrypted): recycle it.
+    WriteVec,
     /// The buffers below are ours (encrypted zeros): recycle them.
     Zeroes,
     /// Pass the buffer (if any) back up as is.
@@ -94,6 +124,17 @@ impl CryptChannel {
     }
 }
 
+impl CryptChannel {
+    /// Fails operation `id` (reported by the next poll) without touching the device.
+    fn refuse(&mut self, id: u64) {
+        self.refused.push(Completion {
+            id,
+            result: Err(libc::EINVAL),
+            buf: None,
+        });
+    }
+}
+
 impl IoChannel for CryptChannel {
     fn add(&mut self, id: u64, op: IoOp) {
         let mut tracked = Op {
@@ -132,13 +173,25 @@ impl IoChannel for CryptChannel {
                     self.inner.add(key, IoOp::Flush);
                 }
             }
-            // iovec_align() is None: callers never send these here.
-            IoOp::ReadVec { .. } | IoOp::WriteVec { .. } => {
-                self.refused.push(Completion {
-                    id,
-                    result: Err(libc::EINVAL),
-                    buf: None,
-                });
+            IoOp::WriteVec { sector, iov } => {
+                if iov.as_slice().iter().any(|v| v.iov_len % SECTOR_SIZE != 0) {
+                    return self.refuse(id);
+                }
+                // Encrypt straight from the caller's memory into our buffer: one pass.
+                let mut buf = self.pool.get(iov.len());
+                transform_vecs(&self.xts, sector, &iov, &mut buf, true);
+                tracked.kind = Kind::WriteVec;
+                let key = self.track(tracked);
+                self.inner.add(key, IoOp::Write { sector, buf });
+            }
+            IoOp::ReadVec { sector, iov } => {
+                if iov.as_slice().iter().any(|v| v.iov_len % SECTOR_SIZE != 0) {
+                    return self.refuse(id);
+                }
+                let buf = self.pool.get(iov.len());
+                tracked.kind = Kind::ReadVec(sector, iov);
+                let key = self.track(tracked);
+                self.inner.add(key, IoOp::Read { sector, buf });
             }
             // Discarded sectors read back as unspecified data, which virtio allows.
             op @ (IoOp::Flush | IoOp::Discard { .. }) => {
@@ -166,14 +219,17 @@ impl IoChannel for CryptChannel {
             }
             op.parts -= 1;
             let mut buf = c.buf;
-            match (op.kind, buf.as_mut()) {
-                (Kind::Read(sector), Some(b)) if op.result.is_ok() => self.xts.decrypt(sector, b),
-                (Kind::Zeroes, Some(_)) => {
-                    if let Some(b) = buf.take() {
-                        self.pool.put(b);
-                    }
+            match (&op.kind, buf.as_mut()) {
+                (Kind::Read(sector), Some(b)) if op.result.is_ok() => self.xts.decrypt(*sector, b),
+                (Kind::ReadVec(sector, iov), Some(b)) if op.result.is_ok() => {
+                    transform_vecs(&self.xts, *sector, iov, b, false);
                 }
                 _ => {}
+            }
+            if matches!(op.kind, Kind::Zeroes | Kind::WriteVec | Kind::ReadVec(..)) {
+                if let Some(b) = buf.take() {
+                    self.pool.put(b);
+                }
             }
             if op.parts == 0 {
                 if let Some(op) = self.ops[key].take() {

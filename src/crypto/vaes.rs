@@ -36,12 +36,30 @@ impl RoundKeys {
         rk
     }
 
-    /// Pre-whitened blocks in, cipher blocks out: `buf[i] = E(buf[i] ^ t[i]) ^ t[i]` (or D for
-    /// decryption), with `tweaks[i]` as `t[i]`. `buf.len()` is a multiple of 32 bytes.
-    pub fn xts(&self, buf: &mut [u8], tweaks: &[u128], decrypt: bool) {
-        assert!(buf.len().is_multiple_of(32) && tweaks.len() * 16 >= buf.len());
-        // SAFETY: available() held when self was built; the lengths were checked above.
-        unsafe { xts_kernel(self, buf, tweaks, decrypt) }
+    /// Encrypts each 16-byte block of `blocks` (ECB) with these keys.
+    pub fn encrypt_blocks(&self, blocks: &mut [u128]) {
+        // SAFETY: available() held when self was built.
+        unsafe { ecb_encrypt_kernel(self, blocks) }
+    }
+
+    /// XTS over whole sectors: `dst = XTS(src)` where sector `s`'s first tweak (already
+    /// encrypted with the tweak key) is `initial[s]`; `len` is a multiple of 512.
+    ///
+    /// # Safety
+    /// `src` must be valid for reads and `dst` for writes of `len` bytes; they may be the same
+    /// buffer but must not partially overlap.
+    pub unsafe fn xts(
+        &self,
+        src: *const u8,
+        dst: *mut u8,
+        len: usize,
+        initial: &[u128],
+        decrypt: bool,
+    ) {
+        assert!(len.is_multiple_of(512) && initial.len() * 512 >= len);
+        // SAFETY: available() held when self was built; lengths checked above, pointers by
+        // the caller.
+        unsafe { xts_kernel(self, src, dst, len, initial, decrypt) }
     }
 }
 
@@ -91,46 +109,109 @@ unsafe fn expand(key: &[u8; 32], rk: &mut RoundKeys) {
     std::hint::black_box((t1, t3));
 }
 
-const LANES: usize = 8; // ymm registers in flight = 16 blocks
-
+/// Encrypts 16-byte blocks in place (ECB), two per instruction: the sectors' first tweaks.
 #[target_feature(enable = "vaes,avx2,aes")]
-unsafe fn xts_kernel(rk: &RoundKeys, buf: &mut [u8], tweaks: &[u128], decrypt: bool) {
+unsafe fn ecb_encrypt_kernel(rk: &RoundKeys, blocks: &mut [u128]) {
+    let mut k = [_mm256_setzero_si256(); 15];
+    for (dst, src) in k.iter_mut().zip(&rk.enc) {
+        *dst = _mm256_broadcastsi128_si256(_mm_loadu_si128(src.as_ptr().cast()));
+    }
+    for pair in blocks.chunks_mut(2) {
+        let p = pair.as_mut_ptr().cast::<u8>();
+        let mut x = if pair.len() == 2 {
+            _mm256_loadu_si256(p.cast())
+        } else {
+            _mm256_castsi128_si256(_mm_loadu_si128(p.cast()))
+        };
+        x = _mm256_xor_si256(x, k[0]);
+        for key in &k[1..14] {
+            x = _mm256_aesenc_epi128(x, *key);
+        }
+        x = _mm256_aesenclast_epi128(x, k[14]);
+        if pair.len() == 2 {
+            _mm256_storeu_si256(p.cast(), x);
+        } else {
+            _mm_storeu_si128(p.cast(), _mm256_castsi256_si128(x));
+        }
+    }
+    for kk in k.iter_mut() {
+        *kk = _mm256_setzero_si256();
+    }
+    std::hint::black_box(&k);
+}
+
+const LANES: usize = 8; // ymm registers in flight = 16 blocks = half a sector
+const YMM_PER_SECTOR: usize = 16;
+
+/// The tweaks of blocks 2i and 2i+1 of a sector whose first tweak is `t0` (in both lanes):
+/// `t0 * x^j` for j = `c` (per 64-bit element: [2i, 2i, 2i+1, 2i+1]); `rc` = 64 - `c`.
+/// A shift of the 128-bit value by j < 64 bits, with the j bits shifted out reduced back in
+/// as `top * 0x87` (carry-less). Each block's tweak is computed independently, so there is no
+/// serial chain from one block to the next.
+#[inline(always)]
+unsafe fn tweak_pair(t0: __m256i, c: __m256i, rc: __m256i, poly: __m256i) -> __m256i {
+    let shifted = _mm256_sllv_epi64(t0, c);
+    let spill = _mm256_srlv_epi64(t0, rc); // per half: the bits shifted out (0 when c = 0)
+    let carry = _mm256_slli_si256::<8>(spill); // low half's spill into the high half
+    let top = _mm256_srli_si256::<8>(spill); // high half's spill, to reduce
+    let reduced = _mm256_clmulepi64_epi128::<0x00>(top, poly);
+    _mm256_xor_si256(_mm256_xor_si256(shifted, carry), reduced)
+}
+
+#[target_feature(enable = "vaes,vpclmulqdq,avx2,aes")]
+unsafe fn xts_kernel(
+    rk: &RoundKeys,
+    src: *const u8,
+    dst: *mut u8,
+    len: usize,
+    initial: &[u128],
+    decrypt: bool,
+) {
     let keys = if decrypt { &rk.dec } else { &rk.enc };
     let mut k = [_mm256_setzero_si256(); 15];
     for (dst, src) in k.iter_mut().zip(keys) {
         *dst = _mm256_broadcastsi128_si256(_mm_loadu_si128(src.as_ptr().cast()));
     }
-    let n = buf.len() / 32; // ymm-sized pairs of blocks
-    let p = buf.as_mut_ptr();
-    let tw = tweaks.as_ptr().cast::<u8>();
-    let mut i = 0;
-    while i < n {
-        let lanes = (n - i).min(LANES);
-        let mut x = [_mm256_setzero_si256(); LANES];
-        let mut t = [_mm256_setzero_si256(); LANES];
-        for j in 0..lanes {
-            t[j] = _mm256_loadu_si256(tw.add((i + j) * 32).cast());
-            let d = _mm256_loadu_si256(p.add((i + j) * 32).cast());
-            x[j] = _mm256_xor_si256(_mm256_xor_si256(d, t[j]), k[0]);
-        }
-        for key in &k[1..14] {
-            for xj in x.iter_mut() {
-                *xj = if decrypt {
-                    _mm256_aesdec_epi128(*xj, *key)
+    let poly = _mm256_set_epi64x(0, 0x87, 0, 0x87);
+    let mut counts = [[_mm256_setzero_si256(); 2]; YMM_PER_SECTOR];
+    for (i, c) in counts.iter_mut().enumerate() {
+        let (a, b) = (2 * i as i64, 2 * i as i64 + 1);
+        *c = [
+            _mm256_set_epi64x(b, b, a, a),
+            _mm256_set_epi64x(64 - b, 64 - b, 64 - a, 64 - a),
+        ];
+    }
+    let sectors = len / 512;
+    for (s, t0) in initial.iter().enumerate().take(sectors) {
+        let t0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((t0 as *const u128).cast()));
+        for half in 0..YMM_PER_SECTOR / LANES {
+            let base = s * 512 + half * LANES * 32;
+            let mut x = [_mm256_setzero_si256(); LANES];
+            let mut t = [_mm256_setzero_si256(); LANES];
+            for j in 0..LANES {
+                let [c, rc] = counts[half * LANES + j];
+                t[j] = tweak_pair(t0, c, rc, poly);
+                let d = _mm256_loadu_si256(src.add(base + j * 32).cast());
+                x[j] = _mm256_xor_si256(_mm256_xor_si256(d, t[j]), k[0]);
+            }
+            for key in &k[1..14] {
+                for xj in x.iter_mut() {
+                    *xj = if decrypt {
+                        _mm256_aesdec_epi128(*xj, *key)
+                    } else {
+                        _mm256_aesenc_epi128(*xj, *key)
+                    };
+                }
+            }
+            for j in 0..LANES {
+                let last = if decrypt {
+                    _mm256_aesdeclast_epi128(x[j], k[14])
                 } else {
-                    _mm256_aesenc_epi128(*xj, *key)
+                    _mm256_aesenclast_epi128(x[j], k[14])
                 };
+                _mm256_storeu_si256(dst.add(base + j * 32).cast(), _mm256_xor_si256(last, t[j]));
             }
         }
-        for j in 0..lanes {
-            let last = if decrypt {
-                _mm256_aesdeclast_epi128(x[j], k[14])
-            } else {
-                _mm256_aesenclast_epi128(x[j], k[14])
-            };
-            _mm256_storeu_si256(p.add((i + j) * 32).cast(), _mm256_xor_si256(last, t[j]));
-        }
-        i += lanes;
     }
     // Do not leave round keys in stack slots.
     for kk in k.iter_mut() {

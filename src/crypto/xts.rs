@@ -25,9 +25,9 @@ type Block = Array<u8, aes::cipher::consts::U16>;
 pub struct Xts {
     data: Aes256,
     tweak: Aes256,
-    /// The VAES kernel's copy of the data key, when the CPU has VAES.
+    /// The VAES kernel's copies of the data and tweak keys, when the CPU has VAES.
     #[cfg(target_arch = "x86_64")]
-    vaes: Option<super::vaes::RoundKeys>,
+    vaes: Option<(super::vaes::RoundKeys, super::vaes::RoundKeys)>,
 }
 
 impl Xts {
@@ -38,7 +38,12 @@ impl Xts {
             data: Aes256::new(data_key.into()),
             tweak: Aes256::new(tweak_key.into()),
             #[cfg(target_arch = "x86_64")]
-            vaes: super::vaes::available().then(|| super::vaes::RoundKeys::new(data_key)),
+            vaes: super::vaes::available().then(|| {
+                (
+                    super::vaes::RoundKeys::new(data_key),
+                    super::vaes::RoundKeys::new(tweak_key),
+                )
+            }),
         }
     }
 
@@ -51,31 +56,75 @@ impl Xts {
 
     /// Encrypts whole sectors in place; `buf` starts at sector `first_sector`.
     pub fn encrypt(&self, first_sector: u64, buf: &mut [u8]) {
-        self.apply(first_sector, buf, true)
+        // SAFETY: in place over a buffer we hold exclusively.
+        unsafe {
+            self.apply(
+                first_sector,
+                buf.as_ptr(),
+                buf.as_mut_ptr(),
+                buf.len(),
+                true,
+            )
+        }
     }
 
     /// Decrypts whole sectors in place; `buf` starts at sector `first_sector`.
     pub fn decrypt(&self, first_sector: u64, buf: &mut [u8]) {
-        self.apply(first_sector, buf, false)
+        // SAFETY: as in encrypt.
+        unsafe {
+            self.apply(
+                first_sector,
+                buf.as_ptr(),
+                buf.as_mut_ptr(),
+                buf.len(),
+                false,
+            )
+        }
     }
 
-    fn apply(&self, first_sector: u64, buf: &mut [u8], encrypt: bool) {
+    /// Encrypts (or decrypts) `len` bytes of whole sectors from `src` into `dst`, so data
+    /// moving between guest memory and our buffers is transformed in the same pass.
+    ///
+    /// # Safety
+    /// `src` must be valid for reads and `dst` for writes of `len` bytes; they may be the same
+    /// buffer but must not partially overlap. Either may be memory another party writes
+    /// concurrently (guest RAM): the result is then unspecified but memory stays safe, as
+    /// every access goes through raw-pointer loads and stores.
+    pub unsafe fn apply(
+        &self,
+        first_sector: u64,
+        src: *const u8,
+        dst: *mut u8,
+        len: usize,
+        encrypt: bool,
+    ) {
         assert!(
-            buf.len().is_multiple_of(SECTOR_SIZE),
-            "XTS buffers are whole sectors"
+            len.is_multiple_of(SECTOR_SIZE),
+            "XTS works on whole sectors"
         );
+        const BATCH: usize = BATCH_SECTORS * SECTOR_SIZE;
         let mut tweaks = [0u128; BATCH_SECTORS * BLOCKS_PER_SECTOR];
-        for (batch_no, batch) in buf.chunks_mut(BATCH_SECTORS * SECTOR_SIZE).enumerate() {
-            let sector0 = first_sector.wrapping_add((batch_no * BATCH_SECTORS) as u64);
-            let (blocks, _) = Block::slice_as_chunks_mut(batch);
-            let tweaks = &mut tweaks[..blocks.len()];
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(BATCH);
+            let sector0 = first_sector.wrapping_add((off / SECTOR_SIZE) as u64);
+            let initial = self.initial_tweaks(sector0, n / SECTOR_SIZE);
+            // SAFETY: off + n <= len, within both buffers per the caller's contract.
+            let (s, d) = unsafe { (src.add(off), dst.add(off)) };
             #[cfg(target_arch = "x86_64")]
-            if let Some(vaes) = &self.vaes {
-                self.fill_tweaks(sector0, tweaks);
-                vaes.xts(batch, tweaks, !encrypt);
+            if let Some((vaes, _)) = &self.vaes {
+                // SAFETY: s and d are valid for n bytes (caller's contract).
+                unsafe { vaes.xts(s, d, n, &initial, !encrypt) };
+                off += n;
                 continue;
             }
-            self.fill_tweaks(sector0, tweaks);
+            let tweaks = &mut tweaks[..n / BLOCK];
+            expand_tweaks(&initial[..n / SECTOR_SIZE], tweaks);
+            // Portable path: through a private copy, so the cipher only sees our memory.
+            let mut chunk = [Block::default(); BATCH / BLOCK];
+            let blocks = &mut chunk[..n / BLOCK];
+            // SAFETY: s is valid for n bytes; blocks is n bytes of our stack.
+            unsafe { std::ptr::copy(s, blocks.as_mut_ptr().cast::<u8>(), n) };
             for (b, t) in blocks.iter_mut().zip(tweaks.iter()) {
                 xor_block(b, *t);
             }
@@ -87,33 +136,48 @@ impl Xts {
             for (b, t) in blocks.iter_mut().zip(tweaks.iter()) {
                 xor_block(b, *t);
             }
+            // SAFETY: d is valid for n bytes.
+            unsafe { std::ptr::copy(blocks.as_ptr().cast::<u8>(), d, n) };
+            off += n;
         }
     }
 
-    /// Every block's tweak for `tweaks.len() / 32` sectors starting at `sector0`.
-    fn fill_tweaks(&self, sector0: u64, tweaks: &mut [u128]) {
-        let sectors = tweaks.len() / BLOCKS_PER_SECTOR;
-        let mut initial = [Block::default(); BATCH_SECTORS];
-        for (i, t) in initial[..sectors].iter_mut().enumerate() {
+    /// The first tweak of each of `sectors` sectors from `sector0`: E_k2(0^8 || LE64(sector)).
+    fn initial_tweaks(&self, sector0: u64, sectors: usize) -> [u128; BATCH_SECTORS] {
+        #[cfg(target_arch = "x86_64")]
+        if let Some((_, vaes_tweak)) = &self.vaes {
+            let mut t = [0u128; BATCH_SECTORS];
+            for (i, t) in t[..sectors].iter_mut().enumerate() {
+                *t = u128::from(sector0.wrapping_add(i as u64)) << 64;
+            }
+            vaes_tweak.encrypt_blocks(&mut t[..sectors]);
+            return t;
+        }
+        let mut blocks = [Block::default(); BATCH_SECTORS];
+        for (i, t) in blocks[..sectors].iter_mut().enumerate() {
             t[8..].copy_from_slice(&sector0.wrapping_add(i as u64).to_le_bytes());
         }
-        in_full_batches(&mut initial[..sectors], |b| self.tweak.encrypt_blocks(b));
-        // The sectors' tweak chains are independent: step them side by side so the CPU
-        // overlaps them, instead of walking one latency-bound chain at a time.
-        let mut lo = [0u64; BATCH_SECTORS];
-        let mut hi = [0u64; BATCH_SECTORS];
-        for (s, t0) in initial[..sectors].iter().enumerate() {
-            let t = u128::from_le_bytes((*t0).into());
-            (lo[s], hi[s]) = (t as u64, (t >> 64) as u64);
-        }
-        for b in 0..BLOCKS_PER_SECTOR {
-            for s in 0..sectors {
-                tweaks[s * BLOCKS_PER_SECTOR + b] = u128::from(hi[s]) << 64 | u128::from(lo[s]);
-                // Multiply by x in GF(2^128), IEEE 1619 bit order: shift left, reduce by 0x87.
-                let carry = (hi[s] >> 63).wrapping_neg() & 0x87;
-                hi[s] = hi[s] << 1 | lo[s] >> 63;
-                lo[s] = lo[s] << 1 ^ carry;
-            }
+        in_full_batches(&mut blocks[..sectors], |b| self.tweak.encrypt_blocks(b));
+        blocks.map(|b| u128::from_le_bytes(b.into()))
+    }
+}
+
+/// Every block's tweak from each sector's first one. The sectors' chains are independent:
+/// step them side by side so the CPU overlaps them.
+fn expand_tweaks(initial: &[u128], tweaks: &mut [u128]) {
+    let sectors = initial.len();
+    let mut lo = [0u64; BATCH_SECTORS];
+    let mut hi = [0u64; BATCH_SECTORS];
+    for (s, t) in initial.iter().enumerate() {
+        (lo[s], hi[s]) = (*t as u64, (*t >> 64) as u64);
+    }
+    for b in 0..BLOCKS_PER_SECTOR {
+        for s in 0..sectors {
+            tweaks[s * BLOCKS_PER_SECTOR + b] = (u128::from(hi[s]) << 64) | u128::from(lo[s]);
+            // Multiply by x in GF(2^128), IEEE 1619 bit order: shift left, reduce by 0x87.
+            let carry = (hi[s] >> 63).wrapping_neg() & 0x87;
+            hi[s] = (hi[s] << 1) | (lo[s] >> 63);
+            lo[s] = (lo[s] << 1) ^ carry;
         }
     }
 }
