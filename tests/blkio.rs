@@ -310,3 +310,46 @@ fn missing_config_file_is_reported() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/ubiblk.yaml"));
     drop(d);
 }
+
+/// A loop device over a file, detached on drop.
+struct LoopDev(PathBuf);
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// `path` may be a block device: its size comes from BLKGETSIZE64 (file metadata says 0).
+#[test]
+fn serves_a_block_device() {
+    let d = disk(12 << 20);
+    let out = std::process::Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&d.img)
+        .output()
+        .expect("losetup (util-linux) is needed");
+    assert!(
+        out.status.success(),
+        "losetup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dev = LoopDev(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+    let cfg = BackendConfig::new(&dev.0, &d.sock);
+    let _be = Backend::start(BIN, &cfg).unwrap();
+    let mut c = Client::connect_queues(&d.sock, 1).unwrap();
+    assert_eq!(c.capacity(), 12 << 20);
+    assert_eq!(c.read(0, 8192, 4096).unwrap(), pattern_bytes(8192, 4096));
+    c.write(0, (12 << 20) - 4096, &pattern(77, 4096)).unwrap();
+    c.flush(0).unwrap();
+    drop(c);
+    drop(_be);
+    drop(dev);
+    assert_eq!(
+        read_file_at(&d.img, (12 << 20) - 4096, 4096).unwrap(),
+        pattern(77, 4096)
+    );
+}
