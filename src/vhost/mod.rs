@@ -46,6 +46,8 @@ pub struct BlockBackend {
     event_idx: AtomicBool,
     /// Set at shutdown so polling loops let go of their worker.
     stopping: AtomicBool,
+    /// A guest can corrupt its ring at will: warn once per connection, not per kick.
+    warned_bad_ring: AtomicBool,
 }
 
 impl BlockBackend {
@@ -73,6 +75,7 @@ impl BlockBackend {
             mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            warned_bad_ring: AtomicBool::new(false),
         })
     }
 
@@ -160,6 +163,8 @@ impl BlockBackend {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut last_activity = Instant::now();
         let mut notifications_on = true;
+        // Set when enable_notification() reported more chains: the next pass must find some.
+        let mut rechecking = false;
         loop {
             if self.stopping.load(Ordering::Relaxed) || !vring.get_ref().get_queue().ready() {
                 break;
@@ -173,6 +178,16 @@ impl BlockBackend {
             worker.reap(&*mem.memory(), &mut done);
             let progressed = started || !done.is_empty();
             self.complete(vring, &mut done);
+            if rechecking && !progressed {
+                // The avail index says there is work but no chain can be popped: a corrupt
+                // ring (e.g. an index more than a ring ahead). Do not spin on it; the next
+                // kick tries again.
+                if !self.warned_bad_ring.swap(true, Ordering::Relaxed) {
+                    warn!("queue {queue}: available ring is inconsistent; waiting for a kick");
+                }
+                break;
+            }
+            rechecking = false;
             let now = Instant::now();
             if progressed {
                 last_activity = now;
@@ -191,7 +206,10 @@ impl BlockBackend {
             // wait for a kick that never comes.
             notifications_on = true;
             match vring.enable_notification() {
-                Ok(true) => continue,
+                Ok(true) => {
+                    rechecking = true;
+                    continue;
+                }
                 Ok(false) => break,
                 Err(e) => {
                     warn!("enable_notification failed: {e}");
@@ -303,6 +321,9 @@ impl VhostUserBackend for BlockBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;
 
 /// Serves `device` on `socket` forever: one frontend at a time, a fresh device state for each.
 /// `current` is updated with the backend of the live connection, for shutdown.
