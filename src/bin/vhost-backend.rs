@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ubiblk::block::{BlockDevice, CryptDevice, FileDevice};
+use ubiblk::block::{BlockDevice, CryptDevice, DebugLogDevice, FileDevice};
 use ubiblk::config::Options;
 use ubiblk::crypto::keys::Kek;
 use ubiblk::vhost::{self, BlockBackend, QueueSettings};
@@ -54,9 +54,6 @@ fn run(args: Args) -> anyhow::Result<()> {
     if opts.image_path.is_some() {
         bail!("image_path: lazy stripe fetch is not supported by this build yet");
     }
-    if opts.io_debug_path.is_some() {
-        bail!("io_debug_path: the I/O debug log is not supported by this build yet");
-    }
 
     let ring_entries = u32::from(opts.queue_size) * 2;
     let mut device: Arc<dyn BlockDevice> = Arc::new(
@@ -68,6 +65,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         info!("AES-256-XTS encryption on");
     }
     drop(kek);
+    if let Some(path) = &opts.io_debug_path {
+        // Outermost, so it logs the guest's plaintext.
+        device = Arc::new(
+            DebugLogDevice::new(device, path)
+                .with_context(|| format!("io_debug_path: cannot open {}", path.display()))?,
+        );
+        info!("I/O debug log: {}", path.display());
+    }
     let sectors = device.sectors();
     info!("{}: {} sectors", opts.path.display(), sectors);
 

@@ -8,10 +8,12 @@
 
 mod buf;
 mod crypt;
+mod debuglog;
 mod file;
 
 pub use buf::{BufPool, IoBuf};
 pub use crypt::CryptDevice;
+pub use debuglog::DebugLogDevice;
 pub use file::FileDevice;
 
 use std::any::Any;
