@@ -353,3 +353,31 @@ fn serves_a_block_device() {
         pattern(77, 4096)
     );
 }
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Each connection gets fresh worker threads, io_urings and eventfds: none may leak.
+#[test]
+fn reconnects_do_not_leak_file_descriptors() {
+    let d = disk(4 << 20);
+    let be = start(&d, 4, &[]);
+    let pid = be.guard.pid();
+    let mut counts = Vec::new();
+    for round in 0..25 {
+        let mut c = Client::connect_queues(&d.sock, 4).unwrap();
+        c.read(round % 4, 0, 4096).unwrap();
+        if round == 4 || round == 24 {
+            counts.push(open_fds(pid));
+        }
+        drop(c);
+    }
+    assert_eq!(
+        counts[0], counts[1],
+        "fds grew from {} to {}",
+        counts[0], counts[1]
+    );
+}

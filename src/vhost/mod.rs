@@ -5,6 +5,7 @@
 
 use log::{error, info, warn};
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
@@ -48,6 +49,10 @@ pub struct BlockBackend {
     stopping: AtomicBool,
     /// A guest can corrupt its ring at will: warn once per connection, not per kick.
     warned_bad_ring: AtomicBool,
+    /// Exit eventfds handed to vhost-user-backend, which takes them with `into_raw_fd()` and
+    /// never closes them (0.24, `VringEpollHandler::new`); closed by us once its threads are
+    /// gone, or every connection would leak one fd per queue.
+    exit_fds: Mutex<Vec<RawFd>>,
 }
 
 impl BlockBackend {
@@ -76,6 +81,7 @@ impl BlockBackend {
             event_idx: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             warned_bad_ring: AtomicBool::new(false),
+            exit_fds: Mutex::new(Vec::new()),
         })
     }
 
@@ -229,6 +235,21 @@ impl BlockBackend {
         }
     }
 
+    /// Closes the exit eventfds vhost-user-backend leaked. Call only after the daemon that
+    /// used them is dropped (its worker threads joined and their epoll instances closed).
+    fn close_leaked_exit_fds(&self) {
+        for fd in self
+            .exit_fds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            // SAFETY: the daemon gave up ownership of this fd (into_raw_fd) and no longer
+            // exists; nothing else refers to it, so taking ownership to close it is sound.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+
     /// Finishes every request in flight on every queue and stops polling; before exit.
     pub fn drain_all(&self) {
         self.stopping.store(true, Ordering::Relaxed);
@@ -285,7 +306,12 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+        let pair = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
+        self.exit_fds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(pair.0.as_raw_fd());
+        Some(pair)
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
@@ -366,7 +392,10 @@ pub fn serve(
         }
         info!("frontend connected");
         match daemon.wait() {
-            Ok(()) => info!("frontend disconnected"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => info!("frontend disconnected"),
             Err(e) => warn!("frontend connection ended: {e:?}"),
         }
         for h in &handlers {
@@ -375,6 +404,7 @@ pub fn serve(
         drop(handlers);
         // Dropping the daemon joins the worker threads; then nothing races the drain.
         drop(daemon);
+        backend.close_leaked_exit_fds();
         backend.drain_all();
         if let Err(e) = device.sync() {
             error!("sync after disconnect failed: {e}");
