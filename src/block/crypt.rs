@@ -7,7 +7,9 @@ use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use super::{BlockDevice, BufPool, Completion, IoChannel, IoOp, IoVecs, SECTOR_SHIFT, SECTOR_SIZE};
+use super::{
+    BlockDevice, BufPool, Completion, IoChannel, IoOp, IoVecs, Slab, SECTOR_SHIFT, SECTOR_SIZE,
+};
 use crate::crypto::Xts;
 
 /// WRITE_ZEROES becomes writes of encrypted zeros, in pieces of at most this many bytes.
@@ -36,8 +38,7 @@ impl BlockDevice for CryptDevice {
         Ok(Box::new(CryptChannel {
             inner: self.inner.new_channel()?,
             xts: self.xts.clone(),
-            ops: Vec::new(),
-            free: Vec::new(),
+            ops: Slab::default(),
             pool: BufPool::default(),
             below: Vec::new(),
             refused: Vec::new(),
@@ -100,8 +101,7 @@ struct Op {
 struct CryptChannel {
     inner: Box<dyn IoChannel>,
     xts: Arc<Xts>,
-    ops: Vec<Option<Op>>,
-    free: Vec<usize>,
+    ops: Slab<Op>,
     pool: BufPool,
     below: Vec<Completion>,
     /// Operations refused at `add`, reported by the next `poll`.
@@ -110,17 +110,7 @@ struct CryptChannel {
 
 impl CryptChannel {
     fn track(&mut self, op: Op) -> u64 {
-        let idx = match self.free.pop() {
-            Some(i) => {
-                self.ops[i] = Some(op);
-                i
-            }
-            None => {
-                self.ops.push(Some(op));
-                self.ops.len() - 1
-            }
-        };
-        idx as u64
+        self.ops.insert(op) as u64
     }
 }
 
@@ -211,7 +201,7 @@ impl IoChannel for CryptChannel {
         self.inner.poll(&mut below);
         for c in below.drain(..) {
             let key = c.id as usize;
-            let Some(op) = self.ops.get_mut(key).and_then(Option::as_mut) else {
+            let Some(op) = self.ops.get_mut(key) else {
                 continue;
             };
             if c.result.is_err() {
@@ -232,8 +222,7 @@ impl IoChannel for CryptChannel {
                 }
             }
             if op.parts == 0 {
-                if let Some(op) = self.ops[key].take() {
-                    self.free.push(key);
+                if let Some(op) = self.ops.remove(key) {
                     out.push(Completion {
                         id: op.id,
                         result: op.result,

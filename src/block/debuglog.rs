@@ -46,7 +46,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::{BlockDevice, Completion, IoBuf, IoChannel, IoOp, SECTOR_SIZE};
+use super::{BlockDevice, Completion, IoBuf, IoChannel, IoOp, Slab, SECTOR_SIZE};
 use crate::replay::{format_record, OpKind};
 
 /// The shared log file.
@@ -113,8 +113,7 @@ impl BlockDevice for DebugLogDevice {
         Ok(Box::new(DebugLogChannel {
             inner: self.inner.new_channel()?,
             log: self.log.clone(),
-            ops: Vec::new(),
-            free: Vec::new(),
+            ops: Slab::default(),
             below: Vec::new(),
             refused: Vec::new(),
         }))
@@ -153,8 +152,7 @@ struct DebugLogChannel {
     inner: Box<dyn IoChannel>,
     log: Arc<LogFile>,
     /// Our operations in flight, indexed by the id we give them below.
-    ops: Vec<Option<Op>>,
-    free: Vec<usize>,
+    ops: Slab<Op>,
     below: Vec<Completion>,
     /// Operations refused at `add`, reported by the next `poll`.
     refused: Vec<Completion>,
@@ -162,17 +160,7 @@ struct DebugLogChannel {
 
 impl DebugLogChannel {
     fn track(&mut self, op: Op) -> u64 {
-        let idx = match self.free.pop() {
-            Some(i) => {
-                self.ops[i] = Some(op);
-                i
-            }
-            None => {
-                self.ops.push(Some(op));
-                self.ops.len() - 1
-            }
-        };
-        idx as u64
+        self.ops.insert(op) as u64
     }
 }
 
@@ -225,10 +213,9 @@ impl IoChannel for DebugLogChannel {
         self.inner.poll(&mut below);
         for c in below.drain(..) {
             let key = c.id as usize;
-            let Some(op) = self.ops.get_mut(key).and_then(Option::take) else {
+            let Some(op) = self.ops.remove(key) else {
                 continue;
             };
-            self.free.push(key);
             if c.result.is_ok() {
                 match (&op.kind, &c.buf) {
                     (Kind::Read(sector), Some(buf)) => {

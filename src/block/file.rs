@@ -1,6 +1,6 @@
 //! The bottom of every stack: a regular file or block device, driven through io_uring.
 
-use super::{BlockDevice, Completion, IoBuf, IoChannel, IoOp, IoVecs, SECTOR_SHIFT};
+use super::{BlockDevice, Completion, IoBuf, IoChannel, IoOp, IoVecs, Slab, SECTOR_SHIFT};
 use io_uring::{opcode, squeue, types, IoUring};
 use log::warn;
 use std::fs::{File, OpenOptions};
@@ -98,11 +98,9 @@ pub struct UringChannel {
     file: Arc<File>,
     ring: IoUring,
     eventfd: EventFd,
-    slots: Vec<Option<Slot>>,
-    free: Vec<usize>,
+    slots: Slab<Slot>,
     /// Built entries waiting for room in the submission queue.
     backlog: std::collections::VecDeque<squeue::Entry>,
-    in_flight: usize,
 }
 
 impl UringChannel {
@@ -116,25 +114,9 @@ impl UringChannel {
             file,
             ring,
             eventfd,
-            slots: Vec::new(),
-            free: Vec::new(),
+            slots: Slab::default(),
             backlog: Default::default(),
-            in_flight: 0,
         })
-    }
-
-    fn alloc_slot(&mut self, slot: Slot) -> u64 {
-        let idx = match self.free.pop() {
-            Some(i) => {
-                self.slots[i] = Some(slot);
-                i
-            }
-            None => {
-                self.slots.push(Some(slot));
-                self.slots.len() - 1
-            }
-        };
-        idx as u64
     }
 
     /// Moves backlog entries into the submission queue while it has room.
@@ -203,14 +185,13 @@ impl IoChannel for UringChannel {
                 (e, None, None)
             }
         };
-        let key = self.alloc_slot(Slot {
+        let key = self.slots.insert(Slot {
             id,
             buf,
             _iov: iov_keep,
             expect,
         });
-        self.backlog.push_back(entry.user_data(key));
-        self.in_flight += 1;
+        self.backlog.push_back(entry.user_data(key as u64));
     }
 
     fn submit(&mut self) -> io::Result<()> {
@@ -248,11 +229,9 @@ impl IoChannel for UringChannel {
         let cq = self.ring.completion();
         for cqe in cq {
             let key = cqe.user_data() as usize;
-            let Some(slot) = self.slots.get_mut(key).and_then(Option::take) else {
+            let Some(slot) = self.slots.remove(key) else {
                 continue;
             };
-            self.free.push(key);
-            self.in_flight -= 1;
             let res = cqe.result();
             let result = if res < 0 {
                 Err(-res)
@@ -274,7 +253,7 @@ impl IoChannel for UringChannel {
     }
 
     fn wait(&mut self) -> io::Result<()> {
-        if self.in_flight == 0 {
+        if self.slots.is_empty() {
             return Ok(());
         }
         self.fill_sq();
@@ -287,7 +266,7 @@ impl IoChannel for UringChannel {
     }
 
     fn in_flight(&self) -> usize {
-        self.in_flight
+        self.slots.len()
     }
 
     fn completion_fd(&self) -> RawFd {
@@ -298,7 +277,7 @@ impl IoChannel for UringChannel {
 impl Drop for UringChannel {
     fn drop(&mut self) {
         // Buffers must outlive the kernel's use of them: drain before freeing.
-        while self.in_flight > 0 {
+        while !self.slots.is_empty() {
             let mut done = Vec::new();
             if self.wait().is_err() {
                 break;

@@ -10,11 +10,13 @@ mod buf;
 mod crypt;
 mod debuglog;
 mod file;
+mod slab;
 
 pub use buf::{BufPool, IoBuf};
 pub use crypt::CryptDevice;
 pub use debuglog::DebugLogDevice;
 pub use file::FileDevice;
+pub use slab::Slab;
 
 use std::any::Any;
 use std::io;

@@ -7,7 +7,7 @@ use virtio_bindings::virtio_blk::*;
 use vm_memory::{Bytes, GuestMemory, Permissions};
 
 use super::request::{gather, scatter, Op, ParseError, Region, Request};
-use crate::block::{BufPool, Completion, IoChannel, IoOp, IoVecs};
+use crate::block::{BufPool, Completion, IoChannel, IoOp, IoVecs, Slab};
 
 /// Device-wide facts every queue needs.
 #[derive(Debug, Clone)]
@@ -40,8 +40,7 @@ pub struct QueueWorker {
     info: Arc<DeviceInfo>,
     channel: Box<dyn IoChannel>,
     pool: BufPool,
-    slots: Vec<Option<InFlight>>,
-    free: Vec<usize>,
+    slots: Slab<InFlight>,
     completions: Vec<Completion>,
 }
 
@@ -51,8 +50,7 @@ impl QueueWorker {
             info,
             channel,
             pool: BufPool::default(),
-            slots: Vec::new(),
-            free: Vec::new(),
+            slots: Slab::default(),
             completions: Vec::new(),
         }
     }
@@ -68,7 +66,7 @@ impl QueueWorker {
 
     /// Requests started and not yet finished.
     pub fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len()
+        self.slots.len()
     }
 
     /// Starts a parsed request. Returns its completion when it finished at once (errors,
@@ -105,16 +103,7 @@ impl QueueWorker {
             pending: ops.len() as u32,
             failed: false,
         };
-        let idx = match self.free.pop() {
-            Some(i) => {
-                self.slots[i] = Some(slot);
-                i
-            }
-            None => {
-                self.slots.push(Some(slot));
-                self.slots.len() - 1
-            }
-        };
+        let idx = self.slots.insert(slot);
         for op in ops {
             self.channel.add(idx as u64, op);
         }
@@ -213,7 +202,7 @@ impl QueueWorker {
         self.channel.poll(&mut completions);
         for c in completions.drain(..) {
             let idx = c.id as usize;
-            let Some(slot) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
+            let Some(slot) = self.slots.get_mut(idx) else {
                 continue;
             };
             if let Err(errno) = c.result {
@@ -231,8 +220,7 @@ impl QueueWorker {
             }
             slot.pending -= 1;
             if slot.pending == 0 {
-                if let Some(slot) = self.slots[idx].take() {
-                    self.free.push(idx);
+                if let Some(slot) = self.slots.remove(idx) {
                     let code = if slot.failed {
                         VIRTIO_BLK_S_IOERR
                     } else {
