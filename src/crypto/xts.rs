@@ -103,7 +103,6 @@ impl Xts {
             "XTS works on whole sectors"
         );
         const BATCH: usize = BATCH_SECTORS * SECTOR_SIZE;
-        let mut tweaks = [0u128; BATCH_SECTORS * BLOCKS_PER_SECTOR];
         let mut off = 0;
         while off < len {
             let n = (len - off).min(BATCH);
@@ -118,7 +117,9 @@ impl Xts {
                 off += n;
                 continue;
             }
-            let tweaks = &mut tweaks[..n / BLOCK];
+            // (Only here: zeroing these 16 KiB per call showed up in profiles of the VAES path.)
+            let mut all_tweaks = [0u128; BATCH_SECTORS * BLOCKS_PER_SECTOR];
+            let tweaks = &mut all_tweaks[..n / BLOCK];
             expand_tweaks(&initial[..n / SECTOR_SIZE], tweaks);
             // Portable path: through a private copy, so the cipher only sees our memory.
             let mut chunk = [Block::default(); BATCH / BLOCK];
