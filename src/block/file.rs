@@ -105,9 +105,15 @@ pub struct UringChannel {
 
 impl UringChannel {
     fn new(file: Arc<File>, entries: u32) -> io::Result<Self> {
+        // COOP_TASKRUN: completions from io-wq workers must not interrupt our (often polling)
+        // thread with an IPI; we run their task work when we enter the kernel, and the
+        // TASKRUN flag tells the polling loop when to do so.
         let ring = IoUring::builder()
             .setup_cqsize(entries * 2)
-            .build(entries)?;
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .build(entries)
+            .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))?;
         let eventfd = EventFd::new(EFD_NONBLOCK)?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         Ok(UringChannel {
@@ -226,6 +232,10 @@ impl IoChannel for UringChannel {
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>) {
+        if self.ring.completion().is_empty() && self.ring.submission().taskrun() {
+            // Completions are waiting as task work: an io_uring_enter runs it.
+            let _ = self.ring.submit();
+        }
         let cq = self.ring.completion();
         for cqe in cq {
             let key = cqe.user_data() as usize;
