@@ -16,11 +16,7 @@ struct Disk {
 }
 
 fn disk(size: u64) -> Disk {
-    let dir = tempfile::Builder::new()
-        .prefix("ubiblk-it")
-        .tempdir_in("/dev/shm")
-        .or_else(|_| tempfile::tempdir())
-        .unwrap();
+    let dir = scratch_dir("ubiblk-it");
     let img = dir.path().join("disk.raw");
     create_pattern_file(&img, size).unwrap();
     let sock = dir.path().join("vhost.sock");

@@ -24,11 +24,7 @@ struct Setup {
 
 /// A zeroed disk of `SIZE` bytes, a socket path and a log path in a fresh directory.
 fn setup() -> Setup {
-    let dir = tempfile::Builder::new()
-        .prefix("ubiblk-dlog")
-        .tempdir_in("/dev/shm")
-        .or_else(|_| tempfile::tempdir())
-        .unwrap();
+    let dir = scratch_dir("ubiblk-dlog");
     let img = dir.path().join("disk.raw");
     std::fs::write(&img, vec![0u8; SIZE as usize]).unwrap();
     let sock = dir.path().join("vhost.sock");

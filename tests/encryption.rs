@@ -46,11 +46,7 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let dir = tempfile::Builder::new()
-        .prefix("ubiblk-enc")
-        .tempdir_in("/dev/shm")
-        .or_else(|_| tempfile::tempdir())
-        .unwrap();
+    let dir = scratch_dir("ubiblk-enc");
     let img = dir.path().join("disk.raw");
     std::fs::write(&img, vec![0u8; SIZE as usize]).unwrap();
     let sock = dir.path().join("vhost.sock");

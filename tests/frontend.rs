@@ -31,11 +31,7 @@ impl Setup {
 /// A temp dir (in /dev/shm when possible) with a pattern image of `size` bytes (any multiple
 /// of 512) and a socket path.
 fn setup(size: u64) -> Setup {
-    let dir = tempfile::Builder::new()
-        .prefix("ubiblk-fe")
-        .tempdir_in("/dev/shm")
-        .or_else(|_| tempfile::tempdir())
-        .unwrap();
+    let dir = scratch_dir("ubiblk-fe");
     let img = dir.path().join("disk.raw");
     let whole = size / 4096 * 4096;
     create_pattern_file(&img, whole).unwrap();

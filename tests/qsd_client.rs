@@ -18,11 +18,7 @@ fn have_qsd() -> bool {
 const SIZE: u64 = 64 << 20;
 
 fn setup(num_queues: usize) -> (tempfile::TempDir, std::path::PathBuf, Qsd) {
-    let dir = tempfile::Builder::new()
-        .prefix("ubiblk-qsd-test")
-        .tempdir_in("/dev/shm")
-        .or_else(|_| tempfile::tempdir())
-        .unwrap();
+    let dir = scratch_dir("ubiblk-qsd-test");
     let img = dir.path().join("disk.raw");
     create_pattern_file(&img, SIZE).unwrap();
     let sock = dir.path().join("vhost.sock");

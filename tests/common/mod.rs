@@ -503,6 +503,16 @@ pub fn pattern_bytes(offset: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// A fresh temporary directory for one test's disk, socket and logs: in /dev/shm (tmpfs, fast,
+/// O_DIRECT-capable here) when possible, else the default temp dir.
+pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::Builder::new().prefix(prefix).tempdir())
+        .expect("cannot create a temporary directory")
+}
+
 /// Creates (or truncates) a fully-allocated file of `size` bytes (multiple of 4096) filled with
 /// [`pattern_block`] data.
 pub fn create_pattern_file(path: &Path, size: u64) -> anyhow::Result<()> {
