@@ -9,6 +9,7 @@ pub mod block;
 pub mod config;
 pub mod crypto;
 pub mod frontend;
+pub mod lazy;
 pub mod replay;
 pub mod vhost;
 pub mod virtio_blk;

@@ -22,7 +22,7 @@
 //! the largest record).
 
 use std::fs::File;
-use std::io::{self, BufRead, Read, Seek, SeekFrom};
+use std::io::{self, BufRead, Read};
 use std::os::unix::fs::FileExt;
 
 use crate::block::SECTOR_SIZE;
@@ -374,18 +374,6 @@ pub struct Summary {
     pub truncated: bool,
 }
 
-/// The size in bytes of a regular file or block device.
-pub fn disk_size(disk: &File) -> io::Result<u64> {
-    let meta = disk.metadata()?;
-    if meta.is_file() {
-        return Ok(meta.len());
-    }
-    let mut f = disk;
-    let size = f.seek(SeekFrom::End(0))?;
-    f.seek(SeekFrom::Start(0))?;
-    Ok(size)
-}
-
 /// Applies every WRITE of `log` to `disk` and checks every READ against it, in log order,
 /// calling `report` for each mismatch and for a truncated last record. Stops at the first
 /// malformed record (the writes before it stay applied). Syncs the disk at the end.
@@ -394,7 +382,7 @@ pub fn replay<R: BufRead>(
     disk: &File,
     mut report: impl FnMut(Event),
 ) -> Result<Summary, LogError> {
-    let size = disk_size(disk).map_err(LogError::Disk)?;
+    let size = crate::block::device_size(disk).map_err(LogError::Disk)?;
     let mut reader = LogReader::new(log).with_disk_size(size);
     let mut sum = Summary::default();
     let mut current = Vec::new();

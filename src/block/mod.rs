@@ -15,7 +15,7 @@ mod slab;
 pub use buf::{BufPool, IoBuf};
 pub use crypt::CryptDevice;
 pub use debuglog::DebugLogDevice;
-pub use file::FileDevice;
+pub use file::{device_size, FileDevice};
 pub use slab::Slab;
 
 use std::any::Any;

@@ -1,0 +1,175 @@
+//! init-metadata: writes a fresh lazy-fetch metadata file (nothing fetched) at the config's
+//! `metadata_path`, in the layout of COMPAT.md, encrypted when the config has `encryption_key`.
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use ubiblk::config::Options;
+use ubiblk::crypto::keys::Kek;
+use ubiblk::lazy::metadata::{DEFAULT_SHIFT, MAX_SHIFT, MIN_SHIFT, SECTOR_SIZE};
+use ubiblk::lazy::{device_size, Metadata};
+
+/// Initialise the metadata file used by lazy stripe fetch: a header and one byte per stripe of
+/// the base disk (`path`), all stripes unfetched. Overwrites any existing metadata.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Path to the backend YAML configuration file.
+    #[arg(short = 'f', long = "config", value_name = "CONFIG_YAML")]
+    config: PathBuf,
+    /// Path to the key encryption key (KEK) file that unwraps `encryption_key`.
+    #[arg(short = 'k', long = "kek", value_name = "KEK_FILE")]
+    kek: Option<PathBuf>,
+    /// Delete the KEK file once it has been read.
+    #[arg(short = 'u', long = "unlink-kek", requires = "kek")]
+    unlink_kek: bool,
+    /// Stripe size as a power of two of 512-byte sectors (6 = 32 KiB ... 16 = 32 MiB).
+    #[arg(
+        short = 's',
+        long = "stripe-sector-count-shift",
+        value_name = "SHIFT",
+        default_value_t = DEFAULT_SHIFT,
+        value_parser = clap::value_parser!(u8).range(MIN_SHIFT as i64..=MAX_SHIFT as i64)
+    )]
+    shift: u8,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("init-metadata: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let opts = Options::load(&args.config)?;
+    // Read (and unlink) the KEK first, so a bad config does not leave it behind.
+    let kek = match &args.kek {
+        Some(path) => Kek::load(path, args.unlink_kek)?,
+        None => Kek::None,
+    };
+    if args.kek.is_some() && opts.encryption_key.is_none() {
+        bail!("--kek given but the config has no encryption_key: refusing to write unencrypted metadata");
+    }
+    let Some(meta_path) = &opts.metadata_path else {
+        bail!("metadata_path: required by init-metadata");
+    };
+    let xts = match &opts.encryption_key {
+        Some(entries) => Some(kek.cipher(entries)?),
+        None => None,
+    };
+    drop(kek);
+
+    let disk = File::open(&opts.path)
+        .with_context(|| format!("path: cannot open {}", opts.path.display()))?;
+    let disk_bytes = device_size(&disk)
+        .with_context(|| format!("path: cannot get the size of {}", opts.path.display()))?;
+    let disk_sectors = disk_bytes / SECTOR_SIZE as u64;
+    if disk_sectors == 0 {
+        bail!(
+            "path: {} is {disk_bytes} bytes, smaller than one sector",
+            opts.path.display()
+        );
+    }
+    refuse_same_file(&disk, &opts.path, meta_path, "path")?;
+    if let Some(image) = &opts.image_path {
+        if let Ok(img) = File::open(image) {
+            refuse_same_file(&img, image, meta_path, "image_path")?;
+        }
+    }
+
+    let md = Metadata::new(disk_sectors, args.shift)?;
+    let file = open_target(meta_path, md.file_len())?;
+    md.write_to(&file, xts.as_ref())
+        .with_context(|| format!("metadata_path: {}", meta_path.display()))?;
+    file.sync_all()
+        .with_context(|| format!("metadata_path: cannot fsync {}", meta_path.display()))?;
+    sync_parent(meta_path);
+    println!(
+        "{}: {} stripes of {} bytes for {} ({disk_sectors} sectors), {} bytes{}",
+        meta_path.display(),
+        md.stripe_count(),
+        md.stripe_bytes(),
+        opts.path.display(),
+        md.file_len(),
+        if xts.is_some() { ", encrypted" } else { "" }
+    );
+    Ok(())
+}
+
+/// Refuses to write the metadata over the disk or the image.
+fn refuse_same_file(
+    other: &File,
+    other_path: &Path,
+    meta: &Path,
+    field: &str,
+) -> anyhow::Result<()> {
+    let (Ok(a), Ok(b)) = (other.metadata(), std::fs::metadata(meta)) else {
+        return Ok(());
+    };
+    let same = if a.file_type().is_block_device() && b.file_type().is_block_device() {
+        a.rdev() == b.rdev()
+    } else {
+        a.dev() == b.dev() && a.ino() == b.ino()
+    };
+    if same {
+        bail!(
+            "metadata_path: {} is the same file as {field} ({}): refusing to overwrite it",
+            meta.display(),
+            other_path.display()
+        );
+    }
+    Ok(())
+}
+
+/// A regular file is created or truncated; a block device is written in place and must be
+/// large enough.
+fn open_target(path: &Path, len: u64) -> anyhow::Result<File> {
+    let ctx = || format!("metadata_path: cannot open {}", path.display());
+    let is_blk = std::fs::metadata(path)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false);
+    if is_blk {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .with_context(ctx)?;
+        let size = device_size(&f)
+            .with_context(|| format!("metadata_path: cannot get the size of {}", path.display()))?;
+        if size < len {
+            bail!(
+                "metadata_path: block device {} is {size} bytes, the metadata needs {len}",
+                path.display()
+            );
+        }
+        Ok(f)
+    } else {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .with_context(ctx)
+    }
+}
+
+/// Makes a newly created file's directory entry durable (best effort).
+fn sync_parent(path: &Path) {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if let Ok(dir) = File::open(parent) {
+        let _ = dir.sync_all();
+    }
+}
