@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use ubiblk::config::Options;
-use ubiblk::crypto::keys::Kek;
+use ubiblk::crypto::keys::KekArgs;
 use ubiblk::lazy::metadata::{SECTOR_SIZE, VERSION_MAJOR, VERSION_MINOR};
 use ubiblk::lazy::{device_size, Metadata};
 
@@ -16,17 +16,13 @@ use ubiblk::lazy::{device_size, Metadata};
 /// (`path`, whose size fixes the stripe count) and the keys when the metadata is encrypted.
 /// The file is validated as the backend would; any inconsistency is an error (exit status 1).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Path to the backend YAML configuration file.
     #[arg(short = 'f', long = "config", value_name = "CONFIG_YAML")]
     config: PathBuf,
-    /// Path to the key encryption key (KEK) file that unwraps `encryption_key`.
-    #[arg(short = 'k', long = "kek", value_name = "KEK_FILE")]
-    kek: Option<PathBuf>,
-    /// Delete the KEK file once it has been read.
-    #[arg(short = 'u', long = "unlink-kek", requires = "kek")]
-    unlink_kek: bool,
+    #[command(flatten)]
+    kek: KekArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -45,21 +41,11 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let opts = Options::load(&args.config)?;
-    let kek = match &args.kek {
-        Some(path) => Kek::load(path, args.unlink_kek)?,
-        None => Kek::None,
-    };
-    if args.kek.is_some() && opts.encryption_key.is_none() {
-        bail!("--kek given but the config has no encryption_key");
-    }
+    // Before any other check: the KEK file is read (and unlinked) whatever fails next.
+    let xts = args.kek.cipher_for(opts.encryption_key.as_deref())?;
     let Some(meta_path) = &opts.metadata_path else {
         bail!("metadata_path: required by dump-metadata");
     };
-    let xts = match &opts.encryption_key {
-        Some(entries) => Some(kek.cipher(entries)?),
-        None => None,
-    };
-    drop(kek);
 
     let disk = File::open(&opts.path)
         .with_context(|| format!("path: cannot open {}", opts.path.display()))?;

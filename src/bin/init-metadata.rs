@@ -9,24 +9,20 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use ubiblk::config::Options;
-use ubiblk::crypto::keys::Kek;
+use ubiblk::crypto::keys::KekArgs;
 use ubiblk::lazy::metadata::{DEFAULT_SHIFT, MAX_SHIFT, MIN_SHIFT, SECTOR_SIZE};
 use ubiblk::lazy::{device_size, Metadata};
 
 /// Initialise the metadata file used by lazy stripe fetch: a header and one byte per stripe of
 /// the base disk (`path`), all stripes unfetched. Overwrites any existing metadata.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Path to the backend YAML configuration file.
     #[arg(short = 'f', long = "config", value_name = "CONFIG_YAML")]
     config: PathBuf,
-    /// Path to the key encryption key (KEK) file that unwraps `encryption_key`.
-    #[arg(short = 'k', long = "kek", value_name = "KEK_FILE")]
-    kek: Option<PathBuf>,
-    /// Delete the KEK file once it has been read.
-    #[arg(short = 'u', long = "unlink-kek", requires = "kek")]
-    unlink_kek: bool,
+    #[command(flatten)]
+    kek: KekArgs,
     /// Stripe size as a power of two of 512-byte sectors (6 = 32 KiB ... 16 = 32 MiB).
     #[arg(
         short = 's',
@@ -52,21 +48,11 @@ fn main() -> ExitCode {
 fn run(args: Args) -> anyhow::Result<()> {
     let opts = Options::load(&args.config)?;
     // Read (and unlink) the KEK first, so a bad config does not leave it behind.
-    let kek = match &args.kek {
-        Some(path) => Kek::load(path, args.unlink_kek)?,
-        None => Kek::None,
-    };
-    if args.kek.is_some() && opts.encryption_key.is_none() {
-        bail!("--kek given but the config has no encryption_key: refusing to write unencrypted metadata");
-    }
+    // Before any other check: the KEK file is read (and unlinked) whatever fails next.
+    let xts = args.kek.cipher_for(opts.encryption_key.as_deref())?;
     let Some(meta_path) = &opts.metadata_path else {
         bail!("metadata_path: required by init-metadata");
     };
-    let xts = match &opts.encryption_key {
-        Some(entries) => Some(kek.cipher(entries)?),
-        None => None,
-    };
-    drop(kek);
 
     let disk = File::open(&opts.path)
         .with_context(|| format!("path: cannot open {}", opts.path.display()))?;

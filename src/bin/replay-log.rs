@@ -14,7 +14,7 @@ use ubiblk::replay::{replay, Event, LogError};
 /// Exit status: 0 if every READ matched, 1 if some did not, 2 if the log is malformed or an
 /// I/O error occurred.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// The I/O debug log written by vhost-backend (`io_debug_path`).
     #[arg(short = 'l', long = "log", value_name = "LOG")]

@@ -10,23 +10,19 @@ use std::time::Duration;
 
 use ubiblk::block::{BlockDevice, CryptDevice, DebugLogDevice, FileDevice};
 use ubiblk::config::Options;
-use ubiblk::crypto::keys::Kek;
+use ubiblk::crypto::keys::KekArgs;
 use ubiblk::vhost::{self, BlockBackend, QueueSettings};
 use ubiblk::virtio_blk::{self, ConfigSpace, DeviceInfo, Limits};
 
 /// Serve a file or block device to a VM as a vhost-user-blk disk.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Path to the backend YAML configuration file.
     #[arg(short = 'f', long = "config", value_name = "CONFIG_YAML")]
     config: PathBuf,
-    /// Path to the key encryption key (KEK) file that unwraps `encryption_key`.
-    #[arg(short = 'k', long = "kek", value_name = "KEK_FILE")]
-    kek: Option<PathBuf>,
-    /// Delete the KEK file once it has been read.
-    #[arg(short = 'u', long = "unlink-kek", requires = "kek")]
-    unlink_kek: bool,
+    #[command(flatten)]
+    kek: KekArgs,
 }
 
 fn main() -> ExitCode {
@@ -43,14 +39,7 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let opts = Options::load(&args.config)?;
-    // Read (and unlink) the KEK first, so a bad config does not leave it behind.
-    let kek = match &args.kek {
-        Some(path) => Kek::load(path, args.unlink_kek)?,
-        None => Kek::None,
-    };
-    if args.kek.is_some() && opts.encryption_key.is_none() {
-        bail!("--kek given but the config has no encryption_key: refusing to serve unencrypted");
-    }
+    let cipher = args.kek.cipher_for(opts.encryption_key.as_deref())?;
     if opts.image_path.is_some() {
         bail!("image_path: lazy stripe fetch is not supported by this build yet");
     }
@@ -60,11 +49,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         FileDevice::open(&opts.path, opts.readonly, ring_entries)
             .with_context(|| format!("path: cannot open {}", opts.path.display()))?,
     );
-    if let Some(entries) = &opts.encryption_key {
-        device = Arc::new(CryptDevice::new(device, kek.cipher(entries)?));
+    if let Some(xts) = cipher {
+        device = Arc::new(CryptDevice::new(device, xts));
         info!("AES-256-XTS encryption on");
     }
-    drop(kek);
     if let Some(path) = &opts.io_debug_path {
         // Outermost, so it logs the guest's plaintext.
         device = Arc::new(

@@ -13,7 +13,7 @@ use ubiblk::frontend::{self, IoOptions, Stage};
 /// what each one negotiated. Stages: 0 setup, 1 config, 2 memory, 3 virtqueue, 4 copy (read the
 /// whole disk into --output).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// The backend's vhost-user socket.
     #[arg(short = 's', long = "socket", value_name = "SOCK")]

@@ -165,6 +165,37 @@ impl Kek {
     }
 }
 
+/// The `--kek` / `--unlink-kek` flags every tool that reads `encryption_key` takes.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct KekArgs {
+    /// Path to the key encryption key (KEK) file that unwraps `encryption_key`.
+    #[arg(short = 'k', long = "kek", value_name = "KEK_FILE")]
+    pub kek: Option<std::path::PathBuf>,
+    /// Delete the KEK file once it has been read.
+    #[arg(short = 'u', long = "unlink-kek", requires = "kek")]
+    pub unlink_kek: bool,
+}
+
+impl KekArgs {
+    /// The data cipher for `encryption_key` (None without keys). The KEK file is read (and
+    /// unlinked) first, whatever else fails, so key material does not linger; a KEK without
+    /// keys to unwrap is refused rather than silently storing plaintext.
+    pub fn cipher_for(&self, encryption_key: Option<&[String]>) -> Result<Option<Xts>, KeyError> {
+        let kek = match &self.kek {
+            Some(path) => Kek::load(path, self.unlink_kek)?,
+            None => Kek::None,
+        };
+        match encryption_key {
+            Some(entries) => kek.cipher(entries).map(Some),
+            None if self.kek.is_some() => Err(KeyError::Config(
+                "--kek given but the config has no encryption_key: refusing to store plaintext"
+                    .into(),
+            )),
+            None => Ok(None),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
