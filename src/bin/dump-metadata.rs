@@ -9,8 +9,8 @@ use std::process::ExitCode;
 
 use ubiblk::config::Options;
 use ubiblk::crypto::keys::KekArgs;
-use ubiblk::lazy::metadata::{SECTOR_SIZE, VERSION_MAJOR, VERSION_MINOR};
-use ubiblk::lazy::{device_size, Metadata};
+use ubiblk::lazy::metadata::{VERSION_MAJOR, VERSION_MINOR};
+use ubiblk::lazy::{open_base_disk, Metadata};
 
 /// Print the lazy-fetch metadata of a disk: the config gives `metadata_path`, the base disk
 /// (`path`, whose size fixes the stripe count) and the keys when the metadata is encrypted.
@@ -47,11 +47,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         bail!("metadata_path: required by dump-metadata");
     };
 
-    let disk = File::open(&opts.path)
-        .with_context(|| format!("path: cannot open {}", opts.path.display()))?;
-    let disk_bytes = device_size(&disk)
-        .with_context(|| format!("path: cannot get the size of {}", opts.path.display()))?;
-    let disk_sectors = disk_bytes / SECTOR_SIZE as u64;
+    let (_disk, disk_sectors) = open_base_disk(&opts.path)?;
     let file = File::open(meta_path)
         .with_context(|| format!("metadata_path: cannot open {}", meta_path.display()))?;
     let md = Metadata::read_from(&file, disk_sectors, xts.as_ref())

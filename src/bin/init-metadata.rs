@@ -10,8 +10,8 @@ use std::process::ExitCode;
 
 use ubiblk::config::Options;
 use ubiblk::crypto::keys::KekArgs;
-use ubiblk::lazy::metadata::{DEFAULT_SHIFT, MAX_SHIFT, MIN_SHIFT, SECTOR_SIZE};
-use ubiblk::lazy::{device_size, Metadata};
+use ubiblk::lazy::metadata::{DEFAULT_SHIFT, MAX_SHIFT, MIN_SHIFT};
+use ubiblk::lazy::{device_size, open_base_disk, Metadata};
 
 /// Initialise the metadata file used by lazy stripe fetch: a header and one byte per stripe of
 /// the base disk (`path`), all stripes unfetched. Overwrites any existing metadata.
@@ -47,22 +47,18 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let opts = Options::load(&args.config)?;
-    // Read (and unlink) the KEK first, so a bad config does not leave it behind.
     // Before any other check: the KEK file is read (and unlinked) whatever fails next.
     let xts = args.kek.cipher_for(opts.encryption_key.as_deref())?;
     let Some(meta_path) = &opts.metadata_path else {
         bail!("metadata_path: required by init-metadata");
     };
 
-    let disk = File::open(&opts.path)
-        .with_context(|| format!("path: cannot open {}", opts.path.display()))?;
-    let disk_bytes = device_size(&disk)
-        .with_context(|| format!("path: cannot get the size of {}", opts.path.display()))?;
-    let disk_sectors = disk_bytes / SECTOR_SIZE as u64;
+    let (disk, disk_sectors) = open_base_disk(&opts.path)?;
     if disk_sectors == 0 {
         bail!(
-            "path: {} is {disk_bytes} bytes, smaller than one sector",
-            opts.path.display()
+            "path: {} is {} bytes, smaller than one sector",
+            opts.path.display(),
+            device_size(&disk)?
         );
     }
     refuse_same_file(&disk, &opts.path, meta_path, "path")?;
