@@ -66,7 +66,18 @@ pub struct Options {
     /// Not in the reference tools: offer VIRTIO_BLK_F_RO and reject writes.
     #[serde(default)]
     pub readonly: bool,
+    /// Not in the reference tools: copy every stripe from the image in the background.
+    #[serde(default)]
+    pub autofetch: bool,
+    /// Not in the reference tools: limit background fetching to this many MiB/s.
+    #[serde(default)]
+    pub autofetch_mib_per_sec: Option<u32>,
+    /// Not in the reference tools: unix socket answering `status` with lazy-fetch progress.
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
 }
+
+const SUN_PATH_TOO_LONG: &str = "path is longer than the 107 bytes a unix socket address can hold";
 
 fn default_num_queues() -> u16 {
     1
@@ -124,10 +135,7 @@ impl Options {
         }
         // sun_path holds 108 bytes including the terminating NUL.
         if self.socket.as_os_str().len() > 107 {
-            return Err(field_err(
-                "socket",
-                "path is longer than the 107 bytes a unix socket address can hold",
-            ));
+            return Err(field_err("socket", SUN_PATH_TOO_LONG));
         }
         if self.num_queues == 0 {
             return Err(field_err("num_queues", "must be at least 1"));
@@ -187,12 +195,61 @@ impl Options {
                 "is required when image_path is set",
             ));
         }
+        self.validate_lazy()?;
         if let Some(keys) = &self.encryption_key {
             if keys.len() != 2 {
                 return Err(field_err(
                     "encryption_key",
                     format!("must hold exactly two base64 strings, found {}", keys.len()),
                 ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Options {
+    /// The lazy-fetch fields: they only make sense together with `image_path`.
+    fn validate_lazy(&self) -> Result<(), ConfigError> {
+        let lazy = self.image_path.is_some();
+        if lazy && self.readonly {
+            return Err(field_err(
+                "readonly",
+                "cannot be combined with image_path (fetching writes the base disk)",
+            ));
+        }
+        if self.autofetch && !lazy {
+            return Err(field_err(
+                "autofetch",
+                "needs image_path (there is nothing to fetch)",
+            ));
+        }
+        if let Some(rate) = self.autofetch_mib_per_sec {
+            if !self.autofetch {
+                return Err(field_err("autofetch_mib_per_sec", "needs autofetch: true"));
+            }
+            if rate == 0 {
+                return Err(field_err(
+                    "autofetch_mib_per_sec",
+                    "must be at least 1 (leave it out for no limit)",
+                ));
+            }
+        }
+        if let Some(path) = &self.control_socket {
+            if !lazy {
+                return Err(field_err(
+                    "control_socket",
+                    "needs image_path (it reports lazy-fetch progress)",
+                ));
+            }
+            if path.as_os_str().is_empty() {
+                return Err(field_err("control_socket", "must not be empty"));
+            }
+            if path.as_os_str().len() > 107 {
+                return Err(field_err("control_socket", SUN_PATH_TOO_LONG));
+            }
+            if *path == self.socket {
+                return Err(field_err("control_socket", "must differ from socket"));
             }
         }
         Ok(())

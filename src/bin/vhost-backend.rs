@@ -1,6 +1,6 @@
 //! vhost-backend: serves a disk to a VMM over vhost-user-blk.
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Parser;
 use log::{error, info};
 use std::path::PathBuf;
@@ -11,6 +11,7 @@ use std::time::Duration;
 use ubiblk::block::{BlockDevice, CryptDevice, DebugLogDevice, FileDevice};
 use ubiblk::config::Options;
 use ubiblk::crypto::keys::KekArgs;
+use ubiblk::lazy::{control, LazyDevice, LazyOptions};
 use ubiblk::vhost::{self, BlockBackend, QueueSettings};
 use ubiblk::virtio_blk::{self, ConfigSpace, DeviceInfo, Limits};
 
@@ -26,7 +27,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -39,19 +40,29 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let opts = Options::load(&args.config)?;
-    let cipher = args.kek.cipher_for(opts.encryption_key.as_deref())?;
-    if opts.image_path.is_some() {
-        bail!("image_path: lazy stripe fetch is not supported by this build yet");
-    }
+    let cipher = args
+        .kek
+        .cipher_for(opts.encryption_key.as_deref())?
+        .map(Arc::new);
 
     let ring_entries = u32::from(opts.queue_size) * 2;
     let mut device: Arc<dyn BlockDevice> = Arc::new(
         FileDevice::open(&opts.path, opts.readonly, ring_entries)
             .with_context(|| format!("path: cannot open {}", opts.path.display()))?,
     );
-    if let Some(xts) = cipher {
-        device = Arc::new(CryptDevice::new(device, xts));
+    if let Some(xts) = &cipher {
+        device = Arc::new(CryptDevice::new(device, xts.clone()));
         info!("AES-256-XTS encryption on");
+    }
+    if let Some(lazy) = lazy_options(&opts) {
+        // Above encryption: fetched image data is encrypted on its way to the base disk, and
+        // the metadata file is encrypted with the same key.
+        let lazy_device = Arc::new(LazyDevice::open(device, cipher, &lazy, ring_entries)?);
+        if let Some(path) = &opts.control_socket {
+            control::serve(path, lazy_device.clone())?;
+            info!("control socket: {}", path.display());
+        }
+        device = lazy_device;
     }
     if let Some(path) = &opts.io_debug_path {
         // Outermost, so it logs the guest's plaintext.
@@ -94,6 +105,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     let current: Arc<Mutex<Option<Arc<BlockBackend>>>> = Arc::default();
     spawn_signal_handler(device.clone(), current.clone(), opts.socket.clone())?;
     vhost::serve(&opts.socket, device, info, config, settings, current)
+}
+
+fn lazy_options(opts: &Options) -> Option<LazyOptions> {
+    Some(LazyOptions {
+        image_path: opts.image_path.clone()?,
+        // Config validation guarantees metadata_path with image_path.
+        metadata_path: opts.metadata_path.clone()?,
+        copy_on_read: opts.copy_on_read,
+        autofetch: opts.autofetch,
+        autofetch_mib_per_sec: opts.autofetch_mib_per_sec,
+    })
 }
 
 /// On SIGTERM/SIGINT: let in-flight I/O finish, sync the disk, remove the socket, exit.

@@ -21,10 +21,10 @@ pub struct CryptDevice {
 }
 
 impl CryptDevice {
-    pub fn new(inner: Arc<dyn BlockDevice>, xts: Xts) -> Self {
+    pub fn new(inner: Arc<dyn BlockDevice>, xts: impl Into<Arc<Xts>>) -> Self {
         CryptDevice {
             inner,
-            xts: Arc::new(xts),
+            xts: xts.into(),
         }
     }
 }

@@ -5,7 +5,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use log::warn;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
@@ -45,6 +45,21 @@ impl FileDevice {
     }
 }
 
+impl FileDevice {
+    /// A channel whose completions signal the existing eventfd `notify` (which the caller
+    /// already watches, e.g. another channel's [`IoChannel::completion_fd`]) instead of a new one.
+    pub fn channel_notifying(&self, notify: BorrowedFd<'_>) -> io::Result<Box<dyn IoChannel>> {
+        let fd = notify.try_clone_to_owned()?;
+        // SAFETY: `fd` is a fresh descriptor we own; the caller promises it is an eventfd.
+        let eventfd = unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) };
+        Ok(Box::new(UringChannel::new(
+            self.file.clone(),
+            self.ring_entries,
+            eventfd,
+        )?))
+    }
+}
+
 /// The size in bytes of a regular file or block device.
 pub fn device_size(file: &File) -> io::Result<u64> {
     let meta = file.metadata()?;
@@ -69,9 +84,11 @@ impl BlockDevice for FileDevice {
     }
 
     fn new_channel(&self) -> io::Result<Box<dyn IoChannel>> {
+        let eventfd = EventFd::new(EFD_NONBLOCK)?;
         Ok(Box::new(UringChannel::new(
             self.file.clone(),
             self.ring_entries,
+            eventfd,
         )?))
     }
 
@@ -104,7 +121,7 @@ pub struct UringChannel {
 }
 
 impl UringChannel {
-    fn new(file: Arc<File>, entries: u32) -> io::Result<Self> {
+    fn new(file: Arc<File>, entries: u32, eventfd: EventFd) -> io::Result<Self> {
         // COOP_TASKRUN: completions from io-wq workers must not interrupt our (often polling)
         // thread with an IPI; we run their task work when we enter the kernel, and the
         // TASKRUN flag tells the polling loop when to do so.
@@ -114,7 +131,6 @@ impl UringChannel {
             .setup_taskrun_flag()
             .build(entries)
             .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))?;
-        let eventfd = EventFd::new(EFD_NONBLOCK)?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         Ok(UringChannel {
             file,

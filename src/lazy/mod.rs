@@ -1,9 +1,12 @@
-//! Lazy stripe fetch from a base image (issue 4). For now only the on-disk groundwork: the
-//! metadata file format ([`metadata`]) used by `init-metadata` and `dump-metadata`. The backend
-//! does not serve lazy disks yet (it refuses `image_path` at start-up).
+//! Lazy stripe fetch from a base image: the metadata file format ([`metadata`]), the fetch
+//! layer ([`LazyDevice`]) with its fetcher pool, and the control socket ([`control`]).
 
+pub mod control;
+mod device;
+mod fetch;
 pub mod metadata;
 
+pub use device::{LazyDevice, LazyOptions, LazyStatus};
 pub use metadata::{Metadata, MetadataError};
 
 pub use crate::block::device_size;

@@ -1,0 +1,623 @@
+//! The lazy-fetch layer: a [`BlockDevice`] over the base disk that serves stripes not yet
+//! copied from the image.
+//!
+//! Per request, on the channel's own thread:
+//! - every stripe touched is fetched: the request goes straight down (the fast path);
+//! - a write (or discard, write-zeroes), or a read with `copy_on_read`, touching an unfetched
+//!   stripe is parked: its stripes are queued for the fetcher pool and the request goes down
+//!   once they are all fetched (or fails with EIO if a fetch failed). Fetchers wake the channel
+//!   through its completion eventfd, so a waiting queue sleeps instead of spinning;
+//! - a read without `copy_on_read` is split at stripe boundaries: fetched runs come from the
+//!   base disk, the rest from the image (zeros past its end); nothing is fetched.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::Context;
+use log::info;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::fetch::{self, fetcher, Image, MetaFile, Shared, Waker};
+use super::metadata::Metadata;
+use crate::block::{
+    BlockDevice, BufPool, Completion, FileDevice, IoBuf, IoChannel, IoOp, IoVecs, Slab,
+    SECTOR_SHIFT, SECTOR_SIZE,
+};
+use crate::crypto::Xts;
+
+/// Fetcher threads: enough to overlap image reads, base writes and syncs of several stripes.
+const FETCHERS: usize = 4;
+
+/// What the lazy layer needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct LazyOptions {
+    pub image_path: PathBuf,
+    pub metadata_path: PathBuf,
+    pub copy_on_read: bool,
+    pub autofetch: bool,
+    /// Background fetch rate limit in MiB/s; `None`: unlimited.
+    pub autofetch_mib_per_sec: Option<u32>,
+}
+
+/// Progress, as reported by the control socket's `status` command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LazyStatus {
+    pub stripes: usize,
+    pub fetched: usize,
+    pub written: usize,
+    /// Stripes queued for or being fetched.
+    pub fetching: usize,
+    pub fetch_errors: u64,
+    pub stripe_bytes: u64,
+    pub copy_on_read: bool,
+    pub autofetch: bool,
+}
+
+impl LazyStatus {
+    pub fn complete(&self) -> bool {
+        self.fetched == self.stripes
+    }
+
+    /// One line of JSON.
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"stripes\":{},\"fetched\":{},\"written\":{},\"fetching\":{},\"fetch_errors\":{},\
+             \"complete\":{},\"stripe_bytes\":{},\"copy_on_read\":{},\"autofetch\":{}}}",
+            self.stripes,
+            self.fetched,
+            self.written,
+            self.fetching,
+            self.fetch_errors,
+            self.complete(),
+            self.stripe_bytes,
+            self.copy_on_read,
+            self.autofetch
+        )
+    }
+}
+
+pub struct LazyDevice {
+    inner: Arc<dyn BlockDevice>,
+    image: FileDevice,
+    /// The image's last partial sector, zero-padded, when its size is not a multiple of 512.
+    image_tail: Option<(u64, Box<[u8; SECTOR_SIZE]>)>,
+    /// Whole image sectors that lie inside the disk.
+    image_sectors: u64,
+    shared: Arc<Shared>,
+    fetchers: Vec<JoinHandle<()>>,
+}
+
+impl LazyDevice {
+    /// Opens the image and the metadata (decrypted with `xts` when given) and starts the
+    /// fetcher pool. `inner` is the base disk, encryption included. Errors name the field.
+    pub fn open(
+        inner: Arc<dyn BlockDevice>,
+        xts: Option<Arc<Xts>>,
+        opts: &LazyOptions,
+        ring_entries: u32,
+    ) -> anyhow::Result<Self> {
+        let disk_sectors = inner.sectors();
+        let (meta, md) = open_metadata(&opts.metadata_path, disk_sectors, xts)?;
+        let image_err = || format!("image_path: cannot open {}", opts.image_path.display());
+        let image =
+            FileDevice::open(&opts.image_path, true, ring_entries).with_context(image_err)?;
+        let file = std::fs::File::open(&opts.image_path).with_context(image_err)?;
+        let bytes = crate::block::device_size(&file).with_context(image_err)?;
+        fetch::check_image_size(bytes, disk_sectors, &opts.image_path);
+        let image_sectors = (bytes >> SECTOR_SHIFT).min(disk_sectors);
+        let image_tail = read_tail(&file, bytes, disk_sectors).with_context(image_err)?;
+
+        let shared = Arc::new(Shared::new(
+            &md,
+            disk_sectors,
+            meta,
+            opts.copy_on_read,
+            opts.autofetch,
+            opts.autofetch_mib_per_sec.map(|m| u64::from(m) << 20),
+        ));
+        info!(
+            "lazy fetch from {}: {} of {} stripes of {} KiB fetched, copy_on_read {}, autofetch {}",
+            opts.image_path.display(),
+            shared.fetched_count(),
+            shared.stripe_count(),
+            shared.stripe_bytes() >> 10,
+            opts.copy_on_read,
+            opts.autofetch
+        );
+        let image_file = Arc::new(Image { file, bytes });
+        let mut fetchers = Vec::new();
+        for i in 0..FETCHERS {
+            let (shared, base, image_file) = (shared.clone(), inner.clone(), image_file.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("fetch-{i}"))
+                .spawn(move || fetcher(shared, base, image_file))
+                .context("cannot start a fetcher thread")?;
+            fetchers.push(handle);
+        }
+        Ok(LazyDevice {
+            inner,
+            image,
+            image_tail,
+            image_sectors,
+            shared,
+            fetchers,
+        })
+    }
+
+    pub fn status(&self) -> LazyStatus {
+        let s = &self.shared;
+        LazyStatus {
+            stripes: s.stripe_count(),
+            fetched: s.fetched_count(),
+            written: s.count_with(super::metadata::WRITTEN),
+            fetching: s.pending(),
+            fetch_errors: s.errors.load(SeqCst),
+            stripe_bytes: s.stripe_bytes(),
+            copy_on_read: s.copy_on_read,
+            autofetch: s.autofetch,
+        }
+    }
+}
+
+fn open_metadata(
+    path: &Path,
+    disk_sectors: u64,
+    xts: Option<Arc<Xts>>,
+) -> anyhow::Result<(MetaFile, Metadata)> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("metadata_path: cannot open {}", path.display()))?;
+    let md = Metadata::read_from(&file, disk_sectors, xts.as_deref()).with_context(|| {
+        format!(
+            "metadata_path: {} is not usable (run init-metadata to create it)",
+            path.display()
+        )
+    })?;
+    Ok((MetaFile { file, xts }, md))
+}
+
+/// The image's trailing partial sector (zero-padded) and its sector number, if it has one
+/// inside the disk.
+fn read_tail(
+    file: &std::fs::File,
+    bytes: u64,
+    disk_sectors: u64,
+) -> io::Result<Option<(u64, Box<[u8; SECTOR_SIZE]>)>> {
+    use std::os::unix::fs::FileExt;
+    let sector = bytes >> SECTOR_SHIFT;
+    let partial = (bytes % SECTOR_SIZE as u64) as usize;
+    if partial == 0 || sector >= disk_sectors {
+        return Ok(None);
+    }
+    let mut tail = Box::new([0u8; SECTOR_SIZE]);
+    file.read_exact_at(&mut tail[..partial], sector << SECTOR_SHIFT)?;
+    Ok(Some((sector, tail)))
+}
+
+impl Drop for LazyDevice {
+    fn drop(&mut self) {
+        self.shared.stop();
+        for h in self.fetchers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+impl BlockDevice for LazyDevice {
+    fn sectors(&self) -> u64 {
+        self.inner.sectors()
+    }
+
+    fn new_channel(&self) -> io::Result<Box<dyn IoChannel>> {
+        let inner = self.inner.new_channel()?;
+        // SAFETY: the descriptor belongs to `inner`, which outlives this borrow.
+        let notify = unsafe { BorrowedFd::borrow_raw(inner.completion_fd()) };
+        // Image reads signal the same eventfd, so the worker watches a single descriptor.
+        let image = self.image.channel_notifying(notify)?;
+        let fd = notify.try_clone_to_owned()?;
+        let waker = Arc::new(Waker {
+            // SAFETY: a fresh duplicate of the channel's eventfd, owned by nobody else.
+            fd: unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) },
+            parked: AtomicUsize::new(0),
+        });
+        self.shared.register(&waker);
+        Ok(Box::new(LazyChannel {
+            shared: self.shared.clone(),
+            image_sectors: self.image_sectors,
+            image_tail: self.image_tail.clone(),
+            inner,
+            image,
+            waker,
+            seen_generation: 0,
+            ops: Slab::default(),
+            parked: Vec::new(),
+            ready: Vec::new(),
+            below: Vec::new(),
+            pool: BufPool::default(),
+        }))
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.inner.sync()?;
+        self.shared.persist_written()
+    }
+
+    fn iovec_align(&self) -> Option<usize> {
+        // Vectors only ever go to the base disk's channel (image reads use our buffers).
+        self.inner.iovec_align()
+    }
+}
+
+/// A request waiting for its stripes.
+struct Parked {
+    id: u64,
+    op: IoOp,
+    first: usize,
+    last: usize,
+    write: bool,
+}
+
+/// Where a split read's pieces land.
+enum Dest {
+    Buf(IoBuf),
+    Vecs(IoVecs),
+}
+
+impl Dest {
+    /// Copies `data` (or zeros, if `None`) to byte `offset` of the destination.
+    fn put(&mut self, offset: usize, len: usize, data: Option<&[u8]>) {
+        match self {
+            Dest::Buf(b) => match data {
+                Some(d) => b[offset..offset + len].copy_from_slice(&d[..len]),
+                None => b[offset..offset + len].fill(0),
+            },
+            Dest::Vecs(iov) => {
+                let mut skip = offset;
+                let mut done = 0;
+                for v in iov.as_slice() {
+                    if done == len {
+                        break;
+                    }
+                    if skip >= v.iov_len {
+                        skip -= v.iov_len;
+                        continue;
+                    }
+                    let n = (v.iov_len - skip).min(len - done);
+                    // SAFETY: IoVecs guarantees each vector is valid for writes of `iov_len`
+                    // bytes while it lives; `skip + n <= iov_len`. Our data never overlaps it.
+                    unsafe {
+                        let dst = v.iov_base.cast::<u8>().add(skip);
+                        match data {
+                            Some(d) => std::ptr::copy_nonoverlapping(d[done..].as_ptr(), dst, n),
+                            None => std::ptr::write_bytes(dst, 0, n),
+                        }
+                    }
+                    done += n;
+                    skip = 0;
+                }
+            }
+        }
+    }
+}
+
+enum Kind {
+    /// Went down whole: hand the completion up as is.
+    Pass,
+    /// A read assembled from `parts` pieces.
+    Split(Dest),
+}
+
+struct Op {
+    id: u64,
+    kind: Kind,
+    parts: u32,
+    result: Result<(), i32>,
+}
+
+/// Pieces of split reads carry their byte offset (in sectors) in the id's high half.
+const OFFSET_SHIFT: u32 = 32;
+
+struct LazyChannel {
+    shared: Arc<Shared>,
+    image_sectors: u64,
+    image_tail: Option<(u64, Box<[u8; SECTOR_SIZE]>)>,
+    inner: Box<dyn IoChannel>,
+    image: Box<dyn IoChannel>,
+    waker: Arc<Waker>,
+    seen_generation: u64,
+    ops: Slab<Op>,
+    parked: Vec<Parked>,
+    /// Finished without going down (failed fetches, reads served from zeros).
+    ready: Vec<Completion>,
+    below: Vec<Completion>,
+    pool: BufPool,
+}
+
+/// The stripes `op` touches and whether it modifies them; `None` for operations the layer
+/// passes down untouched (flush, empty, or out of range, which the layer below rejects).
+fn span(op: &IoOp, shared: &Shared) -> Option<(usize, usize, bool)> {
+    let (sector, sectors, write) = match op {
+        IoOp::Read { sector, buf } => (*sector, (buf.len() >> SECTOR_SHIFT) as u64, false),
+        IoOp::ReadVec { sector, iov } => (*sector, (iov.len() >> SECTOR_SHIFT) as u64, false),
+        IoOp::Write { sector, buf } => (*sector, (buf.len() >> SECTOR_SHIFT) as u64, true),
+        IoOp::WriteVec { sector, iov } => (*sector, (iov.len() >> SECTOR_SHIFT) as u64, true),
+        IoOp::Discard { sector, sectors } | IoOp::WriteZeroes { sector, sectors } => {
+            (*sector, *sectors, true)
+        }
+        IoOp::Flush => return None,
+    };
+    let end = sector.checked_add(sectors)?;
+    if sectors == 0 || end > shared.disk_sectors {
+        return None;
+    }
+    Some((shared.stripe_of(sector), shared.stripe_of(end - 1), write))
+}
+
+impl LazyChannel {
+    fn pass(&mut self, id: u64, op: IoOp) {
+        let key = self.ops.insert(Op {
+            id,
+            kind: Kind::Pass,
+            parts: 1,
+            result: Ok(()),
+        });
+        self.inner.add(key as u64, op);
+    }
+
+    fn park(&mut self, id: u64, op: IoOp, first: usize, last: usize, write: bool) {
+        // Announce the wait before queuing: a fetch finishing now must see it and wake us.
+        self.waker.parked.store(self.parked.len() + 1, SeqCst);
+        for s in first..=last {
+            self.shared.request(s);
+        }
+        self.parked.push(Parked {
+            id,
+            op,
+            first,
+            last,
+            write,
+        });
+    }
+
+    /// Sends down the parked requests whose stripes are all fetched; fails those whose fetch
+    /// failed.
+    fn retry_parked(&mut self) {
+        let mut sent = false;
+        for p in std::mem::take(&mut self.parked) {
+            if self.shared.all_fetched(p.first, p.last) {
+                if p.write {
+                    self.shared.mark_written(p.first, p.last);
+                }
+                self.pass(p.id, p.op);
+                sent = true;
+            } else if self.shared.any_abandoned(p.first, p.last) {
+                let buf = match p.op {
+                    IoOp::Read { buf, .. } | IoOp::Write { buf, .. } => Some(buf),
+                    _ => None,
+                };
+                self.ready.push(Completion {
+                    id: p.id,
+                    result: Err(libc::EIO),
+                    buf,
+                });
+            } else {
+                self.parked.push(p);
+            }
+        }
+        self.waker.parked.store(self.parked.len(), SeqCst);
+        if sent {
+            let _ = self.inner.submit();
+        }
+    }
+
+    /// Serves a read without fetching: fetched runs from the base disk, the rest from the
+    /// image, past the image's end zeros.
+    fn read_split(&mut self, id: u64, sector: u64, dest: Dest, sectors: u64) {
+        let key = self.ops.insert(Op {
+            id,
+            kind: Kind::Split(dest),
+            parts: 0,
+            result: Ok(()),
+        });
+        let end = sector + sectors;
+        let mut at = sector;
+        let mut parts = 0;
+        while at < end {
+            let fetched = self.shared.is_fetched(self.shared.stripe_of(at));
+            // Extend over following stripes in the same state.
+            let mut run_end = at;
+            while run_end < end && self.shared.is_fetched(self.shared.stripe_of(run_end)) == fetched
+            {
+                run_end =
+                    ((self.shared.stripe_of(run_end) as u64 + 1) << self.shared.shift).min(end);
+            }
+            if fetched {
+                parts += self.read_piece(key, sector, at, run_end, true);
+            } else {
+                let image_end = run_end.min(self.image_sectors).max(at);
+                if image_end > at {
+                    parts += self.read_piece(key, sector, at, image_end, false);
+                }
+                for s in image_end..run_end {
+                    let off = ((s - sector) << SECTOR_SHIFT) as usize;
+                    let tail = self
+                        .image_tail
+                        .as_ref()
+                        .filter(|(t, _)| *t == s)
+                        .map(|(_, data)| &data[..]);
+                    if let Some(Op {
+                        kind: Kind::Split(dest),
+                        ..
+                    }) = self.ops.get_mut(key)
+                    {
+                        dest.put(off, SECTOR_SIZE, tail);
+                    }
+                }
+            }
+            at = run_end;
+        }
+        if let Some(op) = self.ops.get_mut(key) {
+            op.parts = parts;
+        }
+        if parts == 0 {
+            self.complete(key);
+        }
+    }
+
+    /// Queues one piece `[from, to)` of split read `key` (which starts at `start`).
+    fn read_piece(&mut self, key: usize, start: u64, from: u64, to: u64, base: bool) -> u32 {
+        let buf = self.pool.get(((to - from) << SECTOR_SHIFT) as usize);
+        let id = key as u64 | ((from - start) << OFFSET_SHIFT);
+        let op = IoOp::Read { sector: from, buf };
+        if base {
+            self.inner.add(id, op);
+        } else {
+            self.image.add(id, op);
+        }
+        1
+    }
+
+    /// Hands finished op `key` up.
+    fn complete(&mut self, key: usize) {
+        if let Some(op) = self.ops.remove(key) {
+            let buf = match op.kind {
+                Kind::Split(Dest::Buf(b)) => Some(b),
+                _ => None,
+            };
+            self.ready.push(Completion {
+                id: op.id,
+                result: op.result,
+                buf,
+            });
+        }
+    }
+
+    /// Accounts one completion from below.
+    fn reap_one(&mut self, c: Completion) {
+        let key = (c.id & ((1 << OFFSET_SHIFT) - 1)) as usize;
+        let offset = ((c.id >> OFFSET_SHIFT) << SECTOR_SHIFT) as usize;
+        let Some(op) = self.ops.get_mut(key) else {
+            return;
+        };
+        match &mut op.kind {
+            Kind::Pass => {
+                let id = op.id;
+                self.ops.remove(key);
+                self.ready.push(Completion {
+                    id,
+                    result: c.result,
+                    buf: c.buf,
+                });
+            }
+            Kind::Split(dest) => {
+                if let Some(piece) = c.buf {
+                    if c.result.is_ok() {
+                        dest.put(offset, piece.len(), Some(&piece));
+                    }
+                    self.pool.put(piece);
+                }
+                if c.result.is_err() {
+                    op.result = c.result;
+                }
+                op.parts -= 1;
+                if op.parts == 0 {
+                    self.complete(key);
+                }
+            }
+        }
+    }
+}
+
+impl IoChannel for LazyChannel {
+    fn add(&mut self, id: u64, op: IoOp) {
+        let Some((first, last, write)) = span(&op, &self.shared) else {
+            return self.pass(id, op);
+        };
+        if self.shared.all_fetched(first, last) {
+            if write {
+                self.shared.mark_written(first, last);
+            }
+            return self.pass(id, op);
+        }
+        if write || self.shared.copy_on_read {
+            return self.park(id, op, first, last, write);
+        }
+        match op {
+            IoOp::Read { sector, buf } => {
+                let sectors = (buf.len() >> SECTOR_SHIFT) as u64;
+                self.read_split(id, sector, Dest::Buf(buf), sectors)
+            }
+            IoOp::ReadVec { sector, iov } => {
+                let sectors = (iov.len() >> SECTOR_SHIFT) as u64;
+                self.read_split(id, sector, Dest::Vecs(iov), sectors)
+            }
+            other => self.pass(id, other),
+        }
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        self.image.submit()?;
+        self.inner.submit()
+    }
+
+    fn poll(&mut self, out: &mut Vec<Completion>) {
+        if !self.parked.is_empty() {
+            let generation = self.shared.generation.load(SeqCst);
+            if generation != self.seen_generation {
+                self.seen_generation = generation;
+                self.retry_parked();
+            }
+        }
+        let mut below = std::mem::take(&mut self.below);
+        self.inner.poll(&mut below);
+        self.image.poll(&mut below);
+        for c in below.drain(..) {
+            self.reap_one(c);
+        }
+        self.below = below;
+        out.append(&mut self.ready);
+    }
+
+    fn wait(&mut self) -> io::Result<()> {
+        if !self.ready.is_empty() {
+            return Ok(());
+        }
+        if self.inner.in_flight() > 0 {
+            return self.inner.wait();
+        }
+        if self.image.in_flight() > 0 {
+            return self.image.wait();
+        }
+        if !self.parked.is_empty() {
+            // Only fetches are outstanding: sleep until a fetcher signals (bounded, to
+            // re-check even if a wake-up raced with the generation check).
+            let mut pfd = libc::pollfd {
+                fd: self.waker.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, 100) };
+            let _ = self.waker.fd.read();
+        }
+        Ok(())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.ops.len() + self.parked.len() + self.ready.len()
+    }
+
+    fn completion_fd(&self) -> RawFd {
+        self.inner.completion_fd()
+    }
+
+    fn ack_completion_fd(&mut self) {
+        self.inner.ack_completion_fd()
+    }
+}
