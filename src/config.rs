@@ -338,6 +338,24 @@ encryption_key:
             ("encryption_key: [\"a\"]", "encryption_key"),
             ("num_queues: -1", "num_queues"),
             ("queue_size: 70000", "queue_size"),
+            ("autofetch: true", "autofetch"),
+            ("control_socket: /tmp/c", "control_socket"),
+            (
+                "image_path: /i\nmetadata_path: /m\nautofetch_mib_per_sec: 5",
+                "autofetch_mib_per_sec",
+            ),
+            (
+                "image_path: /i\nmetadata_path: /m\nautofetch: true\nautofetch_mib_per_sec: 0",
+                "autofetch_mib_per_sec",
+            ),
+            (
+                "image_path: /i\nmetadata_path: /m\nreadonly: true",
+                "readonly",
+            ),
+            (
+                "image_path: /i\nmetadata_path: /m\ncontrol_socket: /tmp/vhost.sock",
+                "control_socket",
+            ),
         ] {
             let e = err_of(&format!("{MIN}{extra}\n"));
             assert!(e.contains(field), "{extra}: {e}");

@@ -621,3 +621,209 @@ impl IoChannel for LazyChannel {
         self.inner.ack_completion_fd()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::run_sync;
+    use crate::lazy::metadata::{FETCHED, WRITTEN};
+
+    const SHIFT: u8 = 6; // 32 KiB stripes
+    const STRIPE: usize = 512 << SHIFT;
+    const STRIPES: usize = 8;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        meta: PathBuf,
+        image_path: PathBuf,
+        image: Vec<u8>,
+        device: LazyDevice,
+    }
+
+    fn fixture(image_len: usize, copy_on_read: bool) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, image_path, meta) = (
+            dir.path().join("base"),
+            dir.path().join("image"),
+            dir.path().join("meta"),
+        );
+        std::fs::write(&base, vec![0xee; STRIPE * STRIPES]).unwrap();
+        let image: Vec<u8> = (0..image_len).map(|i| (i / 512 + i % 251) as u8).collect();
+        std::fs::write(&image_path, &image).unwrap();
+        let md = Metadata::new((STRIPE * STRIPES / 512) as u64, SHIFT).unwrap();
+        md.write_to(&std::fs::File::create(&meta).unwrap(), None)
+            .unwrap();
+        let inner: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&base, false, 64).unwrap());
+        let opts = LazyOptions {
+            image_path: image_path.clone(),
+            metadata_path: meta.clone(),
+            copy_on_read,
+            autofetch: false,
+            autofetch_mib_per_sec: None,
+        };
+        let device = LazyDevice::open(inner, None, &opts, 64).unwrap();
+        Fixture {
+            _dir: dir,
+            meta,
+            image_path,
+            image,
+            device,
+        }
+    }
+
+    fn buf_of(data: &[u8]) -> IoBuf {
+        let mut b = IoBuf::new(data.len());
+        b.copy_from_slice(data);
+        b
+    }
+
+    fn read(ch: &mut dyn IoChannel, sector: u64, len: usize) -> Vec<u8> {
+        let (r, buf) = run_sync(
+            ch,
+            IoOp::Read {
+                sector,
+                buf: IoBuf::new(len),
+            },
+        );
+        r.unwrap();
+        buf.unwrap().to_vec()
+    }
+
+    fn on_disk(f: &Fixture) -> Metadata {
+        let file = std::fs::File::open(&f.meta).unwrap();
+        Metadata::read_from(&file, (STRIPE * STRIPES / 512) as u64, None).unwrap()
+    }
+
+    #[test]
+    fn write_to_unfetched_stripe_parks_until_the_fetch_is_durable() {
+        let f = fixture(STRIPE * STRIPES, false);
+        let mut ch = f.device.new_channel().unwrap();
+        let sector = (STRIPE / 512 + 3) as u64;
+        let (r, _) = run_sync(
+            &mut *ch,
+            IoOp::Write {
+                sector,
+                buf: buf_of(&[7; 1024]),
+            },
+        );
+        r.unwrap();
+        // Completed only after the metadata said "fetched" on disk.
+        assert_eq!(on_disk(&f).stripes[1], FETCHED);
+        assert_eq!(f.device.shared.count_with(WRITTEN), 1);
+        let got = read(&mut *ch, (STRIPE / 512) as u64, STRIPE);
+        let mut want = f.image[STRIPE..2 * STRIPE].to_vec();
+        want[3 * 512..4 * 512 + 512].fill(7);
+        assert_eq!(got, want);
+        // WRITTEN reaches the disk with sync().
+        f.device.sync().unwrap();
+        assert_eq!(on_disk(&f).stripes[1], FETCHED | WRITTEN);
+    }
+
+    #[test]
+    fn concurrent_writers_on_one_stripe_fetch_it_once() {
+        let f = fixture(STRIPE * STRIPES, false);
+        let mut channels: Vec<_> = (0..3).map(|_| f.device.new_channel().unwrap()).collect();
+        for (i, ch) in channels.iter_mut().enumerate() {
+            ch.add(
+                i as u64,
+                IoOp::Write {
+                    sector: (2 * STRIPE / 512 + i) as u64,
+                    buf: buf_of(&[i as u8 + 1; 512]),
+                },
+            );
+            ch.submit().unwrap();
+        }
+        for ch in &mut channels {
+            let mut done = Vec::new();
+            while done.is_empty() {
+                ch.submit().unwrap();
+                ch.poll(&mut done);
+                if done.is_empty() {
+                    ch.wait().unwrap();
+                }
+            }
+            assert!(done[0].result.is_ok());
+        }
+        assert_eq!(f.device.status().fetched, 1);
+        let got = read(&mut *channels[0], (2 * STRIPE / 512) as u64, 2048);
+        assert_eq!(&got[..512], &[1; 512]);
+        assert_eq!(&got[512..1024], &[2; 512]);
+        assert_eq!(&got[1024..1536], &[3; 512]);
+        assert_eq!(&got[1536..], &f.image[2 * STRIPE + 1536..2 * STRIPE + 2048]);
+    }
+
+    #[test]
+    fn split_read_into_caller_vectors() {
+        // Image ends mid-sector inside stripe 2; stripe 1 fetched by a write.
+        let f = fixture(2 * STRIPE + 700, false);
+        let mut ch = f.device.new_channel().unwrap();
+        let (r, _) = run_sync(
+            &mut *ch,
+            IoOp::Write {
+                sector: (STRIPE / 512) as u64,
+                buf: buf_of(&[9; 512]),
+            },
+        );
+        r.unwrap();
+        let mut want = f.image.clone();
+        want.resize(4 * STRIPE, 0);
+        want[STRIPE..STRIPE + 512].fill(9);
+        // Three odd-sized vectors over stripes 0..=3.
+        let mut mem = vec![0xffu8; 4 * STRIPE];
+        let lens = [STRIPE - 1000, 2 * STRIPE + 1512, STRIPE - 512];
+        let mut iov = Vec::new();
+        let mut at = 0;
+        for len in lens {
+            iov.push(libc::iovec {
+                iov_base: mem[at..].as_mut_ptr().cast(),
+                iov_len: len,
+            });
+            at += len;
+        }
+        let owner: Arc<dyn std::any::Any + Send + Sync> = Arc::new(());
+        // SAFETY: `mem` outlives the synchronous operation.
+        let iov = unsafe { IoVecs::new(iov, owner) };
+        let (r, _) = run_sync(&mut *ch, IoOp::ReadVec { sector: 0, iov });
+        r.unwrap();
+        assert_eq!(&mem[..4 * STRIPE - 512], &want[..4 * STRIPE - 512]);
+        assert_eq!(f.device.status().fetched, 1);
+    }
+
+    #[test]
+    fn copy_on_read_fetches_and_a_failed_fetch_is_an_error_not_a_hang() {
+        let f = fixture(STRIPE * STRIPES, true);
+        let mut ch = f.device.new_channel().unwrap();
+        assert_eq!(read(&mut *ch, 0, 1024), f.image[..1024]);
+        assert!(on_disk(&f).is_fetched(0));
+        // The image shrinks: stripe 5 cannot be fetched.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f.image_path)
+            .unwrap()
+            .set_len(STRIPE as u64)
+            .unwrap();
+        let (r, _) = run_sync(
+            &mut *ch,
+            IoOp::Read {
+                sector: (5 * STRIPE / 512) as u64,
+                buf: IoBuf::new(512),
+            },
+        );
+        assert_eq!(r, Err(libc::EIO));
+        let s = f.device.status();
+        assert_eq!((s.fetched, s.fetch_errors, s.fetching), (1, 1, 0));
+        assert!(!on_disk(&f).is_fetched(5));
+    }
+
+    #[test]
+    fn status_json_is_one_line() {
+        let f = fixture(STRIPE, false);
+        let json = f.device.status().to_json();
+        assert_eq!(
+            json,
+            "{\"stripes\":8,\"fetched\":0,\"written\":0,\"fetching\":0,\"fetch_errors\":0,\
+             \"complete\":false,\"stripe_bytes\":32768,\"copy_on_read\":false,\"autofetch\":false}"
+        );
+        assert!(crate::lazy::control::answer("bogus\"\n", &f.device).contains("\"bogus\\\"\""));
+    }
+}
