@@ -826,4 +826,183 @@ mod tests {
         );
         assert!(crate::lazy::control::answer("bogus\"\n", &f.device).contains("\"bogus\\\"\""));
     }
+
+    /// A base disk whose writes to gated sectors wait until the gate opens: a slow fetch.
+    struct Gated {
+        inner: FileDevice,
+        gate: Arc<Gate>,
+    }
+
+    #[derive(Default)]
+    struct Gate {
+        /// Sectors below this are gated while closed.
+        below: u64,
+        state: std::sync::Mutex<(bool, usize, usize)>, // (open, held now, most held at once)
+        cond: std::sync::Condvar,
+    }
+
+    impl Gate {
+        fn open(&self) {
+            self.state.lock().unwrap().0 = true;
+            self.cond.notify_all();
+        }
+        /// Blocks while closed; records how many writers wait together.
+        fn pass(&self) {
+            let mut st = self.state.lock().unwrap();
+            st.1 += 1;
+            st.2 = st.2.max(st.1);
+            while !st.0 {
+                st = self.cond.wait(st).unwrap();
+            }
+            st.1 -= 1;
+        }
+        fn most_held(&self) -> usize {
+            self.state.lock().unwrap().2
+        }
+    }
+
+    struct GatedChannel {
+        inner: Box<dyn IoChannel>,
+        gate: Arc<Gate>,
+    }
+
+    impl BlockDevice for Gated {
+        fn sectors(&self) -> u64 {
+            self.inner.sectors()
+        }
+        fn new_channel(&self) -> io::Result<Box<dyn IoChannel>> {
+            Ok(Box::new(GatedChannel {
+                inner: self.inner.new_channel()?,
+                gate: self.gate.clone(),
+            }))
+        }
+        fn sync(&self) -> io::Result<()> {
+            self.inner.sync()
+        }
+    }
+
+    impl IoChannel for GatedChannel {
+        fn add(&mut self, id: u64, op: IoOp) {
+            if let IoOp::Write { sector, .. } = &op {
+                if *sector < self.gate.below {
+                    self.gate.pass();
+                }
+            }
+            self.inner.add(id, op)
+        }
+        fn submit(&mut self) -> io::Result<()> {
+            self.inner.submit()
+        }
+        fn poll(&mut self, out: &mut Vec<Completion>) {
+            self.inner.poll(out)
+        }
+        fn wait(&mut self) -> io::Result<()> {
+            self.inner.wait()
+        }
+        fn in_flight(&self) -> usize {
+            self.inner.in_flight()
+        }
+        fn completion_fd(&self) -> RawFd {
+            self.inner.completion_fd()
+        }
+        fn ack_completion_fd(&mut self) {
+            self.inner.ack_completion_fd()
+        }
+    }
+
+    fn thread_cpu() -> Duration {
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage fills the struct we own.
+        unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+        let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    }
+
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn slow_fetches_run_concurrently_without_blocking_fetched_stripes_or_spinning() {
+        let f = fixture(STRIPE * STRIPES, false);
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base");
+        std::fs::write(&base, vec![0; STRIPE * STRIPES]).unwrap();
+        let mut md = Metadata::new((STRIPE * STRIPES / 512) as u64, SHIFT).unwrap();
+        md.set_fetched(7);
+        let meta = dir.path().join("meta");
+        md.write_to(&std::fs::File::create(&meta).unwrap(), None)
+            .unwrap();
+        // Writes to stripes 0..=2 (the fetches) hang until the gate opens.
+        let gate = Arc::new(Gate {
+            below: (3 * STRIPE / 512) as u64,
+            ..Gate::default()
+        });
+        let inner = Arc::new(Gated {
+            inner: FileDevice::open(&base, false, 64).unwrap(),
+            gate: gate.clone(),
+        });
+        let opts = LazyOptions {
+            image_path: f.image_path.clone(),
+            metadata_path: meta,
+            copy_on_read: false,
+            autofetch: false,
+            autofetch_mib_per_sec: None,
+        };
+        let device = LazyDevice::open(inner, None, &opts, 64).unwrap();
+        let mut ch = device.new_channel().unwrap();
+        for s in 0..3u64 {
+            ch.add(
+                s,
+                IoOp::Write {
+                    sector: s * (STRIPE / 512) as u64,
+                    buf: buf_of(&[s as u8 + 1; 512]),
+                },
+            );
+        }
+        ch.submit().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while gate.most_held() < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "fetches did not run concurrently"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Fetched stripe 7 and unfetched-stripe reads from the image are served meanwhile.
+        let sector7 = (7 * STRIPE / 512) as u64;
+        let (r, _) = run_sync(
+            &mut *ch,
+            IoOp::Write {
+                sector: sector7,
+                buf: buf_of(&[0x77; 512]),
+            },
+        );
+        r.unwrap();
+        assert_eq!(read(&mut *ch, sector7, 512), vec![0x77; 512]);
+        assert_eq!(
+            read(&mut *ch, (4 * STRIPE / 512) as u64, 512),
+            &f.image[4 * STRIPE..4 * STRIPE + 512]
+        );
+        // The three writes still wait; waiting for them does not burn the CPU.
+        let mut done = Vec::new();
+        ch.poll(&mut done);
+        assert!(done.is_empty());
+        let (cpu0, t0) = (thread_cpu(), Instant::now());
+        while t0.elapsed() < Duration::from_millis(300) {
+            ch.wait().unwrap();
+            ch.poll(&mut done);
+        }
+        assert!(done.is_empty());
+        let cpu = thread_cpu() - cpu0;
+        assert!(
+            cpu < Duration::from_millis(60),
+            "waiting used {cpu:?} of CPU"
+        );
+        gate.open();
+        while done.len() < 3 {
+            ch.wait().unwrap();
+            ch.poll(&mut done);
+        }
+        assert!(done.iter().all(|c| c.result.is_ok()));
+        assert_eq!(device.status().fetched, 4);
+    }
 }
