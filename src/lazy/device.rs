@@ -438,11 +438,13 @@ impl LazyChannel {
                     ((self.shared.stripe_of(run_end) as u64 + 1) << self.shared.shift).min(end);
             }
             if fetched {
-                parts += self.read_piece(key, sector, at, run_end, true);
+                self.read_piece(key, sector, at, run_end, true);
+                parts += 1;
             } else {
                 let image_end = run_end.min(self.image_sectors).max(at);
                 if image_end > at {
-                    parts += self.read_piece(key, sector, at, image_end, false);
+                    self.read_piece(key, sector, at, image_end, false);
+                    parts += 1;
                 }
                 for s in image_end..run_end {
                     let off = ((s - sector) << SECTOR_SHIFT) as usize;
@@ -471,7 +473,7 @@ impl LazyChannel {
     }
 
     /// Queues one piece `[from, to)` of split read `key` (which starts at `start`).
-    fn read_piece(&mut self, key: usize, start: u64, from: u64, to: u64, base: bool) -> u32 {
+    fn read_piece(&mut self, key: usize, start: u64, from: u64, to: u64, base: bool) {
         let buf = self.pool.get(((to - from) << SECTOR_SHIFT) as usize);
         let id = key as u64 | ((from - start) << OFFSET_SHIFT);
         let op = IoOp::Read { sector: from, buf };
@@ -480,7 +482,6 @@ impl LazyChannel {
         } else {
             self.image.add(id, op);
         }
-        1
     }
 
     /// Hands finished op `key` up.
