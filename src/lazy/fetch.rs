@@ -49,6 +49,8 @@ struct Queue {
     demand: VecDeque<usize>,
     /// Next stripe the background pass looks at.
     cursor: usize,
+    /// Fetches running, and how many of them are background work.
+    running: usize,
     auto_running: usize,
     /// Earliest start of the next background fetch (rate limit, retry delay).
     next_auto: Option<Instant>,
@@ -254,6 +256,7 @@ impl Shared {
                 return None;
             }
             if let Some(s) = q.demand.pop_front() {
+                q.running += 1;
                 return Some((s, false));
             }
             if self.autofetch && !q.auto_done && q.auto_running < AUTOFETCH_CONCURRENCY {
@@ -270,6 +273,7 @@ impl Shared {
                     _ => {}
                 }
                 if let Some(s) = self.claim_next(&mut q.cursor) {
+                    q.running += 1;
                     q.auto_running += 1;
                     if let Some(rate) = self.autofetch_rate {
                         let pace =
@@ -304,6 +308,15 @@ impl Shared {
     }
 
     fn finish(&self, stripe: usize, background: bool, result: io::Result<()>) {
+        // Off the running count first, so `status` never shows complete with work pending.
+        {
+            let mut q = lock(&self.queue);
+            q.running -= 1;
+            if background {
+                q.auto_running -= 1;
+                self.cond.notify_one();
+            }
+        }
         match result {
             Ok(()) => {
                 let n = self.stripe_count();
@@ -325,17 +338,13 @@ impl Shared {
                 }
             }
         }
-        if background {
-            lock(&self.queue).auto_running -= 1;
-            self.cond.notify_one();
-        }
         self.wake_parked();
     }
 
-    /// Stripes waiting in the demand queue plus background fetches running.
+    /// Stripes waiting in the demand queue plus fetches running.
     pub fn pending(&self) -> usize {
         let q = lock(&self.queue);
-        q.demand.len() + q.auto_running
+        q.demand.len() + q.running
     }
 }
 

@@ -1,0 +1,342 @@
+//! Helpers shared by the benchmarks that drive the backend through the libblkio client of
+//! `tests/common`: environment knobs, medians, CPU accounting, a description of the machine,
+//! and a random-I/O loop keeping N requests in flight on one queue.
+//!
+//! Include next to the test helpers (this module refers to them as `crate::common`):
+//!
+//! ```ignore
+//! #[path = "../tests/common/mod.rs"]
+//! mod common;
+//! #[path = "common/mod.rs"]
+//! mod bench;
+//! ```
+
+#![allow(dead_code)]
+
+use crate::common::{errno_name, QueueIo};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------------------------------------
+// Environment and statistics
+// ---------------------------------------------------------------------------------------------
+
+/// `name` parsed as a number, or `default` when unset or unparsable.
+pub fn env_f64(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+/// `name` as a comma-separated list (empty items dropped); `None` when unset.
+pub fn env_list(name: &str) -> Option<Vec<String>> {
+    std::env::var(name).ok().map(|v| {
+        v.split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    })
+}
+
+/// `name` is set to `1`.
+pub fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// (min, max) of the samples.
+pub fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
+
+/// Spread of the samples around their median, in percent: `(max - min) / median * 100`.
+pub fn spread_pct(v: &[f64]) -> f64 {
+    let (lo, hi) = min_max(v);
+    (hi - lo) / median(v) * 100.0
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU time
+// ---------------------------------------------------------------------------------------------
+
+/// CPU time of the calling thread.
+pub fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// utime + stime of a process (all threads), from /proc/<pid>/stat.
+pub fn process_cpu_time(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // Fields after the ")" of comm: state is field 3; utime=14, stime=15.
+    let rest = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_nanos(ticks * 1_000_000_000 / hz)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The machine
+// ---------------------------------------------------------------------------------------------
+
+/// 1-minute load average.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Warns on stderr when other work is running.
+pub fn warn_if_loaded() {
+    if let Some(load) = load_average() {
+        if load > 0.5 {
+            eprintln!(
+                "warning: load average {load:.2}: other work is running, numbers will be noisy"
+            );
+        }
+    }
+}
+
+/// Name of the file system holding `path` (statfs magic), e.g. "tmpfs".
+pub fn fs_type(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return "?".into();
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return "?".into();
+    }
+    #[allow(clippy::unnecessary_cast)]
+    match st.f_type as u64 {
+        0x0102_1994 => "tmpfs".into(),
+        0xEF53 => "ext4".into(),
+        0x5846_5342 => "xfs".into(),
+        0x9123_683E => "btrfs".into(),
+        0x2FC1_2FC1 => "zfs".into(),
+        0x794C_7630 => "overlayfs".into(),
+        t => format!("fs magic {t:#x}"),
+    }
+}
+
+fn first_line_of(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd).args(args).output().ok()?;
+    out.status.success().then_some(())?;
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()?
+            .trim()
+            .to_string(),
+    )
+}
+
+/// One line per fact: date, CPU, cores, memory, kernel, the file system of `dir`, the commit.
+pub fn machine_description(dir: &Path) -> Vec<String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_else(|| "?".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map(|kib| kib / (1024.0 * 1024.0))
+        .unwrap_or(0.0);
+    let kernel = first_line_of("uname", &["-r"]).unwrap_or_else(|| "?".into());
+    let date = first_line_of("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default();
+    let commit = first_line_of(
+        "git",
+        &[
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "log",
+            "-1",
+            "--format=%h %s",
+        ],
+    )
+    .unwrap_or_else(|| "?".into());
+    let dirty = first_line_of(
+        "git",
+        &[
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+        ],
+    )
+    .is_some_and(|l| !l.is_empty());
+    vec![
+        format!("date: {date}"),
+        format!("CPU: {model}, {cores} cores available"),
+        format!("memory: {mem_gib:.1} GiB; kernel {kernel}"),
+        format!(
+            "load average at start: {}",
+            load_average().map_or("?".into(), |l| format!("{l:.2}"))
+        ),
+        format!("files in {} ({})", dir.display(), fs_type(dir)),
+        format!(
+            "commit: {commit}{}",
+            if dirty {
+                " (with uncommitted changes)"
+            } else {
+                ""
+            }
+        ),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Random I/O on one queue
+// ---------------------------------------------------------------------------------------------
+
+/// xorshift64*: cheap, deterministic offsets.
+pub struct Rng(pub u64);
+
+impl Rng {
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// What [`run_random_io`] does: `bs`-sized requests at random `bs`-aligned offsets inside
+/// `[offset, offset + len)`, `qd` of them in flight.
+#[derive(Clone, Copy, Debug)]
+pub struct RandomIo {
+    pub write: bool,
+    pub offset: u64,
+    pub len: u64,
+    pub bs: usize,
+    pub qd: usize,
+    pub seed: u64,
+}
+
+/// Result of one [`run_random_io`] window.
+#[derive(Clone, Copy, Debug)]
+pub struct IoWindow {
+    pub ops: u64,
+    pub elapsed: Duration,
+    /// CPU used by the client thread during the window.
+    pub cpu: Duration,
+}
+
+impl IoWindow {
+    pub fn iops(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Keeps `spec.qd` requests in flight on `q` (the queue's buffer area must hold `qd * bs`
+/// bytes): after `barrier` (if any), `warmup` unmeasured, then counts completions for `secs`,
+/// then drains. Panics on an I/O error or a stalled backend (no completion for 10 s).
+pub fn run_random_io(
+    q: &mut QueueIo,
+    spec: &RandomIo,
+    warmup: Duration,
+    secs: Duration,
+    barrier: Option<&Barrier>,
+) -> IoWindow {
+    let bs = spec.bs;
+    let blocks = spec.len / bs as u64;
+    assert!(blocks > 0, "region smaller than one block");
+    let mut rng = Rng(spec.seed | 1);
+    let mut next_offset = || spec.offset + (rng.next() % blocks) * bs as u64;
+    if spec.write {
+        for (i, b) in q.buf_mut()[..spec.qd * bs].iter_mut().enumerate() {
+            *b = (i % 253) as u8 ^ 0x5a;
+        }
+    }
+    let submit = |q: &mut QueueIo, slot: usize, off: u64| {
+        if spec.write {
+            q.submit_write(off, slot * bs, bs, slot);
+        } else {
+            q.submit_read(off, slot * bs, bs, slot);
+        }
+    };
+
+    if let Some(b) = barrier {
+        b.wait();
+    }
+    let t0 = Instant::now();
+    let warm_end = t0 + warmup;
+    for slot in 0..spec.qd {
+        submit(q, slot, next_offset());
+    }
+    let mut done: u64 = 0;
+    let mut measuring = false;
+    let mut stop = false;
+    let mut start = (t0, 0u64, thread_cpu_time());
+    let mut end = start;
+    let mut slots: Vec<usize> = Vec::with_capacity(spec.qd);
+    while q.in_flight() > 0 {
+        slots.clear();
+        q.reap_with(1, Some(Duration::from_secs(10)), |ud, ret| {
+            if ret != 0 {
+                panic!("I/O error on queue: {}", errno_name(-ret));
+            }
+            slots.push(ud);
+        })
+        .unwrap_or_else(|e| panic!("do_io failed (ETIME = backend stalled): {}", errno_name(e)));
+        done += slots.len() as u64;
+        let now = Instant::now();
+        if !measuring && now >= warm_end {
+            measuring = true;
+            start = (now, done, thread_cpu_time());
+        } else if measuring && !stop && now >= start.0 + secs {
+            stop = true;
+            end = (now, done, thread_cpu_time());
+        }
+        if !stop {
+            for &slot in &slots {
+                submit(q, slot, next_offset());
+            }
+        }
+    }
+    IoWindow {
+        ops: end.1 - start.1,
+        elapsed: end.0 - start.0,
+        cpu: end.2 - start.2,
+    }
+}
