@@ -430,33 +430,17 @@ struct ReadSample {
     fetch: Option<FetchDuring>,
 }
 
-fn read_spec(st: &Settings, round: usize) -> RandomIo {
-    RandomIo {
+fn read_spec(st: &Settings, round: usize) -> IoSpec {
+    IoSpec {
         write: false,
         offset: 0,
         len: st.region,
         bs: 4096,
         qd: 32,
-        seed: 0x1234_5678_9abc_def1 ^ ((round as u64 + 1) << 40),
-    }
-}
-
-fn connect(sock: &Path, size: u64) -> anyhow::Result<Client> {
-    let client = Client::connect(
-        sock,
-        &ClientOptions {
-            num_queues: 1,
-            queue_size: Some(256),
-            mem_size: 1 << 20,
-            ..Default::default()
+        order: Order::Random {
+            seed: 0x1234_5678_9abc_def1 ^ ((round as u64 + 1) << 40),
         },
-    )?;
-    anyhow::ensure!(
-        client.capacity() == size,
-        "capacity {} != disk size {size}",
-        client.capacity()
-    );
-    Ok(client)
+    }
 }
 
 /// One read window on queue 0; with `ctl`, also how far the fetch moved during the window.
@@ -464,13 +448,13 @@ fn measure_reads(
     client: &mut Client,
     pid: u32,
     ctl: Option<&Path>,
-    spec: &RandomIo,
+    spec: &IoSpec,
     st: &Settings,
 ) -> anyhow::Result<ReadSample> {
     let barrier = Barrier::new(2);
     let q = client.queue(0);
     let (w, cpu, wall, s0, s1) = std::thread::scope(|s| {
-        let h = s.spawn(|| run_random_io(q, spec, st.warmup, st.secs, Some(&barrier)));
+        let h = s.spawn(|| run_io(q, spec, st.warmup, st.secs, Some(&barrier)));
         barrier.wait();
         std::thread::sleep(st.warmup);
         let s0 = ctl.map(query_status).transpose();
@@ -505,7 +489,7 @@ fn reads_plain(bins: &Bins, f: &Files, st: &Settings, round: usize) -> anyhow::R
     let cfg = BackendConfig::new(&f.image, &f.vhost_sock);
     let mut be = Backend::start(&bins.backend, &cfg)?;
     let r = (|| {
-        let mut client = connect(&f.vhost_sock, st.size)?;
+        let mut client = connect_client(&f.vhost_sock, 1, 1 << 20, st.size)?;
         measure_reads(&mut client, be.guard.pid(), None, &read_spec(st, round), st)
     })();
     if r.is_err() || st.verbose {
@@ -529,7 +513,7 @@ fn reads_lazy(
     prepare_lazy_disk(bins, f, &cfg, st.size, st.shift)?;
     let mut be = Backend::start(&bins.backend, &cfg)?;
     let r = (|| -> anyhow::Result<(ReadSample, ReadSample)> {
-        let mut client = connect(&f.vhost_sock, st.size)?;
+        let mut client = connect_client(&f.vhost_sock, 1, 1 << 20, st.size)?;
         let chunk = 64 * 1024;
         let t = Instant::now();
         for off in (0..st.region).step_by(chunk) {
@@ -645,21 +629,6 @@ fn part_reads(bins: &Bins, f: &Files, st: &Settings) -> anyhow::Result<ReadResul
 // Main
 // ---------------------------------------------------------------------------------------------
 
-fn ensure_image(path: &Path, size: u64) -> anyhow::Result<()> {
-    if let Ok(md) = std::fs::metadata(path) {
-        use std::os::unix::fs::MetadataExt;
-        if md.len() == size && md.blocks() * 512 >= size {
-            eprintln!("reusing {}", path.display());
-            return Ok(());
-        }
-    }
-    eprintln!("creating {} ({} MiB)...", path.display(), size >> 20);
-    let t = Instant::now();
-    create_pattern_file(path, size)?;
-    eprintln!("  done in {:.1}s", t.elapsed().as_secs_f64());
-    Ok(())
-}
-
 fn fmt_thousands(x: f64) -> String {
     let s = format!("{:.0}", x);
     let (sign, digits) = s.split_at(if s.starts_with('-') { 1 } else { 0 });
@@ -720,7 +689,7 @@ fn main() -> anyhow::Result<()> {
     let machine = machine_description(&dir);
 
     let image = dir.join(format!("ubiblk-lazy-image-{}M.raw", size >> 20));
-    ensure_image(&image, size)?;
+    ensure_pattern_file(&image, size)?;
     let work = tempfile::Builder::new()
         .prefix("ubiblk-lazy-bench")
         .tempdir_in(&dir)

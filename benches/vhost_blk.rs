@@ -16,9 +16,12 @@
 //!   UBIBLK_BACKEND_BIN         path of vhost-backend (default: cargo's CARGO_BIN_EXE_vhost-backend)
 //!   UBIBLK_BENCH_VERBOSE=1     print backend logs on success too
 
+#[path = "common/mod.rs"]
+mod bench;
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use bench::*;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::sync::Barrier;
@@ -209,124 +212,25 @@ struct Sample {
     backend_cpu: f64,
 }
 
-struct QueueResult {
-    ops: u64,
-    elapsed: Duration,
-    cpu: Duration,
-}
-
-fn thread_cpu_time() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
-
-/// utime + stime of a process (all threads), from /proc/<pid>/stat.
-fn process_cpu_time(pid: u32) -> Duration {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
-    };
-    // Fields after the ")" of comm: state is field 3; utime=14, stime=15.
-    let rest = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_nanos(ticks * 1_000_000_000 / hz)
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // xorshift64*
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
-/// Drives one queue at `row.qd` requests in flight: warm-up, then counts completions for
-/// `secs`, then drains.
-fn run_queue(
-    q: &mut QueueIo,
-    row: &Row,
-    disk_size: u64,
-    warmup: Duration,
-    secs: Duration,
-    barrier: &Barrier,
-) -> QueueResult {
-    let bs = row.bs;
-    let blocks = disk_size / bs as u64;
-    let mut rng = Rng(0x1234_5678_9abc_def1 ^ ((q.index() as u64 + 1) << 32));
-    // Sequential streams of different queues start far apart.
-    let mut cursor = (q.index() as u64 * blocks / row.queues as u64) % blocks;
-    let mut next_offset = move || -> u64 {
-        if row.random {
-            (rng.next() % blocks) * bs as u64
-        } else {
-            let off = cursor * bs as u64;
-            cursor = (cursor + 1) % blocks;
-            off
-        }
-    };
-    if row.write {
-        for (i, b) in q.buf_mut()[..row.qd * bs].iter_mut().enumerate() {
-            *b = (i % 253) as u8 ^ 0x5a;
-        }
-    }
-    let submit = |q: &mut QueueIo, slot: usize, off: u64| {
-        if row.write {
-            q.submit_write(off, slot * bs, bs, slot);
-        } else {
-            q.submit_read(off, slot * bs, bs, slot);
-        }
-    };
-
-    barrier.wait();
-    let t0 = Instant::now();
-    let warm_end = t0 + warmup;
-    for slot in 0..row.qd {
-        submit(q, slot, next_offset());
-    }
-    let mut done: u64 = 0;
-    let mut measuring = false;
-    let mut stop = false;
-    let mut start = (t0, 0u64, thread_cpu_time());
-    let mut end = start;
-    let mut slots: Vec<usize> = Vec::with_capacity(row.qd);
-    while q.in_flight() > 0 {
-        slots.clear();
-        q.reap_with(1, Some(Duration::from_secs(10)), |ud, ret| {
-            if ret != 0 {
-                panic!("I/O error on queue: {}", errno_name(-ret));
+/// What one client thread runs on queue `queue` of `row`: the whole disk, at random or, for
+/// sequential rows, from a start that puts the queues' streams far apart.
+fn io_spec(row: &Row, disk_size: u64, queue: usize) -> IoSpec {
+    let blocks = disk_size / row.bs as u64;
+    IoSpec {
+        write: row.write,
+        offset: 0,
+        len: disk_size,
+        bs: row.bs,
+        qd: row.qd,
+        order: if row.random {
+            Order::Random {
+                seed: 0x1234_5678_9abc_def1 ^ ((queue as u64 + 1) << 32),
             }
-            slots.push(ud);
-        })
-        .unwrap_or_else(|e| panic!("do_io failed (ETIME = backend stalled): {}", errno_name(e)));
-        done += slots.len() as u64;
-        let now = Instant::now();
-        if !measuring && now >= warm_end {
-            measuring = true;
-            start = (now, done, thread_cpu_time());
-        } else if measuring && !stop && now >= start.0 + secs {
-            stop = true;
-            end = (now, done, thread_cpu_time());
-        }
-        if !stop {
-            for &slot in &slots {
-                submit(q, slot, next_offset());
+        } else {
+            Order::Sequential {
+                first: queue as u64 * blocks / row.queues as u64,
             }
-        }
-    }
-    QueueResult {
-        ops: end.1 - start.1,
-        elapsed: end.0 - start.0,
-        cpu: end.2 - start.2,
+        },
     }
 }
 
@@ -345,29 +249,22 @@ fn measure(spec: &BackendSpec, row: &Row, st: &Settings) -> anyhow::Result<Sampl
     let sock = st.sock_dir.join(format!("{}.sock", spec.name));
     let running = start_backend(spec, &st.disk, &sock, row.queues)?;
     let result = (|| -> anyhow::Result<Sample> {
-        let mut client = Client::connect(
+        let mut client = connect_client(
             &sock,
-            &ClientOptions {
-                num_queues: row.queues,
-                queue_size: Some(256),
-                mem_size: row.queues * (row.qd * row.bs).next_multiple_of(4096),
-                ..Default::default()
-            },
+            row.queues,
+            row.queues * (row.qd * row.bs).next_multiple_of(4096),
+            disk_size,
         )?;
-        anyhow::ensure!(
-            client.capacity() == disk_size,
-            "capacity {} != disk size {disk_size}",
-            client.capacity()
-        );
         let barrier = Barrier::new(row.queues + 1);
         let pid = running.pid();
-        let (results, backend_cpu): (Vec<QueueResult>, f64) = std::thread::scope(|s| {
+        let (results, backend_cpu): (Vec<IoWindow>, f64) = std::thread::scope(|s| {
             let handles: Vec<_> = client
                 .queues_mut()
                 .iter_mut()
                 .map(|q| {
                     let barrier = &barrier;
-                    s.spawn(move || run_queue(q, row, disk_size, warmup, secs, barrier))
+                    let spec = io_spec(row, disk_size, q.index());
+                    s.spawn(move || run_io(q, &spec, warmup, secs, Some(barrier)))
                 })
                 .collect();
             barrier.wait();
@@ -377,13 +274,10 @@ fn measure(spec: &BackendSpec, row: &Row, st: &Settings) -> anyhow::Result<Sampl
             std::thread::sleep(secs);
             let backend_cpu = process_cpu_time(pid) - cpu0;
             let wall = t0.elapsed();
-            let r: Vec<QueueResult> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            let r: Vec<IoWindow> = handles.into_iter().map(|h| h.join().unwrap()).collect();
             (r, backend_cpu.as_secs_f64() / wall.as_secs_f64())
         });
-        let iops: f64 = results
-            .iter()
-            .map(|r| r.ops as f64 / r.elapsed.as_secs_f64())
-            .sum();
+        let iops: f64 = results.iter().map(IoWindow::iops).sum();
         let client_cpu: f64 = results
             .iter()
             .map(|r| r.cpu.as_secs_f64() / r.elapsed.as_secs_f64())
@@ -407,58 +301,14 @@ fn measure(spec: &BackendSpec, row: &Row, st: &Settings) -> anyhow::Result<Sampl
 // Main
 // ---------------------------------------------------------------------------------------------
 
-fn env_f64(name: &str, default: f64) -> f64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn env_list(name: &str) -> Option<Vec<String>> {
-    std::env::var(name).ok().map(|v| {
-        v.split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect()
-    })
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn ensure_disk(path: &Path, size: u64) -> anyhow::Result<()> {
-    if let Ok(md) = std::fs::metadata(path) {
-        use std::os::unix::fs::MetadataExt;
-        if md.len() == size && md.blocks() * 512 >= size {
-            eprintln!("reusing {}", path.display());
-            return Ok(());
-        }
-    }
-    eprintln!("creating {} ({} MiB)...", path.display(), size >> 20);
-    let t = Instant::now();
-    create_pattern_file(path, size)?;
-    eprintln!("  done in {:.1}s", t.elapsed().as_secs_f64());
-    Ok(())
-}
-
 fn main() -> anyhow::Result<()> {
     let secs = Duration::from_secs_f64(env_f64("UBIBLK_BENCH_SECS", 3.0));
     let warmup = Duration::from_secs_f64(env_f64("UBIBLK_BENCH_WARMUP_SECS", 0.5));
     let rounds = env_f64("UBIBLK_BENCH_ROUNDS", 5.0).max(1.0) as usize;
     let size = (env_f64("UBIBLK_BENCH_SIZE_MB", 1024.0) as u64) << 20;
     let dir = PathBuf::from(std::env::var("UBIBLK_BENCH_DIR").unwrap_or("/dev/shm".into()));
-    let keep = std::env::var("UBIBLK_BENCH_KEEP").is_ok_and(|v| v == "1");
-    let verbose = std::env::var("UBIBLK_BENCH_VERBOSE").is_ok_and(|v| v == "1");
+    let keep = env_flag("UBIBLK_BENCH_KEEP");
+    let verbose = env_flag("UBIBLK_BENCH_VERBOSE");
     let baseline = std::env::var("UBIBLK_BENCH_BASELINE").unwrap_or("qsd".into());
 
     // Row filters: positional argv (cargo bench passes "--bench") and/or UBIBLK_BENCH_ROWS.
@@ -512,19 +362,10 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("no backend available");
     }
 
-    if let Some(load) = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok())
-    {
-        if load > 0.5 {
-            eprintln!(
-                "warning: load average {load:.2}: other work is running, numbers will be noisy"
-            );
-        }
-    }
+    warn_if_loaded();
 
     let disk = dir.join(format!("ubiblk-bench-{}M.raw", size >> 20));
-    ensure_disk(&disk, size)?;
+    ensure_pattern_file(&disk, size)?;
     let direct_ok = supports_o_direct(&disk);
     if !direct_ok {
         eprintln!(

@@ -1,6 +1,7 @@
 //! Helpers shared by the benchmarks that drive the backend through the libblkio client of
 //! `tests/common`: environment knobs, medians, CPU accounting, a description of the machine,
-//! and a random-I/O loop keeping N requests in flight on one queue.
+//! creating the pattern-filled disk file, and an I/O loop keeping N requests in flight on one
+//! queue.
 //!
 //! Include next to the test helpers (this module refers to them as `crate::common`):
 //!
@@ -13,7 +14,7 @@
 
 #![allow(dead_code)]
 
-use crate::common::{errno_name, QueueIo};
+use crate::common::{create_pattern_file, errno_name, Client, ClientOptions, QueueIo};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Barrier;
@@ -224,8 +225,51 @@ pub fn machine_description(dir: &Path) -> Vec<String> {
     ]
 }
 
+/// Creates `path` as a `size`-byte pattern file (`create_pattern_file`), or reuses a file of
+/// that size with all its blocks allocated (one kept by UBIBLK_BENCH_KEEP=1).
+pub fn ensure_pattern_file(path: &Path, size: u64) -> anyhow::Result<()> {
+    if let Ok(md) = std::fs::metadata(path) {
+        use std::os::unix::fs::MetadataExt;
+        if md.len() == size && md.blocks() * 512 >= size {
+            eprintln!("reusing {}", path.display());
+            return Ok(());
+        }
+    }
+    eprintln!("creating {} ({} MiB)...", path.display(), size >> 20);
+    let t = Instant::now();
+    create_pattern_file(path, size)?;
+    eprintln!("  done in {:.1}s", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Connects the libblkio client to `sock` with `num_queues` queues of 256 entries and
+/// `mem_size` bytes of buffers (split between the queues), and checks that the device has
+/// `disk_size` bytes.
+pub fn connect_client(
+    sock: &Path,
+    num_queues: usize,
+    mem_size: usize,
+    disk_size: u64,
+) -> anyhow::Result<Client> {
+    let client = Client::connect(
+        sock,
+        &ClientOptions {
+            num_queues,
+            queue_size: Some(256),
+            mem_size,
+            ..Default::default()
+        },
+    )?;
+    anyhow::ensure!(
+        client.capacity() == disk_size,
+        "capacity {} != disk size {disk_size}",
+        client.capacity()
+    );
+    Ok(client)
+}
+
 // ---------------------------------------------------------------------------------------------
-// Random I/O on one queue
+// I/O on one queue
 // ---------------------------------------------------------------------------------------------
 
 /// xorshift64*: cheap, deterministic offsets.
@@ -241,19 +285,28 @@ impl Rng {
     }
 }
 
-/// What [`run_random_io`] does: `bs`-sized requests at random `bs`-aligned offsets inside
-/// `[offset, offset + len)`, `qd` of them in flight.
+/// Which `bs`-aligned offsets [`run_io`] visits inside its region.
 #[derive(Clone, Copy, Debug)]
-pub struct RandomIo {
+pub enum Order {
+    /// Uniformly random blocks, from [`Rng`] seeded with `seed | 1`.
+    Random { seed: u64 },
+    /// Consecutive blocks from block `first % blocks`, wrapping around at the end of the region.
+    Sequential { first: u64 },
+}
+
+/// What [`run_io`] does: `bs`-sized requests at `bs`-aligned offsets inside
+/// `[offset, offset + len)` in `order`, `qd` of them in flight.
+#[derive(Clone, Copy, Debug)]
+pub struct IoSpec {
     pub write: bool,
     pub offset: u64,
     pub len: u64,
     pub bs: usize,
     pub qd: usize,
-    pub seed: u64,
+    pub order: Order,
 }
 
-/// Result of one [`run_random_io`] window.
+/// Result of one [`run_io`] window.
 #[derive(Clone, Copy, Debug)]
 pub struct IoWindow {
     pub ops: u64,
@@ -271,9 +324,9 @@ impl IoWindow {
 /// Keeps `spec.qd` requests in flight on `q` (the queue's buffer area must hold `qd * bs`
 /// bytes): after `barrier` (if any), `warmup` unmeasured, then counts completions for `secs`,
 /// then drains. Panics on an I/O error or a stalled backend (no completion for 10 s).
-pub fn run_random_io(
+pub fn run_io(
     q: &mut QueueIo,
-    spec: &RandomIo,
+    spec: &IoSpec,
     warmup: Duration,
     secs: Duration,
     barrier: Option<&Barrier>,
@@ -281,8 +334,21 @@ pub fn run_random_io(
     let bs = spec.bs;
     let blocks = spec.len / bs as u64;
     assert!(blocks > 0, "region smaller than one block");
-    let mut rng = Rng(spec.seed | 1);
-    let mut next_offset = || spec.offset + (rng.next() % blocks) * bs as u64;
+    let (mut rng, mut cursor) = match spec.order {
+        Order::Random { seed } => (Rng(seed | 1), 0),
+        Order::Sequential { first } => (Rng(1), first % blocks),
+    };
+    let mut next_offset = || {
+        let block = match spec.order {
+            Order::Random { .. } => rng.next() % blocks,
+            Order::Sequential { .. } => {
+                let b = cursor;
+                cursor = (cursor + 1) % blocks;
+                b
+            }
+        };
+        spec.offset + block * bs as u64
+    };
     if spec.write {
         for (i, b) in q.buf_mut()[..spec.qd * bs].iter_mut().enumerate() {
             *b = (i % 253) as u8 ^ 0x5a;
