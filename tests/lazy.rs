@@ -483,8 +483,21 @@ fn startup_errors_name_the_field() {
             "autofetch_mib_per_sec",
         ),
         (with(l.config.clone(), "readonly: true"), "readonly"),
+        (
+            with(
+                l.config.clone(),
+                &format!("image_path: {}", yaml_str(&l.base.to_string_lossy())),
+            ),
+            "image_path: ",
+        ),
     ];
+    let same = format!("is the same file as path ({})", l.base.display());
     for (config, want) in cases {
+        let want = if want == "image_path: " {
+            same.as_str()
+        } else {
+            want
+        };
         let mut g = Backend::spawn(BIN, &config, &[]).unwrap();
         let st = g
             .wait_timeout(Duration::from_secs(10))

@@ -4,14 +4,14 @@
 use anyhow::{bail, Context};
 use clap::Parser;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use ubiblk::config::Options;
 use ubiblk::crypto::keys::KekArgs;
 use ubiblk::lazy::metadata::{DEFAULT_SHIFT, MAX_SHIFT, MIN_SHIFT};
-use ubiblk::lazy::{device_size, open_base_disk, Metadata};
+use ubiblk::lazy::{device_size, open_base_disk, same_file, Metadata};
 
 /// Initialise the metadata file used by lazy stripe fetch: a header and one byte per stripe of
 /// the base disk (`path`), all stripes unfetched. Overwrites any existing metadata.
@@ -61,10 +61,16 @@ fn run(args: Args) -> anyhow::Result<()> {
             device_size(&disk)?
         );
     }
-    refuse_same_file(&disk, &opts.path, meta_path, "path")?;
-    if let Some(image) = &opts.image_path {
-        if let Ok(img) = File::open(image) {
-            refuse_same_file(&img, image, meta_path, "image_path")?;
+    for (field, other) in [
+        ("path", Some(&opts.path)),
+        ("image_path", opts.image_path.as_ref()),
+    ] {
+        if other.is_some_and(|other| same_file(other, meta_path)) {
+            bail!(
+                "metadata_path: {} is the same file as {field} ({}): refusing to overwrite it",
+                meta_path.display(),
+                other.map_or(String::new(), |o| o.display().to_string())
+            );
         }
     }
 
@@ -84,31 +90,6 @@ fn run(args: Args) -> anyhow::Result<()> {
         md.file_len(),
         if xts.is_some() { ", encrypted" } else { "" }
     );
-    Ok(())
-}
-
-/// Refuses to write the metadata over the disk or the image.
-fn refuse_same_file(
-    other: &File,
-    other_path: &Path,
-    meta: &Path,
-    field: &str,
-) -> anyhow::Result<()> {
-    let (Ok(a), Ok(b)) = (other.metadata(), std::fs::metadata(meta)) else {
-        return Ok(());
-    };
-    let same = if a.file_type().is_block_device() && b.file_type().is_block_device() {
-        a.rdev() == b.rdev()
-    } else {
-        a.dev() == b.dev() && a.ino() == b.ino()
-    };
-    if same {
-        bail!(
-            "metadata_path: {} is the same file as {field} ({}): refusing to overwrite it",
-            meta.display(),
-            other_path.display()
-        );
-    }
     Ok(())
 }
 

@@ -55,6 +55,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         info!("AES-256-XTS encryption on");
     }
     if let Some(lazy) = lazy_options(&opts) {
+        ubiblk::lazy::check_distinct(&opts.path, &lazy.image_path, &lazy.metadata_path)?;
         // Above encryption: fetched image data is encrypted on its way to the base disk, and
         // the metadata file is encrypted with the same key.
         let lazy_device = Arc::new(LazyDevice::open(device, cipher, &lazy, ring_entries)?);
