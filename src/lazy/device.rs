@@ -1006,4 +1006,218 @@ mod tests {
         assert!(done.iter().all(|c| c.result.is_ok()));
         assert_eq!(device.status().fetched, 4);
     }
+
+    /// xorshift64*: deterministic randomness for the model test.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// Random batches of non-overlapping requests on two channels (reads and writes, plain and
+    /// vectored with odd splits, write-zeroes, flushes) over a random image length, a random
+    /// set of stripes fetched beforehand and either read policy, checked against a model of
+    /// the disk; at the end the base disk and the metadata must agree with it too.
+    #[test]
+    fn random_requests_match_a_model() {
+        const DISK: usize = 16 * STRIPE;
+        for seed in 1..=6u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let copy_on_read = seed % 2 == 0;
+            let image_len = match seed % 3 {
+                0 => DISK,
+                1 => rng.below(DISK as u64) as usize,
+                _ => DISK + 4096 + 77,
+            };
+            let dir = tempfile::tempdir().unwrap();
+            let (base_path, image_path, meta) = (
+                dir.path().join("base"),
+                dir.path().join("image"),
+                dir.path().join("meta"),
+            );
+            let image: Vec<u8> = (0..image_len)
+                .map(|i| (i as u64).wrapping_mul(seed | 0x100).to_le_bytes()[1])
+                .collect();
+            std::fs::write(&image_path, &image).unwrap();
+            let mut model = image.clone();
+            model.resize(DISK, 0);
+            // Stripes fetched beforehand hold the image on the base disk; the rest is stale.
+            let mut base = vec![0xee; DISK];
+            let mut md = Metadata::new((DISK / 512) as u64, SHIFT).unwrap();
+            for st in 0..16 {
+                if rng.below(3) == 0 {
+                    md.set_fetched(st);
+                    base[st * STRIPE..(st + 1) * STRIPE]
+                        .copy_from_slice(&model[st * STRIPE..(st + 1) * STRIPE]);
+                }
+            }
+            std::fs::write(&base_path, &base).unwrap();
+            md.write_to(&std::fs::File::create(&meta).unwrap(), None)
+                .unwrap();
+            let inner: Arc<dyn BlockDevice> =
+                Arc::new(FileDevice::open(&base_path, false, 64).unwrap());
+            let opts = LazyOptions {
+                image_path,
+                metadata_path: meta.clone(),
+                copy_on_read,
+                autofetch: false,
+                autofetch_mib_per_sec: None,
+            };
+            let device = LazyDevice::open(inner, None, &opts, 64).unwrap();
+            let mut channels = [device.new_channel().unwrap(), device.new_channel().unwrap()];
+            // Page-aligned memory for vectored requests (the base disk's iovec alignment).
+            let mut mem = IoBuf::new(256 * 1024);
+
+            for batch in 0..150 {
+                // (channel, id, start byte, len, kind, data written)
+                let mut reqs: Vec<(usize, u64, usize, usize, u8, Vec<u8>)> = Vec::new();
+                let mut mem_used = 0;
+                for id in 0..rng.below(4) + 1 {
+                    let max = if rng.below(4) == 0 { 160 } else { 16 };
+                    let len = 512 * (rng.below(max) + 1);
+                    let start = 512 * rng.below(((DISK - len as usize) / 512 + 1) as u64);
+                    let (start, len) = (start as usize, len as usize);
+                    if reqs.iter().any(|r| start < r.2 + r.3 && r.2 < start + len) {
+                        continue;
+                    }
+                    let kind = rng.below(6) as u8; // 0 read 1 readv 2 write 3 writev 4 zeroes 5 flush
+                    if kind == 1 || kind == 3 {
+                        let need = len.div_ceil(4096) * 4096;
+                        if mem_used + need > mem.len() || len % 4096 != 0 {
+                            continue;
+                        }
+                    }
+                    let data: Vec<u8> = (0..len)
+                        .map(|i| (i as u64 ^ (batch << 8) ^ id).to_le_bytes()[0] | 1)
+                        .collect();
+                    let ch = rng.below(2) as usize;
+                    let sector = (start / 512) as u64;
+                    let op = match kind {
+                        0 => IoOp::Read {
+                            sector,
+                            buf: IoBuf::new(len),
+                        },
+                        2 => IoOp::Write {
+                            sector,
+                            buf: buf_of(&data),
+                        },
+                        4 => IoOp::WriteZeroes {
+                            sector,
+                            sectors: (len / 512) as u64,
+                        },
+                        5 => IoOp::Flush,
+                        _ => {
+                            // Vectors of 4 KiB multiples, split at random page boundaries.
+                            let region = &mut mem[mem_used..mem_used + len];
+                            if kind == 3 {
+                                region.copy_from_slice(&data);
+                            }
+                            let mut iov = Vec::new();
+                            let mut at = 0;
+                            while at < len {
+                                let n = (4096 * (rng.below(4) as usize + 1)).min(len - at);
+                                iov.push(libc::iovec {
+                                    iov_base: region[at..].as_mut_ptr().cast(),
+                                    iov_len: n,
+                                });
+                                at += n;
+                            }
+                            mem_used += len;
+                            let owner: Arc<dyn std::any::Any + Send + Sync> = Arc::new(());
+                            // SAFETY: `mem` outlives the batch, which completes below.
+                            let iov = unsafe { IoVecs::new(iov, owner) };
+                            if kind == 1 {
+                                IoOp::ReadVec { sector, iov }
+                            } else {
+                                IoOp::WriteVec { sector, iov }
+                            }
+                        }
+                    };
+                    channels[ch].add(id, op);
+                    reqs.push((ch, id, start, len, kind, data));
+                }
+                for ch in &mut channels {
+                    ch.submit().unwrap();
+                }
+                let mut done: Vec<(usize, Completion)> = Vec::new();
+                while done.len() < reqs.len() {
+                    for (i, ch) in channels.iter_mut().enumerate() {
+                        let mut out = Vec::new();
+                        ch.poll(&mut out);
+                        done.extend(out.into_iter().map(|c| (i, c)));
+                        ch.submit().unwrap();
+                    }
+                    if done.len() < reqs.len() {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+                let mut vec_at = 0;
+                for (ch, id, start, len, kind, data) in &reqs {
+                    let (_, c) = done
+                        .iter()
+                        .find(|(i, c)| i == ch && c.id == *id)
+                        .expect("request completed");
+                    assert_eq!(c.result, Ok(()), "seed {seed} batch {batch} kind {kind}");
+                    let want = &model[*start..start + len];
+                    match kind {
+                        0 => assert!(
+                            c.buf.as_deref() == Some(want),
+                            "seed {seed} batch {batch}: read of {len} at {start} differs"
+                        ),
+                        1 => {
+                            assert!(
+                                &mem[vec_at..vec_at + len] == want,
+                                "seed {seed} batch {batch}: readv of {len} at {start} differs"
+                            );
+                            vec_at += len;
+                        }
+                        3 => vec_at += len,
+                        _ => {}
+                    }
+                    match kind {
+                        2 | 3 => model[*start..start + len].copy_from_slice(data),
+                        4 => model[*start..start + len].fill(0),
+                        _ => {}
+                    }
+                }
+            }
+            // Everything reads back; the base disk and the metadata agree with the model.
+            let whole = read(&mut *channels[0], 0, DISK);
+            assert!(
+                whole == model,
+                "seed {seed}: final read differs from the model"
+            );
+            device.sync().unwrap();
+            let on_disk = Metadata::read_from(
+                &std::fs::File::open(&meta).unwrap(),
+                (DISK / 512) as u64,
+                None,
+            )
+            .unwrap();
+            let base = std::fs::read(&base_path).unwrap();
+            for st in 0..16 {
+                let r = st * STRIPE..(st + 1) * STRIPE;
+                assert_eq!(on_disk.is_fetched(st), device.shared.is_fetched(st));
+                if on_disk.is_fetched(st) {
+                    assert!(
+                        base[r.clone()] == model[r],
+                        "seed {seed}: stripe {st} on disk"
+                    );
+                } else {
+                    assert!(
+                        base[r].iter().all(|&b| b == 0xee),
+                        "seed {seed}: stripe {st}"
+                    );
+                }
+            }
+        }
+    }
 }
