@@ -129,12 +129,16 @@ impl LazyDevice {
             opts.autofetch
         );
         let image_file = Arc::new(Image { file, bytes });
+        let channels = (0..FETCHERS)
+            .map(|_| inner.new_channel())
+            .collect::<io::Result<Vec<_>>>()
+            .context("cannot open the fetchers' channels to the base disk")?;
         let mut fetchers = Vec::new();
-        for i in 0..FETCHERS {
+        for (i, channel) in channels.into_iter().enumerate() {
             let (shared, base, image_file) = (shared.clone(), inner.clone(), image_file.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("fetch-{i}"))
-                .spawn(move || fetcher(shared, base, image_file))
+                .spawn(move || fetcher(shared, base, channel, image_file))
                 .context("cannot start a fetcher thread")?;
             fetchers.push(handle);
         }

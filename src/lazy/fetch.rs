@@ -19,7 +19,7 @@ use log::{error, info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::metadata::{Metadata, FETCHED, SECTOR_SIZE, WRITTEN};
-use crate::block::{run_sync, BlockDevice, IoBuf, IoOp, SECTOR_SHIFT};
+use crate::block::{run_sync, BlockDevice, IoBuf, IoChannel, IoOp, SECTOR_SHIFT};
 use crate::crypto::Xts;
 
 /// In memory only: a fetch of the stripe is queued or running.
@@ -354,15 +354,14 @@ pub(crate) struct Image {
     pub bytes: u64,
 }
 
-/// One fetcher thread: takes stripes from the queue until told to stop.
-pub(crate) fn fetcher(shared: Arc<Shared>, base: Arc<dyn BlockDevice>, image: Arc<Image>) {
-    let mut channel = match base.new_channel() {
-        Ok(c) => c,
-        Err(e) => {
-            error!("fetcher cannot open a channel to the base disk: {e}");
-            return;
-        }
-    };
+/// One fetcher thread: takes stripes from the queue until told to stop. `channel` is its own
+/// path to the base disk (made by the caller, so a failure shows at start-up).
+pub(crate) fn fetcher(
+    shared: Arc<Shared>,
+    base: Arc<dyn BlockDevice>,
+    mut channel: Box<dyn IoChannel>,
+    image: Arc<Image>,
+) {
     let mut spare: Option<IoBuf> = None;
     while let Some((stripe, background)) = shared.next_job() {
         let result = fetch(&shared, &*base, &mut *channel, &image, stripe, &mut spare);
@@ -373,7 +372,7 @@ pub(crate) fn fetcher(shared: Arc<Shared>, base: Arc<dyn BlockDevice>, image: Ar
 fn fetch(
     shared: &Shared,
     base: &dyn BlockDevice,
-    channel: &mut dyn crate::block::IoChannel,
+    channel: &mut dyn IoChannel,
     image: &Image,
     stripe: usize,
     spare: &mut Option<IoBuf>,
