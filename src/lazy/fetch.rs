@@ -380,20 +380,36 @@ fn fetch(
     let first = (stripe as u64) << shared.shift;
     let sectors = (1u64 << shared.shift).min(shared.disk_sectors - first);
     let len = (sectors << SECTOR_SHIFT) as usize;
-    let mut buf = match spare.take() {
-        Some(b) if b.len() == len => b,
-        _ => IoBuf::new(len),
-    };
     let start = first << SECTOR_SHIFT;
     let avail = image.bytes.saturating_sub(start).min(len as u64) as usize;
-    image
-        .file
-        .read_exact_at(&mut buf[..avail], start)
-        .map_err(|e| io::Error::new(e.kind(), format!("reading the image at byte {start}: {e}")))?;
-    // Past the image's end the disk reads as zeros; never leave stale buffer bytes.
-    buf[avail..].fill(0);
-    let (result, back) = run_sync(channel, IoOp::Write { sector: first, buf });
-    *spare = back;
+    let (result, back) = if avail == 0 {
+        // Wholly past the image's end: zeros, without moving a buffer of them (a hole in a
+        // plain file; encrypted zeros through the encryption layer).
+        run_sync(
+            channel,
+            IoOp::WriteZeroes {
+                sector: first,
+                sectors,
+            },
+        )
+    } else {
+        let mut buf = match spare.take() {
+            Some(b) if b.len() == len => b,
+            _ => IoBuf::new(len),
+        };
+        image
+            .file
+            .read_exact_at(&mut buf[..avail], start)
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("reading the image at byte {start}: {e}"))
+            })?;
+        // Past the image's end the disk reads as zeros; never leave stale buffer bytes.
+        buf[avail..].fill(0);
+        run_sync(channel, IoOp::Write { sector: first, buf })
+    };
+    if back.is_some() {
+        *spare = back;
+    }
     result.map_err(|errno| {
         let e = io::Error::from_raw_os_error(errno);
         io::Error::new(
