@@ -214,6 +214,8 @@ struct Shared<'a> {
     stop: AtomicBool,
     errors: Mutex<Vec<String>>,
     image: &'a [u8],
+    /// copy_on_read: reads of unfetched stripes fetch them, so they count as cold too.
+    reads_fetch: bool,
 }
 
 impl Shared<'_> {
@@ -280,7 +282,10 @@ fn pick(rng: &mut SmallRng, sh: &Shared, cold_ok: bool) -> (bool, u64, u64, bool
     }
     if r < 12 {
         let n = rng.random_range(1..=8u64);
-        return (false, rng.random_range(0..=BLOCKS - n), n, false);
+        if sh.reads_fetch && !cold_ok {
+            return (false, rng.random_range(0..=HOT_BLOCKS - n), n, false);
+        }
+        return (false, rng.random_range(0..=BLOCKS - n), n, sh.reads_fetch);
     }
     if r < 22 && cold_ok {
         // Across one or more stripe boundaries.
@@ -527,12 +532,15 @@ struct Setup {
     meta: PathBuf,
     ctl: PathBuf,
     cfg: BackendConfig,
+    /// With copy_on_read the whole-disk verification read would fetch every stripe: it runs
+    /// on a backend with this config (copy_on_read off) before the workload's backend starts.
+    verify_cfg: Option<BackendConfig>,
     lazy: bool,
     /// The image as the disk must show it: image bytes, then zeros up to DISK_BYTES.
     image_view: Vec<u8>,
 }
 
-fn setup(lazy: bool) -> anyhow::Result<Setup> {
+fn setup(lazy: bool, copy_on_read: bool) -> anyhow::Result<Setup> {
     let dir = scratch_dir("ubiblk-lazycrash");
     let image = dir.path().join("image.raw");
     let disk = dir.path().join("disk.raw");
@@ -583,7 +591,7 @@ fn setup(lazy: bool) -> anyhow::Result<Setup> {
                 "metadata_path: {}",
                 yaml_str(&meta.to_string_lossy())
             ))
-            .extra("copy_on_read: false")
+            .extra(format!("copy_on_read: {copy_on_read}"))
             .extra("autofetch: true")
             .extra(format!("autofetch_mib_per_sec: {FETCH_MIB_PER_SEC}"))
             .extra(format!(
@@ -598,6 +606,11 @@ fn setup(lazy: bool) -> anyhow::Result<Setup> {
         disk,
         meta,
         ctl,
+        verify_cfg: (lazy && copy_on_read).then(|| {
+            let mut v = cfg.clone();
+            v.extra_yaml.retain(|l| !l.starts_with("copy_on_read:"));
+            v.extra("copy_on_read: false")
+        }),
         cfg,
         lazy,
         image_view,
@@ -859,13 +872,17 @@ fn seed() -> u64 {
         })
 }
 
-fn crash_cycles(lazy: bool) -> anyhow::Result<()> {
+fn crash_cycles(lazy: bool, copy_on_read: bool) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let seed = seed();
-    let name = if lazy { "lazy" } else { "plain" };
+    let name = match (lazy, copy_on_read) {
+        (false, _) => "plain",
+        (true, false) => "lazy",
+        (true, true) => "lazy copy_on_read",
+    };
     eprintln!("[{name}] seed {seed} (LAZY_CRASH_SEED={seed} to replay)");
     let mut rng = SmallRng::seed_from_u64(seed);
-    let s = setup(lazy)?;
+    let s = setup(lazy, copy_on_read)?;
     let image = &s.image_view;
     let next_gen = AtomicU64::new(1);
     let mut model = vec![0u64; BLOCKS as usize];
@@ -875,13 +892,14 @@ fn crash_cycles(lazy: bool) -> anyhow::Result<()> {
     let mut written_unmarked = 0usize;
 
     for crash in 0..=CRASHES {
-        let mut be = Backend::start(BIN, &s.cfg).with_context(|| {
-            format!(
-                "starting the backend (start {}, after {crash} crashes); previous log:\n{}",
-                crash + 1,
-                old_logs.last().map(|l| log_tail(l)).unwrap_or_default()
-            )
-        })?;
+        let mut be =
+            Backend::start(BIN, s.verify_cfg.as_ref().unwrap_or(&s.cfg)).with_context(|| {
+                format!(
+                    "starting the backend (start {}, after {crash} crashes); previous log:\n{}",
+                    crash + 1,
+                    old_logs.last().map(|l| log_tail(l)).unwrap_or_default()
+                )
+            })?;
         let mut c = connect(&s, &be)?;
         let data = read_disk(&mut c)?;
         match last_run.take() {
@@ -903,6 +921,18 @@ fn crash_cycles(lazy: bool) -> anyhow::Result<()> {
         }
         // What we just read is the state now; make it durable before the next crash.
         io_ok(c.flush(0), "flush after verification")?;
+        if let (Some(_), true) = (&s.verify_cfg, crash < CRASHES) {
+            // Verified; now the copy_on_read backend for the workload.
+            drop(c);
+            be.guard.signal(libc::SIGTERM);
+            ensure!(
+                be.guard.wait_timeout(Duration::from_secs(10)).is_some(),
+                "verification backend did not stop on SIGTERM"
+            );
+            drop(be);
+            be = Backend::start(BIN, &s.cfg).context("starting the copy_on_read backend")?;
+            c = connect(&s, &be)?;
+        }
         if crash == CRASHES {
             if written_unmarked > 0 {
                 eprintln!(
@@ -925,6 +955,7 @@ fn crash_cycles(lazy: bool) -> anyhow::Result<()> {
             stop: AtomicBool::new(false),
             errors: Mutex::new(Vec::new()),
             image,
+            reads_fetch: copy_on_read,
         };
         let run_for = Duration::from_millis(rng.random_range(200..=800));
         let seeds: Vec<u64> = (0..QUEUES).map(|_| rng.random()).collect();
@@ -1116,11 +1147,17 @@ fn finish(s: &Setup, be: Backend, mut c: Client, model: &[u64], t0: Instant) -> 
 
 #[test]
 fn lazy_fetch_survives_sigkill_during_writes_and_fetches() -> anyhow::Result<()> {
-    crash_cycles(true)
+    crash_cycles(true, false)
+}
+
+/// With copy_on_read the workload's reads of unfetched stripes trigger fetches too.
+#[test]
+fn lazy_fetch_with_copy_on_read_survives_sigkill() -> anyhow::Result<()> {
+    crash_cycles(true, true)
 }
 
 /// The same workload and oracle on a plain disk: validates the test itself.
 #[test]
 fn plain_disk_crash_control() -> anyhow::Result<()> {
-    crash_cycles(false)
+    crash_cycles(false, false)
 }
