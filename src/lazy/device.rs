@@ -21,7 +21,7 @@ use anyhow::Context;
 use log::info;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::fetch::{self, fetcher, Image, MetaFile, Shared, Waker};
+use super::fetch::{self, fetcher, Image, MetaFile, Persisted, Shared, Waker};
 use super::metadata::Metadata;
 use crate::block::{
     BlockDevice, BufPool, Completion, FileDevice, IoBuf, IoChannel, IoOp, IoVecs, Slab,
@@ -258,13 +258,20 @@ impl BlockDevice for LazyDevice {
     }
 }
 
-/// A request waiting for its stripes.
+/// A request waiting for its stripes, or a FLUSH waiting for WRITTEN bits to be durable.
 struct Parked {
     id: u64,
     op: IoOp,
-    first: usize,
-    last: usize,
-    write: bool,
+    wait: Wait,
+}
+
+enum Wait {
+    Stripes {
+        first: usize,
+        last: usize,
+        write: bool,
+    },
+    Persist(u64),
 }
 
 /// Where a split read's pieces land.
@@ -374,44 +381,54 @@ impl LazyChannel {
         self.inner.add(key as u64, op);
     }
 
-    fn park(&mut self, id: u64, op: IoOp, first: usize, last: usize, write: bool) {
-        // Announce the wait before queuing: a fetch finishing now must see it and wake us.
+    fn park(&mut self, id: u64, op: IoOp, wait: Wait) {
+        // Announce the wait before queuing: a fetcher finishing now must see it and wake us.
         self.waker.parked.store(self.parked.len() + 1, SeqCst);
-        for s in first..=last {
-            self.shared.request(s);
+        if let Wait::Stripes { first, last, .. } = wait {
+            for s in first..=last {
+                self.shared.request(s);
+            }
         }
-        self.parked.push(Parked {
-            id,
-            op,
-            first,
-            last,
-            write,
-        });
+        self.parked.push(Parked { id, op, wait });
     }
 
-    /// Sends down the parked requests whose stripes are all fetched; fails those whose fetch
-    /// failed.
+    /// Sends down the parked requests that can go; fails those whose fetch (or WRITTEN
+    /// persistence) failed.
     fn retry_parked(&mut self) {
         let mut sent = false;
         for p in std::mem::take(&mut self.parked) {
-            if self.shared.all_fetched(p.first, p.last) {
-                if p.write {
-                    self.shared.mark_written(p.first, p.last);
+            let state = match p.wait {
+                Wait::Stripes { first, last, write } => {
+                    if self.shared.all_fetched(first, last) {
+                        if write {
+                            self.shared.mark_written(first, last);
+                        }
+                        Persisted::Done
+                    } else if self.shared.any_abandoned(first, last) {
+                        Persisted::Failed
+                    } else {
+                        Persisted::Pending
+                    }
                 }
-                self.pass(p.id, p.op);
-                sent = true;
-            } else if self.shared.any_abandoned(p.first, p.last) {
-                let buf = match p.op {
-                    IoOp::Read { buf, .. } | IoOp::Write { buf, .. } => Some(buf),
-                    _ => None,
-                };
-                self.ready.push(Completion {
-                    id: p.id,
-                    result: Err(libc::EIO),
-                    buf,
-                });
-            } else {
-                self.parked.push(p);
+                Wait::Persist(ticket) => self.shared.persisted(ticket),
+            };
+            match state {
+                Persisted::Done => {
+                    self.pass(p.id, p.op);
+                    sent = true;
+                }
+                Persisted::Failed => {
+                    let buf = match p.op {
+                        IoOp::Read { buf, .. } | IoOp::Write { buf, .. } => Some(buf),
+                        _ => None,
+                    };
+                    self.ready.push(Completion {
+                        id: p.id,
+                        result: Err(libc::EIO),
+                        buf,
+                    });
+                }
+                Persisted::Pending => self.parked.push(p),
             }
         }
         self.waker.parked.store(self.parked.len(), SeqCst);
@@ -541,6 +558,12 @@ impl LazyChannel {
 
 impl IoChannel for LazyChannel {
     fn add(&mut self, id: u64, op: IoOp) {
+        if let IoOp::Flush = op {
+            // WRITTEN bits set before this FLUSH become durable before it completes.
+            if let Some(ticket) = self.shared.request_persist() {
+                return self.park(id, op, Wait::Persist(ticket));
+            }
+        }
         let Some((first, last, write)) = span(&op, &self.shared) else {
             return self.pass(id, op);
         };
@@ -551,7 +574,7 @@ impl IoChannel for LazyChannel {
             return self.pass(id, op);
         }
         if write || self.shared.copy_on_read {
-            return self.park(id, op, first, last, write);
+            return self.park(id, op, Wait::Stripes { first, last, write });
         }
         match op {
             IoOp::Read { sector, buf } => {
@@ -719,9 +742,14 @@ mod tests {
         let mut want = f.image[STRIPE..2 * STRIPE].to_vec();
         want[3 * 512..4 * 512 + 512].fill(7);
         assert_eq!(got, want);
-        // WRITTEN reaches the disk with sync().
-        f.device.sync().unwrap();
+        // WRITTEN is durable once a FLUSH completes.
+        let (r, _) = run_sync(&mut *ch, IoOp::Flush);
+        r.unwrap();
         assert_eq!(on_disk(&f).stripes[1], FETCHED | WRITTEN);
+        // A FLUSH with nothing new to persist goes straight down.
+        assert!(!f.device.shared.written_dirty());
+        let (r, _) = run_sync(&mut *ch, IoOp::Flush);
+        r.unwrap();
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! the metadata never calls a stripe fetched whose data is not durable, and a stripe the
 //! metadata calls unfetched holds no guest data (re-fetching it loses nothing).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -55,6 +55,8 @@ struct Queue {
     /// Earliest start of the next background fetch (rate limit, retry delay).
     next_auto: Option<Instant>,
     auto_done: bool,
+    /// A FLUSH waits for WRITTEN bits to be persisted.
+    persist_wanted: bool,
     stop: bool,
 }
 
@@ -82,8 +84,30 @@ pub(crate) struct Shared {
     /// requests when it moves.
     pub generation: AtomicU64,
     wakers: Mutex<Vec<Weak<Waker>>>,
-    /// A WRITTEN bit was set in memory since the metadata was last written in full.
+    /// Set with `dirty`: WRITTEN bits set in memory and not yet on disk.
     written_dirty: AtomicBool,
+    /// Metadata sectors holding such bits.
+    dirty: Mutex<BTreeSet<u64>>,
+    /// WRITTEN persistence for guest FLUSHes: requests handed out, and the latest request
+    /// served (successfully, or not).
+    persist_requested: AtomicU64,
+    persist_done: AtomicU64,
+    persist_failed: AtomicU64,
+}
+
+/// What a fetcher does next.
+pub(crate) enum Job {
+    /// Fetch a stripe; `true` for background work.
+    Fetch(usize, bool),
+    /// Write the dirty WRITTEN bits, serving persistence requests up to this one.
+    Persist(u64),
+}
+
+/// Where a FLUSH waiting for WRITTEN bits stands.
+pub(crate) enum Persisted {
+    Pending,
+    Done,
+    Failed,
 }
 
 impl Shared {
@@ -111,6 +135,10 @@ impl Shared {
             generation: AtomicU64::new(0),
             wakers: Mutex::default(),
             written_dirty: AtomicBool::new(false),
+            dirty: Mutex::default(),
+            persist_requested: AtomicU64::new(0),
+            persist_done: AtomicU64::new(0),
+            persist_failed: AtomicU64::new(0),
         }
     }
 
@@ -151,13 +179,43 @@ impl Shared {
         (first..=last).any(|s| self.states[s].load(SeqCst) & (FETCHED | QUEUED) == 0)
     }
 
-    /// Records guest writes into (fetched) stripes; persisted with the next metadata write.
+    /// Records guest writes into (fetched) stripes; made durable before the next FLUSH
+    /// completes (see [`Shared::request_persist`]).
     pub fn mark_written(&self, first: usize, last: usize) {
         for s in first..=last {
             if self.states[s].load(SeqCst) & WRITTEN == 0 {
                 self.states[s].fetch_or(WRITTEN, SeqCst);
+                lock(&self.dirty).insert(Metadata::sector_of_stripe_byte(s));
                 self.written_dirty.store(true, SeqCst);
             }
+        }
+    }
+
+    /// If WRITTEN bits wait to be persisted, asks a fetcher to write them and returns the
+    /// request to wait for (see [`Shared::persisted`]); `None` if there is nothing to do.
+    pub fn request_persist(&self) -> Option<u64> {
+        if !self.written_dirty.load(SeqCst) {
+            return None;
+        }
+        let mut q = lock(&self.queue);
+        let ticket = self.persist_requested.fetch_add(1, SeqCst) + 1;
+        q.persist_wanted = true;
+        self.cond.notify_one();
+        Some(ticket)
+    }
+
+    #[cfg(test)]
+    pub fn written_dirty(&self) -> bool {
+        self.written_dirty.load(SeqCst)
+    }
+
+    pub fn persisted(&self, ticket: u64) -> Persisted {
+        if self.persist_done.load(SeqCst) >= ticket {
+            Persisted::Done
+        } else if self.persist_failed.load(SeqCst) >= ticket {
+            Persisted::Failed
+        } else {
+            Persisted::Pending
         }
     }
 
@@ -224,22 +282,40 @@ impl Shared {
         Ok(())
     }
 
-    /// Writes the whole metadata (WRITTEN bits included) if a WRITTEN bit changed.
+    /// Writes the metadata sectors whose WRITTEN bits changed, then fdatasyncs.
     pub fn persist_written(&self) -> io::Result<()> {
-        if !self.written_dirty.swap(false, SeqCst) {
+        let meta = lock(&self.meta);
+        self.written_dirty.store(false, SeqCst);
+        let sectors = std::mem::take(&mut *lock(&self.dirty));
+        if sectors.is_empty() {
             return Ok(());
         }
-        let meta = lock(&self.meta);
-        let md = Metadata {
-            stripe_shift: self.shift,
-            stripes: self
-                .states
-                .iter()
-                .map(|s| s.load(SeqCst) & (FETCHED | WRITTEN))
-                .collect(),
+        let result = sectors.iter().try_for_each(|&n| {
+            let mut sector = self.encode_sector(n);
+            if let Some(xts) = &meta.xts {
+                xts.encrypt(n, &mut sector);
+            }
+            meta.file.write_all_at(&sector, n * SECTOR_SIZE as u64)
+        });
+        let result = result.and_then(|()| meta.file.sync_data());
+        if result.is_err() {
+            // Still dirty: the next FLUSH or sync tries again.
+            lock(&self.dirty).extend(sectors);
+            self.written_dirty.store(true, SeqCst);
+        }
+        result
+    }
+
+    /// Serves WRITTEN persistence requests up to `ticket`.
+    fn persist(&self, ticket: u64) {
+        match self.persist_written() {
+            Ok(()) => self.persist_done.fetch_max(ticket, SeqCst),
+            Err(e) => {
+                error!("writing WRITTEN bits to the metadata failed: {e}");
+                self.persist_failed.fetch_max(ticket, SeqCst)
+            }
         };
-        md.write_to(&meta.file, meta.xts.as_deref())
-            .map_err(|e| io::Error::other(e.to_string()))
+        self.wake_parked();
     }
 
     /// Stops the fetchers after their current stripe.
@@ -248,16 +324,20 @@ impl Shared {
         self.cond.notify_all();
     }
 
-    /// The next stripe to fetch and whether it is background work; `None`: stop.
-    fn next_job(&self) -> Option<(usize, bool)> {
+    /// The next job; `None`: stop.
+    fn next_job(&self) -> Option<Job> {
         let mut q = lock(&self.queue);
         loop {
             if q.stop {
                 return None;
             }
+            if q.persist_wanted {
+                q.persist_wanted = false;
+                return Some(Job::Persist(self.persist_requested.load(SeqCst)));
+            }
             if let Some(s) = q.demand.pop_front() {
                 q.running += 1;
-                return Some((s, false));
+                return Some(Job::Fetch(s, false));
             }
             if self.autofetch && !q.auto_done && q.auto_running < AUTOFETCH_CONCURRENCY {
                 let now = Instant::now();
@@ -280,7 +360,7 @@ impl Shared {
                             Duration::from_secs_f64(self.stripe_bytes() as f64 / rate as f64);
                         q.next_auto = Some(q.next_auto.map_or(now, |t| t.max(now)) + pace);
                     }
-                    return Some((s, true));
+                    return Some(Job::Fetch(s, true));
                 }
                 // A full pass is done.
                 if self.fetched_count() == self.stripe_count() {
@@ -363,9 +443,14 @@ pub(crate) fn fetcher(
     image: Arc<Image>,
 ) {
     let mut spare: Option<IoBuf> = None;
-    while let Some((stripe, background)) = shared.next_job() {
-        let result = fetch(&shared, &*base, &mut *channel, &image, stripe, &mut spare);
-        shared.finish(stripe, background, result);
+    while let Some(job) = shared.next_job() {
+        match job {
+            Job::Fetch(stripe, background) => {
+                let result = fetch(&shared, &*base, &mut *channel, &image, stripe, &mut spare);
+                shared.finish(stripe, background, result);
+            }
+            Job::Persist(ticket) => shared.persist(ticket),
+        }
     }
 }
 
