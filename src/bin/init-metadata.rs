@@ -61,15 +61,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             device_size(&disk)?
         );
     }
-    for (field, other) in [
-        ("path", Some(&opts.path)),
-        ("image_path", opts.image_path.as_ref()),
-    ] {
-        if other.is_some_and(|other| same_file(other, meta_path)) {
+    let others = std::iter::once(("path", &opts.path))
+        .chain(opts.image_path.iter().map(|image| ("image_path", image)));
+    for (field, other) in others {
+        if same_file(other, meta_path) {
             bail!(
                 "metadata_path: {} is the same file as {field} ({}): refusing to overwrite it",
                 meta_path.display(),
-                other.map_or(String::new(), |o| o.display().to_string())
+                other.display()
             );
         }
     }

@@ -43,9 +43,7 @@ impl FileDevice {
             ring_entries: ring_entries.clamp(8, 4096).next_power_of_two(),
         })
     }
-}
 
-impl FileDevice {
     /// A channel whose completions signal the existing eventfd `notify` (which the caller
     /// already watches, e.g. another channel's [`IoChannel::completion_fd`]) instead of a new one.
     pub fn channel_notifying(&self, notify: BorrowedFd<'_>) -> io::Result<Box<dyn IoChannel>> {

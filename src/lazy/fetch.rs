@@ -11,14 +11,14 @@ use std::collections::{BTreeSet, VecDeque};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
+use log::{error, info};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::metadata::{Metadata, FETCHED, SECTOR_SIZE, WRITTEN};
+use super::metadata::{self, Metadata, FETCHED, SECTOR_SIZE, WRITTEN};
 use crate::block::{run_sync, BlockDevice, IoBuf, IoChannel, IoOp, SECTOR_SHIFT};
 use crate::crypto::Xts;
 
@@ -66,6 +66,12 @@ pub(crate) struct MetaFile {
     pub xts: Option<Arc<Xts>>,
 }
 
+impl MetaFile {
+    fn write_sector(&self, n: u64, plaintext: [u8; SECTOR_SIZE]) -> io::Result<()> {
+        metadata::write_sector(&self.file, n, plaintext, self.xts.as_deref())
+    }
+}
+
 /// State shared by the device, its channels and the fetchers.
 pub(crate) struct Shared {
     states: Box<[AtomicU8]>,
@@ -84,9 +90,7 @@ pub(crate) struct Shared {
     /// requests when it moves.
     pub generation: AtomicU64,
     wakers: Mutex<Vec<Weak<Waker>>>,
-    /// Set with `dirty`: WRITTEN bits set in memory and not yet on disk.
-    written_dirty: AtomicBool,
-    /// Metadata sectors holding such bits.
+    /// Metadata sectors holding WRITTEN bits set in memory and not yet on disk.
     dirty: Mutex<BTreeSet<u64>>,
     /// WRITTEN persistence for guest FLUSHes: requests handed out, and the latest request
     /// served (successfully, or not).
@@ -103,10 +107,11 @@ pub(crate) enum Job {
     Persist(u64),
 }
 
-/// Where a FLUSH waiting for WRITTEN bits stands.
-pub(crate) enum Persisted {
+/// Where something a parked request waits for (its stripes' fetches, or WRITTEN bits being
+/// persisted) stands.
+pub(crate) enum WaitState {
     Pending,
-    Done,
+    Ready,
     Failed,
 }
 
@@ -134,7 +139,6 @@ impl Shared {
             errors: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             wakers: Mutex::default(),
-            written_dirty: AtomicBool::new(false),
             dirty: Mutex::default(),
             persist_requested: AtomicU64::new(0),
             persist_done: AtomicU64::new(0),
@@ -186,7 +190,6 @@ impl Shared {
             if self.states[s].load(SeqCst) & WRITTEN == 0 {
                 self.states[s].fetch_or(WRITTEN, SeqCst);
                 lock(&self.dirty).insert(Metadata::sector_of_stripe_byte(s));
-                self.written_dirty.store(true, SeqCst);
             }
         }
     }
@@ -194,7 +197,7 @@ impl Shared {
     /// If WRITTEN bits wait to be persisted, asks a fetcher to write them and returns the
     /// request to wait for (see [`Shared::persisted`]); `None` if there is nothing to do.
     pub fn request_persist(&self) -> Option<u64> {
-        if !self.written_dirty.load(SeqCst) {
+        if !self.written_dirty() {
             return None;
         }
         let mut q = lock(&self.queue);
@@ -204,18 +207,18 @@ impl Shared {
         Some(ticket)
     }
 
-    #[cfg(test)]
+    /// WRITTEN bits wait to be persisted.
     pub fn written_dirty(&self) -> bool {
-        self.written_dirty.load(SeqCst)
+        !lock(&self.dirty).is_empty()
     }
 
-    pub fn persisted(&self, ticket: u64) -> Persisted {
+    pub fn persisted(&self, ticket: u64) -> WaitState {
         if self.persist_done.load(SeqCst) >= ticket {
-            Persisted::Done
+            WaitState::Ready
         } else if self.persist_failed.load(SeqCst) >= ticket {
-            Persisted::Failed
+            WaitState::Failed
         } else {
-            Persisted::Pending
+            WaitState::Pending
         }
     }
 
@@ -271,10 +274,7 @@ impl Shared {
         let n = Metadata::sector_of_stripe_byte(stripe);
         let mut sector = self.encode_sector(n);
         sector[(SECTOR_SIZE + stripe) % SECTOR_SIZE] |= FETCHED;
-        if let Some(xts) = &meta.xts {
-            xts.encrypt(n, &mut sector);
-        }
-        meta.file.write_all_at(&sector, n * SECTOR_SIZE as u64)?;
+        meta.write_sector(n, sector)?;
         meta.file.sync_data()?;
         self.states[stripe]
             .fetch_update(SeqCst, SeqCst, |v| Some((v | FETCHED) & !QUEUED))
@@ -285,23 +285,17 @@ impl Shared {
     /// Writes the metadata sectors whose WRITTEN bits changed, then fdatasyncs.
     pub fn persist_written(&self) -> io::Result<()> {
         let meta = lock(&self.meta);
-        self.written_dirty.store(false, SeqCst);
         let sectors = std::mem::take(&mut *lock(&self.dirty));
         if sectors.is_empty() {
             return Ok(());
         }
-        let result = sectors.iter().try_for_each(|&n| {
-            let mut sector = self.encode_sector(n);
-            if let Some(xts) = &meta.xts {
-                xts.encrypt(n, &mut sector);
-            }
-            meta.file.write_all_at(&sector, n * SECTOR_SIZE as u64)
-        });
-        let result = result.and_then(|()| meta.file.sync_data());
+        let result = sectors
+            .iter()
+            .try_for_each(|&n| meta.write_sector(n, self.encode_sector(n)))
+            .and_then(|()| meta.file.sync_data());
         if result.is_err() {
             // Still dirty: the next FLUSH or sync tries again.
             lock(&self.dirty).extend(sectors);
-            self.written_dirty.store(true, SeqCst);
         }
         result
     }
@@ -507,16 +501,4 @@ fn fetch(
     shared
         .persist_fetched(stripe)
         .map_err(|e| io::Error::new(e.kind(), format!("updating the metadata: {e}")))
-}
-
-/// Warns once about an image larger than the disk (its tail is never read).
-pub(crate) fn check_image_size(image_bytes: u64, disk_sectors: u64, path: &std::path::Path) {
-    let disk_bytes = disk_sectors << SECTOR_SHIFT;
-    if image_bytes > disk_bytes {
-        warn!(
-            "image_path {} is {image_bytes} bytes, larger than the {disk_bytes}-byte disk: \
-             the rest is ignored",
-            path.display()
-        );
-    }
 }

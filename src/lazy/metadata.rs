@@ -318,15 +318,10 @@ impl Metadata {
         n: u64,
         xts: Option<&Xts>,
     ) -> Result<(), MetadataError> {
-        let mut buf = self.encode_sector(n);
-        if let Some(xts) = xts {
-            xts.encrypt(n, &mut buf);
-        }
-        file.write_all_at(&buf, n * SECTOR_SIZE as u64)
-            .map_err(|source| MetadataError::Io {
-                what: "write",
-                source,
-            })
+        write_sector(file, n, self.encode_sector(n), xts).map_err(|source| MetadataError::Io {
+            what: "write",
+            source,
+        })
     }
 
     /// Reads and validates the metadata of a disk of `disk_sectors` sectors from `file`
@@ -376,6 +371,20 @@ impl Metadata {
         }
         Self::from_bytes(&buf, disk_sectors)
     }
+}
+
+/// Writes the plaintext `sector` as metadata sector `n` of `file`, encrypted with LBA `n` when
+/// `xts` is given; no sync.
+pub fn write_sector(
+    file: &File,
+    n: u64,
+    mut sector: [u8; SECTOR_SIZE],
+    xts: Option<&Xts>,
+) -> std::io::Result<()> {
+    if let Some(xts) = xts {
+        xts.encrypt(n, &mut sector);
+    }
+    file.write_all_at(&sector, n * SECTOR_SIZE as u64)
 }
 
 /// Validates the header sector and returns the shift.
