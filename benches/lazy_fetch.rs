@@ -45,8 +45,6 @@ use anyhow::{anyhow, bail, Context};
 use bench::*;
 use common::*;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Barrier;
@@ -83,50 +81,20 @@ struct Status {
     raw: String,
 }
 
-/// The value of `"key":` in a flat JSON object, as text (numbers and booleans only).
-fn json_field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
-    let pat = format!("\"{key}\"");
-    let i = json.find(&pat)? + pat.len();
-    let rest = json[i..].trim_start().strip_prefix(':')?.trim_start();
-    let end = rest.find([',', '}']).unwrap_or(rest.len());
-    Some(rest[..end].trim())
-}
-
-fn parse_status(line: &str) -> anyhow::Result<Status> {
-    let num = |k: &str| -> anyhow::Result<u64> {
-        json_field(line, k)
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| anyhow!("status reply has no number `{k}`: {line}"))
-    };
-    let complete = match json_field(line, "complete") {
-        Some("true") => true,
-        Some("false") => false,
-        _ => bail!("status reply has no boolean `complete`: {line}"),
-    };
-    // Part of the interface, but not checked: it may lag `complete` by one finishing fetch.
-    num("fetching")?;
-    Ok(Status {
-        stripes: num("stripes")?,
-        fetched: num("fetched")?,
-        written: num("written")?,
-        fetch_errors: num("fetch_errors")?,
-        complete,
-        stripe_bytes: num("stripe_bytes")?,
-        raw: line.trim().to_string(),
-    })
-}
-
 /// Sends `status\n` on a fresh connection and parses the one-line JSON reply.
 fn query_status(sock: &Path) -> anyhow::Result<Status> {
-    let mut s = UnixStream::connect(sock)
-        .with_context(|| format!("connecting to control socket {}", sock.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"status\n")?;
-    let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .context("reading the status reply")?;
-    parse_status(&line)
+    let st = ControlStatus::query(sock)?;
+    // Part of the interface, but not checked: it may lag `complete` by one finishing fetch.
+    st.num("fetching")?;
+    Ok(Status {
+        stripes: st.num("stripes")?,
+        fetched: st.num("fetched")?,
+        written: st.num("written")?,
+        fetch_errors: st.num("fetch_errors")?,
+        complete: st.flag("complete")?,
+        stripe_bytes: st.num("stripe_bytes")?,
+        raw: st.raw,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -162,21 +130,16 @@ struct Settings {
 }
 
 fn lazy_config(f: &Files, copy_on_read: bool, rate_mibs: Option<u64>) -> BackendConfig {
-    let mut cfg = BackendConfig::new(&f.base, &f.vhost_sock);
-    cfg.extra_yaml = vec![
-        format!("image_path: {}", yaml_str(&f.image.to_string_lossy())),
-        format!("metadata_path: {}", yaml_str(&f.meta.to_string_lossy())),
-        format!("copy_on_read: {copy_on_read}"),
-        "autofetch: true".into(),
-        format!(
-            "control_socket: {}",
-            yaml_str(&f.ctl_sock.to_string_lossy())
-        ),
-    ];
-    if let Some(r) = rate_mibs {
-        cfg.extra_yaml.push(format!("autofetch_mib_per_sec: {r}"));
+    let cfg = BackendConfig::new(&f.base, &f.vhost_sock)
+        .extra_path("image_path", &f.image)
+        .extra_path("metadata_path", &f.meta)
+        .extra(format!("copy_on_read: {copy_on_read}"))
+        .extra("autofetch: true")
+        .extra_path("control_socket", &f.ctl_sock);
+    match rate_mibs {
+        Some(r) => cfg.extra(format!("autofetch_mib_per_sec: {r}")),
+        None => cfg,
     }
-    cfg
 }
 
 /// A fresh sparse base disk of `size` bytes and fresh metadata for it (`init-metadata`).

@@ -12,6 +12,9 @@
 //! installs them. Guest runs are serialised: two TCG guests on a 2-core machine only slow each
 //! other down.
 
+mod common;
+
+use common::ControlStatus;
 use std::fmt::Write as _;
 use std::fs;
 use std::io::Read;
@@ -412,24 +415,6 @@ fn lazy_image(len: u64) -> Vec<u8> {
     out
 }
 
-/// One `status` query on the control socket: the JSON line, trimmed.
-fn control_status(sock: &Path) -> std::io::Result<String> {
-    use std::io::{BufRead, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(sock)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(b"status\n")?;
-    let mut line = String::new();
-    std::io::BufReader::new(s).read_line(&mut line)?;
-    Ok(line.trim().to_string())
-}
-
-/// The value of `"key":` in a flat JSON object, as text.
-fn json_value<'a>(json: &'a str, key: &str) -> Option<&'a str> {
-    let pat = format!("\"{key}\":");
-    let rest = &json[json.find(&pat)? + pat.len()..];
-    Some(rest[..rest.find([',', '}'])?].trim())
-}
-
 /// Offset of the first byte where `a` and `b` differ (lengths must match).
 fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     assert_eq!(a.len(), b.len());
@@ -581,31 +566,33 @@ fn guest_fio_verify_lazy() {
     );
     let t0 = Instant::now();
     let status = loop {
-        match control_status(&ctl) {
-            Ok(s) if json_value(&s, "complete") == Some("true") => break s,
+        match ControlStatus::query(&ctl) {
+            Ok(s) if s.field("complete") == Some("true") => break s,
             Ok(s) if t0.elapsed() > Duration::from_secs(120) => {
                 panic!(
-                    "fetch not complete after 120 s: {s}\n{}",
+                    "fetch not complete after 120 s: {}\n{}",
+                    s.raw,
                     backend.log_text()
                 )
             }
             Err(e) if t0.elapsed() > Duration::from_secs(10) => {
-                panic!("control socket: {e}\n{}", backend.log_text())
+                panic!("control socket: {e:#}\n{}", backend.log_text())
             }
             _ => std::thread::sleep(Duration::from_millis(50)),
         }
     };
+    let status_line = &status.raw;
     eprintln!(
-        "second backend: complete after {:.1} s: {status}",
+        "second backend: complete after {:.1} s: {status_line}",
         t0.elapsed().as_secs_f64()
     );
-    let n = |k: &str| json_value(&status, k).and_then(|v| v.parse::<u64>().ok());
-    assert_eq!(n("stripes"), Some(stripes as u64), "{status}");
-    assert_eq!(n("fetched"), Some(stripes as u64), "{status}");
-    assert_eq!(n("fetch_errors"), Some(0), "{status}");
+    let n = |k: &str| status.num(k).ok();
+    assert_eq!(n("stripes"), Some(stripes as u64), "{status_line}");
+    assert_eq!(n("fetched"), Some(stripes as u64), "{status_line}");
+    assert_eq!(n("fetch_errors"), Some(0), "{status_line}");
     let written = (0..stripes).filter(|&s| guest_wrote(s)).count() as u64;
-    assert_eq!(n("written"), Some(written), "{status}");
-    assert_eq!(n("stripe_bytes"), Some(STRIPE), "{status}");
+    assert_eq!(n("written"), Some(written), "{status_line}");
+    assert_eq!(n("stripe_bytes"), Some(STRIPE), "{status_line}");
     drop(backend);
 
     // 3. The whole disk: the image (then zeros) wherever the guest did not write, the guest's

@@ -5,8 +5,6 @@
 mod common;
 
 use common::*;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -54,18 +52,9 @@ impl Lazy {
         let mut model = img;
         model.resize(DISK as usize, 0);
         let mut config = BackendConfig::new(&base, d.join("vhost.sock"))
-            .extra(format!(
-                "image_path: {}",
-                yaml_str(&image.to_string_lossy())
-            ))
-            .extra(format!(
-                "metadata_path: {}",
-                yaml_str(&meta.to_string_lossy())
-            ))
-            .extra(format!(
-                "control_socket: {}",
-                yaml_str(&ctl.to_string_lossy())
-            ));
+            .extra_path("image_path", &image)
+            .extra_path("metadata_path", &meta)
+            .extra_path("control_socket", &ctl);
         for line in extra {
             config = config.extra(*line);
         }
@@ -133,8 +122,8 @@ impl Lazy {
         read_file_at(&self.base, s * STRIPE, STRIPE as usize).unwrap()
     }
 
-    fn status(&self) -> Status {
-        status(&self.ctl)
+    fn status(&self) -> ControlStatus {
+        ControlStatus::query(&self.ctl).unwrap()
     }
 
     /// Waits until autofetch reports completion.
@@ -142,48 +131,26 @@ impl Lazy {
         let t0 = Instant::now();
         loop {
             let s = self.status();
-            if s.get("complete") == 1 {
+            if s.flag("complete").unwrap() {
                 return t0.elapsed();
             }
-            assert!(t0.elapsed() < timeout, "autofetch did not finish: {}", s.0);
+            assert!(
+                t0.elapsed() < timeout,
+                "autofetch did not finish: {}",
+                s.raw
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
 
-/// The control socket's `status` answer.
-struct Status(String);
-
-impl Status {
-    /// A numeric or boolean (as 0/1) field.
-    fn get(&self, key: &str) -> u64 {
-        let pat = format!("\"{key}\":");
-        let at = self
-            .0
-            .find(&pat)
-            .unwrap_or_else(|| panic!("no {key} in {}", self.0))
-            + pat.len();
-        let v: String = self.0[at..]
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric())
-            .collect();
-        match v.as_str() {
-            "true" => 1,
-            "false" => 0,
-            n => n
-                .parse()
-                .unwrap_or_else(|_| panic!("bad {key} in {}", self.0)),
-        }
-    }
-}
-
-fn status(ctl: &Path) -> Status {
-    let mut s = UnixStream::connect(ctl).unwrap();
-    s.write_all(b"status\n").unwrap();
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
-    assert!(line.starts_with('{') && line.ends_with("}\n"), "{line:?}");
-    Status(line)
+/// Truncates or extends the existing file at `path`.
+fn set_len(path: &Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(len))
+        .unwrap_or_else(|e| panic!("resizing {}: {e}", path.display()));
 }
 
 /// `config` with the top-level YAML line `line` replacing any extra line of the same key.
@@ -224,7 +191,12 @@ fn write_to_unfetched_stripe_fetches_it_first() {
     assert_eq!(l.raw_stripe(2), vec![0xaa; STRIPE as usize]);
     assert_eq!(l.raw_stripe(4), vec![0xaa; STRIPE as usize]);
     let s = l.status();
-    assert_eq!((s.get("fetched"), s.get("written")), (1, 1), "{}", s.0);
+    assert_eq!(
+        (s.num("fetched").unwrap(), s.num("written").unwrap()),
+        (1, 1),
+        "{}",
+        s.raw
+    );
     // The FLUSH made the WRITTEN bit durable too.
     let md = l.metadata(None);
     assert_eq!(md.stripes[3], FETCHED | WRITTEN);
@@ -260,7 +232,7 @@ fn reads_without_copy_on_read_come_from_the_image_and_leave_the_base_untouched()
     );
     c.flush(0).unwrap();
     assert_eq!(std::fs::read(&l.base).unwrap(), vec![0xaa; DISK as usize]);
-    assert_eq!(l.status().get("fetched"), 0);
+    assert_eq!(l.status().num("fetched").unwrap(), 0);
     assert_eq!(l.metadata(None).fetched_count(), 0);
 }
 
@@ -362,9 +334,13 @@ fn autofetch_copies_everything_reports_progress_and_survives_restart() {
         );
     }
     let first = l.status();
-    assert!(first.get("fetched") < 64, "rate limit ignored: {}", first.0);
-    assert_eq!(first.get("stripes"), 64);
-    assert_eq!(first.get("stripe_bytes"), STRIPE);
+    assert!(
+        first.num("fetched").unwrap() < 64,
+        "rate limit ignored: {}",
+        first.raw
+    );
+    assert_eq!(first.num("stripes").unwrap(), 64);
+    assert_eq!(first.num("stripe_bytes").unwrap(), STRIPE);
     l.wait_complete(Duration::from_secs(30));
     l.check_all(&mut c, 65536);
     c.flush(0).unwrap();
@@ -382,7 +358,7 @@ fn autofetch_copies_everything_reports_progress_and_survives_restart() {
     // Restarted on a changed image: fetched stripes are never fetched again.
     std::fs::write(&l.image, vec![0x55; image_len]).unwrap();
     let (_be, mut c) = l.start();
-    assert_eq!(l.status().get("complete"), 1);
+    assert!(l.status().flag("complete").unwrap());
     l.check_all(&mut c, 65536);
 }
 
@@ -448,17 +424,12 @@ fn failed_fetch_fails_the_request_and_the_backend_keeps_serving() {
     // Fetch stripe 1 while the image is whole.
     c.write(0, STRIPE, &[1u8; 4096]).unwrap();
     // The image shrinks under the backend: later stripes cannot be read any more.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&l.image)
-        .unwrap()
-        .set_len(2 * STRIPE)
-        .unwrap();
+    set_len(&l.image, 2 * STRIPE);
     let e = c.write(0, 10 * STRIPE, &[2u8; 4096]).unwrap_err();
     assert_eq!(e, libc::EIO, "{}", errno_name(e));
     assert!(c.read(0, 10 * STRIPE, 4096).is_err());
     assert_eq!(c.read(0, STRIPE, 4096).unwrap(), vec![1u8; 4096]);
-    assert!(l.status().get("fetch_errors") >= 1);
+    assert!(l.status().num("fetch_errors").unwrap() >= 1);
     assert!(
         be.log().contains("fetching stripe 10 failed"),
         "{}",
@@ -507,12 +478,7 @@ fn startup_errors_name_the_field() {
         assert!(g.log().contains(want), "want {want:?} in {}", g.log());
     }
     // Metadata made for a much smaller disk (one metadata sector holds 512 stripes).
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&l.base)
-        .unwrap()
-        .set_len(600 * STRIPE)
-        .unwrap();
+    set_len(&l.base, 600 * STRIPE);
     let mut g = Backend::spawn(BIN, &l.config, &[]).unwrap();
     assert!(g.wait_timeout(Duration::from_secs(10)).is_some());
     assert!(g.log().contains("metadata_path"), "{}", g.log());

@@ -29,8 +29,6 @@ use common::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Mutex;
@@ -255,6 +253,16 @@ enum Op {
     Read { first: u64, n: u64 },
 }
 
+/// A run of blocks across one or more stripe boundaries: (first block, block count).
+fn across_stripes(rng: &mut SmallRng) -> (u64, u64) {
+    let n = rng.random_range(2..=MAX_REQ_BLOCKS);
+    let boundary = rng.random_range(1..STRIPES) * BLOCKS_PER_STRIPE;
+    let first = boundary
+        .saturating_sub(rng.random_range(1..n))
+        .min(BLOCKS - n);
+    (first, n)
+}
+
 /// Picks the next request: (is_write, first block, block count, touches a cold stripe).
 /// With `cold_ok` false only the hot region and the focus stripe are written (and anything
 /// read), so most stripes stay unfetched for the background fetch.
@@ -271,11 +279,7 @@ fn pick(rng: &mut SmallRng, sh: &Shared, cold_ok: bool) -> (bool, u64, u64, bool
             return (true, b, 1, true);
         }
         if r < 50 {
-            let n = rng.random_range(2..=MAX_REQ_BLOCKS);
-            let boundary = rng.random_range(1..STRIPES) * BLOCKS_PER_STRIPE;
-            let first = boundary
-                .saturating_sub(rng.random_range(1..n))
-                .min(BLOCKS - n);
+            let (first, n) = across_stripes(rng);
             return (true, first, n, true);
         }
         return (true, rng.random_range(0..BLOCKS), 1, true);
@@ -288,12 +292,7 @@ fn pick(rng: &mut SmallRng, sh: &Shared, cold_ok: bool) -> (bool, u64, u64, bool
         return (false, rng.random_range(0..=BLOCKS - n), n, sh.reads_fetch);
     }
     if r < 22 && cold_ok {
-        // Across one or more stripe boundaries.
-        let n = rng.random_range(2..=MAX_REQ_BLOCKS);
-        let boundary = rng.random_range(1..STRIPES) * BLOCKS_PER_STRIPE;
-        let first = boundary
-            .saturating_sub(rng.random_range(1..n))
-            .min(BLOCKS - n);
+        let (first, n) = across_stripes(rng);
         return (true, first, n, true);
     }
     if (22..45).contains(&r) {
@@ -483,42 +482,15 @@ struct Status {
     stripe_bytes: u64,
 }
 
-/// The raw value of `"key":` in a one-line JSON object (numbers and booleans only).
-fn json_value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let pat = format!("\"{key}\"");
-    let at = line.find(&pat)? + pat.len();
-    let rest = line[at..].trim_start().strip_prefix(':')?.trim_start();
-    let end = rest.find([',', '}']).unwrap_or(rest.len());
-    Some(rest[..end].trim())
-}
-
 fn query_status(ctl: &Path) -> anyhow::Result<Status> {
-    let mut s = UnixStream::connect(ctl)
-        .with_context(|| format!("connecting to control_socket {}", ctl.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"status\n")
-        .context("sending `status` on the control socket")?;
-    let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .context("reading the control socket's status reply")?;
-    let num = |k: &str| -> anyhow::Result<u64> {
-        json_value(&line, k)
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("status reply has no integer `{k}`: {line:?}"))
-    };
-    let complete = match json_value(&line, "complete") {
-        Some("true") => true,
-        Some("false") => false,
-        _ => bail!("status reply has no boolean `complete`: {line:?}"),
-    };
+    let st = ControlStatus::query(ctl)?;
     Ok(Status {
-        stripes: num("stripes")?,
-        fetched: num("fetched")?,
-        fetch_errors: num("fetch_errors")?,
-        stripe_bytes: num("stripe_bytes")?,
-        complete,
-        raw: line.trim().to_string(),
+        stripes: st.num("stripes")?,
+        fetched: st.num("fetched")?,
+        fetch_errors: st.num("fetch_errors")?,
+        stripe_bytes: st.num("stripe_bytes")?,
+        complete: st.flag("complete")?,
+        raw: st.raw,
     })
 }
 
@@ -583,21 +555,12 @@ fn setup(lazy: bool, copy_on_read: bool) -> anyhow::Result<Setup> {
             String::from_utf8_lossy(&out.stderr)
         );
         cfg = cfg
-            .extra(format!(
-                "image_path: {}",
-                yaml_str(&image.to_string_lossy())
-            ))
-            .extra(format!(
-                "metadata_path: {}",
-                yaml_str(&meta.to_string_lossy())
-            ))
+            .extra_path("image_path", &image)
+            .extra_path("metadata_path", &meta)
             .extra(format!("copy_on_read: {copy_on_read}"))
             .extra("autofetch: true")
             .extra(format!("autofetch_mib_per_sec: {FETCH_MIB_PER_SEC}"))
-            .extra(format!(
-                "control_socket: {}",
-                yaml_str(&ctl.to_string_lossy())
-            ));
+            .extra_path("control_socket", &ctl);
     } else {
         std::fs::write(&disk, &image_view).context("creating the plain disk")?;
     }

@@ -224,6 +224,11 @@ impl BackendConfig {
         self
     }
 
+    /// An extra `key: "path"` line.
+    pub fn extra_path(self, key: &str, path: &Path) -> Self {
+        self.extra(format!("{key}: {}", yaml_str(&path.to_string_lossy())))
+    }
+
     /// The YAML text. A top-level key given in an `extra` line replaces the default line for it.
     pub fn to_yaml(&self) -> String {
         let overridden: Vec<&str> = self
@@ -347,6 +352,63 @@ impl Backend {
 
     pub fn log(&self) -> String {
         self.guard.log()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The lazy-fetch control socket
+// ---------------------------------------------------------------------------------------------
+
+/// One `status` reply of `control_socket`: a line of flat JSON (numbers and booleans).
+#[derive(Clone, Debug, Default)]
+pub struct ControlStatus {
+    /// The reply, trimmed.
+    pub raw: String,
+}
+
+impl ControlStatus {
+    /// Sends `status` on a fresh connection and reads the one-line reply.
+    pub fn query(sock: &Path) -> anyhow::Result<Self> {
+        use std::io::BufRead;
+        let mut s = std::os::unix::net::UnixStream::connect(sock)
+            .with_context(|| format!("connecting to control socket {}", sock.display()))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"status\n")
+            .context("sending `status` on the control socket")?;
+        let mut line = String::new();
+        std::io::BufReader::new(s)
+            .read_line(&mut line)
+            .context("reading the status reply")?;
+        anyhow::ensure!(
+            line.starts_with('{') && line.ends_with("}\n"),
+            "status reply is not one line of JSON: {line:?}"
+        );
+        Ok(ControlStatus {
+            raw: line.trim().to_string(),
+        })
+    }
+
+    /// The raw value of `"key":`.
+    pub fn field(&self, key: &str) -> Option<&str> {
+        let pat = format!("\"{key}\"");
+        let at = self.raw.find(&pat)? + pat.len();
+        let rest = self.raw[at..].trim_start().strip_prefix(':')?.trim_start();
+        let end = rest.find([',', '}']).unwrap_or(rest.len());
+        Some(rest[..end].trim())
+    }
+
+    pub fn num(&self, key: &str) -> anyhow::Result<u64> {
+        self.field(key)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("status reply has no number `{key}`: {}", self.raw))
+    }
+
+    pub fn flag(&self, key: &str) -> anyhow::Result<bool> {
+        match self.field(key) {
+            Some("true") => Ok(true),
+            Some("false") => Ok(false),
+            _ => bail!("status reply has no boolean `{key}`: {}", self.raw),
+        }
     }
 }
 
