@@ -154,57 +154,59 @@ struct Row {
     qd: usize,
     /// Queues, each driven by its own client thread.
     queues: usize,
+    /// CPU-bound neighbour processes running during the row (a busy host).
+    hogs: usize,
+    /// Client threads busy-poll their queues (libblkio poll queues) instead of sleeping on
+    /// the completion eventfd.
+    client_poll: bool,
+}
+
+impl Row {
+    const fn new(
+        name: &'static str,
+        write: bool,
+        random: bool,
+        bs: usize,
+        qd: usize,
+        queues: usize,
+    ) -> Row {
+        Row {
+            name,
+            write,
+            random,
+            bs,
+            qd,
+            queues,
+            hogs: 0,
+            client_poll: false,
+        }
+    }
+
+    const fn hogs(mut self, n: usize) -> Row {
+        self.hogs = n;
+        self
+    }
+
+    const fn client_poll(mut self) -> Row {
+        self.client_poll = true;
+        self
+    }
 }
 
 const ROWS: &[Row] = &[
-    Row {
-        name: "randread-4k-qd32-1q",
-        write: false,
-        random: true,
-        bs: 4096,
-        qd: 32,
-        queues: 1,
-    },
-    Row {
-        name: "randwrite-4k-qd32-1q",
-        write: true,
-        random: true,
-        bs: 4096,
-        qd: 32,
-        queues: 1,
-    },
-    Row {
-        name: "randread-4k-qd32-2q",
-        write: false,
-        random: true,
-        bs: 4096,
-        qd: 32,
-        queues: 2,
-    },
-    Row {
-        name: "randwrite-4k-qd32-2q",
-        write: true,
-        random: true,
-        bs: 4096,
-        qd: 32,
-        queues: 2,
-    },
-    Row {
-        name: "seqread-64k-qd8-1q",
-        write: false,
-        random: false,
-        bs: 65536,
-        qd: 8,
-        queues: 1,
-    },
-    Row {
-        name: "seqread-64k-qd8-2q",
-        write: false,
-        random: false,
-        bs: 65536,
-        qd: 8,
-        queues: 2,
-    },
+    Row::new("randread-4k-qd32-1q", false, true, 4096, 32, 1),
+    Row::new("randwrite-4k-qd32-1q", true, true, 4096, 32, 1),
+    Row::new("randread-4k-qd32-2q", false, true, 4096, 32, 2),
+    Row::new("randwrite-4k-qd32-2q", true, true, 4096, 32, 2),
+    Row::new("seqread-64k-qd8-1q", false, false, 65536, 8, 1),
+    Row::new("seqread-64k-qd8-2q", false, false, 65536, 8, 2),
+    // A busy host: two CPU-bound neighbours on the two cores.
+    Row::new("randread-4k-qd32-2q-hogs2", false, true, 4096, 32, 2).hogs(2),
+    Row::new("randwrite-4k-qd32-2q-hogs2", true, true, 4096, 32, 2).hogs(2),
+    // A busy-polling client (a thread per queue spinning on completions), as many threads as
+    // cores, and one thread.
+    Row::new("randread-4k-qd32-2q-pollclient", false, true, 4096, 32, 2).client_poll(),
+    Row::new("randread-4k-qd32-1q-pollclient", false, true, 4096, 32, 1).client_poll(),
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -257,12 +259,17 @@ fn measure(spec: &BackendSpec, row: &Row, st: &Settings) -> anyhow::Result<Sampl
     let sock = st.sock_dir.join(format!("{}.sock", spec.name));
     let running = start_backend(spec, &st.disk, &sock, row.queues)?;
     let result = (|| -> anyhow::Result<Sample> {
-        let mut client = connect_client(
+        let mut client = connect_client_with(
             &sock,
-            row.queues,
-            row.queues * (row.qd * row.bs).next_multiple_of(4096),
+            &ClientOptions {
+                num_queues: row.queues,
+                mem_size: row.queues * (row.qd * row.bs).next_multiple_of(4096),
+                poll_queues: row.client_poll,
+                ..Default::default()
+            },
             disk_size,
         )?;
+        let _hogs = CpuHogs::start(row.hogs)?;
         let barrier = Barrier::new(row.queues + 1);
         let pid = running.pid();
         let (results, backend_cpu): (Vec<IoWindow>, f64) = std::thread::scope(|s| {

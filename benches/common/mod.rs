@@ -251,13 +251,28 @@ pub fn connect_client(
     mem_size: usize,
     disk_size: u64,
 ) -> anyhow::Result<Client> {
-    let client = Client::connect(
+    connect_client_with(
         sock,
         &ClientOptions {
             num_queues,
-            queue_size: Some(256),
             mem_size,
             ..Default::default()
+        },
+        disk_size,
+    )
+}
+
+/// [`connect_client`] with other options (e.g. busy-polling queues); queues of 256 entries.
+pub fn connect_client_with(
+    sock: &Path,
+    opts: &ClientOptions,
+    disk_size: u64,
+) -> anyhow::Result<Client> {
+    let client = Client::connect(
+        sock,
+        &ClientOptions {
+            queue_size: Some(256),
+            ..opts.clone()
         },
     )?;
     anyhow::ensure!(

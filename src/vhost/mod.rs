@@ -23,6 +23,9 @@ use vmm_sys_util::event::{
 
 use crate::block::BlockDevice;
 use crate::virtio_blk::{self, ConfigSpace, DeviceInfo, Finished, QueueWorker, Request};
+use poll::AdaptivePoll;
+
+mod poll;
 
 type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -40,6 +43,8 @@ pub struct BlockBackend {
     info: Arc<DeviceInfo>,
     config: ConfigSpace,
     workers: Vec<Mutex<QueueWorker>>,
+    /// Each queue's polling policy; used only by the queue's own thread.
+    polls: Vec<Mutex<AdaptivePoll>>,
     /// Each queue's ring, remembered from its first event so requests drained outside the
     /// worker thread (stop, shutdown) can still be completed to the guest.
     vrings: Vec<OnceLock<VringRwLock>>,
@@ -71,8 +76,12 @@ impl BlockBackend {
             })
             .collect::<io::Result<Vec<_>>>()?;
         let vrings = (0..settings.num_queues).map(|_| OnceLock::new()).collect();
+        let polls = (0..settings.num_queues)
+            .map(|_| Mutex::new(AdaptivePoll::new(settings.poll_timeout)))
+            .collect();
         Ok(BlockBackend {
             vrings,
+            polls,
             settings,
             info,
             config,
@@ -157,17 +166,20 @@ impl BlockBackend {
         }
     }
 
-    /// Runs queue `queue`: starts new requests, reaps finished ones, and keeps polling for up
-    /// to `poll_timeout` after the last activity before going back to sleeping on the kick.
+    /// Runs queue `queue`: starts new requests, reaps finished ones, and keeps polling for as
+    /// long as its [`AdaptivePoll`] allows before going back to sleeping on the kick.
     fn process(&self, queue: usize, vring: &VringRwLock, woken_by_completion: bool) {
         let mem = self.memory();
         let mut worker = self.worker(queue);
+        let mut poll = self.polls[queue].lock().unwrap_or_else(|p| p.into_inner());
         if woken_by_completion {
             worker.ack_completion_fd();
         }
+        let mut now = Instant::now();
+        poll.woke(now);
         let mut done = Vec::new();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
-        let mut last_activity = Instant::now();
+        let mut last_activity = now;
         let mut notifications_on = true;
         // Set when enable_notification() reported more chains: the next pass must find some.
         let mut rechecking = false;
@@ -175,7 +187,7 @@ impl BlockBackend {
             if self.stopping.load(Ordering::Relaxed) || !vring.get_ref().get_queue().ready() {
                 break;
             }
-            if self.settings.poll_timeout > Duration::ZERO && notifications_on {
+            if notifications_on && poll.keep_polling(now, now - last_activity) {
                 let _ = vring.disable_notification();
                 notifications_on = false;
             }
@@ -194,15 +206,21 @@ impl BlockBackend {
                 break;
             }
             rechecking = false;
-            let now = Instant::now();
+            now = Instant::now();
             if progressed {
                 last_activity = now;
             }
-            if now.duration_since(last_activity) < self.settings.poll_timeout {
-                // Poll politely: the kernel's io-wq workers that carry out our I/O may need
-                // this core (on small hosts they compete with the poller).
+            if !notifications_on && poll.keep_polling(now, now - last_activity) {
+                // Poll politely: io-wq workers carrying out our I/O, or the client, may need
+                // this core. If the yield lost the core for a slice, the core is contended:
+                // stop polling (see `poll`), since a kick cannot wake a runnable thread.
                 std::thread::yield_now();
-                continue;
+                let after = Instant::now();
+                let uncontended = poll.yielded(now, after);
+                now = after;
+                if uncontended {
+                    continue;
+                }
             }
             if notifications_on && !event_idx && !progressed {
                 break;
@@ -223,6 +241,7 @@ impl BlockBackend {
                 }
             }
         }
+        poll.sleeping(Instant::now());
     }
 
     /// Waits for queue `q`'s requests in flight and completes them to the guest.
@@ -247,6 +266,19 @@ impl BlockBackend {
             // SAFETY: the daemon gave up ownership of this fd (into_raw_fd) and no longer
             // exists; nothing else refers to it, so taking ownership to close it is sound.
             drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+
+    /// Logs (debug) what each queue's polling policy did during the connection.
+    fn log_poll_stats(&self) {
+        for (q, p) in self.polls.iter().enumerate() {
+            let s = p.lock().unwrap_or_else(|p| p.into_inner()).stats();
+            log::debug!(
+                "queue {q}: {} wake-ups, {} followed by polling, {} polling pauses (core contended)",
+                s.wakeups,
+                s.polled,
+                s.preemptions
+            );
         }
     }
 
@@ -406,6 +438,7 @@ pub fn serve(
         drop(daemon);
         backend.close_leaked_exit_fds();
         backend.drain_all();
+        backend.log_poll_stats();
         if let Err(e) = device.sync() {
             error!("sync after disconnect failed: {e}");
         }

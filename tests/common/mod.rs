@@ -22,6 +22,33 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
+/// `n` CPU-bound neighbour processes (`sh -c 'while :; do :; done'`), killed on drop: the
+/// "busy host" of the polling tests and benchmarks.
+pub struct CpuHogs(Vec<ChildGuard>);
+
+impl CpuHogs {
+    pub fn start(n: usize) -> anyhow::Result<CpuHogs> {
+        let hogs = (0..n)
+            .map(|i| {
+                let mut cmd = Command::new("sh");
+                cmd.args(["-c", "while :; do :; done"]);
+                ChildGuard::spawn(&format!("hog{i}"), cmd, scratch_dir("ubiblk-hog"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // Let them reach the run queue before anything is measured.
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(CpuHogs(hogs))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Default time to wait for a backend's socket to appear.
 pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -642,6 +669,9 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Timeout of the synchronous helpers (`Err(ETIME)` when exceeded); `None` = forever.
     pub io_timeout: Option<Duration>,
+    /// Make the `num_queues` queues libblkio poll queues: no completion eventfd, `reap` spins
+    /// on the used ring (a busy-polling client, like SPDK or ubicloud's blkbench).
+    pub poll_queues: bool,
 }
 
 impl Default for ClientOptions {
@@ -653,6 +683,7 @@ impl Default for ClientOptions {
             mem_size: 8 << 20,
             connect_timeout: Duration::from_secs(5),
             io_timeout: Some(Duration::from_secs(30)),
+            poll_queues: false,
         }
     }
 }
@@ -1059,9 +1090,17 @@ impl Client {
                 Err(e) => return Err(cerr("connect")(e)),
             }
         };
+        let (irq_queues, poll_queues) = if opts.poll_queues {
+            (0, opts.num_queues)
+        } else {
+            (opts.num_queues, 0)
+        };
         blkio
-            .set_i32("num-queues", opts.num_queues as i32)
+            .set_i32("num-queues", irq_queues as i32)
             .map_err(cerr("set num-queues"))?;
+        blkio
+            .set_i32("num-poll-queues", poll_queues as i32)
+            .map_err(cerr("set num-poll-queues"))?;
         if let Some(qs) = opts.queue_size {
             blkio
                 .set_i32("queue-size", qs as i32)
@@ -1098,6 +1137,7 @@ impl Client {
         let queues = started
             .queues
             .into_iter()
+            .chain(started.poll_queues)
             .enumerate()
             .map(|(i, q)| QueueIo {
                 q,
