@@ -7,17 +7,22 @@
 //! here: the polling thread gave its core away with notifications off and requests waited for
 //! its next scheduler slice.
 //!
-//! The two cases run one after the other (one test): each measures throughput with every core
-//! busy, so they must not overlap each other or another test.
+//! A second test checks the other side of the trade-off: a disk with a request every few
+//! milliseconds must not spin its worker after each one.
+//!
+//! The tests take a lock: each measures with every core busy, so they must not overlap.
 
 #[path = "../benches/common/mod.rs"]
 mod bench;
 mod common;
 
-use bench::{connect_client_with, median, run_io, IoSpec, Order};
+use bench::{connect_client_with, median, process_cpu_time, run_io, IoSpec, Order};
 use common::*;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static SERIAL: Mutex<()> = Mutex::new(());
 
 /// The backend under test; `UBIBLK_BACKEND_BIN` swaps in another build (e.g. an older one, to
 /// see this test fail).
@@ -99,6 +104,7 @@ fn compare(disk: &Path, dir: &Path, load: Load) -> (f64, f64) {
 
 #[test]
 fn polling_does_not_collapse_on_shared_cores() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = scratch_dir("ubiblk-poll");
     let disk = dir.path().join("disk.raw");
     create_pattern_file(&disk, SIZE).unwrap();
@@ -126,4 +132,38 @@ fn polling_does_not_collapse_on_shared_cores() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// One 4 KiB read every 2 ms for 2 s: the backend's CPU time, in cores, with `poll_us`.
+fn sparse_reads_cpu(disk: &Path, dir: &Path, poll_us: u64) -> f64 {
+    let sock = dir.join(format!("sparse{poll_us}.sock"));
+    let mut cfg = BackendConfig::new(disk, &sock);
+    cfg.poll_queue_timeout_us = poll_us;
+    let backend = Backend::start(backend_bin(), &cfg).unwrap();
+    let mut client = Client::connect_queues(&sock, 1).unwrap();
+    let pid = backend.guard.pid();
+    let (cpu0, t0) = (process_cpu_time(pid), Instant::now());
+    for i in 0..1000u64 {
+        client.read(0, (i * 7919 % 65536) * 4096, 4096).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let cores = (process_cpu_time(pid) - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    eprintln!("sparse reads, poll_queue_timeout_us {poll_us}: backend {cores:.3} cores");
+    cores
+}
+
+#[test]
+fn sparse_requests_do_not_keep_the_worker_polling() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = scratch_dir("ubiblk-poll");
+    let disk = dir.path().join("disk.raw");
+    create_pattern_file(&disk, SIZE).unwrap();
+    let off = sparse_reads_cpu(&disk, dir.path(), 0);
+    let polling = sparse_reads_cpu(&disk, dir.path(), 500);
+    // A fixed 500 µs window after each of 500 requests a second spins ~0.25 cores; the adaptive
+    // window stops polling when sleeps are longer than it.
+    assert!(
+        polling < off + 0.08,
+        "default polling used {polling:.3} cores for sparse requests, no polling {off:.3}"
+    );
 }
