@@ -18,8 +18,8 @@ mod common;
 
 use bench::{connect_client_with, median, process_cpu_time, run_io, IoSpec, Order};
 use common::*;
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -102,12 +102,18 @@ fn compare(disk: &Path, dir: &Path, load: Load) -> (f64, f64) {
     (median(&polling), median(&off))
 }
 
-#[test]
-fn polling_does_not_collapse_on_shared_cores() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+/// Takes the lock and makes a scratch directory holding a pattern-filled disk.
+fn setup() -> (MutexGuard<'static, ()>, tempfile::TempDir, PathBuf) {
+    let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = scratch_dir("ubiblk-poll");
     let disk = dir.path().join("disk.raw");
     create_pattern_file(&disk, SIZE).unwrap();
+    (serial, dir, disk)
+}
+
+#[test]
+fn polling_does_not_collapse_on_shared_cores() {
+    let (_serial, dir, disk) = setup();
     let cases = [
         // Two CPU-bound neighbours on the two cores, a client sleeping on its eventfds.
         Load {
@@ -154,10 +160,7 @@ fn sparse_reads_cpu(disk: &Path, dir: &Path, poll_us: u64) -> f64 {
 
 #[test]
 fn sparse_requests_do_not_keep_the_worker_polling() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = scratch_dir("ubiblk-poll");
-    let disk = dir.path().join("disk.raw");
-    create_pattern_file(&disk, SIZE).unwrap();
+    let (_serial, dir, disk) = setup();
     let off = sparse_reads_cpu(&disk, dir.path(), 0);
     let polling = sparse_reads_cpu(&disk, dir.path(), 500);
     // A fixed 500 µs window after each of 500 requests a second spins ~0.25 cores; the adaptive
