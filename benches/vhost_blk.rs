@@ -14,6 +14,8 @@
 //!   UBIBLK_BENCH_DIR           where the disk file lives (default /dev/shm)
 //!   UBIBLK_BENCH_KEEP=1        keep the disk file for the next run
 //!   UBIBLK_BACKEND_BIN         path of vhost-backend (default: cargo's CARGO_BIN_EXE_vhost-backend)
+//!   UBIBLK_BACKEND_ALT_BIN     another build of vhost-backend, run as backend "ours-alt" (A/B of
+//!                              two builds in alternating rounds)
 //!   UBIBLK_BENCH_VERBOSE=1     print backend logs on success too
 
 #[path = "common/mod.rs"]
@@ -33,8 +35,9 @@ use std::time::{Duration, Instant};
 
 #[derive(Clone)]
 enum Kind {
-    /// Our vhost-backend; extra YAML lines appended to the generated config.
-    Ours { extra_yaml: Vec<String> },
+    /// Our vhost-backend (`alt`: the UBIBLK_BACKEND_ALT_BIN build); extra YAML lines appended
+    /// to the generated config.
+    Ours { extra_yaml: Vec<String>, alt: bool },
     /// qemu-storage-daemon (`num_queues` is set per row).
     Qsd(QsdOptions),
 }
@@ -50,6 +53,7 @@ fn ours(name: &str, extra_yaml: &[&str]) -> BackendSpec {
         name: name.into(),
         kind: Kind::Ours {
             extra_yaml: extra_yaml.iter().map(|s| s.to_string()).collect(),
+            alt: false,
         },
     }
 }
@@ -68,6 +72,13 @@ const ENC_KEYS: &str = "encryption_key: [\"ERERERERERERERERERERERERERERERERERERE
 fn backends() -> Vec<BackendSpec> {
     vec![
         ours("ours", &[]),
+        BackendSpec {
+            name: "ours-alt".into(),
+            kind: Kind::Ours {
+                extra_yaml: Vec::new(),
+                alt: true,
+            },
+        },
         qsd("qsd", QsdOptions::default()),
         // Not run by default: ours without busy polling.
         ours("ours-nopoll", &["poll_queue_timeout_us: 0"]),
@@ -87,7 +98,10 @@ fn backends() -> Vec<BackendSpec> {
 
 const DEFAULT_BACKENDS: &[&str] = &["ours", "qsd"];
 
-fn backend_bin() -> Option<PathBuf> {
+fn backend_bin(alt: bool) -> Option<PathBuf> {
+    if alt {
+        return std::env::var_os("UBIBLK_BACKEND_ALT_BIN").map(PathBuf::from);
+    }
     if let Some(p) = std::env::var_os("UBIBLK_BACKEND_BIN") {
         return Some(PathBuf::from(p));
     }
@@ -122,8 +136,9 @@ fn start_backend(
     num_queues: usize,
 ) -> anyhow::Result<Running> {
     match &spec.kind {
-        Kind::Ours { extra_yaml } => {
-            let bin = backend_bin().ok_or_else(|| anyhow::anyhow!("vhost-backend not built"))?;
+        Kind::Ours { extra_yaml, alt } => {
+            let bin =
+                backend_bin(*alt).ok_or_else(|| anyhow::anyhow!("vhost-backend not built"))?;
             let mut cfg = BackendConfig::new(disk, sock).num_queues(num_queues);
             cfg.queue_size = 256;
             cfg.seg_size_max = 65536;
@@ -358,7 +373,7 @@ fn main() -> anyhow::Result<()> {
             );
         };
         match &spec.kind {
-            Kind::Ours { .. } => match backend_bin() {
+            Kind::Ours { alt, .. } => match backend_bin(*alt) {
                 Some(p) if p.exists() => specs.push(spec),
                 other => eprintln!(
                     "warning: skipping backend {name}: vhost-backend binary not found ({other:?})"
