@@ -66,38 +66,6 @@ fn bin(env: &str, built: Option<&'static str>, name: &str) -> anyhow::Result<Pat
 }
 
 // ---------------------------------------------------------------------------------------------
-// Control socket
-// ---------------------------------------------------------------------------------------------
-
-/// The `status` reply of the control socket.
-#[derive(Clone, Debug, Default)]
-struct Status {
-    stripes: u64,
-    fetched: u64,
-    written: u64,
-    fetch_errors: u64,
-    complete: bool,
-    stripe_bytes: u64,
-    raw: String,
-}
-
-/// Sends `status\n` on a fresh connection and parses the one-line JSON reply.
-fn query_status(sock: &Path) -> anyhow::Result<Status> {
-    let st = ControlStatus::query(sock)?;
-    // Part of the interface, but not checked: it may lag `complete` by one finishing fetch.
-    st.num("fetching")?;
-    Ok(Status {
-        stripes: st.num("stripes")?,
-        fetched: st.num("fetched")?,
-        written: st.num("written")?,
-        fetch_errors: st.num("fetch_errors")?,
-        complete: st.flag("complete")?,
-        stripe_bytes: st.num("stripe_bytes")?,
-        raw: st.raw,
-    })
-}
-
-// ---------------------------------------------------------------------------------------------
 // Backends
 // ---------------------------------------------------------------------------------------------
 
@@ -191,7 +159,10 @@ fn stop(be: &mut Backend) -> anyhow::Result<()> {
 
 /// Polls `status` every [`POLL`] until `complete`. Returns the last status, when the first
 /// reply arrived and when the `complete` reply arrived.
-fn wait_complete(be: &mut Backend, ctl: &Path) -> anyhow::Result<(Status, Instant, Instant)> {
+fn wait_complete(
+    be: &mut Backend,
+    ctl: &Path,
+) -> anyhow::Result<(ControlStatus, Instant, Instant)> {
     let t0 = Instant::now();
     let mut first: Option<Instant> = None;
     let mut progress = (Instant::now(), u64::MAX);
@@ -202,7 +173,7 @@ fn wait_complete(be: &mut Backend, ctl: &Path) -> anyhow::Result<(Status, Instan
                 be.log()
             );
         }
-        match query_status(ctl) {
+        match ControlStatus::query(ctl) {
             Ok(s) => {
                 let now = Instant::now();
                 first.get_or_insert(now);
@@ -420,13 +391,13 @@ fn measure_reads(
         let h = s.spawn(|| run_io(q, spec, st.warmup, st.secs, Some(&barrier)));
         barrier.wait();
         std::thread::sleep(st.warmup);
-        let s0 = ctl.map(query_status).transpose();
+        let s0 = ctl.map(ControlStatus::query).transpose();
         let cpu0 = process_cpu_time(pid);
         let t0 = Instant::now();
         std::thread::sleep(st.secs);
         let cpu = process_cpu_time(pid) - cpu0;
         let wall = t0.elapsed();
-        let s1 = ctl.map(query_status).transpose();
+        let s1 = ctl.map(ControlStatus::query).transpose();
         let w = h.join();
         (w, cpu, wall, s0, s1)
     });
@@ -487,7 +458,7 @@ fn reads_lazy(
                 bail!("read at {off}: data differs from the image");
             }
         }
-        let s = query_status(&f.ctl_sock)?;
+        let s = ControlStatus::query(&f.ctl_sock)?;
         let region_stripes = st.region.div_ceil(s.stripe_bytes);
         eprintln!(
             "reads round {}: first {} MiB read through the client in {:.2} s; {}",

@@ -567,7 +567,7 @@ fn guest_fio_verify_lazy() {
     let t0 = Instant::now();
     let status = loop {
         match ControlStatus::query(&ctl) {
-            Ok(s) if s.field("complete") == Some("true") => break s,
+            Ok(s) if s.complete => break s,
             Ok(s) if t0.elapsed() > Duration::from_secs(120) => {
                 panic!(
                     "fetch not complete after 120 s: {}\n{}",
@@ -586,13 +586,12 @@ fn guest_fio_verify_lazy() {
         "second backend: complete after {:.1} s: {status_line}",
         t0.elapsed().as_secs_f64()
     );
-    let n = |k: &str| status.num(k).ok();
-    assert_eq!(n("stripes"), Some(stripes as u64), "{status_line}");
-    assert_eq!(n("fetched"), Some(stripes as u64), "{status_line}");
-    assert_eq!(n("fetch_errors"), Some(0), "{status_line}");
+    assert_eq!(status.stripes, stripes as u64, "{status_line}");
+    assert_eq!(status.fetched, stripes as u64, "{status_line}");
+    assert_eq!(status.fetch_errors, 0, "{status_line}");
     let written = (0..stripes).filter(|&s| guest_wrote(s)).count() as u64;
-    assert_eq!(n("written"), Some(written), "{status_line}");
-    assert_eq!(n("stripe_bytes"), Some(STRIPE), "{status_line}");
+    assert_eq!(status.written, written, "{status_line}");
+    assert_eq!(status.stripe_bytes, STRIPE, "{status_line}");
     drop(backend);
 
     // 3. The whole disk: the image (then zeros) wherever the guest did not write, the guest's

@@ -131,7 +131,7 @@ impl Lazy {
         let t0 = Instant::now();
         loop {
             let s = self.status();
-            if s.flag("complete").unwrap() {
+            if s.complete {
                 return t0.elapsed();
             }
             assert!(
@@ -191,12 +191,7 @@ fn write_to_unfetched_stripe_fetches_it_first() {
     assert_eq!(l.raw_stripe(2), vec![0xaa; STRIPE as usize]);
     assert_eq!(l.raw_stripe(4), vec![0xaa; STRIPE as usize]);
     let s = l.status();
-    assert_eq!(
-        (s.num("fetched").unwrap(), s.num("written").unwrap()),
-        (1, 1),
-        "{}",
-        s.raw
-    );
+    assert_eq!((s.fetched, s.written), (1, 1), "{}", s.raw);
     // The FLUSH made the WRITTEN bit durable too.
     let md = l.metadata(None);
     assert_eq!(md.stripes[3], FETCHED | WRITTEN);
@@ -232,7 +227,7 @@ fn reads_without_copy_on_read_come_from_the_image_and_leave_the_base_untouched()
     );
     c.flush(0).unwrap();
     assert_eq!(std::fs::read(&l.base).unwrap(), vec![0xaa; DISK as usize]);
-    assert_eq!(l.status().num("fetched").unwrap(), 0);
+    assert_eq!(l.status().fetched, 0);
     assert_eq!(l.metadata(None).fetched_count(), 0);
 }
 
@@ -334,13 +329,9 @@ fn autofetch_copies_everything_reports_progress_and_survives_restart() {
         );
     }
     let first = l.status();
-    assert!(
-        first.num("fetched").unwrap() < 64,
-        "rate limit ignored: {}",
-        first.raw
-    );
-    assert_eq!(first.num("stripes").unwrap(), 64);
-    assert_eq!(first.num("stripe_bytes").unwrap(), STRIPE);
+    assert!(first.fetched < 64, "rate limit ignored: {}", first.raw);
+    assert_eq!(first.stripes, 64);
+    assert_eq!(first.stripe_bytes, STRIPE);
     l.wait_complete(Duration::from_secs(30));
     l.check_all(&mut c, 65536);
     c.flush(0).unwrap();
@@ -358,7 +349,7 @@ fn autofetch_copies_everything_reports_progress_and_survives_restart() {
     // Restarted on a changed image: fetched stripes are never fetched again.
     std::fs::write(&l.image, vec![0x55; image_len]).unwrap();
     let (_be, mut c) = l.start();
-    assert!(l.status().flag("complete").unwrap());
+    assert!(l.status().complete);
     l.check_all(&mut c, 65536);
 }
 
@@ -429,7 +420,7 @@ fn failed_fetch_fails_the_request_and_the_backend_keeps_serving() {
     assert_eq!(e, libc::EIO, "{}", errno_name(e));
     assert!(c.read(0, 10 * STRIPE, 4096).is_err());
     assert_eq!(c.read(0, STRIPE, 4096).unwrap(), vec![1u8; 4096]);
-    assert!(l.status().num("fetch_errors").unwrap() >= 1);
+    assert!(l.status().fetch_errors >= 1);
     assert!(
         be.log().contains("fetching stripe 10 failed"),
         "{}",

@@ -29,7 +29,7 @@ use common::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -466,32 +466,6 @@ fn handle(
             }
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Control socket
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Debug)]
-struct Status {
-    raw: String,
-    stripes: u64,
-    fetched: u64,
-    fetch_errors: u64,
-    complete: bool,
-    stripe_bytes: u64,
-}
-
-fn query_status(ctl: &Path) -> anyhow::Result<Status> {
-    let st = ControlStatus::query(ctl)?;
-    Ok(Status {
-        stripes: st.num("stripes")?,
-        fetched: st.num("fetched")?,
-        fetch_errors: st.num("fetch_errors")?,
-        stripe_bytes: st.num("stripe_bytes")?,
-        complete: st.flag("complete")?,
-        raw: st.raw,
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -934,7 +908,7 @@ fn crash_cycles(lazy: bool, copy_on_read: bool) -> anyhow::Result<()> {
                 .collect();
             std::thread::sleep(run_for - burst_for);
             if s.lazy {
-                status_before = Some(query_status(&s.ctl));
+                status_before = Some(ControlStatus::query(&s.ctl));
             }
             sh.burst.store(true, SeqCst);
             std::thread::sleep(burst_for);
@@ -1015,7 +989,7 @@ fn finish(s: &Setup, be: Backend, mut c: Client, model: &[u64], t0: Instant) -> 
     let name = if s.lazy { "lazy" } else { "plain" };
     let image = &s.image_view;
     if s.lazy {
-        let st = query_status(&s.ctl)?;
+        let st = ControlStatus::query(&s.ctl)?;
         let remaining = st.stripes.saturating_sub(st.fetched) * st.stripe_bytes;
         let timeout = Duration::from_secs(10)
             + Duration::from_secs_f64(2.0 * remaining as f64 / (FETCH_MIB_PER_SEC << 20) as f64);
@@ -1025,7 +999,7 @@ fn finish(s: &Setup, be: Backend, mut c: Client, model: &[u64], t0: Instant) -> 
         );
         let deadline = Instant::now() + timeout;
         loop {
-            let st = query_status(&s.ctl)?;
+            let st = ControlStatus::query(&s.ctl)?;
             ensure!(st.fetch_errors == 0, "fetch errors: {}", st.raw);
             if st.complete {
                 ensure!(

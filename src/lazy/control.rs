@@ -1,8 +1,7 @@
 //! The control socket (`control_socket`): a unix stream socket taking one command per line.
 //!
-//! `status` answers one line of JSON with the lazy-fetch progress (see
-//! [`LazyStatus::to_json`](super::LazyStatus::to_json)); anything else answers
-//! `{"error":"..."}`. Connections are served one thread each; a client may send several
+//! `status` answers one line of JSON with the lazy-fetch progress ([`LazyStatus`]); anything
+//! else answers `{"error":"unknown command",...}`. Connections are served one thread each; a client may send several
 //! commands.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -12,30 +11,32 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use log::warn;
+use serde::Serialize;
 
-use super::LazyDevice;
+use super::{Error, LazyDevice, LazyStatus};
 
 /// Longest command line accepted; longer input closes the connection.
 const MAX_LINE: u64 = 256;
 
 /// Binds `path` (replacing a stale socket there, never another kind of file) and serves it on
 /// a background thread.
-pub fn serve(path: &Path, device: Arc<LazyDevice>) -> anyhow::Result<()> {
-    let err = || format!("control_socket: cannot listen on {}", path.display());
+pub fn serve(path: &Path, device: Arc<LazyDevice>) -> Result<(), Error> {
+    let err = |source| Error::Listen {
+        path: path.to_owned(),
+        source,
+    };
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
-            anyhow::bail!(
-                "control_socket: {} exists and is not a socket; refusing to replace it",
-                path.display()
-            );
+            return Err(Error::NotASocket {
+                path: path.to_owned(),
+            });
         }
-        std::fs::remove_file(path).with_context(err)?;
+        std::fs::remove_file(path).map_err(err)?;
     }
-    let listener = UnixListener::bind(path).with_context(err)?;
+    let listener = UnixListener::bind(path).map_err(err)?;
     // Status is not secret, but only the operator should talk to the backend.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).with_context(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -51,34 +52,36 @@ pub fn serve(path: &Path, device: Arc<LazyDevice>) -> anyhow::Result<()> {
                 }
             }
         })
-        .context("cannot start the control socket thread")?;
+        .map_err(|source| Error::Thread {
+            what: "the control socket thread",
+            source,
+        })?;
     Ok(())
 }
 
-/// The answer to one command line.
-pub fn answer(line: &str, device: &LazyDevice) -> String {
-    match line.trim() {
-        "status" => device.status().to_json(),
-        other => format!(
-            "{{\"error\":\"unknown command\",\"command\":{},\"commands\":[\"status\"]}}",
-            json_string(other)
-        ),
-    }
+/// The answers, one JSON object each.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Reply<'a> {
+    Status(LazyStatus),
+    Unknown {
+        error: &'static str,
+        command: &'a str,
+        commands: [&'static str; 1],
+    },
 }
 
-/// `s` as a JSON string literal.
-fn json_string(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// The answer to one command line.
+pub fn answer(line: &str, device: &LazyDevice) -> serde_json::Result<String> {
+    let reply = match line.trim() {
+        "status" => Reply::Status(device.status()),
+        other => Reply::Unknown {
+            error: "unknown command",
+            command: other,
+            commands: ["status"],
+        },
+    };
+    serde_json::to_string(&reply)
 }
 
 fn handle(stream: UnixStream, device: &LazyDevice) {
@@ -97,8 +100,11 @@ fn handle(stream: UnixStream, device: &LazyDevice) {
         if line.trim().is_empty() {
             continue;
         }
-        let reply = answer(&line, device) + "\n";
-        if out.write_all(reply.as_bytes()).is_err() {
+        // Serializing numbers, flags and strings cannot fail; if it did, hang up.
+        let Ok(reply) = answer(&line, device) else {
+            return;
+        };
+        if out.write_all((reply + "\n").as_bytes()).is_err() {
             return;
         }
     }

@@ -1,13 +1,32 @@
-//! Lazy stripe fetch from a base image: the metadata file format ([`metadata`]), the fetch
-//! layer ([`LazyDevice`]) with its fetcher pool, and the control socket ([`control`]).
+//! Lazy stripe fetch from a base image (docs/lazy-fetch.md), one concern per module:
+//!
+//! - [`source`]: what stripes are copied from ([`StripeSource`]; the image file, [`FileSource`]);
+//! - `device`: the layer ([`LazyDevice`]) and its set-up; `channel`: its per-queue channel,
+//!   which parks requests on unfetched stripes and `split`s reads that need no fetch;
+//! - `states` (stripe states), `queue` (the fetcher pool's work and wake-ups), `persist` (the
+//!   metadata file kept in step), composed by `fetch` with the fetcher threads;
+//! - [`metadata`]: the file format; [`control`]: the control socket; `status`: what it reports.
 
+mod channel;
 pub mod control;
 mod device;
+mod error;
 mod fetch;
 pub mod metadata;
+mod persist;
+mod queue;
+pub mod source;
+mod split;
+mod states;
+mod status;
+#[cfg(test)]
+mod tests;
 
-pub use device::{LazyDevice, LazyOptions, LazyStatus};
+pub use device::{LazyDevice, LazyOptions};
+pub use error::Error;
 pub use metadata::{Metadata, MetadataError};
+pub use source::{FileSource, StripeSource};
+pub use status::LazyStatus;
 
 pub use crate::block::device_size;
 
@@ -15,18 +34,21 @@ use std::path::Path;
 
 /// Opens the base disk (`path` of the config) and returns it with its size in 512-byte sectors
 /// (a trailing partial sector does not count); errors name the `path` field.
-pub fn open_base_disk(path: &std::path::Path) -> anyhow::Result<(std::fs::File, u64)> {
-    use anyhow::Context;
-    let disk = std::fs::File::open(path)
-        .with_context(|| format!("path: cannot open {}", path.display()))?;
-    let bytes = device_size(&disk)
-        .with_context(|| format!("path: cannot get the size of {}", path.display()))?;
+pub fn open_base_disk(path: &Path) -> Result<(std::fs::File, u64), Error> {
+    let disk = std::fs::File::open(path).map_err(|source| Error::OpenBase {
+        path: path.to_owned(),
+        source,
+    })?;
+    let bytes = device_size(&disk).map_err(|source| Error::BaseSize {
+        path: path.to_owned(),
+        source,
+    })?;
     Ok((disk, bytes / crate::block::SECTOR_SIZE as u64))
 }
 
 /// True if `a` and `b` name the same file (same inode, or the same block device through
 /// different nodes). Paths that cannot be inspected count as different.
-pub fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+pub fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let (Ok(a), Ok(b)) = (std::fs::metadata(a), std::fs::metadata(b)) else {
         return false;
@@ -40,7 +62,7 @@ pub fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
 
 /// Refuses a lazy configuration whose base disk, image and metadata are not three different
 /// files (fetching would copy a file onto itself, or stripe states would overwrite data).
-pub fn check_distinct(path: &Path, image: &Path, metadata: &Path) -> anyhow::Result<()> {
+pub fn check_distinct(path: &Path, image: &Path, metadata: &Path) -> Result<(), Error> {
     let fields = [
         ("path", path),
         ("image_path", image),
@@ -49,11 +71,12 @@ pub fn check_distinct(path: &Path, image: &Path, metadata: &Path) -> anyhow::Res
     for (i, (fa, a)) in fields.iter().enumerate() {
         for (fb, b) in &fields[i + 1..] {
             if same_file(a, b) {
-                anyhow::bail!(
-                    "{fb}: {} is the same file as {fa} ({})",
-                    b.display(),
-                    a.display()
-                );
+                return Err(Error::SameFile {
+                    field: fb,
+                    path: b.to_path_buf(),
+                    other_field: fa,
+                    other: a.to_path_buf(),
+                });
             }
         }
     }

@@ -386,10 +386,21 @@ impl Backend {
 // The lazy-fetch control socket
 // ---------------------------------------------------------------------------------------------
 
-/// One `status` reply of `control_socket`: a line of flat JSON (numbers and booleans).
-#[derive(Clone, Debug, Default)]
+/// One `status` reply of `control_socket` (docs/lazy-fetch.md): every field must be there,
+/// with its type.
+#[derive(Clone, Debug, serde::Deserialize)]
 pub struct ControlStatus {
+    pub stripes: u64,
+    pub fetched: u64,
+    pub written: u64,
+    pub fetching: u64,
+    pub fetch_errors: u64,
+    pub complete: bool,
+    pub stripe_bytes: u64,
+    pub copy_on_read: bool,
+    pub autofetch: bool,
     /// The reply, trimmed.
+    #[serde(skip)]
     pub raw: String,
 }
 
@@ -407,35 +418,13 @@ impl ControlStatus {
             .read_line(&mut line)
             .context("reading the status reply")?;
         anyhow::ensure!(
-            line.starts_with('{') && line.ends_with("}\n"),
-            "status reply is not one line of JSON: {line:?}"
+            line.ends_with('\n'),
+            "status reply is not one line: {line:?}"
         );
-        Ok(ControlStatus {
-            raw: line.trim().to_string(),
-        })
-    }
-
-    /// The raw value of `"key":`.
-    pub fn field(&self, key: &str) -> Option<&str> {
-        let pat = format!("\"{key}\"");
-        let at = self.raw.find(&pat)? + pat.len();
-        let rest = self.raw[at..].trim_start().strip_prefix(':')?.trim_start();
-        let end = rest.find([',', '}']).unwrap_or(rest.len());
-        Some(rest[..end].trim())
-    }
-
-    pub fn num(&self, key: &str) -> anyhow::Result<u64> {
-        self.field(key)
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("status reply has no number `{key}`: {}", self.raw))
-    }
-
-    pub fn flag(&self, key: &str) -> anyhow::Result<bool> {
-        match self.field(key) {
-            Some("true") => Ok(true),
-            Some("false") => Ok(false),
-            _ => bail!("status reply has no boolean `{key}`: {}", self.raw),
-        }
+        let raw = line.trim().to_string();
+        let status: ControlStatus = serde_json::from_str(&raw)
+            .with_context(|| format!("status reply is not the status JSON: {raw}"))?;
+        Ok(ControlStatus { raw, ..status })
     }
 }
 

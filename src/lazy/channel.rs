@@ -1,0 +1,375 @@
+//! The lazy layer's per-queue channel.
+//!
+//! Per request, on the channel's own thread:
+//! - every stripe touched is fetched: the request goes straight down (the fast path);
+//! - a write (or discard, write-zeroes), or a read with `copy_on_read` or from a source
+//!   without read-through, touching an unfetched stripe is parked: its stripes are queued for
+//!   the fetcher pool and the request goes down once they are all fetched (or fails with EIO
+//!   if a fetch failed). Fetchers wake the channel through its completion eventfd, so a
+//!   waiting queue sleeps instead of spinning;
+//! - any other read is split ([`super::split`]): fetched runs from the base disk, the rest
+//!   through the source's read-through channel (zeros past its end); nothing is fetched.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+
+use super::fetch::Shared;
+use super::persist::WaitState;
+use super::queue::Waker;
+use super::split::{Dest, Piece, Pieces, SourceEnd};
+use crate::block::{BufPool, Completion, IoChannel, IoOp, Slab, SECTOR_SHIFT};
+
+/// A request waiting for its stripes, or a FLUSH waiting for WRITTEN bits to be durable.
+struct Parked {
+    id: u64,
+    op: IoOp,
+    wait: Wait,
+}
+
+enum Wait {
+    Stripes {
+        first: usize,
+        last: usize,
+        write: bool,
+    },
+    Persist(u64),
+}
+
+enum Kind {
+    /// Went down whole: hand the completion up as is.
+    Pass,
+    /// A read assembled from `parts` pieces.
+    Split(Dest),
+}
+
+struct Op {
+    id: u64,
+    kind: Kind,
+    parts: u32,
+    result: Result<(), i32>,
+}
+
+/// Pieces of split reads carry their byte offset (in sectors) in the id's high half.
+const OFFSET_SHIFT: u32 = 32;
+
+pub(crate) struct LazyChannel {
+    shared: Arc<Shared>,
+    source_end: SourceEnd,
+    inner: Box<dyn IoChannel>,
+    /// The source's read-through channel; `None`: reads of unfetched stripes park.
+    image: Option<Box<dyn IoChannel>>,
+    waker: Arc<Waker>,
+    seen_generation: u64,
+    ops: Slab<Op>,
+    parked: Vec<Parked>,
+    /// Finished without going down (failed fetches, reads served from zeros).
+    ready: Vec<Completion>,
+    below: Vec<Completion>,
+    pool: BufPool,
+}
+
+/// The stripes `op` touches and whether it modifies them; `None` for operations the layer
+/// passes down untouched (flush, empty, or out of range, which the layer below rejects).
+fn span(op: &IoOp, shared: &Shared) -> Option<(usize, usize, bool)> {
+    let (sector, sectors, write) = match op {
+        IoOp::Read { sector, buf } => (*sector, (buf.len() >> SECTOR_SHIFT) as u64, false),
+        IoOp::ReadVec { sector, iov } => (*sector, (iov.len() >> SECTOR_SHIFT) as u64, false),
+        IoOp::Write { sector, buf } => (*sector, (buf.len() >> SECTOR_SHIFT) as u64, true),
+        IoOp::WriteVec { sector, iov } => (*sector, (iov.len() >> SECTOR_SHIFT) as u64, true),
+        IoOp::Discard { sector, sectors } | IoOp::WriteZeroes { sector, sectors } => {
+            (*sector, *sectors, true)
+        }
+        IoOp::Flush => return None,
+    };
+    let end = sector.checked_add(sectors)?;
+    if sectors == 0 || end > shared.stripes.disk_sectors {
+        return None;
+    }
+    let stripes = &shared.stripes;
+    Some((stripes.stripe_of(sector), stripes.stripe_of(end - 1), write))
+}
+
+impl LazyChannel {
+    pub fn new(
+        shared: Arc<Shared>,
+        source_end: SourceEnd,
+        inner: Box<dyn IoChannel>,
+        image: Option<Box<dyn IoChannel>>,
+        waker: Arc<Waker>,
+    ) -> Self {
+        LazyChannel {
+            shared,
+            source_end,
+            inner,
+            image,
+            waker,
+            seen_generation: 0,
+            ops: Slab::default(),
+            parked: Vec::new(),
+            ready: Vec::new(),
+            below: Vec::new(),
+            pool: BufPool::default(),
+        }
+    }
+
+    fn pass(&mut self, id: u64, op: IoOp) {
+        let key = self.ops.insert(Op {
+            id,
+            kind: Kind::Pass,
+            parts: 1,
+            result: Ok(()),
+        });
+        self.inner.add(key as u64, op);
+    }
+
+    fn park(&mut self, id: u64, op: IoOp, wait: Wait) {
+        // Announce the wait before queuing: a fetcher finishing now must see it and wake us.
+        self.waker.parked.store(self.parked.len() + 1, SeqCst);
+        if let Wait::Stripes { first, last, .. } = wait {
+            for s in first..=last {
+                self.shared.request(s);
+            }
+        }
+        self.parked.push(Parked { id, op, wait });
+    }
+
+    /// Sends down the parked requests that can go; fails those whose fetch (or WRITTEN
+    /// persistence) failed.
+    fn retry_parked(&mut self) {
+        let mut sent = false;
+        for p in std::mem::take(&mut self.parked) {
+            let state = match p.wait {
+                Wait::Stripes { first, last, write } => {
+                    let stripes = &self.shared.stripes;
+                    if stripes.all_fetched(first, last) {
+                        if write {
+                            self.shared.mark_written(first, last);
+                        }
+                        WaitState::Ready
+                    } else if stripes.any_abandoned(first, last) {
+                        WaitState::Failed
+                    } else {
+                        WaitState::Pending
+                    }
+                }
+                Wait::Persist(ticket) => self.shared.meta.persisted(ticket),
+            };
+            match state {
+                WaitState::Ready => {
+                    self.pass(p.id, p.op);
+                    sent = true;
+                }
+                WaitState::Failed => {
+                    let buf = match p.op {
+                        IoOp::Read { buf, .. } | IoOp::Write { buf, .. } => Some(buf),
+                        _ => None,
+                    };
+                    self.ready.push(Completion {
+                        id: p.id,
+                        result: Err(libc::EIO),
+                        buf,
+                    });
+                }
+                WaitState::Pending => self.parked.push(p),
+            }
+        }
+        self.waker.parked.store(self.parked.len(), SeqCst);
+        if sent {
+            let _ = self.inner.submit();
+        }
+    }
+
+    /// Serves a read without fetching, through the source's read-through channel.
+    fn read_split(&mut self, id: u64, sector: u64, dest: Dest) {
+        let Some(image) = self.image.as_deref_mut() else {
+            // `add` parks such reads instead.
+            let buf = match dest {
+                Dest::Buf(b) => Some(b),
+                Dest::Vecs(_) => None,
+            };
+            return self.ready.push(Completion {
+                id,
+                result: Err(libc::EIO),
+                buf,
+            });
+        };
+        let end = sector + (dest.len() >> SECTOR_SHIFT) as u64;
+        let key = self.ops.insert(Op {
+            id,
+            kind: Kind::Split(dest),
+            parts: 0,
+            result: Ok(()),
+        });
+        let mut parts = 0;
+        for piece in Pieces::new(&self.shared.stripes, &self.source_end, sector, end) {
+            let (channel, from, to) = match piece {
+                Piece::Base(from, to) => (&mut *self.inner, from, to),
+                Piece::Source(from, to) => (&mut *image, from, to),
+                Piece::Zeros(from, to) => {
+                    if let Some(Op {
+                        kind: Kind::Split(dest),
+                        ..
+                    }) = self.ops.get_mut(key)
+                    {
+                        self.source_end.fill(dest, sector, from, to);
+                    }
+                    continue;
+                }
+            };
+            let buf = self.pool.get(((to - from) << SECTOR_SHIFT) as usize);
+            let piece_id = key as u64 | ((from - sector) << OFFSET_SHIFT);
+            channel.add(piece_id, IoOp::Read { sector: from, buf });
+            parts += 1;
+        }
+        if let Some(op) = self.ops.get_mut(key) {
+            op.parts = parts;
+        }
+        if parts == 0 {
+            self.complete(key);
+        }
+    }
+
+    /// Hands finished op `key` up.
+    fn complete(&mut self, key: usize) {
+        if let Some(op) = self.ops.remove(key) {
+            let buf = match op.kind {
+                Kind::Split(Dest::Buf(b)) => Some(b),
+                _ => None,
+            };
+            self.ready.push(Completion {
+                id: op.id,
+                result: op.result,
+                buf,
+            });
+        }
+    }
+
+    /// Accounts one completion from below.
+    fn reap_one(&mut self, c: Completion) {
+        let key = (c.id & ((1 << OFFSET_SHIFT) - 1)) as usize;
+        let offset = ((c.id >> OFFSET_SHIFT) << SECTOR_SHIFT) as usize;
+        let Some(op) = self.ops.get_mut(key) else {
+            return;
+        };
+        match &mut op.kind {
+            Kind::Pass => {
+                let id = op.id;
+                self.ops.remove(key);
+                self.ready.push(Completion {
+                    id,
+                    result: c.result,
+                    buf: c.buf,
+                });
+            }
+            Kind::Split(dest) => {
+                if let Some(piece) = c.buf {
+                    if c.result.is_ok() {
+                        dest.put(offset, piece.len(), Some(&piece));
+                    }
+                    self.pool.put(piece);
+                }
+                if c.result.is_err() {
+                    op.result = c.result;
+                }
+                op.parts -= 1;
+                if op.parts == 0 {
+                    self.complete(key);
+                }
+            }
+        }
+    }
+}
+
+impl IoChannel for LazyChannel {
+    fn add(&mut self, id: u64, op: IoOp) {
+        if let IoOp::Flush = op {
+            // WRITTEN bits set before this FLUSH become durable before it completes.
+            if let Some(ticket) = self.shared.request_persist() {
+                return self.park(id, op, Wait::Persist(ticket));
+            }
+        }
+        let Some((first, last, write)) = span(&op, &self.shared) else {
+            return self.pass(id, op);
+        };
+        if self.shared.stripes.all_fetched(first, last) {
+            if write {
+                self.shared.mark_written(first, last);
+            }
+            return self.pass(id, op);
+        }
+        if write || self.shared.copy_on_read || self.image.is_none() {
+            return self.park(id, op, Wait::Stripes { first, last, write });
+        }
+        match op {
+            IoOp::Read { sector, buf } => self.read_split(id, sector, Dest::Buf(buf)),
+            IoOp::ReadVec { sector, iov } => self.read_split(id, sector, Dest::Vecs(iov)),
+            other => self.pass(id, other),
+        }
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        if let Some(image) = &mut self.image {
+            image.submit()?;
+        }
+        self.inner.submit()
+    }
+
+    fn poll(&mut self, out: &mut Vec<Completion>) {
+        if !self.parked.is_empty() {
+            let generation = self.shared.queue.generation.load(SeqCst);
+            if generation != self.seen_generation {
+                self.seen_generation = generation;
+                self.retry_parked();
+            }
+        }
+        let mut below = std::mem::take(&mut self.below);
+        self.inner.poll(&mut below);
+        if let Some(image) = &mut self.image {
+            image.poll(&mut below);
+        }
+        for c in below.drain(..) {
+            self.reap_one(c);
+        }
+        self.below = below;
+        out.append(&mut self.ready);
+    }
+
+    fn wait(&mut self) -> io::Result<()> {
+        if !self.ready.is_empty() {
+            return Ok(());
+        }
+        if self.inner.in_flight() > 0 {
+            return self.inner.wait();
+        }
+        if let Some(image) = self.image.as_mut().filter(|i| i.in_flight() > 0) {
+            return image.wait();
+        }
+        if !self.parked.is_empty() {
+            // Only fetches are outstanding: sleep until a fetcher signals (bounded, to
+            // re-check even if a wake-up raced with the generation check).
+            let mut pfd = libc::pollfd {
+                fd: self.waker.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, 100) };
+            let _ = self.waker.fd.read();
+        }
+        Ok(())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.ops.len() + self.parked.len() + self.ready.len()
+    }
+
+    fn completion_fd(&self) -> RawFd {
+        self.inner.completion_fd()
+    }
+
+    fn ack_completion_fd(&mut self) {
+        self.inner.ack_completion_fd()
+    }
+}

@@ -1,0 +1,47 @@
+//! What can go wrong setting up lazy fetch; every variant names the configuration field (and
+//! path) involved, so the operator knows what to fix.
+
+use std::io;
+use std::path::PathBuf;
+
+use super::MetadataError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("path: cannot open {path}")]
+    OpenBase { path: PathBuf, source: io::Error },
+    #[error("path: cannot get the size of {path}")]
+    BaseSize { path: PathBuf, source: io::Error },
+    #[error("image_path: cannot open {path}")]
+    OpenImage { path: PathBuf, source: io::Error },
+    /// Reading the source's partial last sector at start-up failed.
+    #[error("cannot read the last partial sector of the image {image}")]
+    ImageTail { image: String, source: io::Error },
+    #[error("metadata_path: cannot open {path}")]
+    OpenMetadata { path: PathBuf, source: io::Error },
+    #[error("metadata_path: {path} is not usable (run init-metadata to create it)")]
+    BadMetadata {
+        path: PathBuf,
+        source: MetadataError,
+    },
+    /// Two of the files a lazy disk needs are one file.
+    #[error("{field}: {path} is the same file as {other_field} ({other})")]
+    SameFile {
+        field: &'static str,
+        path: PathBuf,
+        other_field: &'static str,
+        other: PathBuf,
+    },
+    #[error("control_socket: {path} exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("control_socket: cannot listen on {path}")]
+    Listen { path: PathBuf, source: io::Error },
+    #[error("cannot open the fetchers' channels to the base disk")]
+    FetcherChannels(#[source] io::Error),
+    /// A background thread (`what`: fetcher, control socket) could not be started.
+    #[error("cannot start {what}")]
+    Thread {
+        what: &'static str,
+        source: io::Error,
+    },
+}

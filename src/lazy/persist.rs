@@ -1,0 +1,133 @@
+//! Keeps the metadata file in step with the stripe states: one sector write + fdatasync per
+//! fetched stripe, and the WRITTEN bits guests set, written (dirty sectors only) before the
+//! FLUSH that follows them completes.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+
+use log::error;
+
+use super::metadata::{self, Metadata, FETCHED, SECTOR_SIZE};
+use super::queue::lock;
+use super::states::StripeStates;
+use crate::crypto::Xts;
+
+/// The metadata file and the key it is encrypted with.
+pub(crate) struct MetaFile {
+    pub file: File,
+    pub xts: Option<Arc<Xts>>,
+}
+
+impl MetaFile {
+    fn write_sector(&self, n: u64, plaintext: [u8; SECTOR_SIZE]) -> io::Result<()> {
+        metadata::write_sector(&self.file, n, plaintext, self.xts.as_deref())
+    }
+}
+
+/// Where something a parked request waits for (its stripes' fetches, or WRITTEN bits being
+/// persisted) stands.
+pub(crate) enum WaitState {
+    Pending,
+    Ready,
+    Failed,
+}
+
+pub(crate) struct MetaStore {
+    /// Serializes sector writes: each writes the sector as durable so far plus its change.
+    file: Mutex<MetaFile>,
+    /// Metadata sectors holding WRITTEN bits set in memory and not yet on disk.
+    dirty: Mutex<BTreeSet<u64>>,
+    /// WRITTEN persistence for guest FLUSHes: requests handed out, and the latest request
+    /// served (successfully, or not).
+    requested: AtomicU64,
+    done: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl MetaStore {
+    pub fn new(file: MetaFile) -> Self {
+        MetaStore {
+            file: Mutex::new(file),
+            dirty: Mutex::default(),
+            requested: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    }
+
+    /// Records guest writes into (fetched) stripes; made durable before the next FLUSH
+    /// completes.
+    pub fn mark_written(&self, states: &StripeStates, first: usize, last: usize) {
+        for s in first..=last {
+            if states.set_written(s) {
+                lock(&self.dirty).insert(Metadata::sector_of_stripe_byte(s));
+            }
+        }
+    }
+
+    /// WRITTEN bits wait to be persisted.
+    pub fn written_dirty(&self) -> bool {
+        !lock(&self.dirty).is_empty()
+    }
+
+    /// Hands out a persistence request to wait for with [`MetaStore::persisted`].
+    pub fn new_ticket(&self) -> u64 {
+        self.requested.fetch_add(1, SeqCst) + 1
+    }
+
+    pub fn persisted(&self, ticket: u64) -> WaitState {
+        if self.done.load(SeqCst) >= ticket {
+            WaitState::Ready
+        } else if self.failed.load(SeqCst) >= ticket {
+            WaitState::Failed
+        } else {
+            WaitState::Pending
+        }
+    }
+
+    /// Makes "stripe fetched" durable, then lets guest I/O use the stripe.
+    pub fn persist_fetched(&self, states: &StripeStates, stripe: usize) -> io::Result<()> {
+        let meta = lock(&self.file);
+        let n = Metadata::sector_of_stripe_byte(stripe);
+        let mut sector = states.encode_sector(n);
+        sector[stripe % SECTOR_SIZE] |= FETCHED;
+        meta.write_sector(n, sector)?;
+        meta.file.sync_data()?;
+        states.set_fetched(stripe);
+        Ok(())
+    }
+
+    /// Writes the metadata sectors whose WRITTEN bits changed, then fdatasyncs.
+    pub fn persist_written(&self, states: &StripeStates) -> io::Result<()> {
+        let meta = lock(&self.file);
+        let sectors = std::mem::take(&mut *lock(&self.dirty));
+        if sectors.is_empty() {
+            return Ok(());
+        }
+        let result = sectors
+            .iter()
+            .try_for_each(|&n| meta.write_sector(n, states.encode_sector(n)))
+            .and_then(|()| meta.file.sync_data());
+        if result.is_err() {
+            // Still dirty: the next FLUSH or sync tries again.
+            lock(&self.dirty).extend(sectors);
+        }
+        result
+    }
+
+    /// Serves every persistence request handed out so far (their dirty sectors were recorded
+    /// before they were handed out, so before the dirty set is taken here).
+    pub fn serve(&self, states: &StripeStates) {
+        let ticket = self.requested.load(SeqCst);
+        match self.persist_written(states) {
+            Ok(()) => self.done.fetch_max(ticket, SeqCst),
+            Err(e) => {
+                error!("writing WRITTEN bits to the metadata failed: {e}");
+                self.failed.fetch_max(ticket, SeqCst)
+            }
+        };
+    }
+}

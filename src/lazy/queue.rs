@@ -1,0 +1,197 @@
+//! The fetcher pool's work queue: guest demand ahead of background work (autofetch, paced and
+//! retried), WRITTEN persistence requests, and the wake-ups of channels whose requests wait.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::states::StripeStates;
+
+/// Background fetches running at once; the rest of the pool stays free for guest demand.
+const AUTOFETCH_CONCURRENCY: usize = 2;
+/// After a full pass that left stripes behind (in flight elsewhere, or failed), wait this long
+/// before the next pass.
+const AUTOFETCH_RETRY: Duration = Duration::from_secs(1);
+
+/// Locks `m`, ignoring poisoning: every critical section leaves the data consistent.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Wakes one channel that has requests waiting for fetches (see `LazyChannel`).
+pub(crate) struct Waker {
+    /// A duplicate of the channel's completion eventfd, which its worker watches.
+    pub fd: EventFd,
+    /// Requests the channel has parked; only channels with some are woken.
+    pub parked: AtomicUsize,
+}
+
+/// What a fetcher does next.
+pub(crate) enum Job {
+    /// Fetch a stripe; `true` for background work.
+    Fetch(usize, bool),
+    /// Write the dirty WRITTEN bits.
+    Persist,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Stripes guests are waiting for, in request order.
+    demand: VecDeque<usize>,
+    /// Next stripe the background pass looks at.
+    cursor: usize,
+    /// Fetches running, and how many of them are background work.
+    running: usize,
+    auto_running: usize,
+    /// Earliest start of the next background fetch (rate limit, retry delay).
+    next_auto: Option<Instant>,
+    auto_done: bool,
+    /// A FLUSH waits for WRITTEN bits to be persisted.
+    persist_wanted: bool,
+    stop: bool,
+}
+
+pub(crate) struct FetchQueue {
+    queue: Mutex<Queue>,
+    cond: Condvar,
+    pub autofetch: bool,
+    /// Bytes per second for background fetches; `None`: as fast as the pool goes.
+    autofetch_rate: Option<u64>,
+    /// Bumped after every finished job (success or failure); channels re-check parked
+    /// requests when it moves.
+    pub generation: AtomicU64,
+    wakers: Mutex<Vec<Weak<Waker>>>,
+}
+
+impl FetchQueue {
+    pub fn new(autofetch: bool, autofetch_rate: Option<u64>) -> Self {
+        FetchQueue {
+            queue: Mutex::default(),
+            cond: Condvar::new(),
+            autofetch,
+            autofetch_rate,
+            generation: AtomicU64::new(0),
+            wakers: Mutex::default(),
+        }
+    }
+
+    /// Queues a stripe a guest waits for (the caller claimed it).
+    pub fn demand(&self, stripe: usize) {
+        lock(&self.queue).demand.push_back(stripe);
+        self.cond.notify_one();
+    }
+
+    /// Asks a fetcher to persist WRITTEN bits; `ticket` runs under the queue lock, so the
+    /// request it hands out is covered by the next persistence job.
+    pub fn want_persist(&self, ticket: impl FnOnce() -> u64) -> u64 {
+        let mut q = lock(&self.queue);
+        let t = ticket();
+        q.persist_wanted = true;
+        self.cond.notify_one();
+        t
+    }
+
+    /// Stops the fetchers after their current job.
+    pub fn stop(&self) {
+        lock(&self.queue).stop = true;
+        self.cond.notify_all();
+    }
+
+    /// The next job; `None`: stop.
+    pub fn next_job(&self, states: &StripeStates) -> Option<Job> {
+        let mut q = lock(&self.queue);
+        loop {
+            if q.stop {
+                return None;
+            }
+            if q.persist_wanted {
+                q.persist_wanted = false;
+                return Some(Job::Persist);
+            }
+            if let Some(s) = q.demand.pop_front() {
+                q.running += 1;
+                return Some(Job::Fetch(s, false));
+            }
+            if self.autofetch && !q.auto_done && q.auto_running < AUTOFETCH_CONCURRENCY {
+                let now = Instant::now();
+                match q.next_auto {
+                    Some(t) if t > now => {
+                        q = self
+                            .cond
+                            .wait_timeout(q, t - now)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                        continue;
+                    }
+                    _ => {}
+                }
+                if let Some(s) = claim_next(states, &mut q.cursor) {
+                    q.running += 1;
+                    q.auto_running += 1;
+                    if let Some(rate) = self.autofetch_rate {
+                        let pace =
+                            Duration::from_secs_f64(states.stripe_bytes() as f64 / rate as f64);
+                        q.next_auto = Some(q.next_auto.map_or(now, |t| t.max(now)) + pace);
+                    }
+                    return Some(Job::Fetch(s, true));
+                }
+                // A full pass is done.
+                if states.fetched_count() == states.count() {
+                    q.auto_done = true;
+                } else {
+                    q.cursor = 0;
+                    q.next_auto = Some(now + AUTOFETCH_RETRY);
+                }
+                continue;
+            }
+            q = self.cond.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Takes a finished fetch off the running count.
+    pub fn finished(&self, background: bool) {
+        let mut q = lock(&self.queue);
+        q.running -= 1;
+        if background {
+            q.auto_running -= 1;
+            self.cond.notify_one();
+        }
+    }
+
+    /// Stripes waiting in the demand queue plus fetches running.
+    pub fn pending(&self) -> usize {
+        let q = lock(&self.queue);
+        q.demand.len() + q.running
+    }
+
+    pub fn register(&self, waker: &Arc<Waker>) {
+        let mut wakers = lock(&self.wakers);
+        wakers.retain(|w| w.strong_count() > 0);
+        wakers.push(Arc::downgrade(waker));
+    }
+
+    /// Tells every channel with parked requests that a job finished.
+    pub fn wake_parked(&self) {
+        self.generation.fetch_add(1, SeqCst);
+        for w in lock(&self.wakers).iter().filter_map(Weak::upgrade) {
+            if w.parked.load(SeqCst) > 0 {
+                let _ = w.fd.write(1);
+            }
+        }
+    }
+}
+
+/// Claims the first stripe at or after `cursor` that nobody fetched or claimed.
+fn claim_next(states: &StripeStates, cursor: &mut usize) -> Option<usize> {
+    while *cursor < states.count() {
+        let s = *cursor;
+        *cursor += 1;
+        if states.claim(s) {
+            return Some(s);
+        }
+    }
+    None
+}

@@ -1,0 +1,63 @@
+//! What lazy fetch copies from: the [`StripeSource`] trait, and [`open`], which picks the
+//! implementation the configuration names.
+
+mod file;
+
+use std::fmt;
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::sync::Arc;
+
+pub use file::FileSource;
+
+use super::{Error, LazyOptions};
+use crate::block::IoChannel;
+
+/// The content a lazy disk is filled from (the base image), read-only.
+///
+/// A new kind of source (HTTP range GETs, S3, an archive member, ...) is one module that
+/// implements this trait plus one arm in [`open`] mapping its configuration to it. It
+/// implements:
+///
+/// - [`bytes`](StripeSource::bytes): its size, fixed for the life of the backend. It need not
+///   be a multiple of 512 or of the stripe size; the disk reads as zeros past it, and a
+///   source larger than the disk is cut to the disk's size (with a warning).
+/// - [`read_at`](StripeSource::read_at): blocking reads of byte ranges for the fetcher
+///   threads (several at once, from different threads), one stripe (32 KiB .. 32 MiB) at a
+///   time. The layer never asks for ranges wholly past the end (it writes zeros there itself);
+///   a range crossing the end is zero-filled past it. Errors are per fetch: the waiting
+///   requests fail with EIO, the stripe stays unfetched and a later request retries, so a
+///   transient failure (a dropped connection) needs no retry loop here. The same call reads
+///   the partial last sector once at start-up (when `bytes` is not a multiple of 512).
+/// - [`read_through`](StripeSource::read_through), optional: an asynchronous channel that
+///   serves guest reads of unfetched stripes (`copy_on_read: false`) straight from the source,
+///   without fetching. Without it (the default), such reads wait for their stripes to be
+///   fetched, exactly as with `copy_on_read: true`; implement it only where per-request
+///   reads are cheap (a local file, not a remote object).
+/// - [`Display`](fmt::Display): how logs name it (a path, a URL).
+///
+/// Opening errors belong in [`Error`], with a variant naming the configuration field.
+pub trait StripeSource: fmt::Display + Send + Sync {
+    /// Size in bytes.
+    fn bytes(&self) -> u64;
+
+    /// Fills `buf` with the bytes at `offset`; past the end of the source, with zeros.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// A new read-through channel for one queue, whose completions signal `notify` (an
+    /// eventfd the queue's worker already watches). It serves only [`IoOp::Read`] of whole
+    /// sectors lying inside the source's whole sectors (the layer zero-fills the rest and
+    /// serves the partial last sector itself), with buffers from the layer's pool.
+    /// `None`: the source has no read-through.
+    ///
+    /// [`IoOp::Read`]: crate::block::IoOp::Read
+    fn read_through(&self, notify: BorrowedFd<'_>) -> Option<io::Result<Box<dyn IoChannel>>> {
+        let _ = notify;
+        None
+    }
+}
+
+/// Opens the source `opts` configures; `ring_entries` sizes read-through channels' rings.
+pub fn open(opts: &LazyOptions, ring_entries: u32) -> Result<Arc<dyn StripeSource>, Error> {
+    Ok(Arc::new(FileSource::open(&opts.image_path, ring_entries)?))
+}

@@ -1,0 +1,62 @@
+//! A local file or block device as the source (`image_path`).
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::StripeSource;
+use crate::block::{device_size, FileDevice, IoChannel};
+use crate::lazy::Error;
+
+/// Fetchers read the file with positioned reads; read-through channels are io_uring channels
+/// of a second, read-only [`FileDevice`] on it (O_DIRECT where the file system allows).
+pub struct FileSource {
+    path: PathBuf,
+    file: File,
+    bytes: u64,
+    device: FileDevice,
+}
+
+impl FileSource {
+    pub fn open(path: &Path, ring_entries: u32) -> Result<Self, Error> {
+        let err = |source| Error::OpenImage {
+            path: path.to_owned(),
+            source,
+        };
+        let device = FileDevice::open(path, true, ring_entries).map_err(err)?;
+        let file = File::open(path).map_err(err)?;
+        let bytes = device_size(&file).map_err(err)?;
+        Ok(FileSource {
+            path: path.to_owned(),
+            file,
+            bytes,
+            device,
+        })
+    }
+}
+
+impl fmt::Display for FileSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.path.display().fmt(f)
+    }
+}
+
+impl StripeSource for FileSource {
+    fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let avail = self.bytes.saturating_sub(offset).min(buf.len() as u64) as usize;
+        self.file.read_exact_at(&mut buf[..avail], offset)?;
+        buf[avail..].fill(0);
+        Ok(())
+    }
+
+    fn read_through(&self, notify: BorrowedFd<'_>) -> Option<io::Result<Box<dyn IoChannel>>> {
+        Some(self.device.channel_notifying(notify))
+    }
+}
