@@ -162,3 +162,41 @@ impl Dest {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lazy::Metadata;
+
+    #[test]
+    fn pieces_follow_stripe_states_and_the_source_end() {
+        // Five stripes of 64 sectors, stripe 1 fetched; the source ends in sector 160.
+        let mut md = Metadata::new(5 * 64, 6).unwrap();
+        md.set_fetched(1);
+        let states = StripeStates::new(&md, 5 * 64);
+        let mut tail = Box::new([0u8; SECTOR_SIZE]);
+        tail[..100].fill(7);
+        let end = SourceEnd {
+            sectors: 160,
+            tail: Some((160, tail)),
+        };
+        let pieces: Vec<Piece> = Pieces::new(&states, &end, 10, 300).collect();
+        assert_eq!(
+            pieces,
+            [
+                Piece::Source(10, 64),
+                Piece::Base(64, 128),
+                Piece::Source(128, 160),
+                Piece::Zeros(160, 300),
+            ]
+        );
+        // Zeros past the end, except the source's partial last sector.
+        let mut dest = Dest::Buf(IoBuf::new(3 * SECTOR_SIZE));
+        dest.put(0, 3 * SECTOR_SIZE, Some(&[0xff; 3 * SECTOR_SIZE]));
+        end.fill(&mut dest, 159, 160, 162);
+        let Dest::Buf(b) = dest else { unreachable!() };
+        assert!(b[..512].iter().all(|&x| x == 0xff));
+        assert!(b[512..612].iter().all(|&x| x == 7));
+        assert!(b[612..].iter().all(|&x| x == 0));
+    }
+}
