@@ -55,8 +55,9 @@ impl LazyDevice {
         opts: &LazyOptions,
         ring_entries: u32,
     ) -> Result<Self, Error> {
+        let meta = open_metadata(&opts.metadata_path, inner.sectors(), xts)?;
         let source = source::open(opts, ring_entries)?;
-        Self::with_source(inner, xts, source, opts)
+        Self::start(inner, meta, source, opts)
     }
 
     /// [`LazyDevice::open`] with the source already open (`opts.image_path` is not used).
@@ -66,8 +67,17 @@ impl LazyDevice {
         source: Arc<dyn StripeSource>,
         opts: &LazyOptions,
     ) -> Result<Self, Error> {
+        let meta = open_metadata(&opts.metadata_path, inner.sectors(), xts)?;
+        Self::start(inner, meta, source, opts)
+    }
+
+    fn start(
+        inner: Arc<dyn BlockDevice>,
+        (meta, md): (MetaFile, Metadata),
+        source: Arc<dyn StripeSource>,
+        opts: &LazyOptions,
+    ) -> Result<Self, Error> {
         let disk_sectors = inner.sectors();
-        let (meta, md) = open_metadata(&opts.metadata_path, disk_sectors, xts)?;
         let (bytes, disk_bytes) = (source.bytes(), disk_sectors << SECTOR_SHIFT);
         if bytes > disk_bytes {
             warn!(
