@@ -295,6 +295,31 @@ fn missing_disk_is_refused_with_path_named() {
     assert!(err.contains("path") && err.contains("nope.raw"), "{err}");
 }
 
+/// Errors after the stack is open (vhost::serve's) are reported the same way: tool, field, file,
+/// cause, exit status 1.
+#[test]
+fn unusable_socket_is_refused_with_the_field_named() {
+    let d = disk(1 << 20);
+    let sock = d.dir.path().join("no/such/dir/vhost.sock");
+    let yaml = format!("path: {}\nsocket: {}\n", d.img.display(), sock.display());
+    let cfg = d.dir.path().join("bad.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = format!(
+        "vhost-backend: socket: cannot listen on {}: ",
+        sock.display()
+    );
+    let line = err.lines().last().unwrap_or_default();
+    assert!(line.starts_with(&want), "{err}");
+    assert!(line.contains("No such file or directory"), "{err}");
+}
+
 #[test]
 fn missing_config_file_is_reported() {
     let d = disk(1 << 20);
