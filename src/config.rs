@@ -12,7 +12,8 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    /// The I/O error is the source, printed after this message in the error chain.
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,

@@ -4,12 +4,16 @@
 //! - [`virtio_blk`]: virtio-blk request parsing and the per-queue worker.
 //! - [`vhost`]: the vhost-user plumbing that connects a VMM to the workers.
 //! - [`config`]: the YAML options.
+//! - [`stack`]: the layers a config asks for, assembled into the device the VMM is shown.
+//! - [`cli`]: start-up shared by the binaries.
 
 pub mod block;
+pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod frontend;
 pub mod lazy;
 pub mod replay;
+pub mod stack;
 pub mod vhost;
 pub mod virtio_blk;

@@ -247,15 +247,20 @@ fn sigterm_syncs_and_exits_cleanly() {
     drop(c);
 }
 
-/// Runs the backend on a config made of `yaml` and returns its stderr; it must fail to start.
-fn start_failure(d: &Disk, yaml: &str) -> String {
+/// Runs the backend on a config made of `yaml` until it exits.
+fn run_on_config(d: &Disk, yaml: &str) -> std::process::Output {
     let cfg = d.dir.path().join("bad.yaml");
     std::fs::write(&cfg, yaml).unwrap();
-    let out = std::process::Command::new(BIN)
+    std::process::Command::new(BIN)
         .arg("--config")
         .arg(&cfg)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs the backend on a config made of `yaml` and returns its stderr; it must fail to start.
+fn start_failure(d: &Disk, yaml: &str) -> String {
+    let out = run_on_config(d, yaml);
     assert!(!out.status.success(), "started on {yaml:?}");
     assert!(!d.sock.exists());
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -293,6 +298,25 @@ fn missing_disk_is_refused_with_path_named() {
     );
     let err = start_failure(&d, &yaml);
     assert!(err.contains("path") && err.contains("nope.raw"), "{err}");
+}
+
+/// Errors after the stack is open (vhost::serve's) are reported the same way: tool, field, file,
+/// cause, exit status 1.
+#[test]
+fn unusable_socket_is_refused_with_the_field_named() {
+    let d = disk(1 << 20);
+    let sock = d.dir.path().join("no/such/dir/vhost.sock");
+    let yaml = format!("path: {}\nsocket: {}\n", d.img.display(), sock.display());
+    let out = run_on_config(&d, &yaml);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = format!(
+        "vhost-backend: socket: cannot listen on {}: ",
+        sock.display()
+    );
+    let line = err.lines().last().unwrap_or_default();
+    assert!(line.starts_with(&want), "{err}");
+    assert!(line.contains("No such file or directory"), "{err}");
 }
 
 #[test]

@@ -4,11 +4,9 @@
 use anyhow::{bail, Context};
 use clap::Parser;
 use std::fs::File;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ubiblk::config::Options;
-use ubiblk::crypto::keys::KekArgs;
+use ubiblk::cli::{self, ConfigArgs};
 use ubiblk::lazy::metadata::{VERSION_MAJOR, VERSION_MINOR};
 use ubiblk::lazy::{open_base_disk, Metadata};
 
@@ -18,31 +16,19 @@ use ubiblk::lazy::{open_base_disk, Metadata};
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Path to the backend YAML configuration file.
-    #[arg(short = 'f', long = "config", value_name = "CONFIG_YAML")]
-    config: PathBuf,
     #[command(flatten)]
-    kek: KekArgs,
+    config: ConfigArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("dump-metadata: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    cli::exit(env!("CARGO_BIN_NAME"), run(Args::parse()))
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let opts = Options::load(&args.config)?;
-    // Before any other check: the KEK file is read (and unlinked) whatever fails next.
-    let xts = args.kek.cipher_for(opts.encryption_key.as_deref())?;
+    let (opts, xts) = args.config.load()?;
     let Some(meta_path) = &opts.metadata_path else {
         bail!("metadata_path: required by dump-metadata");
     };
@@ -50,7 +36,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let (_disk, disk_sectors) = open_base_disk(&opts.path)?;
     let file = File::open(meta_path)
         .with_context(|| format!("metadata_path: cannot open {}", meta_path.display()))?;
-    let md = Metadata::read_from(&file, disk_sectors, xts.as_ref())
+    let md = Metadata::read_from(&file, disk_sectors, xts.as_deref())
         .with_context(|| format!("metadata_path: {}", meta_path.display()))?;
 
     if args.json {

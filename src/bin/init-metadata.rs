@@ -5,11 +5,10 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
-use ubiblk::config::Options;
-use ubiblk::crypto::keys::KekArgs;
+use ubiblk::cli::{self, ConfigArgs};
 use ubiblk::lazy::metadata::{DEFAULT_SHIFT, MAX_SHIFT, MIN_SHIFT};
 use ubiblk::lazy::{device_size, open_base_disk, same_file, Metadata};
 
@@ -18,11 +17,8 @@ use ubiblk::lazy::{device_size, open_base_disk, same_file, Metadata};
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Path to the backend YAML configuration file.
-    #[arg(short = 'f', long = "config", value_name = "CONFIG_YAML")]
-    config: PathBuf,
     #[command(flatten)]
-    kek: KekArgs,
+    config: ConfigArgs,
     /// Stripe size as a power of two of 512-byte sectors (6 = 32 KiB ... 16 = 32 MiB).
     #[arg(
         short = 's',
@@ -35,20 +31,11 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("init-metadata: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    cli::exit(env!("CARGO_BIN_NAME"), run(Args::parse()))
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let opts = Options::load(&args.config)?;
-    // Before any other check: the KEK file is read (and unlinked) whatever fails next.
-    let xts = args.kek.cipher_for(opts.encryption_key.as_deref())?;
+    let (opts, xts) = args.config.load()?;
     let Some(meta_path) = &opts.metadata_path else {
         bail!("metadata_path: required by init-metadata");
     };
@@ -75,7 +62,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     let md = Metadata::new(disk_sectors, args.shift)?;
     let file = open_target(meta_path, md.file_len())?;
-    md.write_to(&file, xts.as_ref())
+    md.write_to(&file, xts.as_deref())
         .with_context(|| format!("metadata_path: {}", meta_path.display()))?;
     file.sync_all()
         .with_context(|| format!("metadata_path: cannot fsync {}", meta_path.display()))?;

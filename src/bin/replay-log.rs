@@ -1,11 +1,13 @@
 //! replay-log: applies an I/O debug log (`io_debug_path`) to a disk image, checking its reads.
 
+use anyhow::Context;
 use clap::Parser;
 use std::fs::{File, OpenOptions};
 use std::io::BufReader;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use ubiblk::cli;
 use ubiblk::replay::{replay, Event, LogError};
 
 /// Replay the READ and WRITE records of an I/O debug log onto a disk image: every WRITE is
@@ -25,40 +27,40 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let log = match File::open(&args.log) {
-        Ok(f) => BufReader::with_capacity(1 << 20, f),
-        Err(e) => return fail(format!("cannot open log {}: {e}", args.log.display())),
-    };
-    let disk = match OpenOptions::new().read(true).write(true).open(&args.disk) {
-        Ok(f) => f,
-        Err(e) => return fail(format!("cannot open disk {}: {e}", args.disk.display())),
-    };
-    let result = replay(log, &disk, |event| match event {
+    cli::finish(env!("CARGO_BIN_NAME"), run(Args::parse()), 2)
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let log =
+        File::open(&args.log).with_context(|| format!("cannot open log {}", args.log.display()))?;
+    let disk = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&args.disk)
+        .with_context(|| format!("cannot open disk {}", args.disk.display()))?;
+    let on_event = |event: Event| match event {
         Event::Mismatch(m) => println!("{m}"),
         Event::Truncated { line, what } => eprintln!(
             "replay-log: warning: {}: the last record (line {line}) is truncated, skipped: {what}",
             args.log.display()
         ),
-    });
-    match result {
-        Ok(sum) => {
-            println!(
-                "{} writes ({} bytes) applied, {} reads ({} bytes) checked, {} mismatches",
-                sum.writes, sum.bytes_written, sum.reads, sum.bytes_read, sum.mismatches
-            );
-            if sum.mismatches > 0 {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
-        Err(LogError::Disk(e)) => fail(format!("{}: {e}", args.disk.display())),
-        Err(e) => fail(format!("{}: {e}", args.log.display())),
-    }
-}
-
-fn fail(msg: String) -> ExitCode {
-    eprintln!("replay-log: {msg}");
-    ExitCode::from(2)
+    };
+    let sum = replay(BufReader::with_capacity(1 << 20, log), &disk, on_event).map_err(|e| {
+        // Disk errors name the disk; the others are the log's.
+        let file = if matches!(e, LogError::Disk(_)) {
+            &args.disk
+        } else {
+            &args.log
+        };
+        anyhow::Error::new(e).context(file.display().to_string())
+    })?;
+    println!(
+        "{} writes ({} bytes) applied, {} reads ({} bytes) checked, {} mismatches",
+        sum.writes, sum.bytes_written, sum.reads, sum.bytes_read, sum.mismatches
+    );
+    Ok(if sum.mismatches > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use ubiblk::cli;
 use ubiblk::frontend::{self, IoOptions, Stage};
 
 /// Connect to a vhost-user-blk backend as a VMM would, run the stages up to --stage and print
@@ -40,7 +41,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    cli::init_logging("warn");
     let args = Args::parse();
     if args.stage == Stage::Copy && args.output.is_none() {
         eprintln!(
@@ -65,14 +66,6 @@ fn main() -> ExitCode {
             let _ = out.flush();
         },
     );
-    match res {
-        Ok(_) => {
-            println!("stage {} ({}) done", args.stage.number(), args.stage);
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("vhost-frontend: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let res = res.map(|_| println!("stage {} ({}) done", args.stage.number(), args.stage));
+    cli::exit(env!("CARGO_BIN_NAME"), res)
 }

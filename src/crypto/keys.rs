@@ -8,15 +8,15 @@ use aes_gcm::aead::AeadInOut;
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
 use base64::Engine;
 use serde::Deserialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use zeroize::{Zeroize, Zeroizing};
 
 use super::Xts;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("--kek {path}: {problem}")]
-    Kek { path: String, problem: String },
+    #[error("--kek {}: {problem}", path.display())]
+    Kek { path: PathBuf, problem: String },
     #[error("encryption_key[{index}]: {problem}")]
     Entry { index: usize, problem: String },
     #[error("encryption_key: {0}")]
@@ -65,7 +65,7 @@ impl Kek {
     /// read, whether or not it parses, so key material does not linger.
     pub fn load(path: &Path, unlink: bool) -> Result<Kek, KeyError> {
         let err = |problem: String| KeyError::Kek {
-            path: path.display().to_string(),
+            path: path.to_owned(),
             problem,
         };
         let text = std::fs::read(path).map(Zeroizing::new);
@@ -170,7 +170,7 @@ impl Kek {
 pub struct KekArgs {
     /// Path to the key encryption key (KEK) file that unwraps `encryption_key`.
     #[arg(short = 'k', long = "kek", value_name = "KEK_FILE")]
-    pub kek: Option<std::path::PathBuf>,
+    pub kek: Option<PathBuf>,
     /// Delete the KEK file once it has been read.
     #[arg(short = 'u', long = "unlink-kek", requires = "kek")]
     pub unlink_kek: bool,

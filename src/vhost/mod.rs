@@ -6,7 +6,7 @@
 use log::{error, info, warn};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -383,6 +383,23 @@ impl VhostUserBackend for BlockBackend {
 #[cfg(test)]
 mod tests;
 
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("socket: cannot listen on {}", path.display())]
+    Listen {
+        path: PathBuf,
+        source: vhost::vhost_user::Error,
+    },
+    /// A queue's channel to the device could not be opened.
+    #[error(transparent)]
+    Channel(io::Error),
+    /// The daemon's error, formatted: it can hold a thread's panic payload, which is not Sync.
+    #[error("cannot create vhost-user daemon: {0}")]
+    Daemon(String),
+    #[error("cannot watch io completions")]
+    Watch(#[source] io::Error),
+}
+
 /// Serves `device` on `socket` forever: one frontend at a time, a fresh device state for each.
 /// `current` is updated with the backend of the live connection, for shutdown.
 pub fn serve(
@@ -392,30 +409,34 @@ pub fn serve(
     config: ConfigSpace,
     settings: QueueSettings,
     current: Arc<Mutex<Option<Arc<BlockBackend>>>>,
-) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let mut listener = Listener::new(socket, true)
-        .with_context(|| format!("socket: cannot listen on {}", socket.display()))?;
+) -> Result<(), ServeError> {
+    let mut listener = Listener::new(socket, true).map_err(|source| ServeError::Listen {
+        path: socket.to_owned(),
+        source,
+    })?;
     info!("listening on {}", socket.display());
     loop {
-        let backend = Arc::new(BlockBackend::new(
-            device.as_ref(),
-            info.clone(),
-            config.clone(),
-            settings.clone(),
-        )?);
+        let backend = Arc::new(
+            BlockBackend::new(
+                device.as_ref(),
+                info.clone(),
+                config.clone(),
+                settings.clone(),
+            )
+            .map_err(ServeError::Channel)?,
+        );
         let mut daemon = VhostUserDaemon::new(
             "ubiblk".to_string(),
             backend.clone(),
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
-        .map_err(|e| anyhow::anyhow!("cannot create vhost-user daemon: {e:?}"))?;
+        .map_err(|e| ServeError::Daemon(format!("{e:?}")))?;
         let handlers = daemon.get_epoll_handlers();
         for (q, handler) in handlers.iter().enumerate() {
             let fd = backend.worker(q).channel().completion_fd();
             handler
                 .register_listener(fd, EventSet::IN, backend.completion_token())
-                .context("cannot watch io completions")?;
+                .map_err(ServeError::Watch)?;
         }
         *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(backend.clone());
         if let Err(e) = daemon.start(&mut listener) {

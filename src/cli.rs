@@ -1,0 +1,163 @@
+//! Start-up shared by the binaries: logging, the config and KEK flags, and how a failure is
+//! reported (`tool: error: cause: ...` on stderr, then a non-zero exit status).
+
+use std::error::Error;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use crate::config::{ConfigError, Options};
+use crate::crypto::keys::{KekArgs, KeyError};
+use crate::crypto::Xts;
+
+/// Logs to stderr at `default_filter` (e.g. `info`) unless `RUST_LOG` says otherwise.
+pub fn init_logging(default_filter: &str) {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
+        .init();
+}
+
+/// `-f CONFIG_YAML` and the KEK flags, for every tool that reads the backend's config.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConfigArgs {
+    /// Path to the backend YAML configuration file.
+    #[arg(short = 'f', long = "config", value_name = "CONFIG_YAML")]
+    pub config: PathBuf,
+    #[command(flatten)]
+    pub kek: KekArgs,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+impl ConfigArgs {
+    /// The config and its data cipher (`None` without `encryption_key`). The KEK file is read
+    /// (and unlinked) as soon as the config parses, before any other check can fail.
+    pub fn load(&self) -> Result<(Options, Option<Arc<Xts>>), LoadError> {
+        let opts = Options::load(&self.config)?;
+        let cipher = self
+            .kek
+            .cipher_for(opts.encryption_key.as_deref())?
+            .map(Arc::new);
+        Ok((opts, cipher))
+    }
+}
+
+/// `err` and its sources, joined by ": " (as anyhow's `{:#}`).
+pub fn error_chain(err: &(dyn Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// What a tool's `main` returns for `result`: its status on success; on error, the error chain
+/// printed as `tool: ...` on stderr and exit status `failure`.
+pub fn finish<E>(tool: &str, result: Result<ExitCode, E>, failure: u8) -> ExitCode
+where
+    E: Into<Box<dyn Error + Send + Sync>>,
+{
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("{tool}: {}", error_chain(e.into().as_ref()));
+            ExitCode::from(failure)
+        }
+    }
+}
+
+/// [`finish`] for the usual case: exit status 0, or 1 on error.
+pub fn exit<E>(tool: &str, result: Result<(), E>) -> ExitCode
+where
+    E: Into<Box<dyn Error + Send + Sync>>,
+{
+    finish(tool, result.map(|()| ExitCode::SUCCESS), 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use std::path::Path;
+
+    #[derive(Parser)]
+    struct Tool {
+        #[command(flatten)]
+        config: ConfigArgs,
+    }
+
+    fn load(args: &[&str]) -> Result<(Options, Option<Arc<Xts>>), LoadError> {
+        Tool::try_parse_from(std::iter::once("tool").chain(args.iter().copied()))
+            .unwrap()
+            .config
+            .load()
+    }
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.yaml");
+        let e = load(&["-f", missing.to_str().unwrap()]).err().unwrap();
+        let text = error_chain(&e);
+        assert!(text.starts_with("cannot read config file "), "{text}");
+        assert!(text.contains("missing.yaml"), "{text}");
+        assert_eq!(text.matches("No such file").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn loads_the_cipher_after_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let key =
+            |b: u8| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [b; 32]);
+        let (plain, enc, kek) = (
+            dir.path().join("plain.yaml"),
+            dir.path().join("enc.yaml"),
+            dir.path().join("kek.yaml"),
+        );
+        std::fs::write(&plain, "path: /d\nsocket: /s\n").unwrap();
+        let enc_text = format!(
+            "path: /d\nsocket: /s\nencryption_key: [\"{}\", \"{}\"]\n",
+            key(1),
+            key(2)
+        );
+        std::fs::write(&enc, enc_text).unwrap();
+        std::fs::write(&kek, "method: none\n").unwrap();
+        let (plain, enc, kek) = (
+            plain.to_str().unwrap(),
+            enc.to_str().unwrap(),
+            kek.to_str().unwrap(),
+        );
+
+        let (opts, cipher) = load(&["-f", plain]).unwrap();
+        assert_eq!(opts.path, PathBuf::from("/d"));
+        assert!(cipher.is_none());
+        assert!(load(&["-f", enc]).unwrap().1.is_some());
+        // A KEK without keys to unwrap is refused, and with --unlink-kek it is gone anyway.
+        let e = load(&["-f", plain, "--kek", kek, "--unlink-kek"])
+            .err()
+            .unwrap();
+        assert!(matches!(e, LoadError::Key(_)), "{e}");
+        assert!(!Path::new(kek).exists());
+    }
+
+    #[test]
+    fn failure_status_and_success_status() {
+        assert_eq!(exit::<std::io::Error>("t", Ok(())), ExitCode::SUCCESS);
+        let e = std::io::Error::other("boom");
+        assert_eq!(exit("t", Err(e)), ExitCode::from(1));
+        let e = std::io::Error::other("boom");
+        assert_eq!(finish("t", Err(e), 2), ExitCode::from(2));
+        assert_eq!(
+            finish::<std::io::Error>("t", Ok(ExitCode::from(1)), 2),
+            ExitCode::from(1)
+        );
+    }
+}

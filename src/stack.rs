@@ -1,0 +1,305 @@
+//! The block stack a config describes: which layers wrap the disk, in which order, and the
+//! virtio-blk device the VMM is shown on top of them.
+//!
+//! From the disk up, each layer wrapping the one below (like device-mapper targets):
+//! 1. [`FileDevice`]: `path`, through io_uring.
+//! 2. [`CryptDevice`], with `encryption_key`: nothing below it sees plaintext.
+//! 3. [`LazyDevice`], with `image_path`: above encryption, so stripes fetched from the image
+//!    are encrypted on their way to the base disk, and its metadata file uses the same key.
+//! 4. [`DebugLogDevice`], with `io_debug_path`: outermost, so it records what the guest reads
+//!    and writes (plaintext, also on encrypted disks), which replays onto a plain copy.
+
+use log::info;
+use std::error::Error;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::block::{BlockDevice, CryptDevice, DebugLogDevice, FileDevice};
+use crate::config::{ConfigError, Options, DEVICE_ID_LEN};
+use crate::crypto::Xts;
+use crate::lazy::{self, control, LazyDevice, LazyOptions};
+use crate::vhost::QueueSettings;
+use crate::virtio_blk::{self, ConfigSpace, DeviceInfo, Limits};
+
+/// An opened stack and what the VMM is told about it.
+pub struct Stack {
+    /// The outermost layer: what the queue workers talk to.
+    pub device: Arc<dyn BlockDevice>,
+    /// The lazy-fetch layer, with `image_path` (for its progress).
+    pub lazy: Option<Arc<LazyDevice>>,
+    pub info: Arc<DeviceInfo>,
+    pub config: ConfigSpace,
+    pub settings: QueueSettings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("path: cannot open {}", path.display())]
+    Open { path: PathBuf, source: io::Error },
+    #[error("io_debug_path: cannot open {}", path.display())]
+    DebugLog { path: PathBuf, source: io::Error },
+    /// The lazy-fetch layer or its control socket; the error names the field.
+    #[error(transparent)]
+    Lazy(Box<dyn Error + Send + Sync>),
+}
+
+/// Opens the layers `opts` asks for, with `cipher` (from `encryption_key`) for the encryption
+/// layer and the lazy-fetch metadata, and starts the control socket if one is configured.
+/// `opts` is validated first: the layers rely on it (`image_path` needs `metadata_path`).
+pub fn open(opts: &Options, cipher: Option<Arc<Xts>>) -> Result<Stack, StackError> {
+    opts.validate()?;
+    let ring_entries = u32::from(opts.queue_size) * 2;
+    let mut device: Arc<dyn BlockDevice> = Arc::new(
+        FileDevice::open(&opts.path, opts.readonly, ring_entries).map_err(|source| {
+            StackError::Open {
+                path: opts.path.clone(),
+                source,
+            }
+        })?,
+    );
+    if let Some(xts) = &cipher {
+        device = Arc::new(CryptDevice::new(device, xts.clone()));
+        info!("AES-256-XTS encryption on");
+    }
+    let mut lazy_device = None;
+    if let Some(lazy) = lazy_options(opts) {
+        let layer =
+            open_lazy(opts, &lazy, device, cipher, ring_entries).map_err(StackError::Lazy)?;
+        device = layer.clone();
+        lazy_device = Some(layer);
+    }
+    if let Some(path) = &opts.io_debug_path {
+        let layer = DebugLogDevice::new(device, path).map_err(|source| StackError::DebugLog {
+            path: path.clone(),
+            source,
+        })?;
+        device = Arc::new(layer);
+        info!("I/O debug log: {}", path.display());
+    }
+    let sectors = device.sectors();
+    info!("{}: {} sectors", opts.path.display(), sectors);
+    Ok(Stack {
+        info: Arc::new(device_info(opts, sectors, device.iovec_align())),
+        config: ConfigSpace {
+            capacity: sectors,
+            size_max: opts.seg_size_max,
+            seg_max: opts.seg_count_max,
+            num_queues: opts.num_queues,
+        },
+        settings: QueueSettings {
+            num_queues: opts.num_queues,
+            queue_size: opts.queue_size,
+            poll_timeout: Duration::from_micros(opts.poll_queue_timeout_us),
+        },
+        device,
+        lazy: lazy_device,
+    })
+}
+
+/// The lazy layer over `base` and its control socket.
+fn open_lazy(
+    opts: &Options,
+    lazy: &LazyOptions,
+    base: Arc<dyn BlockDevice>,
+    cipher: Option<Arc<Xts>>,
+    ring_entries: u32,
+) -> Result<Arc<LazyDevice>, Box<dyn Error + Send + Sync>> {
+    lazy::check_distinct(&opts.path, &lazy.image_path, &lazy.metadata_path)?;
+    let device = Arc::new(LazyDevice::open(base, cipher, lazy, ring_entries)?);
+    if let Some(path) = &opts.control_socket {
+        control::serve(path, device.clone())?;
+        info!("control socket: {}", path.display());
+    }
+    Ok(device)
+}
+
+fn lazy_options(opts: &Options) -> Option<LazyOptions> {
+    Some(LazyOptions {
+        image_path: opts.image_path.clone()?,
+        // Validation guarantees metadata_path with image_path.
+        metadata_path: opts.metadata_path.clone()?,
+        copy_on_read: opts.copy_on_read,
+        autofetch: opts.autofetch,
+        autofetch_mib_per_sec: opts.autofetch_mib_per_sec,
+    })
+}
+
+/// What the queue workers check requests against. `opts` must be valid (the products and the
+/// device id length are bounded by validation).
+fn device_info(opts: &Options, sectors: u64, iovec_align: Option<usize>) -> DeviceInfo {
+    let mut device_id = [0u8; DEVICE_ID_LEN];
+    device_id[..opts.device_id.len()].copy_from_slice(opts.device_id.as_bytes());
+    DeviceInfo {
+        limits: Limits {
+            sectors,
+            max_data_len: opts.seg_size_max * opts.seg_count_max,
+            max_descriptors: opts.seg_count_max as usize + 2,
+            max_discard_segs: virtio_blk::MAX_DISCARD_SEGS,
+            max_discard_sectors: virtio_blk::MAX_DISCARD_SECTORS,
+        },
+        readonly: opts.readonly,
+        skip_sync: opts.skip_sync,
+        iovec_align,
+        device_id,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::{run_sync, IoBuf, IoChannel, IoOp, SECTOR_SIZE};
+    use crate::lazy::Metadata;
+    use std::path::Path;
+
+    const SHIFT: u8 = 6; // 32 KiB stripes
+    const STRIPE: usize = SECTOR_SIZE << SHIFT;
+    const DISK: usize = 4 * STRIPE;
+
+    /// A valid config over `dir/disk` (zeros, DISK bytes), plus `extra` YAML lines.
+    fn options(dir: &Path, extra: &str) -> Options {
+        std::fs::write(dir.join("disk"), vec![0u8; DISK]).unwrap();
+        let d = dir.display();
+        Options::parse(&format!("path: {d}/disk\nsocket: {d}/sock\n{extra}")).unwrap()
+    }
+
+    fn write(ch: &mut dyn IoChannel, sector: u64, data: &[u8]) {
+        let mut buf = IoBuf::new(data.len());
+        buf.copy_from_slice(data);
+        run_sync(ch, IoOp::Write { sector, buf }).0.unwrap();
+    }
+
+    fn read(ch: &mut dyn IoChannel, sector: u64, len: usize) -> Vec<u8> {
+        let buf = IoBuf::new(len);
+        let (r, buf) = run_sync(ch, IoOp::Read { sector, buf });
+        r.unwrap();
+        buf.unwrap().to_vec()
+    }
+
+    fn hex(data: &[u8]) -> String {
+        data.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn plain_config_serves_the_file_directly_with_the_configured_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = options(
+            dir.path(),
+            "num_queues: 2\nseg_size_max: 4096\nseg_count_max: 8\npoll_queue_timeout_us: 100\n\
+             device_id: abc\nskip_sync: true\n",
+        );
+        let stack = open(&opts, None).unwrap();
+        assert!(stack.lazy.is_none());
+        let sectors = (DISK / SECTOR_SIZE) as u64;
+        assert_eq!(stack.device.sectors(), sectors);
+        // The file is outermost: guest buffers may go to the kernel as they are.
+        assert_eq!(stack.info.iovec_align, Some(4096));
+        let limits = &stack.info.limits;
+        assert_eq!((limits.sectors, limits.max_data_len), (sectors, 8 * 4096));
+        assert_eq!(limits.max_descriptors, 10);
+        assert!(stack.info.skip_sync && !stack.info.readonly);
+        assert_eq!(&stack.info.device_id[..4], b"abc\0");
+        assert_eq!(stack.config.capacity, sectors);
+        assert_eq!((stack.config.size_max, stack.config.seg_max), (4096, 8));
+        assert_eq!((stack.config.num_queues, stack.settings.num_queues), (2, 2));
+        assert_eq!(stack.settings.queue_size, opts.queue_size);
+        assert_eq!(stack.settings.poll_timeout, Duration::from_micros(100));
+
+        let mut ch = stack.device.new_channel().unwrap();
+        write(&mut *ch, 3, &[0x5a; 1024]);
+        let disk = std::fs::read(&opts.path).unwrap();
+        assert!(disk[3 * 512..5 * 512].iter().all(|&b| b == 0x5a));
+    }
+
+    /// Every layer at once: each one's place shows in what the files below it hold.
+    #[test]
+    fn layers_stack_file_crypt_lazy_debuglog() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let opts = options(
+            dir.path(),
+            &format!("image_path: {d}/image\nmetadata_path: {d}/meta\nio_debug_path: {d}/io.log\n"),
+        );
+        let image: Vec<u8> = (0..DISK).map(|i| (i / 512 + i % 251) as u8).collect();
+        std::fs::write(dir.path().join("image"), &image).unwrap();
+        let xts = Xts::new(&[1; 32], &[2; 32]);
+        let meta = std::fs::File::create(dir.path().join("meta")).unwrap();
+        let sectors = (DISK / SECTOR_SIZE) as u64;
+        let md = Metadata::new(sectors, SHIFT).unwrap();
+        md.write_to(&meta, Some(&xts)).unwrap();
+
+        let stack = open(&opts, Some(Arc::new(Xts::new(&[1; 32], &[2; 32])))).unwrap();
+        assert!(stack.lazy.is_some());
+        // The debug log needs our own buffers to log them.
+        assert_eq!(stack.info.iovec_align, None);
+        let mut ch = stack.device.new_channel().unwrap();
+        // Into stripe 0, unfetched: fetched first, then written.
+        write(&mut *ch, 1, &[0xab; 512]);
+        // From stripe 1, unfetched: read from the image.
+        assert_eq!(read(&mut *ch, 64, 512), image[64 * 512..65 * 512]);
+        stack.device.sync().unwrap();
+
+        // Lazy above encryption: the fetched stripe went down encrypted.
+        let mut stripe0 = std::fs::read(&opts.path).unwrap()[..STRIPE].to_vec();
+        xts.decrypt(0, &mut stripe0);
+        let mut want = image[..STRIPE].to_vec();
+        want[512..1024].fill(0xab);
+        assert_eq!(stripe0, want);
+        // ... and the metadata with the same key.
+        let meta = std::fs::File::open(dir.path().join("meta")).unwrap();
+        let md = Metadata::read_from(&meta, sectors, Some(&xts)).unwrap();
+        assert!(md.is_fetched(0) && !md.is_fetched(1));
+        // The debug log outermost: it holds the guest's plaintext.
+        let log = std::fs::read_to_string(dir.path().join("io.log")).unwrap();
+        let want_log = format!(
+            "WRITE\n1\n512\n{}\nREAD\n64\n512\n{}\n",
+            hex(&[0xab; 512]),
+            hex(&image[64 * 512..65 * 512])
+        );
+        assert_eq!(log, want_log);
+    }
+
+    #[test]
+    fn lazy_config_without_metadata_is_refused_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = options(dir.path(), "");
+        opts.image_path = Some(dir.path().join("image"));
+        let e = open(&opts, None).err().unwrap();
+        assert!(matches!(e, StackError::Config(_)), "{e}");
+        assert!(e.to_string().contains("metadata_path"), "{e}");
+    }
+
+    #[test]
+    fn open_errors_name_the_field_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+
+        let mut opts = options(dir.path(), "");
+        opts.path = dir.path().join("missing");
+        let e = open(&opts, None).err().unwrap();
+        assert_eq!(e.to_string(), format!("path: cannot open {d}/missing"));
+        assert!(e.source().is_some());
+
+        let opts = options(dir.path(), &format!("io_debug_path: {d}/no/dir/io.log\n"));
+        let e = open(&opts, None).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!("io_debug_path: cannot open {d}/no/dir/io.log")
+        );
+
+        // Errors from the lazy layer keep their own wording.
+        let md = Metadata::new((DISK / SECTOR_SIZE) as u64, SHIFT).unwrap();
+        md.write_to(
+            &std::fs::File::create(dir.path().join("meta")).unwrap(),
+            None,
+        )
+        .unwrap();
+        let lazy = format!("image_path: {d}/image\nmetadata_path: {d}/meta\n");
+        let e = open(&options(dir.path(), &lazy), None).err().unwrap();
+        assert!(matches!(e, StackError::Lazy(_)), "{e}");
+        assert_eq!(e.to_string(), format!("image_path: cannot open {d}/image"));
+    }
+}
