@@ -71,7 +71,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("vhost-frontend: {e:#}");
+            // With its sources: "stage 3 (virtqueue): SET_VRING_NUM: ...".
+            eprintln!("vhost-frontend: {:#}", anyhow::Error::from(e));
             ExitCode::FAILURE
         }
     }
