@@ -18,10 +18,11 @@
 //! One job per file: [`Stage`] (stage.rs), feature bits and their names (features.rs), the
 //! config space (config.rs), request shape (geometry.rs), the shared memory and its layout
 //! (memory.rs), the split virtqueue (ring.rs), the vhost-user session [`BlkFrontend`]
-//! (session.rs), what each stage reports (report.rs), [`run`] (run.rs) and [`Error`]
+//! (session.rs), stage 4's copy loop (copy.rs), what each stage reports (report.rs), [`run`] (run.rs) and [`Error`]
 //! (error.rs).
 
 mod config;
+mod copy;
 mod error;
 mod features;
 mod geometry;

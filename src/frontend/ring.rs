@@ -63,6 +63,35 @@ impl Ring {
         )
     }
 
+    fn status_addr(&self, slot: u16) -> GuestAddress {
+        GuestAddress(GUEST_BASE + self.layout.status + u64::from(slot))
+    }
+
+    /// Fails with [`Error::Status`] (showing `used_len` if given) unless the backend wrote OK
+    /// into the status byte of the read of `len` bytes at `sector` in `slot`.
+    pub(super) fn check_status(
+        &self,
+        mem: &SharedMemory,
+        slot: u16,
+        sector: u64,
+        len: u32,
+        used_len: Option<u32>,
+    ) -> Result<()> {
+        let status: u8 = mem
+            .mem
+            .read_obj(self.status_addr(slot))
+            .map_err(mem_err("reading a status byte"))?;
+        if status != VIRTIO_BLK_S_OK as u8 {
+            return Err(Error::Status {
+                sector,
+                len,
+                status,
+                used_len,
+            });
+        }
+        Ok(())
+    }
+
     /// The slot whose chain starts at descriptor `id`, if `id` is such a head.
     pub(super) fn slot_of(&self, id: u32) -> Result<u16> {
         let per = u32::from(self.geometry.descs_per_req);
@@ -110,7 +139,7 @@ impl Ring {
         let g = &self.geometry;
         let head = slot * g.descs_per_req;
         let hdr_addr = GUEST_BASE + self.layout.headers + HEADER_LEN * u64::from(slot);
-        let status_addr = GUEST_BASE + self.layout.status + u64::from(slot);
+        let status_addr = self.status_addr(slot).0;
         let mut hdr = [0u8; HEADER_LEN as usize];
         hdr[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
         hdr[8..16].copy_from_slice(&sector.to_le_bytes());

@@ -1,8 +1,8 @@
-//! The vhost-user session: a connection brought up stage by stage, and the I/O on queue 0.
+//! The vhost-user session: a connection brought up stage by stage, single reads on queue 0,
+//! and stage 4 around the copy loop of copy.rs.
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -11,11 +11,11 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
-use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::copy;
 use super::error::{ensure, io_err, mem_err, request_err, Error, Result};
 use super::ring::Ring;
 use super::{
@@ -255,18 +255,7 @@ impl BlkFrontend {
             Backend,
             "backend completed descriptor {id}, which is not in flight"
         );
-        let status: u8 = mem
-            .mem
-            .read_obj(GuestAddress(GUEST_BASE + ring.layout.status))
-            .map_err(mem_err("reading the status byte"))?;
-        if status != VIRTIO_BLK_S_OK as u8 {
-            return Err(Error::Status {
-                sector,
-                len,
-                status,
-                used_len: Some(used_len),
-            });
-        }
+        ring.check_status(mem, 0, sector, len, Some(used_len))?;
         ensure!(
             used_len == len + 1,
             Backend,
@@ -302,87 +291,7 @@ impl BlkFrontend {
             .as_mut()
             .ok_or(Error::Order("copy needs the virtqueue stage first"))?;
         let start = Instant::now();
-        let total_bytes = capacity
-            .checked_mul(SECTOR_SIZE)
-            .ok_or_else(|| Error::Backend("capacity overflows".into()))?;
-        out.set_len(total_bytes)
-            .map_err(io_err("sizing the output file"))?;
-
-        let g = ring.geometry.clone();
-        let chunk_sectors = u64::from(g.chunk) / SECTOR_SIZE;
-        // Per slot: Some((sector, data bytes)) while in flight.
-        let mut slots: Vec<Option<(u64, u32)>> = vec![None; usize::from(g.slots)];
-        let mut free: Vec<u16> = (0..g.slots).rev().collect();
-        let mut next_sector = 0u64;
-        let mut in_flight = 0usize;
-        let mut max_in_flight = 0usize;
-        let mut requests = 0u64;
-        let mut copied = 0u64;
-        let mut buf = vec![0u8; g.chunk as usize];
-
-        while next_sector < capacity || in_flight > 0 {
-            // Fill every free slot.
-            let mut submitted = false;
-            while next_sector < capacity {
-                let Some(slot) = free.pop() else { break };
-                let sectors = chunk_sectors.min(capacity - next_sector);
-                let len = (sectors * SECTOR_SIZE) as u32;
-                ring.submit_read(mem, slot, next_sector, len)?;
-                slots[usize::from(slot)] = Some((next_sector, len));
-                next_sector += sectors;
-                in_flight += 1;
-                requests += 1;
-                submitted = true;
-            }
-            max_in_flight = max_in_flight.max(in_flight);
-            if submitted {
-                ring.notify(mem)?;
-            }
-            // Reap at least one completion.
-            let done = ring.wait_used(mem, in_flight, timeout)?;
-            for (id, used_len) in done {
-                let slot = ring.slot_of(id)?;
-                let (sector, len) = slots
-                    .get_mut(usize::from(slot))
-                    .and_then(Option::take)
-                    .ok_or_else(|| {
-                        Error::Backend(format!(
-                            "backend completed descriptor {id}, which is not in flight"
-                        ))
-                    })?;
-                in_flight -= 1;
-                let status: u8 = mem
-                    .mem
-                    .read_obj(GuestAddress(
-                        GUEST_BASE + ring.layout.status + u64::from(slot),
-                    ))
-                    .map_err(mem_err("reading a status byte"))?;
-                if status != VIRTIO_BLK_S_OK as u8 {
-                    return Err(Error::Status {
-                        sector,
-                        len,
-                        status,
-                        used_len: None,
-                    });
-                }
-                ensure!(
-                    used_len == len + 1,
-                    Backend,
-                    "backend reported used length {used_len} for a {len}-byte read at sector \
-                     {sector} (expected {})",
-                    len + 1
-                );
-                let data = &mut buf[..len as usize];
-                mem.mem
-                    .read_slice(data, ring.data_addr(slot))
-                    .map_err(mem_err("reading request data"))?;
-                out.write_all_at(data, sector * SECTOR_SIZE)
-                    .map_err(io_err(format!("writing the output at sector {sector}")))?;
-                copied += u64::from(len);
-                free.push(slot);
-                progress(copied);
-            }
-        }
+        let copied = copy::copy(ring, mem, capacity, out, timeout, &mut progress)?;
         // Stop the ring the way a VMM does (the backend finishes what it has and reports where
         // it stopped), then check it consumed exactly what we made available.
         let base = self
@@ -400,10 +309,10 @@ impl BlkFrontend {
             );
         }
         Ok(CopyInfo {
-            bytes: copied,
+            bytes: copied.bytes,
             sectors: capacity,
-            requests,
-            max_in_flight,
+            requests: copied.requests,
+            max_in_flight: copied.max_in_flight,
             elapsed: start.elapsed(),
             vring_base: Some(base),
         })
