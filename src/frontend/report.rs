@@ -131,7 +131,7 @@ impl fmt::Display for CopyInfo {
         Ok(())
     }
 }
-/// Everything [`run`] learned, one entry per stage that ran.
+/// Everything [`run`](super::run) learned, one entry per stage that ran.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
     pub setup: Option<SetupInfo>,
