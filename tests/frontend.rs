@@ -349,8 +349,10 @@ fn usage_errors() {
         "512",
     ]);
     assert!(!o.status.success(), "{}", text(&o));
+    // The error names the stage and the message, then what the vhost crate said.
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("SET_VRING_NUM"),
+        String::from_utf8_lossy(&o.stderr)
+            .contains("vhost-frontend: stage 3 (virtqueue): SET_VRING_NUM: "),
         "{}",
         text(&o)
     );

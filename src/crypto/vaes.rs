@@ -16,11 +16,33 @@ pub struct RoundKeys {
     dec: [[u8; 16]; 15],
 }
 
-/// Whether this CPU runs the kernel.
+/// Every target feature the functions below are compiled with (their
+/// `#[target_feature(enable = ...)]` lists, pinned by a test): running them on a CPU that lacks
+/// one is an illegal instruction, so the kernels are used only when all are present.
+const KERNEL_FEATURES: [&str; 5] = ["aes", "sse2", "avx2", "vaes", "vpclmulqdq"];
+
+/// Whether this CPU runs the kernels.
 pub fn available() -> bool {
-    is_x86_feature_detected!("vaes")
-        && is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("aes")
+    runs_kernels(|feature| detected(feature).unwrap_or(false))
+}
+
+/// The decision, apart from the hardware: whether a CPU that has exactly the features for which
+/// `has` is true runs the kernels.
+fn runs_kernels(has: impl Fn(&str) -> bool) -> bool {
+    KERNEL_FEATURES.iter().all(|f| has(f))
+}
+
+/// std's run-time detection of one of [`KERNEL_FEATURES`] (the macro takes only literals);
+/// `None` for a name it is not asked about here, which [`available`] treats as absent.
+fn detected(feature: &str) -> Option<bool> {
+    Some(match feature {
+        "aes" => is_x86_feature_detected!("aes"),
+        "sse2" => is_x86_feature_detected!("sse2"),
+        "avx2" => is_x86_feature_detected!("avx2"),
+        "vaes" => is_x86_feature_detected!("vaes"),
+        "vpclmulqdq" => is_x86_feature_detected!("vpclmulqdq"),
+        _ => return None,
+    })
 }
 
 impl RoundKeys {
@@ -77,6 +99,9 @@ macro_rules! expand_round {
 }
 
 /// One step of the AES-256 key schedule: prefix-XOR of the previous key's words plus `t`.
+///
+/// # Safety
+/// The CPU has SSE2 (always true on x86_64).
 #[inline(always)]
 unsafe fn mix(mut k: __m128i, t: __m128i) -> __m128i {
     k = _mm_xor_si128(k, _mm_slli_si128::<4>(k));
@@ -84,6 +109,10 @@ unsafe fn mix(mut k: __m128i, t: __m128i) -> __m128i {
     _mm_xor_si128(k, t)
 }
 
+/// Expands `key` into `rk`'s encryption and decryption round keys.
+///
+/// # Safety
+/// The CPU has AES-NI and SSE2 ([`available`]).
 #[target_feature(enable = "aes,sse2")]
 unsafe fn expand(key: &[u8; 32], rk: &mut RoundKeys) {
     let mut t1 = _mm_loadu_si128(key.as_ptr().cast());
@@ -110,6 +139,9 @@ unsafe fn expand(key: &[u8; 32], rk: &mut RoundKeys) {
 }
 
 /// Encrypts 16-byte blocks in place (ECB), two per instruction: the sectors' first tweaks.
+///
+/// # Safety
+/// The CPU has every feature enabled here ([`available`]).
 #[target_feature(enable = "vaes,avx2,aes")]
 unsafe fn ecb_encrypt_kernel(rk: &RoundKeys, blocks: &mut [u128]) {
     let mut k = [_mm256_setzero_si256(); 15];
@@ -148,6 +180,9 @@ const YMM_PER_SECTOR: usize = 16;
 /// A shift of the 128-bit value by j < 64 bits, with the j bits shifted out reduced back in
 /// as `top * 0x87` (carry-less). Each block's tweak is computed independently, so there is no
 /// serial chain from one block to the next.
+///
+/// # Safety
+/// The CPU has AVX2 and VPCLMULQDQ ([`available`]).
 #[inline(always)]
 unsafe fn tweak_pair(t0: __m256i, c: __m256i, rc: __m256i, poly: __m256i) -> __m256i {
     let shifted = _mm256_sllv_epi64(t0, c);
@@ -158,6 +193,12 @@ unsafe fn tweak_pair(t0: __m256i, c: __m256i, rc: __m256i, poly: __m256i) -> __m
     _mm256_xor_si256(_mm256_xor_si256(shifted, carry), reduced)
 }
 
+/// The data pass of [`RoundKeys::xts`].
+///
+/// # Safety
+/// The CPU has every feature enabled here ([`available`]); `src` is valid for reads and `dst`
+/// for writes of `len` bytes (same buffer or not overlapping), `len` is a multiple of 512 and
+/// `initial` has a tweak for each of its sectors.
 #[target_feature(enable = "vaes,vpclmulqdq,avx2,aes")]
 unsafe fn xts_kernel(
     rk: &RoundKeys,
@@ -218,4 +259,69 @@ unsafe fn xts_kernel(
         *kk = _mm256_setzero_si256();
     }
     std::hint::black_box(&k);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `runs_kernels` for a CPU with exactly `features`.
+    fn runs_with(features: &[&str]) -> bool {
+        runs_kernels(|f| features.contains(&f))
+    }
+
+    #[test]
+    fn needs_every_kernel_feature() {
+        assert!(runs_with(&KERNEL_FEATURES));
+        // Zen 4 or Ice Lake: all of them, plus others that do not matter.
+        let zen4 = ["sse2", "aes", "avx2", "avx512f", "vaes", "vpclmulqdq"];
+        assert!(runs_with(&zen4));
+        // Any one missing falls back to the portable path.
+        for missing in KERNEL_FEATURES {
+            let rest: Vec<&str> = KERNEL_FEATURES
+                .into_iter()
+                .filter(|&f| f != missing)
+                .collect();
+            assert!(!runs_with(&rest), "runs without {missing}");
+        }
+        // The defect this pins: VAES without VPCLMULQDQ would fault in the tweak computation.
+        assert!(!runs_with(&["sse2", "aes", "avx2", "vaes"]));
+        // AES-NI only (pre-VAES CPUs), and nothing at all.
+        assert!(!runs_with(&["sse2", "aes", "avx2"]));
+        assert!(!runs_with(&[]));
+    }
+
+    /// Every feature in a `#[target_feature(enable = ...)]` of this file is checked, so a
+    /// kernel gaining an instruction set cannot run on a CPU without it.
+    #[test]
+    fn kernel_features_cover_every_target_feature() {
+        let attr = concat!("#[target_feature(enable = ", "\"");
+        let mut seen = 0;
+        for line in include_str!("vaes.rs").lines() {
+            let Some(list) = line.trim().strip_prefix(attr) else {
+                continue;
+            };
+            let list = list.split('"').next().unwrap();
+            for feature in list.split(',') {
+                assert!(
+                    KERNEL_FEATURES.contains(&feature.trim()),
+                    "{feature} (in {line:?}) is not in KERNEL_FEATURES"
+                );
+            }
+            seen += 1;
+        }
+        assert_eq!(seen, 3, "expected the three target_feature functions");
+    }
+
+    #[test]
+    fn detection_knows_every_kernel_feature() {
+        for f in KERNEL_FEATURES {
+            assert!(detected(f).is_some(), "{f} is never detected");
+        }
+        assert_eq!(detected("avx512f"), None);
+        assert_eq!(
+            available(),
+            KERNEL_FEATURES.iter().all(|f| detected(f) == Some(true))
+        );
+    }
 }

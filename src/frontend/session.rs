@@ -1,0 +1,320 @@
+//! The vhost-user session: a connection brought up stage by stage, single reads on queue 0,
+//! and stage 4 around the copy loop of copy.rs.
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VringConfigData};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::copy;
+use super::error::{ensure, io_err, mem_err, request_err, Error, Result};
+use super::ring::Ring;
+use super::{
+    wanted_features, wanted_protocol_features, BlkConfig, CopyInfo, Geometry, Layout, MemoryInfo,
+    SetupInfo, SharedMemory, VirtqueueInfo, CONFIG_LEN, GUEST_BASE, SECTOR_SIZE,
+};
+
+/// A connection to a vhost-user-blk backend, brought up stage by stage.
+pub struct BlkFrontend {
+    fe: Frontend,
+    acked_features: u64,
+    config: Option<BlkConfig>,
+    memory: Option<SharedMemory>,
+    ring: Option<Ring>,
+}
+
+impl BlkFrontend {
+    /// Connects to `socket`, retrying for up to `timeout` while it does not exist yet or
+    /// refuses connections.
+    pub fn connect(socket: &Path, timeout: Duration) -> Result<BlkFrontend> {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(socket) {
+                Ok(s) => break s,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                    ) && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(source) => {
+                    return Err(Error::Connect {
+                        socket: socket.to_path_buf(),
+                        source,
+                    })
+                }
+            }
+        };
+        Ok(BlkFrontend {
+            fe: Frontend::from_stream(stream, 1),
+            acked_features: 0,
+            config: None,
+            memory: None,
+            ring: None,
+        })
+    }
+
+    /// The underlying rust-vmm frontend, for messages this type does not wrap.
+    pub fn inner(&mut self) -> &mut Frontend {
+        &mut self.fe
+    }
+
+    /// Stage 0: SET_OWNER, GET/SET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM.
+    pub fn setup(&mut self) -> Result<SetupInfo> {
+        self.fe.set_owner().map_err(request_err("SET_OWNER"))?;
+        let offered = self
+            .fe
+            .get_features()
+            .map_err(request_err("GET_FEATURES"))?;
+        ensure!(
+            offered & (1u64 << VIRTIO_F_VERSION_1) != 0,
+            Backend,
+            "backend does not offer VIRTIO_F_VERSION_1 (features {offered:#x})"
+        );
+        ensure!(
+            offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0,
+            Backend,
+            "backend does not offer VHOST_USER_F_PROTOCOL_FEATURES (features {offered:#x})"
+        );
+        let acked = offered & wanted_features();
+        self.fe
+            .set_features(acked)
+            .map_err(request_err("SET_FEATURES"))?;
+        self.acked_features = acked;
+
+        let proto_offered = self
+            .fe
+            .get_protocol_features()
+            .map_err(request_err("GET_PROTOCOL_FEATURES"))?;
+        // Keep the raw bits, including any the vhost crate does not know.
+        let proto_offered_bits = proto_offered.bits();
+        let proto_acked = proto_offered & wanted_protocol_features();
+        self.fe
+            .set_protocol_features(proto_acked)
+            .map_err(request_err("SET_PROTOCOL_FEATURES"))?;
+        if proto_acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            // From now on every request that has no reply of its own is acknowledged, so a
+            // backend refusing something is reported at the request that caused it.
+            self.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        let backend_queues = if proto_acked.contains(VhostUserProtocolFeatures::MQ) {
+            let n = self
+                .fe
+                .get_queue_num()
+                .map_err(request_err("GET_QUEUE_NUM"))?;
+            ensure!(n >= 1, Backend, "backend reports {n} queues");
+            Some(n)
+        } else {
+            None
+        };
+        Ok(SetupInfo {
+            features_offered: offered,
+            features_acked: acked,
+            protocol_offered: proto_offered_bits,
+            protocol_acked: proto_acked.bits(),
+            backend_queues,
+        })
+    }
+
+    /// Stage 1: GET_CONFIG (at offset 0, like QEMU).
+    pub fn read_config(&mut self) -> Result<BlkConfig> {
+        let buf = vec![0u8; CONFIG_LEN as usize];
+        let (_, payload) = self
+            .fe
+            .get_config(0, CONFIG_LEN, VhostUserConfigFlags::empty(), &buf)
+            .map_err(request_err("GET_CONFIG"))?;
+        let cfg = BlkConfig::parse(&payload, self.acked_features)?;
+        ensure!(
+            cfg.size_bytes().is_some(),
+            Backend,
+            "absurd capacity {} sectors",
+            cfg.capacity
+        );
+        if let Some(n) = cfg.num_queues {
+            ensure!(n >= 1, Backend, "config reports num_queues = 0");
+        }
+        self.config = Some(cfg.clone());
+        Ok(cfg)
+    }
+
+    /// Stage 2: allocates the shared memory for the geometry `g` and sends SET_MEM_TABLE.
+    pub fn setup_memory(&mut self, g: &Geometry) -> Result<MemoryInfo> {
+        let layout = Layout::new(g);
+        let mem = SharedMemory::new(layout.size)?;
+        self.fe
+            .set_mem_table(&[mem.info])
+            .map_err(request_err("SET_MEM_TABLE"))?;
+        let info = MemoryInfo {
+            guest_addr: mem.info.guest_phys_addr,
+            size: mem.info.memory_size,
+            user_addr: mem.info.userspace_addr,
+        };
+        self.memory = Some(mem);
+        Ok(info)
+    }
+
+    /// Stage 3: lays out queue 0 in the shared memory and hands it to the backend.
+    pub fn setup_virtqueue(&mut self, g: &Geometry) -> Result<VirtqueueInfo> {
+        let mem = self
+            .memory
+            .as_ref()
+            .ok_or(Error::Order("virtqueue stage needs the memory stage first"))?;
+        let layout = Layout::new(g);
+        ensure!(
+            layout.size <= mem.info.memory_size,
+            Memory,
+            "memory region too small for the queue"
+        );
+        let base = GUEST_BASE;
+        // Fresh rings: everything zero (avail/used flags and indexes included).
+        let zeroes = vec![0u8; layout.headers as usize];
+        mem.mem
+            .write_slice(&zeroes, GuestAddress(base + layout.desc))
+            .map_err(mem_err("clearing the rings"))?;
+        let q = g.queue_size;
+        let config = VringConfigData {
+            queue_max_size: q,
+            queue_size: q,
+            flags: 0,
+            desc_table_addr: mem.user_addr(base + layout.desc)?,
+            used_ring_addr: mem.user_addr(base + layout.used)?,
+            avail_ring_addr: mem.user_addr(base + layout.avail)?,
+            log_addr: None,
+        };
+        let kick = EventFd::new(EFD_NONBLOCK).map_err(io_err("kick eventfd"))?;
+        let call = EventFd::new(EFD_NONBLOCK).map_err(io_err("call eventfd"))?;
+        self.fe
+            .set_vring_num(0, q)
+            .map_err(request_err("SET_VRING_NUM"))?;
+        self.fe
+            .set_vring_addr(0, &config)
+            .map_err(request_err("SET_VRING_ADDR"))?;
+        self.fe
+            .set_vring_base(0, 0)
+            .map_err(request_err("SET_VRING_BASE"))?;
+        self.fe
+            .set_vring_call(0, &call)
+            .map_err(request_err("SET_VRING_CALL"))?;
+        self.fe
+            .set_vring_kick(0, &kick)
+            .map_err(request_err("SET_VRING_KICK"))?;
+        self.fe
+            .set_vring_enable(0, true)
+            .map_err(request_err("SET_VRING_ENABLE"))?;
+        self.ring = Some(Ring::new(g.clone(), layout.clone(), kick, call));
+        Ok(VirtqueueInfo {
+            index: 0,
+            geometry: g.clone(),
+            desc: base + layout.desc,
+            avail: base + layout.avail,
+            used: base + layout.used,
+        })
+    }
+
+    /// One synchronous IN request for `len` bytes (a multiple of 512, at most the geometry's
+    /// request size) at `sector`, after stage 3. No range check against the capacity is made
+    /// here, so tests can send out-of-range requests: a non-OK status is an error that names
+    /// it (e.g. "status 1 (IOERR)").
+    pub fn read_sectors(&mut self, sector: u64, len: u32, timeout: Duration) -> Result<Vec<u8>> {
+        let mem = self
+            .memory
+            .as_ref()
+            .ok_or(Error::Order("reads need the memory stage first"))?;
+        let ring = self
+            .ring
+            .as_mut()
+            .ok_or(Error::Order("reads need the virtqueue stage first"))?;
+        ensure!(
+            len > 0 && u64::from(len).is_multiple_of(SECTOR_SIZE) && len <= ring.geometry.chunk,
+            Options,
+            "read length {len} is not a multiple of 512 in 512..={}",
+            ring.geometry.chunk
+        );
+        ring.submit_read(mem, 0, sector, len)?;
+        ring.notify(mem)?;
+        let done = ring.wait_used(mem, 1, timeout)?;
+        let &[(id, used_len)] = done.as_slice() else {
+            return Err(Error::Backend(format!(
+                "expected one completion, got {}",
+                done.len()
+            )));
+        };
+        ensure!(
+            ring.slot_of(id)? == 0,
+            Backend,
+            "backend completed descriptor {id}, which is not in flight"
+        );
+        ring.check_status(mem, 0, sector, len, Some(used_len))?;
+        ensure!(
+            used_len == len + 1,
+            Backend,
+            "backend reported used length {used_len} for a {len}-byte read (expected {})",
+            len + 1
+        );
+        let mut data = vec![0u8; len as usize];
+        mem.mem
+            .read_slice(&mut data, ring.data_addr(0))
+            .map_err(mem_err("reading request data"))?;
+        Ok(data)
+    }
+
+    /// Stage 4: reads the whole disk (`capacity` sectors, from stage 1) into `out`.
+    /// `progress` is called with the number of bytes copied so far after each completion.
+    pub fn copy_disk(
+        &mut self,
+        out: &File,
+        timeout: Duration,
+        mut progress: impl FnMut(u64),
+    ) -> Result<CopyInfo> {
+        let capacity = self
+            .config
+            .as_ref()
+            .ok_or(Error::Order("copy needs the config stage first"))?
+            .capacity;
+        let mem = self
+            .memory
+            .as_ref()
+            .ok_or(Error::Order("copy needs the memory stage first"))?;
+        let ring = self
+            .ring
+            .as_mut()
+            .ok_or(Error::Order("copy needs the virtqueue stage first"))?;
+        let start = Instant::now();
+        let copied = copy::copy(ring, mem, capacity, out, timeout, &mut progress)?;
+        // Stop the ring the way a VMM does (the backend finishes what it has and reports where
+        // it stopped), then check it consumed exactly what we made available.
+        let base = self
+            .fe
+            .get_vring_base(0)
+            .map_err(request_err("GET_VRING_BASE"))?;
+        let ring = self.ring.take();
+        if let Some(r) = &ring {
+            ensure!(
+                base == u32::from(r.avail_idx),
+                Backend,
+                "GET_VRING_BASE says the backend stopped at avail index {base}, but {} requests \
+                 were made available",
+                r.avail_idx
+            );
+        }
+        Ok(CopyInfo {
+            bytes: copied.bytes,
+            sectors: capacity,
+            requests: copied.requests,
+            max_in_flight: copied.max_in_flight,
+            elapsed: start.elapsed(),
+            vring_base: Some(base),
+        })
+    }
+}
