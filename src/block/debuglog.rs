@@ -40,13 +40,12 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::RawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::{BlockDevice, Completion, IoBuf, IoChannel, IoOp, Slab, SECTOR_SIZE};
+use super::{BlockDevice, Completion, IoBuf, IoChannel, IoOp, Notifier, Slab, SECTOR_SIZE};
 use crate::replay::{format_record, OpKind};
 
 /// The shared log file.
@@ -109,9 +108,9 @@ impl BlockDevice for DebugLogDevice {
         self.inner.sectors()
     }
 
-    fn new_channel(&self) -> io::Result<Box<dyn IoChannel>> {
+    fn new_channel_with(&self, notifier: Notifier) -> io::Result<Box<dyn IoChannel>> {
         Ok(Box::new(DebugLogChannel {
-            inner: self.inner.new_channel()?,
+            inner: self.inner.new_channel_with(notifier)?,
             log: self.log.clone(),
             ops: Slab::default(),
             below: Vec::new(),
@@ -242,12 +241,8 @@ impl IoChannel for DebugLogChannel {
         self.inner.in_flight() + self.refused.len()
     }
 
-    fn completion_fd(&self) -> RawFd {
-        self.inner.completion_fd()
-    }
-
-    fn ack_completion_fd(&mut self) {
-        self.inner.ack_completion_fd()
+    fn notifier(&self) -> &Notifier {
+        self.inner.notifier()
     }
 }
 
@@ -308,6 +303,38 @@ mod tests {
         read.extend_from_slice(&[0x5a; 512]);
         let expected =
             format_record(OpKind::Write, 3, &[0x5a; 1024]) + &format_record(OpKind::Read, 2, &read);
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn failed_operations_below_are_not_logged() {
+        use crate::block::testing::{pattern, Fault, Kind, MemDevice};
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("io.log");
+        let mem = MemDevice::new(64);
+        // Writes at sector 8 fail; so does the first read there.
+        mem.on(
+            |s| s.sector == 8 && s.kind == Kind::Write,
+            Fault::Fail(libc::ENOSPC),
+        );
+        mem.on_nth(2, Fault::Fail(libc::EIO));
+        let dev = DebugLogDevice::new(Arc::new(mem.clone()), &log).unwrap();
+        let mut ch = dev.new_channel().unwrap();
+        let write = |sector| IoOp::Write {
+            sector,
+            buf: pattern(4096, 5),
+        };
+        let read = || IoOp::Read {
+            sector: 8,
+            buf: IoBuf::new(512),
+        };
+        assert_eq!(run_sync(ch.as_mut(), write(8)).0, Err(libc::ENOSPC));
+        assert_eq!(run_sync(ch.as_mut(), write(4)).0, Ok(()));
+        assert_eq!(run_sync(ch.as_mut(), read()).0, Err(libc::EIO));
+        assert_eq!(run_sync(ch.as_mut(), read()).0, Ok(()));
+        let text = std::fs::read_to_string(&log).unwrap();
+        let expected = format_record(OpKind::Write, 4, &pattern(4096, 5))
+            + &format_record(OpKind::Read, 8, &pattern(4096, 5)[2048..2560]);
         assert_eq!(text, expected);
     }
 }

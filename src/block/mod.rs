@@ -10,17 +10,22 @@ mod buf;
 mod crypt;
 mod debuglog;
 mod file;
+mod notifier;
 mod slab;
+#[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
+mod tests;
 
 pub use buf::{BufPool, IoBuf};
 pub use crypt::CryptDevice;
 pub use debuglog::DebugLogDevice;
 pub use file::{device_size, FileDevice};
+pub use notifier::Notifier;
 pub use slab::Slab;
 
 use std::any::Any;
 use std::io;
-use std::os::fd::RawFd;
 use std::sync::Arc;
 
 pub const SECTOR_SIZE: usize = 512;
@@ -124,18 +129,21 @@ pub trait IoChannel: Send {
     fn wait(&mut self) -> io::Result<()>;
     /// Operations added but not yet returned by `poll`.
     fn in_flight(&self) -> usize;
-    /// A file descriptor that becomes readable when `poll` has something to return.
-    fn completion_fd(&self) -> RawFd;
-    /// Clears `completion_fd`'s readiness after it woke the caller; call before `poll`.
-    /// (Polling loops skip this: it costs a syscall.)
-    fn ack_completion_fd(&mut self);
+    /// Signalled when `poll` has something to return: the notifier the channel was created
+    /// with (see [`BlockDevice::new_channel_with`]).
+    fn notifier(&self) -> &Notifier;
 }
 
 /// A store of 512-byte sectors.
 pub trait BlockDevice: Send + Sync {
     fn sectors(&self) -> u64;
-    /// Creates an independent channel for one worker thread.
-    fn new_channel(&self) -> io::Result<Box<dyn IoChannel>>;
+    /// Creates an independent channel for one worker thread, which signals `notifier` when
+    /// it has completions. A layer hands the same notifier to the channels it opens below.
+    fn new_channel_with(&self, notifier: Notifier) -> io::Result<Box<dyn IoChannel>>;
+    /// [`BlockDevice::new_channel_with`] a notifier of its own.
+    fn new_channel(&self) -> io::Result<Box<dyn IoChannel>> {
+        self.new_channel_with(Notifier::new()?)
+    }
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
     /// If the device takes [`IoOp::ReadVec`] / [`IoOp::WriteVec`], the alignment their vectors'

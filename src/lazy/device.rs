@@ -11,7 +11,7 @@
 //!   base disk, the rest from the image (zeros past its end); nothing is fetched.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
@@ -19,12 +19,11 @@ use std::thread::JoinHandle;
 
 use anyhow::Context;
 use log::{info, warn};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::fetch::{fetcher, Image, MetaFile, Shared, WaitState, Waker};
 use super::metadata::Metadata;
 use crate::block::{
-    BlockDevice, BufPool, Completion, FileDevice, IoBuf, IoChannel, IoOp, IoVecs, Slab,
+    BlockDevice, BufPool, Completion, FileDevice, IoBuf, IoChannel, IoOp, IoVecs, Notifier, Slab,
     SECTOR_SHIFT, SECTOR_SIZE,
 };
 use crate::crypto::Xts;
@@ -225,16 +224,13 @@ impl BlockDevice for LazyDevice {
         self.inner.sectors()
     }
 
-    fn new_channel(&self) -> io::Result<Box<dyn IoChannel>> {
-        let inner = self.inner.new_channel()?;
-        // SAFETY: the descriptor belongs to `inner`, which outlives this borrow.
-        let notify = unsafe { BorrowedFd::borrow_raw(inner.completion_fd()) };
-        // Image reads signal the same eventfd, so the worker watches a single descriptor.
-        let image = self.image.channel_notifying(notify)?;
-        let fd = notify.try_clone_to_owned()?;
+    fn new_channel_with(&self, notifier: Notifier) -> io::Result<Box<dyn IoChannel>> {
+        // Image reads and fetcher wake-ups signal the base channel's notifier too, so the
+        // worker watches a single descriptor.
+        let inner = self.inner.new_channel_with(notifier.clone())?;
+        let image = self.image.new_channel_with(notifier.clone())?;
         let waker = Arc::new(Waker {
-            // SAFETY: a fresh duplicate of the channel's eventfd, owned by nobody else.
-            fd: unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) },
+            fd: notifier.try_clone_eventfd()?,
             parked: AtomicUsize::new(0),
         });
         self.shared.register(&waker);
@@ -649,12 +645,8 @@ impl IoChannel for LazyChannel {
         self.ops.len() + self.parked.len() + self.ready.len()
     }
 
-    fn completion_fd(&self) -> RawFd {
-        self.inner.completion_fd()
-    }
-
-    fn ack_completion_fd(&mut self) {
-        self.inner.ack_completion_fd()
+    fn notifier(&self) -> &Notifier {
+        self.inner.notifier()
     }
 }
 
@@ -911,9 +903,9 @@ mod tests {
         fn sectors(&self) -> u64 {
             self.inner.sectors()
         }
-        fn new_channel(&self) -> io::Result<Box<dyn IoChannel>> {
+        fn new_channel_with(&self, notifier: Notifier) -> io::Result<Box<dyn IoChannel>> {
             Ok(Box::new(GatedChannel {
-                inner: self.inner.new_channel()?,
+                inner: self.inner.new_channel_with(notifier)?,
                 gate: self.gate.clone(),
             }))
         }
@@ -943,11 +935,8 @@ mod tests {
         fn in_flight(&self) -> usize {
             self.inner.in_flight()
         }
-        fn completion_fd(&self) -> RawFd {
-            self.inner.completion_fd()
-        }
-        fn ack_completion_fd(&mut self) {
-            self.inner.ack_completion_fd()
+        fn notifier(&self) -> &Notifier {
+            self.inner.notifier()
         }
     }
 
