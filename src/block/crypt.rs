@@ -7,8 +7,8 @@ use std::io;
 use std::sync::Arc;
 
 use super::{
-    BlockDevice, BufPool, Completion, IoChannel, IoOp, IoVecs, Notifier, Slab, SECTOR_SHIFT,
-    SECTOR_SIZE,
+    Below, BlockDevice, BufPool, Completion, IoChannel, IoOp, IoVecs, Layer, LayerChannel,
+    Notifier, Slab, SECTOR_SHIFT, SECTOR_SIZE,
 };
 use crate::crypto::Xts;
 
@@ -35,14 +35,13 @@ impl BlockDevice for CryptDevice {
     }
 
     fn new_channel_with(&self, notifier: Notifier) -> io::Result<Box<dyn IoChannel>> {
-        Ok(Box::new(CryptChannel {
-            inner: self.inner.new_channel_with(notifier)?,
+        let crypt = Crypt {
             xts: self.xts.clone(),
             ops: Slab::default(),
             pool: BufPool::default(),
-            below: Vec::new(),
-            refused: Vec::new(),
-        }))
+        };
+        let below = self.inner.new_channel_with(notifier)?;
+        Ok(Box::new(LayerChannel::new(crypt, below)))
     }
 
     fn sync(&self) -> io::Result<()> {
@@ -98,35 +97,21 @@ struct Op {
     result: Result<(), i32>,
 }
 
-struct CryptChannel {
-    inner: Box<dyn IoChannel>,
+/// The encryption layer's side of a channel.
+struct Crypt {
     xts: Arc<Xts>,
     ops: Slab<Op>,
     pool: BufPool,
-    below: Vec<Completion>,
-    /// Operations refused at `add`, reported by the next `poll`.
-    refused: Vec<Completion>,
 }
 
-impl CryptChannel {
+impl Crypt {
     fn track(&mut self, op: Op) -> u64 {
         self.ops.insert(op) as u64
     }
 }
 
-impl CryptChannel {
-    /// Fails operation `id` (reported by the next poll) without touching the device.
-    fn refuse(&mut self, id: u64) {
-        self.refused.push(Completion {
-            id,
-            result: Err(libc::EINVAL),
-            buf: None,
-        });
-    }
-}
-
-impl IoChannel for CryptChannel {
-    fn add(&mut self, id: u64, op: IoOp) {
+impl Layer for Crypt {
+    fn add(&mut self, below: &mut Below, id: u64, op: IoOp) {
         let mut tracked = Op {
             id,
             kind: Kind::Other,
@@ -137,12 +122,12 @@ impl IoChannel for CryptChannel {
             IoOp::Read { sector, buf } => {
                 tracked.kind = Kind::Read(sector);
                 let key = self.track(tracked);
-                self.inner.add(key, IoOp::Read { sector, buf });
+                below.add(key, IoOp::Read { sector, buf });
             }
             IoOp::Write { sector, mut buf } => {
                 self.xts.encrypt(sector, &mut buf);
                 let key = self.track(tracked);
-                self.inner.add(key, IoOp::Write { sector, buf });
+                below.add(key, IoOp::Write { sector, buf });
             }
             IoOp::WriteZeroes { sector, sectors } => {
                 // A hole below would read back as decrypted garbage: store encrypted zeros.
@@ -156,94 +141,72 @@ impl IoChannel for CryptChannel {
                     let mut buf = self.pool.get((n << SECTOR_SHIFT) as usize);
                     buf.fill(0);
                     self.xts.encrypt(at, &mut buf);
-                    self.inner.add(key, IoOp::Write { sector: at, buf });
+                    below.add(key, IoOp::Write { sector: at, buf });
                     at += n;
                 }
                 if sectors == 0 {
-                    self.inner.add(key, IoOp::Flush);
+                    below.add(key, IoOp::Flush);
                 }
             }
             IoOp::WriteVec { sector, iov } => {
                 if iov.as_slice().iter().any(|v| v.iov_len % SECTOR_SIZE != 0) {
-                    return self.refuse(id);
+                    return below.finish(id, Err(libc::EINVAL), None);
                 }
                 // Encrypt straight from the caller's memory into our buffer: one pass.
                 let mut buf = self.pool.get(iov.len());
                 transform_vecs(&self.xts, sector, &iov, &mut buf, true);
                 tracked.kind = Kind::WriteVec;
                 let key = self.track(tracked);
-                self.inner.add(key, IoOp::Write { sector, buf });
+                below.add(key, IoOp::Write { sector, buf });
             }
             IoOp::ReadVec { sector, iov } => {
                 if iov.as_slice().iter().any(|v| v.iov_len % SECTOR_SIZE != 0) {
-                    return self.refuse(id);
+                    return below.finish(id, Err(libc::EINVAL), None);
                 }
                 let buf = self.pool.get(iov.len());
                 tracked.kind = Kind::ReadVec(sector, iov);
                 let key = self.track(tracked);
-                self.inner.add(key, IoOp::Read { sector, buf });
+                below.add(key, IoOp::Read { sector, buf });
             }
             // Discarded sectors read back as unspecified data, which virtio allows.
             op @ (IoOp::Flush | IoOp::Discard { .. }) => {
                 let key = self.track(tracked);
-                self.inner.add(key, op);
+                below.add(key, op);
             }
         }
     }
 
-    fn submit(&mut self) -> io::Result<()> {
-        self.inner.submit()
-    }
-
-    fn poll(&mut self, out: &mut Vec<Completion>) {
-        out.append(&mut self.refused);
-        let mut below = std::mem::take(&mut self.below);
-        self.inner.poll(&mut below);
-        for c in below.drain(..) {
-            let key = c.id as usize;
-            let Some(op) = self.ops.get_mut(key) else {
-                continue;
-            };
-            if c.result.is_err() {
-                op.result = c.result;
+    fn reap(&mut self, c: Completion, out: &mut Vec<Completion>) {
+        let key = c.id as usize;
+        let Some(op) = self.ops.get_mut(key) else {
+            return;
+        };
+        if c.result.is_err() {
+            op.result = c.result;
+        }
+        op.parts -= 1;
+        let mut buf = c.buf;
+        match (&op.kind, buf.as_mut()) {
+            (Kind::Read(sector), Some(b)) if op.result.is_ok() => self.xts.decrypt(*sector, b),
+            (Kind::ReadVec(sector, iov), Some(b)) if op.result.is_ok() => {
+                transform_vecs(&self.xts, *sector, iov, b, false);
             }
-            op.parts -= 1;
-            let mut buf = c.buf;
-            match (&op.kind, buf.as_mut()) {
-                (Kind::Read(sector), Some(b)) if op.result.is_ok() => self.xts.decrypt(*sector, b),
-                (Kind::ReadVec(sector, iov), Some(b)) if op.result.is_ok() => {
-                    transform_vecs(&self.xts, *sector, iov, b, false);
-                }
-                _ => {}
-            }
-            if matches!(op.kind, Kind::Zeroes | Kind::WriteVec | Kind::ReadVec(..)) {
-                if let Some(b) = buf.take() {
-                    self.pool.put(b);
-                }
-            }
-            if op.parts == 0 {
-                if let Some(op) = self.ops.remove(key) {
-                    out.push(Completion {
-                        id: op.id,
-                        result: op.result,
-                        buf,
-                    });
-                }
+            _ => {}
+        }
+        if matches!(op.kind, Kind::Zeroes | Kind::WriteVec | Kind::ReadVec(..)) {
+            if let Some(b) = buf.take() {
+                self.pool.put(b);
             }
         }
-        self.below = below;
-    }
-
-    fn wait(&mut self) -> io::Result<()> {
-        self.inner.wait()
-    }
-
-    fn in_flight(&self) -> usize {
-        self.inner.in_flight() + self.refused.len()
-    }
-
-    fn notifier(&self) -> &Notifier {
-        self.inner.notifier()
+        if op.parts == 0 {
+            if let Some(op) = self.ops.remove(key) {
+                out.push(Completion {
+                    id: op.id,
+                    result: op.result,
+                    buf,
+                });
+            }
+        }
     }
 }
 
@@ -252,7 +215,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::block::testing::{pattern, Fault, Kind, MemDevice, Seen};
+    use crate::block::testing::{finish_all, pattern, Fault, Kind, MemDevice, Seen};
     use crate::block::{run_sync, IoBuf};
 
     const CHUNK: u64 = (ZERO_CHUNK >> SECTOR_SHIFT) as u64;
@@ -308,12 +271,7 @@ mod tests {
         assert_eq!(below(&mem), want);
         // Nothing to write: one flush goes down so that the operation still completes once.
         ch.add(9, zeroes(5, 0));
-        ch.submit().unwrap();
-        let mut done = Vec::new();
-        while ch.in_flight() > 0 {
-            ch.wait().unwrap();
-            ch.poll(&mut done);
-        }
+        let done = finish_all(ch.as_mut());
         assert_eq!(done.len(), 1);
         assert_eq!((done[0].id, done[0].result), (9, Ok(())));
         want.push((Kind::Flush, 0, 0));
@@ -328,12 +286,7 @@ mod tests {
         mem.on_nth(1, Fault::Fail(libc::ENOSPC));
         let mut ch = dev.new_channel().unwrap();
         ch.add(7, zeroes(0, 3 * CHUNK));
-        ch.submit().unwrap();
-        let mut done = Vec::new();
-        while ch.in_flight() > 0 {
-            ch.wait().unwrap();
-            ch.poll(&mut done);
-        }
+        let done = finish_all(ch.as_mut());
         assert_eq!(done.len(), 1);
         assert_eq!((done[0].id, done[0].result), (7, Err(libc::ENOSPC)));
         assert!(done[0].buf.is_none());

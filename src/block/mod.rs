@@ -5,11 +5,14 @@
 //! started with [`IoChannel::submit`] and reaped with [`IoChannel::poll`]. Features such as
 //! encryption or lazy fetch are devices that wrap another device's channel, the way
 //! device-mapper targets stack, so the virtio front end never knows which layers are present.
+//! A layer says what it does to operations going down and completions coming up ([`Layer`]);
+//! [`LayerChannel`] does the forwarding. Every channel of a stack signals one [`Notifier`].
 
 mod buf;
 mod crypt;
 mod debuglog;
 mod file;
+mod layer;
 mod notifier;
 mod slab;
 #[cfg(test)]
@@ -21,6 +24,7 @@ pub use buf::{BufPool, IoBuf};
 pub use crypt::CryptDevice;
 pub use debuglog::DebugLogDevice;
 pub use file::{device_size, FileDevice};
+pub use layer::{Below, Layer, LayerChannel};
 pub use notifier::Notifier;
 pub use slab::Slab;
 
@@ -54,7 +58,8 @@ pub enum IoOp {
         iov: IoVecs,
     },
     Flush,
-    /// Deallocate; the range reads as zeros afterwards.
+    /// Deallocate; the range reads back as unspecified data (zeros on a file, not through
+    /// encryption), as virtio allows.
     Discard {
         sector: u64,
         sectors: u64,
@@ -118,6 +123,9 @@ pub struct Completion {
 }
 
 /// A per-thread, asynchronous path to a device.
+///
+/// Operations lie within [`BlockDevice::sectors`] (the virtio layer checks every request); a
+/// read reaching past the end fails rather than returning made-up data.
 pub trait IoChannel: Send {
     /// Queues `op`; it is started no later than the next [`IoChannel::submit`].
     fn add(&mut self, id: u64, op: IoOp);
@@ -129,8 +137,10 @@ pub trait IoChannel: Send {
     fn wait(&mut self) -> io::Result<()>;
     /// Operations added but not yet returned by `poll`.
     fn in_flight(&self) -> usize;
-    /// Signalled when `poll` has something to return: the notifier the channel was created
-    /// with (see [`BlockDevice::new_channel_with`]).
+    /// Signalled when an operation below finishes: the notifier the channel was created with
+    /// (see [`BlockDevice::new_channel_with`]). Operations a layer finishes during `add`
+    /// (refused ones) are returned by the next `poll` without a signal: callers poll after
+    /// `submit`.
     fn notifier(&self) -> &Notifier;
 }
 

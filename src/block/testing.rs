@@ -372,6 +372,17 @@ pub fn pattern(len: usize, seed: u8) -> IoBuf {
     b
 }
 
+/// Submits what was added to `ch` and returns every completion until nothing is in flight.
+pub fn finish_all(ch: &mut dyn IoChannel) -> Vec<Completion> {
+    ch.submit().unwrap();
+    let mut done = Vec::new();
+    while ch.in_flight() > 0 {
+        ch.wait().unwrap();
+        ch.poll(&mut done);
+    }
+    done
+}
+
 fn write(ch: &mut dyn IoChannel, sector: u64, data: IoBuf) {
     let (r, _) = run_sync(ch, IoOp::Write { sector, buf: data });
     assert_eq!(r, Ok(()), "write at sector {sector}");
