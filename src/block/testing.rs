@@ -155,26 +155,21 @@ struct MemChannel {
 }
 
 fn seen(seq: u64, op: &IoOp) -> Seen {
-    let (kind, sector, bytes) = match op {
-        IoOp::Read { sector, buf } => (Kind::Read, *sector, buf.len()),
-        IoOp::Write { sector, buf } => (Kind::Write, *sector, buf.len()),
-        IoOp::ReadVec { sector, iov } => (Kind::ReadVec, *sector, iov.len()),
-        IoOp::WriteVec { sector, iov } => (Kind::WriteVec, *sector, iov.len()),
+    let sectors = |bytes: usize| (bytes >> SECTOR_SHIFT) as u64;
+    let (kind, sector, sectors) = match op {
+        IoOp::Read { sector, buf } => (Kind::Read, *sector, sectors(buf.len())),
+        IoOp::Write { sector, buf } => (Kind::Write, *sector, sectors(buf.len())),
+        IoOp::ReadVec { sector, iov } => (Kind::ReadVec, *sector, sectors(iov.len())),
+        IoOp::WriteVec { sector, iov } => (Kind::WriteVec, *sector, sectors(iov.len())),
         IoOp::Flush => (Kind::Flush, 0, 0),
-        IoOp::Discard { sector, sectors } => {
-            (Kind::Discard, *sector, (sectors << SECTOR_SHIFT) as usize)
-        }
-        IoOp::WriteZeroes { sector, sectors } => (
-            Kind::WriteZeroes,
-            *sector,
-            (sectors << SECTOR_SHIFT) as usize,
-        ),
+        IoOp::Discard { sector, sectors } => (Kind::Discard, *sector, *sectors),
+        IoOp::WriteZeroes { sector, sectors } => (Kind::WriteZeroes, *sector, *sectors),
     };
     Seen {
         seq,
         kind,
         sector,
-        sectors: (bytes >> SECTOR_SHIFT) as u64,
+        sectors,
     }
 }
 
