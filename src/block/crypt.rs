@@ -4,11 +4,11 @@
 //! are decrypted when they come back up. Nothing the layer below stores is plaintext.
 
 use std::io;
-use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use super::{
-    BlockDevice, BufPool, Completion, IoChannel, IoOp, IoVecs, Slab, SECTOR_SHIFT, SECTOR_SIZE,
+    Below, BlockDevice, BufPool, Completion, IoChannel, IoOp, IoVecs, Layer, LayerChannel,
+    Notifier, Slab, SECTOR_SHIFT, SECTOR_SIZE,
 };
 use crate::crypto::Xts;
 
@@ -34,15 +34,14 @@ impl BlockDevice for CryptDevice {
         self.inner.sectors()
     }
 
-    fn new_channel(&self) -> io::Result<Box<dyn IoChannel>> {
-        Ok(Box::new(CryptChannel {
-            inner: self.inner.new_channel()?,
+    fn new_channel_with(&self, notifier: Notifier) -> io::Result<Box<dyn IoChannel>> {
+        let crypt = Crypt {
             xts: self.xts.clone(),
             ops: Slab::default(),
             pool: BufPool::default(),
-            below: Vec::new(),
-            refused: Vec::new(),
-        }))
+        };
+        let below = self.inner.new_channel_with(notifier)?;
+        Ok(Box::new(LayerChannel::new(crypt, below)))
     }
 
     fn sync(&self) -> io::Result<()> {
@@ -98,35 +97,21 @@ struct Op {
     result: Result<(), i32>,
 }
 
-struct CryptChannel {
-    inner: Box<dyn IoChannel>,
+/// The encryption layer's side of a channel.
+struct Crypt {
     xts: Arc<Xts>,
     ops: Slab<Op>,
     pool: BufPool,
-    below: Vec<Completion>,
-    /// Operations refused at `add`, reported by the next `poll`.
-    refused: Vec<Completion>,
 }
 
-impl CryptChannel {
+impl Crypt {
     fn track(&mut self, op: Op) -> u64 {
         self.ops.insert(op) as u64
     }
 }
 
-impl CryptChannel {
-    /// Fails operation `id` (reported by the next poll) without touching the device.
-    fn refuse(&mut self, id: u64) {
-        self.refused.push(Completion {
-            id,
-            result: Err(libc::EINVAL),
-            buf: None,
-        });
-    }
-}
-
-impl IoChannel for CryptChannel {
-    fn add(&mut self, id: u64, op: IoOp) {
+impl Layer for Crypt {
+    fn add(&mut self, below: &mut Below, id: u64, op: IoOp) {
         let mut tracked = Op {
             id,
             kind: Kind::Other,
@@ -137,12 +122,12 @@ impl IoChannel for CryptChannel {
             IoOp::Read { sector, buf } => {
                 tracked.kind = Kind::Read(sector);
                 let key = self.track(tracked);
-                self.inner.add(key, IoOp::Read { sector, buf });
+                below.add(key, IoOp::Read { sector, buf });
             }
             IoOp::Write { sector, mut buf } => {
                 self.xts.encrypt(sector, &mut buf);
                 let key = self.track(tracked);
-                self.inner.add(key, IoOp::Write { sector, buf });
+                below.add(key, IoOp::Write { sector, buf });
             }
             IoOp::WriteZeroes { sector, sectors } => {
                 // A hole below would read back as decrypted garbage: store encrypted zeros.
@@ -156,97 +141,224 @@ impl IoChannel for CryptChannel {
                     let mut buf = self.pool.get((n << SECTOR_SHIFT) as usize);
                     buf.fill(0);
                     self.xts.encrypt(at, &mut buf);
-                    self.inner.add(key, IoOp::Write { sector: at, buf });
+                    below.add(key, IoOp::Write { sector: at, buf });
                     at += n;
                 }
                 if sectors == 0 {
-                    self.inner.add(key, IoOp::Flush);
+                    below.add(key, IoOp::Flush);
                 }
             }
             IoOp::WriteVec { sector, iov } => {
                 if iov.as_slice().iter().any(|v| v.iov_len % SECTOR_SIZE != 0) {
-                    return self.refuse(id);
+                    return below.finish(id, Err(libc::EINVAL), None);
                 }
                 // Encrypt straight from the caller's memory into our buffer: one pass.
                 let mut buf = self.pool.get(iov.len());
                 transform_vecs(&self.xts, sector, &iov, &mut buf, true);
                 tracked.kind = Kind::WriteVec;
                 let key = self.track(tracked);
-                self.inner.add(key, IoOp::Write { sector, buf });
+                below.add(key, IoOp::Write { sector, buf });
             }
             IoOp::ReadVec { sector, iov } => {
                 if iov.as_slice().iter().any(|v| v.iov_len % SECTOR_SIZE != 0) {
-                    return self.refuse(id);
+                    return below.finish(id, Err(libc::EINVAL), None);
                 }
                 let buf = self.pool.get(iov.len());
                 tracked.kind = Kind::ReadVec(sector, iov);
                 let key = self.track(tracked);
-                self.inner.add(key, IoOp::Read { sector, buf });
+                below.add(key, IoOp::Read { sector, buf });
             }
             // Discarded sectors read back as unspecified data, which virtio allows.
             op @ (IoOp::Flush | IoOp::Discard { .. }) => {
                 let key = self.track(tracked);
-                self.inner.add(key, op);
+                below.add(key, op);
             }
         }
     }
 
-    fn submit(&mut self) -> io::Result<()> {
-        self.inner.submit()
-    }
-
-    fn poll(&mut self, out: &mut Vec<Completion>) {
-        out.append(&mut self.refused);
-        let mut below = std::mem::take(&mut self.below);
-        self.inner.poll(&mut below);
-        for c in below.drain(..) {
-            let key = c.id as usize;
-            let Some(op) = self.ops.get_mut(key) else {
-                continue;
-            };
-            if c.result.is_err() {
-                op.result = c.result;
+    fn reap(&mut self, c: Completion, out: &mut Vec<Completion>) {
+        let key = c.id as usize;
+        let Some(op) = self.ops.get_mut(key) else {
+            return;
+        };
+        if c.result.is_err() {
+            op.result = c.result;
+        }
+        op.parts -= 1;
+        let mut buf = c.buf;
+        match (&op.kind, buf.as_mut()) {
+            (Kind::Read(sector), Some(b)) if op.result.is_ok() => self.xts.decrypt(*sector, b),
+            (Kind::ReadVec(sector, iov), Some(b)) if op.result.is_ok() => {
+                transform_vecs(&self.xts, *sector, iov, b, false);
             }
-            op.parts -= 1;
-            let mut buf = c.buf;
-            match (&op.kind, buf.as_mut()) {
-                (Kind::Read(sector), Some(b)) if op.result.is_ok() => self.xts.decrypt(*sector, b),
-                (Kind::ReadVec(sector, iov), Some(b)) if op.result.is_ok() => {
-                    transform_vecs(&self.xts, *sector, iov, b, false);
-                }
-                _ => {}
-            }
-            if matches!(op.kind, Kind::Zeroes | Kind::WriteVec | Kind::ReadVec(..)) {
-                if let Some(b) = buf.take() {
-                    self.pool.put(b);
-                }
-            }
-            if op.parts == 0 {
-                if let Some(op) = self.ops.remove(key) {
-                    out.push(Completion {
-                        id: op.id,
-                        result: op.result,
-                        buf,
-                    });
-                }
+            _ => {}
+        }
+        if matches!(op.kind, Kind::Zeroes | Kind::WriteVec | Kind::ReadVec(..)) {
+            if let Some(b) = buf.take() {
+                self.pool.put(b);
             }
         }
-        self.below = below;
+        if op.parts == 0 {
+            if let Some(op) = self.ops.remove(key) {
+                out.push(Completion {
+                    id: op.id,
+                    result: op.result,
+                    buf,
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::block::testing::{finish_all, pattern, Fault, Kind, MemDevice, Seen};
+    use crate::block::{run_sync, IoBuf};
+
+    const CHUNK: u64 = (ZERO_CHUNK >> SECTOR_SHIFT) as u64;
+
+    fn xts() -> Xts {
+        Xts::new(&[1; 32], &[2; 32])
     }
 
-    fn wait(&mut self) -> io::Result<()> {
-        self.inner.wait()
+    fn crypt_over_mem(sectors: u64) -> (MemDevice, CryptDevice) {
+        let mem = MemDevice::new(sectors);
+        let dev = CryptDevice::new(Arc::new(mem.clone()), xts());
+        (mem, dev)
     }
 
-    fn in_flight(&self) -> usize {
-        self.inner.in_flight() + self.refused.len()
+    /// (kind, sector, sectors) of what went down.
+    fn below(mem: &MemDevice) -> Vec<(Kind, u64, u64)> {
+        mem.seen()
+            .iter()
+            .map(|s: &Seen| (s.kind, s.sector, s.sectors))
+            .collect()
     }
 
-    fn completion_fd(&self) -> RawFd {
-        self.inner.completion_fd()
+    fn zeroes(sector: u64, sectors: u64) -> IoOp {
+        IoOp::WriteZeroes { sector, sectors }
     }
 
-    fn ack_completion_fd(&mut self) {
-        self.inner.ack_completion_fd()
+    #[test]
+    fn write_zeroes_goes_down_as_chunks_of_encrypted_zeros() {
+        let (mem, dev) = crypt_over_mem(4 * CHUNK);
+        let mut ch = dev.new_channel().unwrap();
+        // Two and a half chunks: the last piece is partial.
+        let sectors = 2 * CHUNK + CHUNK / 2;
+        assert_eq!(run_sync(ch.as_mut(), zeroes(3, sectors)).0, Ok(()));
+        let (w, c) = (Kind::Write, CHUNK);
+        let mut want = vec![(w, 3, c), (w, 3 + c, c), (w, 3 + 2 * c, c / 2)];
+        assert_eq!(below(&mem), want);
+        // Stored encrypted, read back as zeros.
+        let mut stored = vec![0; (sectors << SECTOR_SHIFT) as usize];
+        xts().encrypt(3, &mut stored);
+        let start = 3 << SECTOR_SHIFT;
+        assert!(mem.contents()[start..start + stored.len()] == stored);
+        let op = IoOp::Read {
+            sector: 3,
+            buf: IoBuf::new(stored.len()),
+        };
+        let (r, buf) = run_sync(ch.as_mut(), op);
+        assert_eq!(r, Ok(()));
+        assert!(buf.unwrap().iter().all(|&b| b == 0));
+        want.push((Kind::Read, 3, sectors));
+        // Whole chunks: no empty piece after them.
+        assert_eq!(run_sync(ch.as_mut(), zeroes(0, 2 * CHUNK)).0, Ok(()));
+        want.extend([(w, 0, c), (w, c, c)]);
+        assert_eq!(below(&mem), want);
+        // Nothing to write: one flush goes down so that the operation still completes once.
+        ch.add(9, zeroes(5, 0));
+        let done = finish_all(ch.as_mut());
+        assert_eq!(done.len(), 1);
+        assert_eq!((done[0].id, done[0].result), (9, Ok(())));
+        want.push((Kind::Flush, 0, 0));
+        assert_eq!(below(&mem), want);
+    }
+
+    #[test]
+    fn a_failed_chunk_fails_the_write_zeroes_once() {
+        let (mem, dev) = crypt_over_mem(4 * CHUNK);
+        // The second chunk fails; the first finishes last.
+        mem.on_nth(0, Fault::Delay(Duration::from_millis(30)));
+        mem.on_nth(1, Fault::Fail(libc::ENOSPC));
+        let mut ch = dev.new_channel().unwrap();
+        ch.add(7, zeroes(0, 3 * CHUNK));
+        let done = finish_all(ch.as_mut());
+        assert_eq!(done.len(), 1);
+        assert_eq!((done[0].id, done[0].result), (7, Err(libc::ENOSPC)));
+        assert!(done[0].buf.is_none());
+        assert_eq!(mem.seen().len(), 3);
+    }
+
+    #[test]
+    fn failed_writes_and_reads_come_back_with_their_errno_and_buffer() {
+        let (mem, dev) = crypt_over_mem(64);
+        mem.on(|s| s.sector == 8, Fault::Fail(libc::EIO));
+        let mut ch = dev.new_channel().unwrap();
+        let write = |sector| IoOp::Write {
+            sector,
+            buf: pattern(4096, 1),
+        };
+        let (r, buf) = run_sync(ch.as_mut(), write(8));
+        assert_eq!((r, buf.map(|b| b.len())), (Err(libc::EIO), Some(4096)));
+        assert!(mem.contents().iter().all(|&b| b == 0));
+        let read = IoOp::Read {
+            sector: 8,
+            buf: IoBuf::new(512),
+        };
+        let (r, buf) = run_sync(ch.as_mut(), read);
+        assert_eq!((r, buf.map(|b| b.len())), (Err(libc::EIO), Some(512)));
+        // Elsewhere all is well, and nothing below is plaintext.
+        assert_eq!(run_sync(ch.as_mut(), write(16)).0, Ok(()));
+        let mut stored = pattern(4096, 1).to_vec();
+        xts().encrypt(16, &mut stored);
+        assert!(mem.contents()[16 * 512..24 * 512] == stored);
+    }
+
+    #[test]
+    fn vectors_are_transformed_in_one_pass_and_partial_sectors_refused() {
+        let (mem, dev) = crypt_over_mem(64);
+        let mut ch = dev.new_channel().unwrap();
+        let mut data = pattern(8192, 3);
+        let vecs = |data: &mut IoBuf, pieces: &[(usize, usize)]| {
+            let iov = pieces
+                .iter()
+                .map(|&(at, len)| libc::iovec {
+                    iov_base: data[at..].as_mut_ptr().cast(),
+                    iov_len: len,
+                })
+                .collect();
+            // SAFETY: `data` outlives each synchronous operation below.
+            unsafe { IoVecs::new(iov, Arc::new(())) }
+        };
+        // Odd addresses are fine for the cipher; each piece is whole sectors.
+        let iov = vecs(&mut data, &[(1, 512), (2049, 1024)]);
+        let (r, _) = run_sync(ch.as_mut(), IoOp::WriteVec { sector: 4, iov });
+        assert_eq!(r, Ok(()));
+        let mut plain = data[1..513].to_vec();
+        plain.extend_from_slice(&data[2049..3073]);
+        let mut stored = plain.clone();
+        xts().encrypt(4, &mut stored);
+        assert!(mem.contents()[4 * 512..7 * 512] == stored);
+        let mut back = IoBuf::new(8192);
+        let iov = vecs(&mut back, &[(7, 1024), (4000, 512)]);
+        let (r, _) = run_sync(ch.as_mut(), IoOp::ReadVec { sector: 4, iov });
+        assert_eq!(r, Ok(()));
+        assert!(back[7..1031] == plain[..1024] && back[4000..4512] == plain[1024..]);
+
+        // Pieces of partial sectors: refused before anything goes down.
+        let seen = mem.seen().len();
+        let iov = vecs(&mut data, &[(0, 511), (1024, 513)]);
+        let (r, _) = run_sync(ch.as_mut(), IoOp::WriteVec { sector: 4, iov });
+        assert_eq!(r, Err(libc::EINVAL));
+        let iov = vecs(&mut back, &[(0, 100), (512, 412)]);
+        let (r, _) = run_sync(ch.as_mut(), IoOp::ReadVec { sector: 4, iov });
+        assert_eq!(r, Err(libc::EINVAL));
+        assert_eq!(mem.seen().len(), seen);
+        assert!(mem.contents()[4 * 512..7 * 512] == stored);
+        assert_eq!(ch.in_flight(), 0);
     }
 }

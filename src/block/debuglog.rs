@@ -40,13 +40,15 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::RawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::{BlockDevice, Completion, IoBuf, IoChannel, IoOp, Slab, SECTOR_SIZE};
+use super::{
+    Below, BlockDevice, Completion, IoBuf, IoChannel, IoOp, Layer, LayerChannel, Notifier, Slab,
+    SECTOR_SIZE,
+};
 use crate::replay::{format_record, OpKind};
 
 /// The shared log file.
@@ -109,14 +111,13 @@ impl BlockDevice for DebugLogDevice {
         self.inner.sectors()
     }
 
-    fn new_channel(&self) -> io::Result<Box<dyn IoChannel>> {
-        Ok(Box::new(DebugLogChannel {
-            inner: self.inner.new_channel()?,
+    fn new_channel_with(&self, notifier: Notifier) -> io::Result<Box<dyn IoChannel>> {
+        let layer = DebugLog {
             log: self.log.clone(),
             ops: Slab::default(),
-            below: Vec::new(),
-            refused: Vec::new(),
-        }))
+        };
+        let below = self.inner.new_channel_with(notifier)?;
+        Ok(Box::new(LayerChannel::new(layer, below)))
     }
 
     fn sync(&self) -> io::Result<()> {
@@ -148,28 +149,19 @@ struct Op {
     kind: Kind,
 }
 
-struct DebugLogChannel {
-    inner: Box<dyn IoChannel>,
+/// The debug log layer's side of a channel.
+struct DebugLog {
     log: Arc<LogFile>,
     /// Our operations in flight, indexed by the id we give them below.
     ops: Slab<Op>,
-    below: Vec<Completion>,
-    /// Operations refused at `add`, reported by the next `poll`.
-    refused: Vec<Completion>,
-}
-
-impl DebugLogChannel {
-    fn track(&mut self, op: Op) -> u64 {
-        self.ops.insert(op) as u64
-    }
 }
 
 fn sector_aligned(buf: &IoBuf) -> bool {
     buf.len().is_multiple_of(SECTOR_SIZE)
 }
 
-impl IoChannel for DebugLogChannel {
-    fn add(&mut self, id: u64, op: IoOp) {
+impl Layer for DebugLog {
+    fn add(&mut self, below: &mut Below, id: u64, op: IoOp) {
         let (kind, op) = match op {
             IoOp::Read { sector, buf } if sector_aligned(&buf) => {
                 (Kind::Read(sector), IoOp::Read { sector, buf })
@@ -182,72 +174,37 @@ impl IoChannel for DebugLogChannel {
             // Never sent to us (iovec_align is None); guest memory is not ours to log. Partial
             // sectors cannot be expressed in the log either.
             IoOp::Read { buf, .. } | IoOp::Write { buf, .. } => {
-                return self.refused.push(Completion {
-                    id,
-                    result: Err(libc::EINVAL),
-                    buf: Some(buf),
-                });
+                return below.finish(id, Err(libc::EINVAL), Some(buf));
             }
             IoOp::ReadVec { .. } | IoOp::WriteVec { .. } => {
-                return self.refused.push(Completion {
-                    id,
-                    result: Err(libc::EINVAL),
-                    buf: None,
-                });
+                return below.finish(id, Err(libc::EINVAL), None);
             }
             op @ (IoOp::Flush | IoOp::Discard { .. } | IoOp::WriteZeroes { .. }) => {
                 (Kind::Other, op)
             }
         };
-        let key = self.track(Op { id, kind });
-        self.inner.add(key, op);
+        let key = self.ops.insert(Op { id, kind });
+        below.add(key as u64, op);
     }
 
-    fn submit(&mut self) -> io::Result<()> {
-        self.inner.submit()
-    }
-
-    fn poll(&mut self, out: &mut Vec<Completion>) {
-        out.append(&mut self.refused);
-        let mut below = std::mem::take(&mut self.below);
-        self.inner.poll(&mut below);
-        for c in below.drain(..) {
-            let key = c.id as usize;
-            let Some(op) = self.ops.remove(key) else {
-                continue;
-            };
-            if c.result.is_ok() {
-                match (&op.kind, &c.buf) {
-                    (Kind::Read(sector), Some(buf)) => {
-                        self.log.append(&format_record(OpKind::Read, *sector, buf));
-                    }
-                    (Kind::Write(record), _) => self.log.append(record),
-                    _ => {}
+    fn reap(&mut self, c: Completion, out: &mut Vec<Completion>) {
+        let Some(op) = self.ops.remove(c.id as usize) else {
+            return;
+        };
+        if c.result.is_ok() {
+            match (&op.kind, &c.buf) {
+                (Kind::Read(sector), Some(buf)) => {
+                    self.log.append(&format_record(OpKind::Read, *sector, buf));
                 }
+                (Kind::Write(record), _) => self.log.append(record),
+                _ => {}
             }
-            out.push(Completion {
-                id: op.id,
-                result: c.result,
-                buf: c.buf,
-            });
         }
-        self.below = below;
-    }
-
-    fn wait(&mut self) -> io::Result<()> {
-        self.inner.wait()
-    }
-
-    fn in_flight(&self) -> usize {
-        self.inner.in_flight() + self.refused.len()
-    }
-
-    fn completion_fd(&self) -> RawFd {
-        self.inner.completion_fd()
-    }
-
-    fn ack_completion_fd(&mut self) {
-        self.inner.ack_completion_fd()
+        out.push(Completion {
+            id: op.id,
+            result: c.result,
+            buf: c.buf,
+        });
     }
 }
 
@@ -308,6 +265,38 @@ mod tests {
         read.extend_from_slice(&[0x5a; 512]);
         let expected =
             format_record(OpKind::Write, 3, &[0x5a; 1024]) + &format_record(OpKind::Read, 2, &read);
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn failed_operations_below_are_not_logged() {
+        use crate::block::testing::{pattern, Fault, Kind, MemDevice};
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("io.log");
+        let mem = MemDevice::new(64);
+        // Writes at sector 8 fail; so does the first read there.
+        mem.on(
+            |s| s.sector == 8 && s.kind == Kind::Write,
+            Fault::Fail(libc::ENOSPC),
+        );
+        mem.on_nth(2, Fault::Fail(libc::EIO));
+        let dev = DebugLogDevice::new(Arc::new(mem.clone()), &log).unwrap();
+        let mut ch = dev.new_channel().unwrap();
+        let write = |sector| IoOp::Write {
+            sector,
+            buf: pattern(4096, 5),
+        };
+        let read = || IoOp::Read {
+            sector: 8,
+            buf: IoBuf::new(512),
+        };
+        assert_eq!(run_sync(ch.as_mut(), write(8)).0, Err(libc::ENOSPC));
+        assert_eq!(run_sync(ch.as_mut(), write(4)).0, Ok(()));
+        assert_eq!(run_sync(ch.as_mut(), read()).0, Err(libc::EIO));
+        assert_eq!(run_sync(ch.as_mut(), read()).0, Ok(()));
+        let text = std::fs::read_to_string(&log).unwrap();
+        let expected = format_record(OpKind::Write, 4, &pattern(4096, 5))
+            + &format_record(OpKind::Read, 8, &pattern(4096, 5)[2048..2560]);
         assert_eq!(text, expected);
     }
 }

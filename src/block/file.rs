@@ -1,15 +1,16 @@
 //! The bottom of every stack: a regular file or block device, driven through io_uring.
 
-use super::{BlockDevice, Completion, IoBuf, IoChannel, IoOp, IoVecs, Slab, SECTOR_SHIFT};
+use super::{
+    BlockDevice, Completion, IoBuf, IoChannel, IoOp, IoVecs, Notifier, Slab, SECTOR_SHIFT,
+};
 use io_uring::{opcode, squeue, types, IoUring};
 use log::warn;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// A file or block device holding the disk's sectors.
 pub struct FileDevice {
@@ -43,19 +44,6 @@ impl FileDevice {
             ring_entries: ring_entries.clamp(8, 4096).next_power_of_two(),
         })
     }
-
-    /// A channel whose completions signal the existing eventfd `notify` (which the caller
-    /// already watches, e.g. another channel's [`IoChannel::completion_fd`]) instead of a new one.
-    pub fn channel_notifying(&self, notify: BorrowedFd<'_>) -> io::Result<Box<dyn IoChannel>> {
-        let fd = notify.try_clone_to_owned()?;
-        // SAFETY: `fd` is a fresh descriptor we own; the caller promises it is an eventfd.
-        let eventfd = unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) };
-        Ok(Box::new(UringChannel::new(
-            self.file.clone(),
-            self.ring_entries,
-            eventfd,
-        )?))
-    }
 }
 
 /// The size in bytes of a regular file or block device.
@@ -81,12 +69,11 @@ impl BlockDevice for FileDevice {
         self.sectors
     }
 
-    fn new_channel(&self) -> io::Result<Box<dyn IoChannel>> {
-        let eventfd = EventFd::new(EFD_NONBLOCK)?;
+    fn new_channel_with(&self, notifier: Notifier) -> io::Result<Box<dyn IoChannel>> {
         Ok(Box::new(UringChannel::new(
             self.file.clone(),
             self.ring_entries,
-            eventfd,
+            notifier,
         )?))
     }
 
@@ -112,14 +99,14 @@ struct Slot {
 pub struct UringChannel {
     file: Arc<File>,
     ring: IoUring,
-    eventfd: EventFd,
+    notifier: Notifier,
     slots: Slab<Slot>,
     /// Built entries waiting for room in the submission queue.
     backlog: std::collections::VecDeque<squeue::Entry>,
 }
 
 impl UringChannel {
-    fn new(file: Arc<File>, entries: u32, eventfd: EventFd) -> io::Result<Self> {
+    fn new(file: Arc<File>, entries: u32, notifier: Notifier) -> io::Result<Self> {
         // COOP_TASKRUN: completions from io-wq workers must not interrupt our (often polling)
         // thread with an IPI; we run their task work when we enter the kernel, and the
         // TASKRUN flag tells the polling loop when to do so.
@@ -129,11 +116,11 @@ impl UringChannel {
             .setup_taskrun_flag()
             .build(entries)
             .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))?;
-        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        ring.submitter().register_eventfd(notifier.as_raw_fd())?;
         Ok(UringChannel {
             file,
             ring,
-            eventfd,
+            notifier,
             slots: Slab::default(),
             backlog: Default::default(),
         })
@@ -240,11 +227,6 @@ impl IoChannel for UringChannel {
         }
     }
 
-    fn ack_completion_fd(&mut self) {
-        // Reset before the caller reaps, so a completion posted meanwhile re-arms the fd.
-        let _ = self.eventfd.read();
-    }
-
     fn poll(&mut self, out: &mut Vec<Completion>) {
         if self.ring.completion().is_empty() && self.ring.submission().taskrun() {
             // Completions are waiting as task work: an io_uring_enter runs it.
@@ -293,8 +275,8 @@ impl IoChannel for UringChannel {
         self.slots.len()
     }
 
-    fn completion_fd(&self) -> RawFd {
-        self.eventfd.as_raw_fd()
+    fn notifier(&self) -> &Notifier {
+        &self.notifier
     }
 }
 

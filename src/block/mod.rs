@@ -5,22 +5,31 @@
 //! started with [`IoChannel::submit`] and reaped with [`IoChannel::poll`]. Features such as
 //! encryption or lazy fetch are devices that wrap another device's channel, the way
 //! device-mapper targets stack, so the virtio front end never knows which layers are present.
+//! A layer says what it does to operations going down and completions coming up ([`Layer`]);
+//! [`LayerChannel`] does the forwarding. Every channel of a stack signals one [`Notifier`].
 
 mod buf;
 mod crypt;
 mod debuglog;
 mod file;
+mod layer;
+mod notifier;
 mod slab;
+#[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
+mod tests;
 
 pub use buf::{BufPool, IoBuf};
 pub use crypt::CryptDevice;
 pub use debuglog::DebugLogDevice;
 pub use file::{device_size, FileDevice};
+pub use layer::{Below, Layer, LayerChannel};
+pub use notifier::Notifier;
 pub use slab::Slab;
 
 use std::any::Any;
 use std::io;
-use std::os::fd::RawFd;
 use std::sync::Arc;
 
 pub const SECTOR_SIZE: usize = 512;
@@ -49,7 +58,8 @@ pub enum IoOp {
         iov: IoVecs,
     },
     Flush,
-    /// Deallocate; the range reads as zeros afterwards.
+    /// Deallocate; the range reads back as unspecified data (zeros on a file, not through
+    /// encryption), as virtio allows.
     Discard {
         sector: u64,
         sectors: u64,
@@ -113,6 +123,9 @@ pub struct Completion {
 }
 
 /// A per-thread, asynchronous path to a device.
+///
+/// Operations lie within [`BlockDevice::sectors`] (the virtio layer checks every request); a
+/// read reaching past the end fails rather than returning made-up data.
 pub trait IoChannel: Send {
     /// Queues `op`; it is started no later than the next [`IoChannel::submit`].
     fn add(&mut self, id: u64, op: IoOp);
@@ -124,18 +137,23 @@ pub trait IoChannel: Send {
     fn wait(&mut self) -> io::Result<()>;
     /// Operations added but not yet returned by `poll`.
     fn in_flight(&self) -> usize;
-    /// A file descriptor that becomes readable when `poll` has something to return.
-    fn completion_fd(&self) -> RawFd;
-    /// Clears `completion_fd`'s readiness after it woke the caller; call before `poll`.
-    /// (Polling loops skip this: it costs a syscall.)
-    fn ack_completion_fd(&mut self);
+    /// Signalled when an operation below finishes: the notifier the channel was created with
+    /// (see [`BlockDevice::new_channel_with`]). Operations a layer finishes during `add`
+    /// (refused ones) are returned by the next `poll` without a signal: callers poll after
+    /// `submit`.
+    fn notifier(&self) -> &Notifier;
 }
 
 /// A store of 512-byte sectors.
 pub trait BlockDevice: Send + Sync {
     fn sectors(&self) -> u64;
-    /// Creates an independent channel for one worker thread.
-    fn new_channel(&self) -> io::Result<Box<dyn IoChannel>>;
+    /// Creates an independent channel for one worker thread, which signals `notifier` when
+    /// it has completions. A layer hands the same notifier to the channels it opens below.
+    fn new_channel_with(&self, notifier: Notifier) -> io::Result<Box<dyn IoChannel>>;
+    /// [`BlockDevice::new_channel_with`] a notifier of its own.
+    fn new_channel(&self) -> io::Result<Box<dyn IoChannel>> {
+        self.new_channel_with(Notifier::new()?)
+    }
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
     /// If the device takes [`IoOp::ReadVec`] / [`IoOp::WriteVec`], the alignment their vectors'

@@ -11,15 +11,15 @@
 //!   through the source's read-through channel (zeros past its end); nothing is fetched.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::fetch::Shared;
 use super::persist::WaitState;
 use super::queue::Waker;
 use super::split::{Dest, Piece, Pieces, SourceEnd};
-use crate::block::{BufPool, Completion, IoChannel, IoOp, Slab, SECTOR_SHIFT};
+use crate::block::{BufPool, Completion, IoChannel, IoOp, Notifier, Slab, SECTOR_SHIFT};
 
 /// A request waiting for its stripes, or a FLUSH waiting for WRITTEN bits to be durable.
 struct Parked {
@@ -349,14 +349,8 @@ impl IoChannel for LazyChannel {
         if !self.parked.is_empty() {
             // Only fetches are outstanding: sleep until a fetcher signals (bounded, to
             // re-check even if a wake-up raced with the generation check).
-            let mut pfd = libc::pollfd {
-                fd: self.waker.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd for the duration of the call.
-            unsafe { libc::poll(&mut pfd, 1, 100) };
-            let _ = self.waker.fd.read();
+            self.waker.notifier.wait(Duration::from_millis(100));
+            self.waker.notifier.ack();
         }
         Ok(())
     }
@@ -365,11 +359,7 @@ impl IoChannel for LazyChannel {
         self.ops.len() + self.parked.len() + self.ready.len()
     }
 
-    fn completion_fd(&self) -> RawFd {
-        self.inner.completion_fd()
-    }
-
-    fn ack_completion_fd(&mut self) {
-        self.inner.ack_completion_fd()
+    fn notifier(&self) -> &Notifier {
+        self.inner.notifier()
     }
 }

@@ -2,14 +2,12 @@
 //! copied from the source ([`StripeSource`]), with the fetcher pool that copies them.
 
 use std::io;
-use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use log::{info, warn};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::channel::LazyChannel;
 use super::fetch::{fetcher, Shared};
@@ -20,7 +18,7 @@ use super::source::{self, StripeSource};
 use super::split::SourceEnd;
 use super::states::StripeStates;
 use super::{Error, LazyStatus};
-use crate::block::{BlockDevice, IoChannel, SECTOR_SHIFT};
+use crate::block::{BlockDevice, IoChannel, Notifier, SECTOR_SHIFT};
 use crate::crypto::Xts;
 
 /// Fetcher threads: enough to overlap source reads, base writes and syncs of several stripes.
@@ -187,17 +185,13 @@ impl BlockDevice for LazyDevice {
         self.inner.sectors()
     }
 
-    fn new_channel(&self) -> io::Result<Box<dyn IoChannel>> {
-        let inner = self.inner.new_channel()?;
-        // The source's read-through reads and the fetchers' wake-ups signal `inner`'s
-        // completion eventfd, so the worker watches a single descriptor.
-        // SAFETY: the descriptor belongs to `inner`, which outlives this borrow.
-        let notify = unsafe { BorrowedFd::borrow_raw(inner.completion_fd()) };
-        let image = self.source.read_through(notify).transpose()?;
-        let fd = notify.try_clone_to_owned()?;
+    fn new_channel_with(&self, notifier: Notifier) -> io::Result<Box<dyn IoChannel>> {
+        // The source's read-through reads and the fetchers' wake-ups signal the base channel's
+        // notifier too, so the worker watches a single descriptor.
+        let inner = self.inner.new_channel_with(notifier.clone())?;
+        let image = self.source.read_through(notifier.clone()).transpose()?;
         let waker = Arc::new(Waker {
-            // SAFETY: a fresh duplicate of the channel's eventfd, owned by nobody else.
-            fd: unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) },
+            notifier,
             parked: AtomicUsize::new(0),
         });
         self.shared.queue.register(&waker);

@@ -6,9 +6,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::eventfd::EventFd;
-
 use super::states::StripeStates;
+use crate::block::Notifier;
 
 /// Background fetches running at once; the rest of the pool stays free for guest demand.
 const AUTOFETCH_CONCURRENCY: usize = 2;
@@ -23,8 +22,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Wakes one channel that has requests waiting for fetches (see `LazyChannel`).
 pub(crate) struct Waker {
-    /// A duplicate of the channel's completion eventfd, which its worker watches.
-    pub fd: EventFd,
+    /// The channel's notifier, which its worker watches.
+    pub notifier: Notifier,
     /// Requests the channel has parked; only channels with some are woken.
     pub parked: AtomicUsize,
 }
@@ -178,7 +177,7 @@ impl FetchQueue {
         self.generation.fetch_add(1, SeqCst);
         for w in lock(&self.wakers).iter().filter_map(Weak::upgrade) {
             if w.parked.load(SeqCst) > 0 {
-                let _ = w.fd.write(1);
+                w.notifier.notify();
             }
         }
     }

@@ -5,13 +5,12 @@ mod file;
 
 use std::fmt;
 use std::io;
-use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 pub use file::FileSource;
 
 use super::{Error, LazyOptions};
-use crate::block::IoChannel;
+use crate::block::{IoChannel, Notifier};
 
 /// The content a lazy disk is filled from (the base image), read-only.
 ///
@@ -51,7 +50,7 @@ pub trait StripeSource: fmt::Display + Send + Sync {
     /// `None`: the source has no read-through.
     ///
     /// [`IoOp::Read`]: crate::block::IoOp::Read
-    fn read_through(&self, notify: BorrowedFd<'_>) -> Option<io::Result<Box<dyn IoChannel>>> {
+    fn read_through(&self, notify: Notifier) -> Option<io::Result<Box<dyn IoChannel>>> {
         let _ = notify;
         None
     }

@@ -2,14 +2,16 @@
 //! channels.
 
 use std::io;
-use std::os::fd::RawFd;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
 use super::metadata::{FETCHED, WRITTEN};
 use super::{LazyDevice, LazyOptions, Metadata, StripeSource};
-use crate::block::{run_sync, BlockDevice, Completion, FileDevice, IoBuf, IoChannel, IoOp, IoVecs};
+use crate::block::{
+    run_sync, BlockDevice, Completion, FileDevice, IoBuf, IoChannel, IoOp, IoVecs, Notifier,
+};
 
 const SHIFT: u8 = 6; // 32 KiB stripes
 const STRIPE: usize = 512 << SHIFT;
@@ -344,9 +346,9 @@ impl BlockDevice for Gated {
     fn sectors(&self) -> u64 {
         self.inner.sectors()
     }
-    fn new_channel(&self) -> io::Result<Box<dyn IoChannel>> {
+    fn new_channel_with(&self, notifier: Notifier) -> io::Result<Box<dyn IoChannel>> {
         Ok(Box::new(GatedChannel {
-            inner: self.inner.new_channel()?,
+            inner: self.inner.new_channel_with(notifier)?,
             gate: self.gate.clone(),
         }))
     }
@@ -376,11 +378,8 @@ impl IoChannel for GatedChannel {
     fn in_flight(&self) -> usize {
         self.inner.in_flight()
     }
-    fn completion_fd(&self) -> RawFd {
-        self.inner.completion_fd()
-    }
-    fn ack_completion_fd(&mut self) {
-        self.inner.ack_completion_fd()
+    fn notifier(&self) -> &Notifier {
+        self.inner.notifier()
     }
 }
 

@@ -433,7 +433,7 @@ pub fn serve(
         .map_err(|e| ServeError::Daemon(format!("{e:?}")))?;
         let handlers = daemon.get_epoll_handlers();
         for (q, handler) in handlers.iter().enumerate() {
-            let fd = backend.worker(q).channel().completion_fd();
+            let fd = backend.worker(q).channel().notifier().as_raw_fd();
             handler
                 .register_listener(fd, EventSet::IN, backend.completion_token())
                 .map_err(ServeError::Watch)?;

@@ -59,9 +59,9 @@ impl QueueWorker {
         self.channel.as_ref()
     }
 
-    /// Clears the completion fd's readiness after it woke us (see [`IoChannel::ack_completion_fd`]).
+    /// Clears the completion fd's readiness after it woke us (see [`crate::block::Notifier::ack`]).
     pub fn ack_completion_fd(&mut self) {
-        self.channel.ack_completion_fd();
+        self.channel.notifier().ack();
     }
 
     /// Requests started and not yet finished.

@@ -3,12 +3,11 @@
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::fd::BorrowedFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::StripeSource;
-use crate::block::{device_size, FileDevice, IoChannel};
+use crate::block::{device_size, BlockDevice, FileDevice, IoChannel, Notifier};
 use crate::lazy::Error;
 
 /// Fetchers read the file with positioned reads; read-through channels are io_uring channels
@@ -56,7 +55,7 @@ impl StripeSource for FileSource {
         Ok(())
     }
 
-    fn read_through(&self, notify: BorrowedFd<'_>) -> Option<io::Result<Box<dyn IoChannel>>> {
-        Some(self.device.channel_notifying(notify))
+    fn read_through(&self, notify: Notifier) -> Option<io::Result<Box<dyn IoChannel>>> {
+        Some(self.device.new_channel_with(notify))
     }
 }

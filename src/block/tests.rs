@@ -1,0 +1,78 @@
+//! The common suite ([`check_stack`]) over every stack of layers the backend builds.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::testing::{check_stack, MemDevice};
+use super::{BlockDevice, CryptDevice, DebugLogDevice, FileDevice};
+use crate::crypto::Xts;
+use crate::lazy::{LazyDevice, LazyOptions, Metadata};
+
+const DISK: usize = 4 << 20;
+
+fn xts() -> Xts {
+    Xts::new(&[0x11; 32], &[0x22; 32])
+}
+
+/// A zeroed file of DISK bytes in `dir`, opened as a device.
+fn file(dir: &Path) -> Arc<dyn BlockDevice> {
+    let path = dir.join("disk");
+    std::fs::write(&path, vec![0u8; DISK]).unwrap();
+    Arc::new(FileDevice::open(&path, false, 64).unwrap())
+}
+
+#[test]
+fn file_device() {
+    check_stack(true, file);
+}
+
+#[test]
+fn mem_device() {
+    check_stack(true, |_| Arc::new(MemDevice::new((DISK / 512) as u64)));
+}
+
+#[test]
+fn crypt_over_file() {
+    check_stack(false, |d| Arc::new(CryptDevice::new(file(d), xts())));
+}
+
+#[test]
+fn crypt_over_mem_device() {
+    let mem = Arc::new(MemDevice::new((DISK / 512) as u64));
+    check_stack(false, |_| Arc::new(CryptDevice::new(mem, xts())));
+}
+
+#[test]
+fn debuglog_over_file() {
+    check_stack(true, |d| {
+        Arc::new(DebugLogDevice::new(file(d), &d.join("io.log")).unwrap())
+    });
+}
+
+#[test]
+fn debuglog_over_crypt_over_file() {
+    check_stack(false, |d| {
+        let crypt = Arc::new(CryptDevice::new(file(d), xts()));
+        Arc::new(DebugLogDevice::new(crypt, &d.join("io.log")).unwrap())
+    });
+}
+
+#[test]
+fn lazy_over_file() {
+    check_stack(true, |d| {
+        let (image, meta) = (d.join("image"), d.join("meta"));
+        let data: Vec<u8> = (0..DISK).map(|i| (i / 512 + i % 253) as u8).collect();
+        std::fs::write(&image, data).unwrap();
+        let md = Metadata::new((DISK / 512) as u64, 6).unwrap();
+        md.write_to(&std::fs::File::create(&meta).unwrap(), None)
+            .unwrap();
+        let opts = LazyOptions {
+            image_path: image,
+            metadata_path: meta,
+            copy_on_read: false,
+            autofetch: false,
+            autofetch_mib_per_sec: None,
+        };
+        Arc::new(LazyDevice::open(file(d), None, &opts, 64).unwrap())
+    });
+}
