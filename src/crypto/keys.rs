@@ -1,6 +1,6 @@
 //! Data keys: `encryption_key` from the config, optionally unwrapped with a KEK file.
 //!
-//! KEK file (COMPAT.md): YAML with `method` (`aes256-gcm` or `none`), `key` (32 bytes),
+//! KEK file (docs/formats.md): YAML with `method` (`aes256-gcm` or `none`), `key` (32 bytes),
 //! `init_vector` (12 bytes) and `auth_data`, all base64. With aes256-gcm every
 //! `encryption_key` entry is base64 of 32 bytes of ciphertext followed by the 16-byte tag.
 

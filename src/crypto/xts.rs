@@ -1,6 +1,6 @@
 //! AES-256-XTS over 512-byte data units, many blocks per cipher call.
 //!
-//! Convention (COMPAT.md, SPDK's): key = data key || tweak key; every 512-byte sector is its own
+//! Convention (docs/formats.md, SPDK's): key = data key || tweak key; every 512-byte sector is its own
 //! data unit; the initial tweak is 8 zero bytes followed by the absolute sector number as
 //! little-endian u64. Equivalent to OpenSSL's `aes-256-xts` on one sector at a time.
 //!

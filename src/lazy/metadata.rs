@@ -1,5 +1,5 @@
-//! The lazy-fetch metadata file (`metadata_path`), byte-compatible with COMPAT.md
-//! ("Metadata file"):
+//! The lazy-fetch metadata file (`metadata_path`), byte-compatible with the reference tools
+//! (docs/formats.md; the layout is specified in docs/lazy-fetch.md, "Metadata file format"):
 //!
 //! | bytes        | content                                                        |
 //! |--------------|----------------------------------------------------------------|
