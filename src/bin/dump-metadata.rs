@@ -1,14 +1,14 @@
 //! dump-metadata: prints a lazy-fetch metadata file (the config's `metadata_path`): header,
 //! stripe counts and fetched/written ranges, as text or JSON.
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Parser;
 use std::fs::File;
 use std::process::ExitCode;
 
 use ubiblk::cli::{self, ConfigArgs};
 use ubiblk::lazy::metadata::{VERSION_MAJOR, VERSION_MINOR};
-use ubiblk::lazy::{open_base_disk, Metadata};
+use ubiblk::lazy::{metadata_tool_files, Metadata};
 
 /// Print the lazy-fetch metadata of a disk: the config gives `metadata_path`, the base disk
 /// (`path`, whose size fixes the stripe count) and the keys when the metadata is encrypted.
@@ -29,11 +29,11 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let (opts, xts) = args.config.load()?;
-    let Some(meta_path) = &opts.metadata_path else {
-        bail!("metadata_path: required by dump-metadata");
-    };
-
-    let (_disk, disk_sectors) = open_base_disk(&opts.path)?;
+    let (meta_path, _disk, disk_sectors) = metadata_tool_files(
+        env!("CARGO_BIN_NAME"),
+        opts.metadata_path.as_deref(),
+        &opts.path,
+    )?;
     let file = File::open(meta_path)
         .with_context(|| format!("metadata_path: cannot open {}", meta_path.display()))?;
     let md = Metadata::read_from(&file, disk_sectors, xts.as_deref())

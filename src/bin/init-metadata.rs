@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use ubiblk::cli::{self, ConfigArgs};
 use ubiblk::lazy::metadata::{DEFAULT_SHIFT, MAX_SHIFT, MIN_SHIFT};
-use ubiblk::lazy::{device_size, open_base_disk, same_file, Metadata};
+use ubiblk::lazy::{device_size, metadata_tool_files, same_file, Metadata};
 
 /// Initialise the metadata file used by lazy stripe fetch: a header and one byte per stripe of
 /// the base disk (`path`), all stripes unfetched. Overwrites any existing metadata.
@@ -36,11 +36,11 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let (opts, xts) = args.config.load()?;
-    let Some(meta_path) = &opts.metadata_path else {
-        bail!("metadata_path: required by init-metadata");
-    };
-
-    let (disk, disk_sectors) = open_base_disk(&opts.path)?;
+    let (meta_path, disk, disk_sectors) = metadata_tool_files(
+        env!("CARGO_BIN_NAME"),
+        opts.metadata_path.as_deref(),
+        &opts.path,
+    )?;
     if disk_sectors == 0 {
         bail!(
             "path: {} is {} bytes, smaller than one sector",

@@ -60,8 +60,14 @@ impl Below {
         self.channel.wait()
     }
 
+    /// Operations in flight below plus those finished here, not yet polled.
     pub fn in_flight(&self) -> usize {
-        self.channel.in_flight() + self.ready.len()
+        self.channel.in_flight() + self.finished()
+    }
+
+    /// Operations finished here, not yet polled.
+    pub fn finished(&self) -> usize {
+        self.ready.len()
     }
 
     pub fn notifier(&self) -> &Notifier {

@@ -19,7 +19,7 @@ use super::fetch::Shared;
 use super::persist::WaitState;
 use super::queue::Waker;
 use super::split::{Dest, Piece, Pieces, SourceEnd};
-use crate::block::{BufPool, Completion, IoChannel, IoOp, Notifier, Slab, SECTOR_SHIFT};
+use crate::block::{Below, BufPool, Completion, IoChannel, IoOp, Notifier, Slab, SECTOR_SHIFT};
 
 /// A request waiting for its stripes, or a FLUSH waiting for WRITTEN bits to be durable.
 struct Parked {
@@ -54,20 +54,87 @@ struct Op {
 /// Pieces of split reads carry their byte offset (in sectors) in the id's high half.
 const OFFSET_SHIFT: u32 = 32;
 
+/// The requests gone down (whole, or in pieces to the base disk and the source), by key.
+#[derive(Default)]
+struct Ops {
+    slab: Slab<Op>,
+    /// The pieces' buffers.
+    pool: BufPool,
+}
+
+impl Ops {
+    fn insert(&mut self, id: u64, kind: Kind, parts: u32) -> usize {
+        self.slab.insert(Op {
+            id,
+            kind,
+            parts,
+            result: Ok(()),
+        })
+    }
+
+    /// Takes op `key` out, as the completion to hand up.
+    fn take(&mut self, key: usize) -> Option<Completion> {
+        let op = self.slab.remove(key)?;
+        let buf = match op.kind {
+            Kind::Split(Dest::Buf(b)) => Some(b),
+            _ => None,
+        };
+        Some(Completion {
+            id: op.id,
+            result: op.result,
+            buf,
+        })
+    }
+
+    /// Accounts one completion from below; pushes the request it finishes onto `out`.
+    fn reap(&mut self, c: Completion, out: &mut Vec<Completion>) {
+        let key = (c.id & ((1 << OFFSET_SHIFT) - 1)) as usize;
+        let offset = ((c.id >> OFFSET_SHIFT) << SECTOR_SHIFT) as usize;
+        let Some(op) = self.slab.get_mut(key) else {
+            return;
+        };
+        match &mut op.kind {
+            Kind::Pass => {
+                let id = op.id;
+                self.slab.remove(key);
+                out.push(Completion {
+                    id,
+                    result: c.result,
+                    buf: c.buf,
+                });
+            }
+            Kind::Split(dest) => {
+                if let Some(piece) = c.buf {
+                    if c.result.is_ok() {
+                        dest.put(offset, piece.len(), Some(&piece));
+                    }
+                    self.pool.put(piece);
+                }
+                if c.result.is_err() {
+                    op.result = c.result;
+                }
+                op.parts -= 1;
+                if op.parts == 0 {
+                    out.extend(self.take(key));
+                }
+            }
+        }
+    }
+}
+
 pub(crate) struct LazyChannel {
     shared: Arc<Shared>,
     source_end: SourceEnd,
-    inner: Box<dyn IoChannel>,
-    /// The source's read-through channel; `None`: reads of unfetched stripes park.
-    image: Option<Box<dyn IoChannel>>,
+    /// The base disk's channel, and the requests finished here (failed fetches, reads served
+    /// from zeros).
+    below: Below,
+    /// The source's read-through channel (its completions reaped as the base disk's; nothing
+    /// is finished on it); `None`: reads of unfetched stripes park.
+    image: Option<Below>,
     waker: Arc<Waker>,
     seen_generation: u64,
-    ops: Slab<Op>,
+    ops: Ops,
     parked: Vec<Parked>,
-    /// Finished without going down (failed fetches, reads served from zeros).
-    ready: Vec<Completion>,
-    below: Vec<Completion>,
-    pool: BufPool,
 }
 
 /// The stripes `op` touches and whether it modifies them; `None` for operations the layer
@@ -102,26 +169,18 @@ impl LazyChannel {
         LazyChannel {
             shared,
             source_end,
-            inner,
-            image,
+            below: Below::new(inner),
+            image: image.map(Below::new),
             waker,
             seen_generation: 0,
-            ops: Slab::default(),
+            ops: Ops::default(),
             parked: Vec::new(),
-            ready: Vec::new(),
-            below: Vec::new(),
-            pool: BufPool::default(),
         }
     }
 
     fn pass(&mut self, id: u64, op: IoOp) {
-        let key = self.ops.insert(Op {
-            id,
-            kind: Kind::Pass,
-            parts: 1,
-            result: Ok(()),
-        });
-        self.inner.add(key as u64, op);
+        let key = self.ops.insert(id, Kind::Pass, 1);
+        self.below.add(key as u64, op);
     }
 
     fn park(&mut self, id: u64, op: IoOp, wait: Wait) {
@@ -166,117 +225,56 @@ impl LazyChannel {
                         IoOp::Read { buf, .. } | IoOp::Write { buf, .. } => Some(buf),
                         _ => None,
                     };
-                    self.ready.push(Completion {
-                        id: p.id,
-                        result: Err(libc::EIO),
-                        buf,
-                    });
+                    self.below.finish(p.id, Err(libc::EIO), buf);
                 }
                 WaitState::Pending => self.parked.push(p),
             }
         }
         self.waker.parked.store(self.parked.len(), SeqCst);
         if sent {
-            let _ = self.inner.submit();
+            let _ = self.below.submit();
         }
     }
 
     /// Serves a read without fetching, through the source's read-through channel.
     fn read_split(&mut self, id: u64, sector: u64, dest: Dest) {
-        let Some(image) = self.image.as_deref_mut() else {
+        let Some(image) = self.image.as_mut() else {
             // `add` parks such reads instead.
             let buf = match dest {
                 Dest::Buf(b) => Some(b),
                 Dest::Vecs(_) => None,
             };
-            return self.ready.push(Completion {
-                id,
-                result: Err(libc::EIO),
-                buf,
-            });
+            return self.below.finish(id, Err(libc::EIO), buf);
         };
         let end = sector + (dest.len() >> SECTOR_SHIFT) as u64;
-        let key = self.ops.insert(Op {
-            id,
-            kind: Kind::Split(dest),
-            parts: 0,
-            result: Ok(()),
-        });
+        let key = self.ops.insert(id, Kind::Split(dest), 0);
         let mut parts = 0;
         for piece in Pieces::new(&self.shared.stripes, &self.source_end, sector, end) {
             let (channel, from, to) = match piece {
-                Piece::Base(from, to) => (&mut *self.inner, from, to),
+                Piece::Base(from, to) => (&mut self.below, from, to),
                 Piece::Source(from, to) => (&mut *image, from, to),
                 Piece::Zeros(from, to) => {
                     if let Some(Op {
                         kind: Kind::Split(dest),
                         ..
-                    }) = self.ops.get_mut(key)
+                    }) = self.ops.slab.get_mut(key)
                     {
                         self.source_end.fill(dest, sector, from, to);
                     }
                     continue;
                 }
             };
-            let buf = self.pool.get(((to - from) << SECTOR_SHIFT) as usize);
+            let buf = self.ops.pool.get(((to - from) << SECTOR_SHIFT) as usize);
             let piece_id = key as u64 | ((from - sector) << OFFSET_SHIFT);
             channel.add(piece_id, IoOp::Read { sector: from, buf });
             parts += 1;
         }
-        if let Some(op) = self.ops.get_mut(key) {
+        if let Some(op) = self.ops.slab.get_mut(key) {
             op.parts = parts;
         }
         if parts == 0 {
-            self.complete(key);
-        }
-    }
-
-    /// Hands finished op `key` up.
-    fn complete(&mut self, key: usize) {
-        if let Some(op) = self.ops.remove(key) {
-            let buf = match op.kind {
-                Kind::Split(Dest::Buf(b)) => Some(b),
-                _ => None,
-            };
-            self.ready.push(Completion {
-                id: op.id,
-                result: op.result,
-                buf,
-            });
-        }
-    }
-
-    /// Accounts one completion from below.
-    fn reap_one(&mut self, c: Completion) {
-        let key = (c.id & ((1 << OFFSET_SHIFT) - 1)) as usize;
-        let offset = ((c.id >> OFFSET_SHIFT) << SECTOR_SHIFT) as usize;
-        let Some(op) = self.ops.get_mut(key) else {
-            return;
-        };
-        match &mut op.kind {
-            Kind::Pass => {
-                let id = op.id;
-                self.ops.remove(key);
-                self.ready.push(Completion {
-                    id,
-                    result: c.result,
-                    buf: c.buf,
-                });
-            }
-            Kind::Split(dest) => {
-                if let Some(piece) = c.buf {
-                    if c.result.is_ok() {
-                        dest.put(offset, piece.len(), Some(&piece));
-                    }
-                    self.pool.put(piece);
-                }
-                if c.result.is_err() {
-                    op.result = c.result;
-                }
-                op.parts -= 1;
-                if op.parts == 0 {
-                    self.complete(key);
-                }
+            if let Some(c) = self.ops.take(key) {
+                self.below.finish(c.id, c.result, c.buf);
             }
         }
     }
@@ -313,7 +311,7 @@ impl IoChannel for LazyChannel {
         if let Some(image) = &mut self.image {
             image.submit()?;
         }
-        self.inner.submit()
+        self.below.submit()
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>) {
@@ -324,24 +322,17 @@ impl IoChannel for LazyChannel {
                 self.retry_parked();
             }
         }
-        let mut below = std::mem::take(&mut self.below);
-        self.inner.poll(&mut below);
+        let ops = &mut self.ops;
+        self.below.poll(out, |c, out| ops.reap(c, out));
         if let Some(image) = &mut self.image {
-            image.poll(&mut below);
+            image.poll(out, |c, out| ops.reap(c, out));
         }
-        for c in below.drain(..) {
-            self.reap_one(c);
-        }
-        self.below = below;
-        out.append(&mut self.ready);
     }
 
     fn wait(&mut self) -> io::Result<()> {
-        if !self.ready.is_empty() {
-            return Ok(());
-        }
-        if self.inner.in_flight() > 0 {
-            return self.inner.wait();
+        // Finished here, or in flight on the base disk.
+        if self.below.in_flight() > 0 {
+            return self.below.wait();
         }
         if let Some(image) = self.image.as_mut().filter(|i| i.in_flight() > 0) {
             return image.wait();
@@ -356,10 +347,10 @@ impl IoChannel for LazyChannel {
     }
 
     fn in_flight(&self) -> usize {
-        self.ops.len() + self.parked.len() + self.ready.len()
+        self.ops.slab.len() + self.parked.len() + self.below.finished()
     }
 
     fn notifier(&self) -> &Notifier {
-        self.inner.notifier()
+        self.below.notifier()
     }
 }

@@ -17,6 +17,9 @@ pub enum Error {
     /// Reading the source's partial last sector at start-up failed.
     #[error("cannot read the last partial sector of the image {image}")]
     ImageTail { image: String, source: io::Error },
+    /// A metadata tool was given a config without `metadata_path`.
+    #[error("metadata_path: required by {tool}")]
+    MetadataPathRequired { tool: &'static str },
     #[error("metadata_path: cannot open {path}")]
     OpenMetadata { path: PathBuf, source: io::Error },
     #[error("metadata_path: {path} is not usable (run init-metadata to create it)")]

@@ -46,6 +46,19 @@ pub fn open_base_disk(path: &Path) -> Result<(std::fs::File, u64), Error> {
     Ok((disk, bytes / crate::block::SECTOR_SIZE as u64))
 }
 
+/// What the metadata tools (`tool`: init-metadata, dump-metadata) start from: the config's
+/// `metadata_path`, which they require, and the base disk (`path`) with its size in sectors, as
+/// [`open_base_disk`] returns it.
+pub fn metadata_tool_files<'a>(
+    tool: &'static str,
+    metadata_path: Option<&'a Path>,
+    path: &Path,
+) -> Result<(&'a Path, std::fs::File, u64), Error> {
+    let meta_path = metadata_path.ok_or(Error::MetadataPathRequired { tool })?;
+    let (disk, disk_sectors) = open_base_disk(path)?;
+    Ok((meta_path, disk, disk_sectors))
+}
+
 /// True if `a` and `b` name the same file (same inode, or the same block device through
 /// different nodes). Paths that cannot be inspected count as different.
 pub fn same_file(a: &Path, b: &Path) -> bool {
