@@ -40,7 +40,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("metadata_path: {}", meta_path.display()))?;
 
     if args.json {
-        println!("{}", json(&md, xts.is_some()));
+        println!("{}", json(&md, xts.is_some())?);
     } else {
         print!("{}", text(&md, xts.is_some()));
     }
@@ -84,22 +84,41 @@ fn text(md: &Metadata, encrypted: bool) -> String {
     )
 }
 
-/// Hand-made JSON (no serde_json dependency): only numbers, booleans and fixed ASCII strings.
-fn json(md: &Metadata, encrypted: bool) -> String {
-    let list = |r: &[(usize, usize)]| {
-        let items: Vec<String> = r.iter().map(|&(a, b)| format!("[{a},{b}]")).collect();
-        format!("[{}]", items.join(","))
-    };
-    format!(
-        "{{\"magic\":\"BDEV_UBI\",\"version\":{{\"major\":{VERSION_MAJOR},\"minor\":{VERSION_MINOR}}},\
-         \"encrypted\":{encrypted},\"stripe_sector_count_shift\":{},\"stripe_size_bytes\":{},\
-         \"stripe_count\":{},\"fetched_count\":{},\"written_count\":{},\"fetched\":{},\"written\":{}}}",
-        md.stripe_shift,
-        md.stripe_bytes(),
-        md.stripe_count(),
-        md.fetched_count(),
-        md.written_count(),
-        list(&md.fetched_ranges()),
-        list(&md.written_ranges()),
-    )
+/// The `--json` document: the header fields, counts and ranges (inclusive stripe indices).
+#[derive(serde::Serialize)]
+struct Dump {
+    magic: &'static str,
+    version: Version,
+    encrypted: bool,
+    stripe_sector_count_shift: u8,
+    stripe_size_bytes: u64,
+    stripe_count: usize,
+    fetched_count: usize,
+    written_count: usize,
+    fetched: Vec<(usize, usize)>,
+    written: Vec<(usize, usize)>,
+}
+
+#[derive(serde::Serialize)]
+struct Version {
+    major: u16,
+    minor: u16,
+}
+
+fn json(md: &Metadata, encrypted: bool) -> serde_json::Result<String> {
+    serde_json::to_string(&Dump {
+        magic: "BDEV_UBI",
+        version: Version {
+            major: VERSION_MAJOR,
+            minor: VERSION_MINOR,
+        },
+        encrypted,
+        stripe_sector_count_shift: md.stripe_shift,
+        stripe_size_bytes: md.stripe_bytes(),
+        stripe_count: md.stripe_count(),
+        fetched_count: md.fetched_count(),
+        written_count: md.written_count(),
+        fetched: md.fetched_ranges(),
+        written: md.written_ranges(),
+    })
 }

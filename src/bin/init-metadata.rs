@@ -1,5 +1,5 @@
 //! init-metadata: writes a fresh lazy-fetch metadata file (nothing fetched) at the config's
-//! `metadata_path`, in the layout of COMPAT.md, encrypted when the config has `encryption_key`.
+//! `metadata_path`, in the layout of docs/formats.md, encrypted when the config has `encryption_key`.
 
 use anyhow::{bail, Context};
 use clap::Parser;
