@@ -109,6 +109,37 @@ fn default_shift_on_a_100mib_plus_one_sector_disk() {
 }
 
 #[test]
+fn dump_lists_fetched_and_written_ranges_as_text_and_json() {
+    let st = Setup::new();
+    let cfg = st.config("", true);
+    ok(INIT, &["-f", s(&cfg)]);
+    // Stripe states follow the 512-byte header, one byte each: FETCHED = 1, WRITTEN = 2.
+    let mut b = std::fs::read(&st.meta).unwrap();
+    for (stripe, state) in [(0, 1), (1, 3), (2, 1), (5, 1), (100, 3)] {
+        b[512 + stripe] = state;
+    }
+    std::fs::write(&st.meta, &b).unwrap();
+
+    let out = ok(DUMP, &["-f", s(&cfg)]);
+    assert!(
+        out.contains("fetched_count: 5\nwritten_count: 2\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("fetched: 0-2, 5, 100\nwritten: 1, 100\n"),
+        "{out}"
+    );
+    let js = ok(DUMP, &["-f", s(&cfg), "--json"]);
+    assert_eq!(
+        js.trim_end(),
+        "{\"magic\":\"BDEV_UBI\",\"version\":{\"major\":0,\"minor\":0},\"encrypted\":false,\
+         \"stripe_sector_count_shift\":11,\"stripe_size_bytes\":1048576,\"stripe_count\":101,\
+         \"fetched_count\":5,\"written_count\":2,\"fetched\":[[0,2],[5,5],[100,100]],\
+         \"written\":[[1,1],[100,100]]}"
+    );
+}
+
+#[test]
 fn shift_option_and_its_range() {
     let st = Setup::new();
     let cfg = st.config("", true);
