@@ -227,6 +227,7 @@ fn cmp_files(a: &Path, b: &Path) -> anyhow::Result<()> {
 /// Seconds for `cp --sparse=never image copy` plus an fsync of the copy.
 fn time_cp(f: &Files) -> anyhow::Result<f64> {
     let _ = std::fs::remove_file(&f.copy);
+    // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() };
     let t = Instant::now();
     let st = Command::new("cp")
@@ -259,6 +260,7 @@ fn time_autofetch(
 ) -> anyhow::Result<FetchTime> {
     let cfg = lazy_config(f, false, None);
     prepare_lazy_disk(bins, f, &cfg, st.size, st.shift)?;
+    // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() };
     let t0 = Instant::now();
     let mut be = Backend::start(&bins.backend, &cfg)?;

@@ -177,7 +177,7 @@ fn kek_from_a_fifo() {
     let s = setup();
     let fifo = s.dir.path().join("kek.fifo");
     let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: a valid NUL-terminated path.
+    // SAFETY: c_path is a valid NUL-terminated string that outlives the call.
     assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
     let writer = {
         let fifo = fifo.clone();

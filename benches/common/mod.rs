@@ -84,6 +84,7 @@ pub fn thread_cpu_time() -> Duration {
         tv_sec: 0,
         tv_nsec: 0,
     };
+    // SAFETY: `ts` is a valid, writable timespec of ours for the duration of the call.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
@@ -98,6 +99,7 @@ pub fn process_cpu_time(pid: u32) -> Duration {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0)
         + f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf takes an integer name and touches no memory of ours.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Duration::from_nanos(ticks * 1_000_000_000 / hz)
 }
@@ -133,8 +135,14 @@ pub fn fs_type(path: &Path) -> String {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
         return "?".into();
     };
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+    // SAFETY: libc::statfs is plain integers and arrays, for which all-zero bytes are a valid
+    // value; statfs(2) gets a NUL-terminated path and a writable struct, both ours, live for the
+    // call.
+    let (rc, st) = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        (libc::statfs(c.as_ptr(), &mut st), st)
+    };
+    if rc != 0 {
         return "?".into();
     }
     #[allow(clippy::unnecessary_cast)]

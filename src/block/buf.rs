@@ -14,7 +14,8 @@ pub struct IoBuf {
     cap: usize,
 }
 
-// SAFETY: IoBuf uniquely owns its allocation, like Vec<u8>.
+// SAFETY: IoBuf uniquely owns its allocation, like Vec<u8>: no other handle to it exists, so
+// moving the IoBuf to another thread moves all access with it. (It is not Sync.)
 unsafe impl Send for IoBuf {}
 
 impl IoBuf {

@@ -53,14 +53,16 @@ impl RoundKeys {
             enc: [[0; 16]; 15],
             dec: [[0; 16]; 15],
         };
-        // SAFETY: the CPU has AES-NI (checked above).
+        // SAFETY: available() held just above, so the CPU has every feature `expand` is compiled
+        // with (aes, sse2).
         unsafe { expand(key, &mut rk) };
         rk
     }
 
     /// Encrypts each 16-byte block of `blocks` (ECB) with these keys.
     pub fn encrypt_blocks(&self, blocks: &mut [u128]) {
-        // SAFETY: available() held when self was built.
+        // SAFETY: a RoundKeys is only built by `new`, which asserted available(): the CPU has
+        // every feature the kernel is compiled with.
         unsafe { ecb_encrypt_kernel(self, blocks) }
     }
 
@@ -79,31 +81,47 @@ impl RoundKeys {
         decrypt: bool,
     ) {
         assert!(len.is_multiple_of(512) && initial.len() * 512 >= len);
-        // SAFETY: available() held when self was built; lengths checked above, pointers by
-        // the caller.
+        // SAFETY: the CPU has the kernel's features (available() held when self was built, as in
+        // encrypt_blocks); len is whole sectors with a tweak each (asserted above); the pointers
+        // are valid for len bytes and do not partially overlap (this fn's contract).
         unsafe { xts_kernel(self, src, dst, len, initial, decrypt) }
     }
+}
+
+/// The 16 bytes of `b` as a vector.
+#[inline(always)]
+fn load128(b: &[u8; 16]) -> __m128i {
+    // SAFETY: `b` is 16 readable bytes; the load is unaligned (no alignment requirement) and
+    // SSE2 is part of the x86_64 baseline.
+    unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
+}
+
+/// Stores `v` into the 16 bytes of `b`.
+#[inline(always)]
+fn store128(b: &mut [u8; 16], v: __m128i) {
+    // SAFETY: `b` is 16 bytes we hold exclusively (&mut); the store is unaligned and SSE2 is
+    // part of the x86_64 baseline.
+    unsafe { _mm_storeu_si128(b.as_mut_ptr().cast(), v) }
 }
 
 macro_rules! expand_round {
     ($rk:ident, $i:expr, $rcon:expr, $t1:ident, $t3:ident, $last:expr) => {
         let t2 = _mm_aeskeygenassist_si128::<$rcon>($t3);
         $t1 = mix($t1, _mm_shuffle_epi32::<0xff>(t2));
-        _mm_storeu_si128($rk.enc[$i].as_mut_ptr().cast(), $t1);
+        store128(&mut $rk.enc[$i], $t1);
         if !$last {
             let t4 = _mm_aeskeygenassist_si128::<0>($t1);
             $t3 = mix($t3, _mm_shuffle_epi32::<0xaa>(t4));
-            _mm_storeu_si128($rk.enc[$i + 1].as_mut_ptr().cast(), $t3);
+            store128(&mut $rk.enc[$i + 1], $t3);
         }
     };
 }
 
 /// One step of the AES-256 key schedule: prefix-XOR of the previous key's words plus `t`.
-///
-/// # Safety
-/// The CPU has SSE2 (always true on x86_64).
-#[inline(always)]
-unsafe fn mix(mut k: __m128i, t: __m128i) -> __m128i {
+/// Called only from [`expand`], which has SSE2 (and into which it is inlined).
+#[target_feature(enable = "sse2")]
+#[inline]
+fn mix(mut k: __m128i, t: __m128i) -> __m128i {
     k = _mm_xor_si128(k, _mm_slli_si128::<4>(k));
     k = _mm_xor_si128(k, _mm_slli_si128::<8>(k));
     _mm_xor_si128(k, t)
@@ -111,14 +129,20 @@ unsafe fn mix(mut k: __m128i, t: __m128i) -> __m128i {
 
 /// Expands `key` into `rk`'s encryption and decryption round keys.
 ///
-/// # Safety
-/// The CPU has AES-NI and SSE2 ([`available`]).
+/// Callers that are not compiled with these features call it in `unsafe`, having checked
+/// [`available`].
 #[target_feature(enable = "aes,sse2")]
-unsafe fn expand(key: &[u8; 32], rk: &mut RoundKeys) {
-    let mut t1 = _mm_loadu_si128(key.as_ptr().cast());
-    let mut t3 = _mm_loadu_si128(key.as_ptr().add(16).cast());
-    _mm_storeu_si128(rk.enc[0].as_mut_ptr().cast(), t1);
-    _mm_storeu_si128(rk.enc[1].as_mut_ptr().cast(), t3);
+fn expand(key: &[u8; 32], rk: &mut RoundKeys) {
+    // SAFETY: `key` is 32 readable bytes, so both 16-byte loads are in bounds; they are
+    // unaligned loads (no alignment requirement).
+    let (mut t1, mut t3) = unsafe {
+        (
+            _mm_loadu_si128(key.as_ptr().cast()),
+            _mm_loadu_si128(key.as_ptr().add(16).cast()),
+        )
+    };
+    store128(&mut rk.enc[0], t1);
+    store128(&mut rk.enc[1], t3);
     expand_round!(rk, 2, 0x01, t1, t3, false);
     expand_round!(rk, 4, 0x02, t1, t3, false);
     expand_round!(rk, 6, 0x04, t1, t3, false);
@@ -130,8 +154,8 @@ unsafe fn expand(key: &[u8; 32], rk: &mut RoundKeys) {
     rk.dec[0] = rk.enc[14];
     rk.dec[14] = rk.enc[0];
     for i in 1..14 {
-        let k = _mm_loadu_si128(rk.enc[14 - i].as_ptr().cast());
-        _mm_storeu_si128(rk.dec[i].as_mut_ptr().cast(), _mm_aesimc_si128(k));
+        let k = load128(&rk.enc[14 - i]);
+        store128(&mut rk.dec[i], _mm_aesimc_si128(k));
     }
     t1 = _mm_setzero_si128();
     t3 = _mm_setzero_si128();
@@ -140,30 +164,37 @@ unsafe fn expand(key: &[u8; 32], rk: &mut RoundKeys) {
 
 /// Encrypts 16-byte blocks in place (ECB), two per instruction: the sectors' first tweaks.
 ///
-/// # Safety
-/// The CPU has every feature enabled here ([`available`]).
+/// Callers that are not compiled with these features call it in `unsafe`, having checked
+/// [`available`].
 #[target_feature(enable = "vaes,avx2,aes")]
-unsafe fn ecb_encrypt_kernel(rk: &RoundKeys, blocks: &mut [u128]) {
+fn ecb_encrypt_kernel(rk: &RoundKeys, blocks: &mut [u128]) {
     let mut k = [_mm256_setzero_si256(); 15];
     for (dst, src) in k.iter_mut().zip(&rk.enc) {
-        *dst = _mm256_broadcastsi128_si256(_mm_loadu_si128(src.as_ptr().cast()));
+        *dst = _mm256_broadcastsi128_si256(load128(src));
     }
     for pair in blocks.chunks_mut(2) {
         let p = pair.as_mut_ptr().cast::<u8>();
-        let mut x = if pair.len() == 2 {
-            _mm256_loadu_si256(p.cast())
-        } else {
-            _mm256_castsi128_si256(_mm_loadu_si128(p.cast()))
+        // SAFETY: `pair` is 2 or 1 blocks of `blocks`, held exclusively (&mut): 32 bytes are
+        // read only when it has 2 blocks, else 16 (unaligned loads).
+        let mut x = unsafe {
+            if pair.len() == 2 {
+                _mm256_loadu_si256(p.cast())
+            } else {
+                _mm256_castsi128_si256(_mm_loadu_si128(p.cast()))
+            }
         };
         x = _mm256_xor_si256(x, k[0]);
         for key in &k[1..14] {
             x = _mm256_aesenc_epi128(x, *key);
         }
         x = _mm256_aesenclast_epi128(x, k[14]);
-        if pair.len() == 2 {
-            _mm256_storeu_si256(p.cast(), x);
-        } else {
-            _mm_storeu_si128(p.cast(), _mm256_castsi256_si128(x));
+        // SAFETY: as for the load: the same `pair`, written with the width it has.
+        unsafe {
+            if pair.len() == 2 {
+                _mm256_storeu_si256(p.cast(), x);
+            } else {
+                _mm_storeu_si128(p.cast(), _mm256_castsi256_si128(x));
+            }
         }
     }
     for kk in k.iter_mut() {
@@ -181,10 +212,10 @@ const YMM_PER_SECTOR: usize = 16;
 /// as `top * 0x87` (carry-less). Each block's tweak is computed independently, so there is no
 /// serial chain from one block to the next.
 ///
-/// # Safety
-/// The CPU has AVX2 and VPCLMULQDQ ([`available`]).
-#[inline(always)]
-unsafe fn tweak_pair(t0: __m256i, c: __m256i, rc: __m256i, poly: __m256i) -> __m256i {
+/// Called only from [`xts_kernel`], which has these features (and into which it is inlined).
+#[target_feature(enable = "avx2,vpclmulqdq")]
+#[inline]
+fn tweak_pair(t0: __m256i, c: __m256i, rc: __m256i, poly: __m256i) -> __m256i {
     let shifted = _mm256_sllv_epi64(t0, c);
     let spill = _mm256_srlv_epi64(t0, rc); // per half: the bits shifted out (0 when c = 0)
     let carry = _mm256_slli_si256::<8>(spill); // low half's spill into the high half
@@ -211,7 +242,7 @@ unsafe fn xts_kernel(
     let keys = if decrypt { &rk.dec } else { &rk.enc };
     let mut k = [_mm256_setzero_si256(); 15];
     for (dst, src) in k.iter_mut().zip(keys) {
-        *dst = _mm256_broadcastsi128_si256(_mm_loadu_si128(src.as_ptr().cast()));
+        *dst = _mm256_broadcastsi128_si256(load128(src));
     }
     let poly = _mm256_set_epi64x(0, 0x87, 0, 0x87);
     let mut counts = [[_mm256_setzero_si256(); 2]; YMM_PER_SECTOR];
@@ -224,7 +255,9 @@ unsafe fn xts_kernel(
     }
     let sectors = len / 512;
     for (s, t0) in initial.iter().enumerate().take(sectors) {
-        let t0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((t0 as *const u128).cast()));
+        // SAFETY: `t0` is a reference to 16 readable bytes (unaligned load).
+        let t0 =
+            _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128((t0 as *const u128).cast()) });
         for half in 0..YMM_PER_SECTOR / LANES {
             let base = s * 512 + half * LANES * 32;
             let mut x = [_mm256_setzero_si256(); LANES];
@@ -232,7 +265,10 @@ unsafe fn xts_kernel(
             for j in 0..LANES {
                 let [c, rc] = counts[half * LANES + j];
                 t[j] = tweak_pair(t0, c, rc, poly);
-                let d = _mm256_loadu_si256(src.add(base + j * 32).cast());
+                // SAFETY: base + j * 32 + 32 <= (s + 1) * 512 <= sectors * 512 <= len, so the
+                // 32 bytes are inside `src`, valid for reads of len bytes (caller's contract);
+                // the load is unaligned.
+                let d = unsafe { _mm256_loadu_si256(src.add(base + j * 32).cast()) };
                 x[j] = _mm256_xor_si256(_mm256_xor_si256(d, t[j]), k[0]);
             }
             for key in &k[1..14] {
@@ -250,7 +286,10 @@ unsafe fn xts_kernel(
                 } else {
                     _mm256_aesenclast_epi128(x[j], k[14])
                 };
-                _mm256_storeu_si256(dst.add(base + j * 32).cast(), _mm256_xor_si256(last, t[j]));
+                let out = _mm256_xor_si256(last, t[j]);
+                // SAFETY: the same 32 bytes as the load, inside `dst`, valid for writes of len
+                // bytes (caller's contract); if `dst` is `src`, these bytes were already read.
+                unsafe { _mm256_storeu_si256(dst.add(base + j * 32).cast(), out) };
             }
         }
     }
@@ -310,7 +349,7 @@ mod tests {
             }
             seen += 1;
         }
-        assert_eq!(seen, 3, "expected the three target_feature functions");
+        assert_eq!(seen, 5, "expected the five target_feature functions");
     }
 
     #[test]

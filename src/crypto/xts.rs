@@ -56,7 +56,8 @@ impl Xts {
 
     /// Encrypts whole sectors in place; `buf` starts at sector `first_sector`.
     pub fn encrypt(&self, first_sector: u64, buf: &mut [u8]) {
-        // SAFETY: in place over a buffer we hold exclusively.
+        // SAFETY: src and dst are both `buf`, valid for reads and writes of buf.len() bytes and
+        // held exclusively (&mut) for the call; the same buffer is allowed by apply's contract.
         unsafe {
             self.apply(
                 first_sector,
@@ -70,7 +71,7 @@ impl Xts {
 
     /// Decrypts whole sectors in place; `buf` starts at sector `first_sector`.
     pub fn decrypt(&self, first_sector: u64, buf: &mut [u8]) {
-        // SAFETY: as in encrypt.
+        // SAFETY: as in encrypt: both pointers are `buf`, exclusively ours, buf.len() bytes.
         unsafe {
             self.apply(
                 first_sector,

@@ -275,7 +275,8 @@ fn wait_readable(fd: &EventFd, timeout: Duration) -> Result<()> {
         revents: 0,
     };
     let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
-    // SAFETY: one valid pollfd.
+    // SAFETY: `pfd` is one valid, writable pollfd of ours (nfds = 1) for the duration of the
+    // call; its fd is borrowed from `fd`, open throughout.
     let r = unsafe { libc::poll(&mut pfd, 1, ms) };
     if r < 0 {
         let e = io::Error::last_os_error();

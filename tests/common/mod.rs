@@ -130,6 +130,8 @@ impl ChildGuard {
     pub fn signal(&self, sig: i32) {
         if let Some(child) = self.child.as_ref() {
             if self.exit_status.is_none() {
+                // SAFETY: kill(2) takes plain integers and touches no memory of ours; the child
+                // is not reaped yet (exit_status is None), so its pid is still ours to signal.
                 unsafe { libc::kill(child.id() as libc::pid_t, sig) };
             }
         }
@@ -755,10 +757,15 @@ impl QueueIo {
 
     /// This queue's buffer area (inside the driver's mapped memory region).
     pub fn buf(&self) -> &[u8] {
+        // SAFETY: [buf_addr, +buf_len) is this queue's part of the Client's region, a zero-filled
+        // shared memfd mapping that stays mapped until the Client (which owns this QueueIo and
+        // only lends it out) drops its Blkio; no other queue's area overlaps it. The device
+        // writes into it only for requests in flight, which callers reap before reading it.
         unsafe { std::slice::from_raw_parts(self.buf_addr as *const u8, self.buf_len) }
     }
 
     pub fn buf_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `buf`; `&mut self` makes this the only slice of the area in this process.
         unsafe { std::slice::from_raw_parts_mut(self.buf_addr as *mut u8, self.buf_len) }
     }
 
@@ -872,6 +879,7 @@ impl QueueIo {
             .do_io(&mut self.completions[..cap], min, t.as_mut(), None)
             .map_err(|e| e.errno().raw_os_error())?;
         for c in &self.completions[..n] {
+            // SAFETY: do_io initialized the first `n` entries of the slice it was given.
             let c = unsafe { c.assume_init_ref() };
             out.push(Done {
                 user_data: c.user_data,
@@ -902,6 +910,7 @@ impl QueueIo {
             .map_err(|e| e.errno().raw_os_error())?;
         self.in_flight -= n;
         for c in &self.completions[..n] {
+            // SAFETY: do_io initialized the first `n` entries of the slice it was given.
             let c = unsafe { c.assume_init_ref() };
             f(c.user_data, c.ret);
         }
@@ -961,6 +970,8 @@ impl QueueIo {
         let mut iov = Vec::with_capacity(segs.len());
         for (buf_off, data) in segs {
             let p = self.ptr(*buf_off, data.len());
+            // SAFETY: ptr() checked that [buf_off, +len) lies in this queue's mapped area (see
+            // `buf`); `data` cannot borrow that area while we hold `&mut self`, so no overlap.
             unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
             iov.push(libc::iovec {
                 iov_base: p as *mut libc::c_void,
