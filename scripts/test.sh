@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
+cargo clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
 cargo test --release
 if [ -x fuzz/run.sh ]; then fuzz/run.sh "${UBIBLK_FUZZ_SECONDS:-20}"; fi
