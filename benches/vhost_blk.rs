@@ -14,8 +14,8 @@
 //!   UBIBLK_BENCH_DIR           where the disk file lives (default /dev/shm)
 //!   UBIBLK_BENCH_KEEP=1        keep the disk file for the next run
 //!   UBIBLK_BACKEND_BIN         path of vhost-backend (default: cargo's CARGO_BIN_EXE_vhost-backend)
-//!   UBIBLK_BACKEND_ALT_BIN     another build of vhost-backend, run as backend "ours-alt" (A/B of
-//!                              two builds in alternating rounds)
+//!   UBIBLK_BACKEND_ALT_BIN     another build of vhost-backend, run as backends "ours-alt" and
+//!                              "ours-alt-enc" (A/B of two builds in alternating rounds)
 //!   UBIBLK_BENCH_VERBOSE=1     print backend logs on success too
 
 #[path = "common/mod.rs"]
@@ -58,6 +58,14 @@ fn ours(name: &str, extra_yaml: &[&str]) -> BackendSpec {
     }
 }
 
+/// `spec` run with the UBIBLK_BACKEND_ALT_BIN build.
+fn alt(mut spec: BackendSpec) -> BackendSpec {
+    if let Kind::Ours { alt, .. } = &mut spec.kind {
+        *alt = true;
+    }
+    spec
+}
+
 fn qsd(name: &str, opts: QsdOptions) -> BackendSpec {
     BackendSpec {
         name: name.into(),
@@ -72,13 +80,8 @@ const ENC_KEYS: &str = "encryption_key: [\"ERERERERERERERERERERERERERERERERERERE
 fn backends() -> Vec<BackendSpec> {
     vec![
         ours("ours", &[]),
-        BackendSpec {
-            name: "ours-alt".into(),
-            kind: Kind::Ours {
-                extra_yaml: Vec::new(),
-                alt: true,
-            },
-        },
+        alt(ours("ours-alt", &[])),
+        alt(ours("ours-alt-enc", &[ENC_KEYS])),
         qsd("qsd", QsdOptions::default()),
         // Not run by default: ours without busy polling.
         ours("ours-nopoll", &["poll_queue_timeout_us: 0"]),
