@@ -76,6 +76,20 @@ pub struct Options {
     /// Not in the reference tools: unix socket answering `status` with lazy-fetch progress.
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
+    /// Not in the reference tools: the vhost socket's permission bits, octal (`0660`); 0600
+    /// without it. Kept as written: an unquoted `0660` is read as the digits it shows.
+    #[serde(default)]
+    pub socket_mode: Option<String>,
+    /// Not in the reference tools: the vhost socket's group, a name or a numeric gid.
+    #[serde(default)]
+    pub socket_group: Option<String>,
+}
+
+/// `socket_group`, resolved from its text: a gid, or a name looked up when the socket is made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketGroup {
+    Id(u32),
+    Name(String),
 }
 
 const SUN_PATH_TOO_LONG: &str = "path is longer than the 107 bytes a unix socket address can hold";
@@ -197,6 +211,8 @@ impl Options {
             ));
         }
         self.validate_lazy()?;
+        self.socket_mode()?;
+        self.socket_group()?;
         if let Some(keys) = &self.encryption_key {
             if keys.len() != 2 {
                 return Err(field_err(
@@ -254,6 +270,75 @@ impl Options {
             }
         }
         Ok(())
+    }
+}
+
+impl Options {
+    /// `socket_mode` as permission bits, [`crate::sockpath::PRIVATE_MODE`] (0600) without it.
+    /// Octal digits, optionally after `0o`. Bits outside 0777 and any bit for "other" users
+    /// are refused: connecting needs write permission, and whoever can connect can read and
+    /// write the whole disk.
+    pub fn socket_mode(&self) -> Result<u32, ConfigError> {
+        let Some(text) = &self.socket_mode else {
+            return Ok(crate::sockpath::PRIVATE_MODE);
+        };
+        let digits = text.trim();
+        let digits = digits.strip_prefix("0o").unwrap_or(digits);
+        let bad = || {
+            field_err(
+                "socket_mode",
+                format!("{text:?} is not an octal mode such as \"0660\""),
+            )
+        };
+        if digits.is_empty() || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+            return Err(bad());
+        }
+        // Too many digits for a u32 is outside 0777 too.
+        let mode = u32::from_str_radix(digits, 8).unwrap_or(u32::MAX);
+        if mode & !0o777 != 0 {
+            return Err(field_err(
+                "socket_mode",
+                format!("{text} has bits outside 0777 (setuid, setgid, sticky)"),
+            ));
+        }
+        if mode & 0o007 != 0 {
+            return Err(field_err(
+                "socket_mode",
+                format!(
+                    "{text} gives other users access (anyone who can connect can read and \
+                     write the whole disk); use socket_group and at most 0770"
+                ),
+            ));
+        }
+        Ok(mode)
+    }
+
+    /// `socket_group`: all digits is a gid, anything else a group name.
+    pub fn socket_group(&self) -> Result<Option<SocketGroup>, ConfigError> {
+        let Some(text) = &self.socket_group else {
+            return Ok(None);
+        };
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(field_err("socket_group", "must not be empty"));
+        }
+        if text.bytes().all(|b| b.is_ascii_digit()) {
+            // u32::MAX is chown's "leave the group alone".
+            return match text.parse::<u32>() {
+                Ok(gid) if gid != u32::MAX => Ok(Some(SocketGroup::Id(gid))),
+                _ => Err(field_err(
+                    "socket_group",
+                    format!("gid {text} is out of range (at most 4294967294)"),
+                )),
+            };
+        }
+        if text.contains('\0') || text.contains(':') {
+            return Err(field_err(
+                "socket_group",
+                format!("{text:?} is not a group name"),
+            ));
+        }
+        Ok(Some(SocketGroup::Name(text.to_string())))
     }
 }
 
@@ -367,6 +452,73 @@ encryption_key:
     fn garbage_does_not_panic() {
         for text in ["", "[", "- a\n- b", "path: [1, 2]", "\u{0}\u{1}", "a: b: c"] {
             assert!(Options::parse(text).is_err(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn socket_mode_is_octal_and_private_by_default() {
+        assert_eq!(Options::parse(MIN).unwrap().socket_mode().unwrap(), 0o600);
+        for (value, mode) in [
+            ("\"0660\"", 0o660),
+            ("0660", 0o660),
+            ("660", 0o660),
+            ("\"0o640\"", 0o640),
+            ("0o600", 0o600),
+            ("\"0700\"", 0o700),
+            ("\"0\"", 0),
+        ] {
+            let o = Options::parse(&format!("{MIN}socket_mode: {value}\n")).unwrap();
+            assert_eq!(o.socket_mode().unwrap(), mode, "{value}");
+        }
+    }
+
+    #[test]
+    fn bad_socket_modes_are_refused_with_the_field_named() {
+        for (value, why) in [
+            ("\"0666\"", "other users"),
+            ("\"0662\"", "other users"),
+            ("0601", "other users"),
+            ("\"0777\"", "other users"),
+            ("\"4660\"", "outside 0777"),
+            ("\"1770\"", "outside 0777"),
+            ("\"0680\"", "not an octal mode"),
+            ("\"rw-rw----\"", "not an octal mode"),
+            ("\"\"", "not an octal mode"),
+            ("\"+660\"", "not an octal mode"),
+            ("\"-660\"", "not an octal mode"),
+            ("\"77777777777777\"", "outside 0777"),
+            ("\"777777777777777777777777\"", "outside 0777"),
+            ("\"0o10000\"", "outside 0777"),
+            ("[1]", "socket_mode"),
+        ] {
+            let e = err_of(&format!("{MIN}socket_mode: {value}\n"));
+            assert!(e.contains("socket_mode") && e.contains(why), "{value}: {e}");
+        }
+    }
+
+    #[test]
+    fn socket_group_is_a_gid_or_a_name() {
+        assert_eq!(Options::parse(MIN).unwrap().socket_group().unwrap(), None);
+        for (value, group) in [
+            ("0", SocketGroup::Id(0)),
+            ("\"1000\"", SocketGroup::Id(1000)),
+            ("4294967294", SocketGroup::Id(u32::MAX - 1)),
+            ("kvm", SocketGroup::Name("kvm".into())),
+            ("\"libvirt-qemu\"", SocketGroup::Name("libvirt-qemu".into())),
+        ] {
+            let o = Options::parse(&format!("{MIN}socket_group: {value}\n")).unwrap();
+            assert_eq!(o.socket_group().unwrap(), Some(group), "{value}");
+        }
+        for value in [
+            "\"\"",
+            "4294967295",
+            "99999999999",
+            "\"a:b\"",
+            "\"a\\0b\"",
+            "{}",
+        ] {
+            let e = err_of(&format!("{MIN}socket_group: {value}\n"));
+            assert!(e.contains("socket_group"), "{value}: {e}");
         }
     }
 

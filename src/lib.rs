@@ -6,6 +6,7 @@
 //! - [`config`]: the YAML options.
 //! - [`stack`]: the layers a config asks for, assembled into the device the VMM is shown.
 //! - [`cli`]: start-up shared by the binaries.
+//! - [`sockpath`]: claiming and releasing the unix socket paths the backend listens on.
 
 pub mod block;
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod crypto;
 pub mod frontend;
 pub mod lazy;
 pub mod replay;
+pub mod sockpath;
 pub mod stack;
 pub mod vhost;
 pub mod virtio_blk;

@@ -20,6 +20,7 @@ use crate::block::{BlockDevice, CryptDevice, DebugLogDevice, FileDevice};
 use crate::config::{ConfigError, Options, DEVICE_ID_LEN};
 use crate::crypto::Xts;
 use crate::lazy::{self, control, LazyDevice, LazyOptions};
+use crate::sockpath::SocketFile;
 use crate::vhost::QueueSettings;
 use crate::virtio_blk::{self, ConfigSpace, DeviceInfo, Limits};
 
@@ -29,6 +30,8 @@ pub struct Stack {
     pub device: Arc<dyn BlockDevice>,
     /// The lazy-fetch layer, with `image_path` (for its progress).
     pub lazy: Option<Arc<LazyDevice>>,
+    /// The control socket's file, with `control_socket`: removed when dropped (if still ours).
+    pub control_socket: Option<SocketFile>,
     pub info: Arc<DeviceInfo>,
     pub config: ConfigSpace,
     pub settings: QueueSettings,
@@ -66,11 +69,13 @@ pub fn open(opts: &Options, cipher: Option<Arc<Xts>>) -> Result<Stack, StackErro
         info!("AES-256-XTS encryption on");
     }
     let mut lazy_device = None;
+    let mut control_socket = None;
     if let Some(lazy) = lazy_options(opts) {
-        let layer =
+        let (layer, control) =
             open_lazy(opts, &lazy, device, cipher, ring_entries).map_err(StackError::Lazy)?;
         device = layer.clone();
         lazy_device = Some(layer);
+        control_socket = control;
     }
     if let Some(path) = &opts.io_debug_path {
         let layer = DebugLogDevice::new(device, path).map_err(|source| StackError::DebugLog {
@@ -97,24 +102,26 @@ pub fn open(opts: &Options, cipher: Option<Arc<Xts>>) -> Result<Stack, StackErro
         },
         device,
         lazy: lazy_device,
+        control_socket,
     })
 }
 
-/// The lazy layer over `base` and its control socket.
+/// The lazy layer over `base` and its control socket's file.
 fn open_lazy(
     opts: &Options,
     lazy: &LazyOptions,
     base: Arc<dyn BlockDevice>,
     cipher: Option<Arc<Xts>>,
     ring_entries: u32,
-) -> Result<Arc<LazyDevice>, Box<dyn Error + Send + Sync>> {
+) -> Result<(Arc<LazyDevice>, Option<SocketFile>), Box<dyn Error + Send + Sync>> {
     lazy::check_distinct(&opts.path, &lazy.image_path, &lazy.metadata_path)?;
     let device = Arc::new(LazyDevice::open(base, cipher, lazy, ring_entries)?);
+    let mut control_socket = None;
     if let Some(path) = &opts.control_socket {
-        control::serve(path, device.clone())?;
+        control_socket = Some(control::serve(path, device.clone())?);
         info!("control socket: {}", path.display());
     }
-    Ok(device)
+    Ok((device, control_socket))
 }
 
 fn lazy_options(opts: &Options) -> Option<LazyOptions> {

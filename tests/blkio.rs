@@ -300,7 +300,7 @@ fn missing_disk_is_refused_with_path_named() {
     assert!(err.contains("path") && err.contains("nope.raw"), "{err}");
 }
 
-/// Errors after the stack is open (vhost::serve's) are reported the same way: tool, field, file,
+/// Errors after the stack is open (vhost::listen's) are reported the same way: tool, field, file,
 /// cause, exit status 1.
 #[test]
 fn unusable_socket_is_refused_with_the_field_named() {

@@ -429,6 +429,50 @@ fn failed_fetch_fails_the_request_and_the_backend_keeps_serving() {
     assert!(!l.metadata(None).is_fetched(10));
 }
 
+/// The control socket is 0600 whatever the umask, and a clean stop removes it along with the
+/// vhost socket.
+#[test]
+fn control_socket_is_private_and_removed_after_sigterm() {
+    let l = Lazy::new(DISK as usize, 0, &[]);
+    let mut g = Backend::spawn_as_is(BIN, &l.config, &[], umask(0)).unwrap();
+    g.wait_listening(&l.config.socket, SOCKET_TIMEOUT).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o7777;
+    assert_eq!(mode(&l.ctl), 0o600);
+    assert_eq!(mode(&l.config.socket), 0o600);
+    assert_eq!(l.status().stripes, 64);
+    g.signal(libc::SIGTERM);
+    let st = g
+        .wait_timeout(Duration::from_secs(10))
+        .expect("no exit on SIGTERM");
+    assert!(st.success(), "{}", g.log());
+    assert!(
+        std::fs::symlink_metadata(&l.ctl).is_err(),
+        "control socket left behind"
+    );
+    assert!(std::fs::symlink_metadata(&l.config.socket).is_err());
+}
+
+/// A control socket path holding another file is refused and kept; the vhost socket is not
+/// left behind.
+#[test]
+fn control_socket_on_a_regular_file_is_refused_and_kept() {
+    let l = Lazy::new(DISK as usize, 0, &[]);
+    std::fs::write(&l.ctl, b"keep me").unwrap();
+    let mut g = Backend::spawn_as_is(BIN, &l.config, &[], |_| {}).unwrap();
+    let st = g
+        .wait_timeout(Duration::from_secs(10))
+        .expect("backend kept running");
+    assert_eq!(st.code(), Some(1));
+    let want = format!(
+        "control_socket: {} exists and is a regular file, not a socket",
+        l.ctl.display()
+    );
+    assert!(g.log().contains(&want), "{}", g.log());
+    assert_eq!(std::fs::read(&l.ctl).unwrap(), b"keep me");
+    assert!(std::fs::symlink_metadata(&l.config.socket).is_err());
+}
+
 #[test]
 fn startup_errors_name_the_field() {
     let l = Lazy::new(DISK as usize, 0, &[]);

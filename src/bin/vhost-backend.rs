@@ -3,12 +3,12 @@
 use anyhow::Context;
 use clap::Parser;
 use log::{error, info};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use ubiblk::block::BlockDevice;
 use ubiblk::cli::{self, ConfigArgs};
+use ubiblk::sockpath::SocketFile;
 use ubiblk::stack;
 use ubiblk::vhost::{self, BlockBackend};
 
@@ -27,25 +27,40 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let (opts, cipher) = args.config.load()?;
-    let stack = stack::open(&opts, cipher)?;
+    // A socket path that is not ours to take (another kind of file, another backend's socket)
+    // is refused before anything is opened or started.
+    vhost::check(&opts)?;
+    let mut stack = stack::open(&opts, cipher)?;
+    // Listening last: once the socket is there, the device (and control socket) are ready.
+    let (listener, socket) = vhost::listen(&opts)?;
+    let sockets: Vec<Arc<SocketFile>> = std::iter::once(socket)
+        .chain(stack.control_socket.take())
+        .map(Arc::new)
+        .collect();
     let current: Arc<Mutex<Option<Arc<BlockBackend>>>> = Arc::default();
-    spawn_signal_handler(stack.device.clone(), current.clone(), opts.socket.clone())?;
-    vhost::serve(
-        &opts.socket,
+    spawn_signal_handler(stack.device.clone(), current.clone(), sockets.clone())?;
+    let served = vhost::serve(
+        listener,
         stack.device,
         stack.info,
         stack.config,
         stack.settings,
         current,
-    )?;
+    );
+    // serve returns only on error; the signal thread holds the sockets too, so remove them here.
+    for s in &sockets {
+        s.remove();
+    }
+    served?;
     Ok(())
 }
 
-/// On SIGTERM/SIGINT: let in-flight I/O finish, sync the disk, remove the socket, exit.
+/// On SIGTERM/SIGINT: let in-flight I/O finish, sync the disk, remove the sockets (those still
+/// ours), exit.
 fn spawn_signal_handler(
     device: Arc<dyn BlockDevice>,
     current: Arc<Mutex<Option<Arc<BlockBackend>>>>,
-    socket: PathBuf,
+    sockets: Vec<Arc<SocketFile>>,
 ) -> anyhow::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
@@ -66,7 +81,9 @@ fn spawn_signal_handler(
                         1
                     }
                 };
-                let _ = std::fs::remove_file(&socket);
+                for s in &sockets {
+                    s.remove();
+                }
                 std::process::exit(code);
             }
         })

@@ -5,8 +5,7 @@
 //! commands.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,28 +14,17 @@ use log::warn;
 use serde::Serialize;
 
 use super::{Error, LazyDevice, LazyStatus};
+use crate::sockpath::{self, Perms, SocketFile};
 
 /// Longest command line accepted; longer input closes the connection.
 const MAX_LINE: u64 = 256;
 
-/// Binds `path` (replacing a stale socket there, never another kind of file) and serves it on
-/// a background thread.
-pub fn serve(path: &Path, device: Arc<LazyDevice>) -> Result<(), Error> {
-    let err = |source| Error::Listen {
-        path: path.to_owned(),
-        source,
-    };
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(Error::NotASocket {
-                path: path.to_owned(),
-            });
-        }
-        std::fs::remove_file(path).map_err(err)?;
-    }
-    let listener = UnixListener::bind(path).map_err(err)?;
+/// Claims `path` with the rules of [`crate::sockpath`] (a stale socket is replaced, anything
+/// else refused), mode 0600, and serves it on a background thread. The returned
+/// [`SocketFile`] removes the socket file when dropped.
+pub fn serve(path: &Path, device: Arc<LazyDevice>) -> Result<SocketFile, Error> {
     // Status is not secret, but only the operator should talk to the backend.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    let (listener, file) = sockpath::listen("control_socket", path, &Perms::private())?;
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -56,7 +44,7 @@ pub fn serve(path: &Path, device: Arc<LazyDevice>) -> Result<(), Error> {
             what: "the control socket thread",
             source,
         })?;
-    Ok(())
+    Ok(file)
 }
 
 /// The answers, one JSON object each.

@@ -5,6 +5,7 @@ use std::io;
 use std::path::PathBuf;
 
 use super::MetadataError;
+use crate::sockpath::SocketError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -35,10 +36,9 @@ pub enum Error {
         other_field: &'static str,
         other: PathBuf,
     },
-    #[error("control_socket: {path} exists and is not a socket; refusing to replace it")]
-    NotASocket { path: PathBuf },
-    #[error("control_socket: cannot listen on {path}")]
-    Listen { path: PathBuf, source: io::Error },
+    /// `control_socket` could not be claimed (the error names the field).
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     #[error("cannot open the fetchers' channels to the base disk")]
     FetcherChannels(#[source] io::Error),
     /// A background thread (`what`: fetcher, control socket) could not be started.

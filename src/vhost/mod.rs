@@ -6,7 +6,6 @@
 use log::{error, info, warn};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -22,6 +21,8 @@ use vmm_sys_util::event::{
 };
 
 use crate::block::BlockDevice;
+use crate::config::{ConfigError, Options};
+use crate::sockpath::{self, Perms, SocketError, SocketFile};
 use crate::virtio_blk::{self, ConfigSpace, DeviceInfo, Finished, QueueWorker, Request};
 use poll::AdaptivePoll;
 
@@ -385,11 +386,11 @@ mod tests;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("socket: cannot listen on {}", path.display())]
-    Listen {
-        path: PathBuf,
-        source: vhost::vhost_user::Error,
-    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `socket` (or `socket_group`) could not be claimed: see [`crate::sockpath`].
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     /// A queue's channel to the device could not be opened.
     #[error(transparent)]
     Channel(io::Error),
@@ -400,21 +401,47 @@ pub enum ServeError {
     Watch(#[source] io::Error),
 }
 
-/// Serves `device` on `socket` forever: one frontend at a time, a fresh device state for each.
-/// `current` is updated with the backend of the live connection, for shutdown.
+/// Checks, changing nothing, that [`listen`] could claim `opts.socket` (see
+/// [`crate::sockpath::check`]): a refused path is reported before anything is opened.
+pub fn check(opts: &Options) -> Result<(), ServeError> {
+    sockpath::check("socket", &opts.socket, &perms(opts)?)?;
+    Ok(())
+}
+
+fn perms(opts: &Options) -> Result<Perms, ConfigError> {
+    Ok(Perms {
+        mode: opts.socket_mode()?,
+        group: opts.socket_group()?,
+    })
+}
+
+/// Claims `opts.socket` with `socket_mode` and `socket_group` and listens on it (the rules are
+/// in [`crate::sockpath`]): a path holding another kind of file, or a socket another process
+/// listens on, is refused. The [`SocketFile`] removes the socket when dropped, if it is still
+/// ours.
+pub fn listen(opts: &Options) -> Result<(Listener, SocketFile), ServeError> {
+    let perms = perms(opts)?;
+    let (listener, file) = sockpath::listen("socket", &opts.socket, &perms)?;
+    info!(
+        "listening on {} (mode {:04o})",
+        opts.socket.display(),
+        perms.mode
+    );
+    // From a std listener the vhost crate's Listener records no path, so it never unlinks.
+    Ok((Listener::from(listener), file))
+}
+
+/// Serves `device` on `listener` (from [`listen`]) forever: one frontend at a time, a fresh
+/// device state for each. `current` is updated with the backend of the live connection, for
+/// shutdown.
 pub fn serve(
-    socket: &Path,
+    mut listener: Listener,
     device: Arc<dyn BlockDevice>,
     info: Arc<DeviceInfo>,
     config: ConfigSpace,
     settings: QueueSettings,
     current: Arc<Mutex<Option<Arc<BlockBackend>>>>,
 ) -> Result<(), ServeError> {
-    let mut listener = Listener::new(socket, true).map_err(|source| ServeError::Listen {
-        path: socket.to_owned(),
-        source,
-    })?;
-    info!("listening on {}", socket.display());
     loop {
         let backend = Arc::new(
             BlockBackend::new(

@@ -155,27 +155,47 @@ impl ChildGuard {
     /// may serve only one connection). There is a tiny window between bind() and listen();
     /// [`Client::connect`] retries ECONNREFUSED to cover it.
     pub fn wait_for_socket(&mut self, socket: &Path, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_until(
+            &format!("create socket {}", socket.display()),
+            timeout,
+            || fs::symlink_metadata(socket).is_ok_and(|md| md.file_type().is_socket()),
+        )
+    }
+
+    /// Waits until a connection to `socket` succeeds (the child listens on it), then closes
+    /// that connection. Fails if the child exits first or on timeout; the error includes the
+    /// child's log. A vhost-user backend sees the connection come and go and keeps serving.
+    pub fn wait_listening(&mut self, socket: &Path, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_until(&format!("listen on {}", socket.display()), timeout, || {
+            std::os::unix::net::UnixStream::connect(socket).is_ok()
+        })
+    }
+
+    /// Polls `ready` every 5 ms until it holds. Fails if the child exits first or after
+    /// `timeout`, saying that it did not `what` and with the child's log.
+    fn wait_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut ready: impl FnMut() -> bool,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(md) = fs::symlink_metadata(socket) {
-                if md.file_type().is_socket() {
-                    return Ok(());
-                }
+            if ready() {
+                return Ok(());
             }
             if let Some(st) = self.try_wait() {
                 bail!(
-                    "{} (pid {}) exited with {st} before creating socket {}; log:\n{}",
+                    "{} (pid {}) exited with {st} before it could {what}; log:\n{}",
                     self.name,
                     self.pid(),
-                    socket.display(),
                     self.log()
                 );
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "timed out after {timeout:?} waiting for {} to create socket {}; log:\n{}",
+                    "timed out after {timeout:?} waiting for {} to {what}; log:\n{}",
                     self.name,
-                    socket.display(),
                     self.log()
                 );
             }
@@ -355,6 +375,23 @@ impl Backend {
         config: &BackendConfig,
         extra_args: &[&str],
     ) -> anyhow::Result<ChildGuard> {
+        match fs::remove_file(&config.socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).context("removing stale socket"),
+        }
+        Self::spawn_as_is(bin, config, extra_args, |_| {})
+    }
+
+    /// Like [`Backend::spawn`], but leaves whatever is at `config.socket` alone (the backend's
+    /// own rules for an existing path are under test), and lets `customize` adjust the command
+    /// (e.g. set a umask in `pre_exec`).
+    pub fn spawn_as_is(
+        bin: impl AsRef<Path>,
+        config: &BackendConfig,
+        extra_args: &[&str],
+        customize: impl FnOnce(&mut Command),
+    ) -> anyhow::Result<ChildGuard> {
         let bin = bin.as_ref();
         if !bin.exists() {
             bail!("backend binary {} does not exist", bin.display());
@@ -362,16 +399,12 @@ impl Backend {
         let dir = tempfile::Builder::new().prefix("ubiblk-be").tempdir()?;
         let config_path = dir.path().join("config.yaml");
         fs::write(&config_path, config.to_yaml())?;
-        match fs::remove_file(&config.socket) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).context("removing stale socket"),
-        }
         let mut cmd = Command::new(bin);
         cmd.arg("--config").arg(&config_path).args(extra_args);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        customize(&mut cmd);
         ChildGuard::spawn("vhost-backend", cmd, dir)
     }
 
@@ -381,6 +414,22 @@ impl Backend {
 
     pub fn log(&self) -> String {
         self.guard.log()
+    }
+}
+
+/// A `customize` for [`Backend::spawn_as_is`]: the child runs with umask `mask` (e.g. 0, as a
+/// careless service manager might leave it).
+pub fn umask(mask: libc::mode_t) -> impl FnOnce(&mut Command) {
+    move |cmd| {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure runs in the child between fork and exec, where only
+        // async-signal-safe calls are allowed: umask(2) is one, and it touches no memory.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::umask(mask);
+                Ok(())
+            });
+        }
     }
 }
 
