@@ -7,7 +7,7 @@ use common::*;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-backend");
 
@@ -249,4 +249,23 @@ fn sigterm_leaves_a_file_that_replaced_the_socket_alone() {
         "{}",
         g.log()
     );
+}
+
+#[test]
+fn sigterm_as_soon_as_the_socket_appears_is_a_clean_stop() {
+    // The signal handlers are registered before the socket exists: a service manager may stop
+    // the backend the moment it sees the socket, and that must still drain, sync and clean up.
+    let d = disk(1 << 20);
+    let cfg = BackendConfig::new(&d.img, &d.sock);
+    for _ in 0..30 {
+        let g = Backend::spawn_as_is(BIN, &cfg, &[], |_| {}).unwrap();
+        let deadline = Instant::now() + SOCKET_TIMEOUT;
+        // Spin (no sleep): signal within microseconds of the socket file appearing.
+        while !d.sock.exists() {
+            assert!(Instant::now() < deadline, "no socket: {}", g.log());
+            std::hint::spin_loop();
+        }
+        stop(g);
+        assert!(!d.sock.exists(), "socket left behind");
+    }
 }

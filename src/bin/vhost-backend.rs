@@ -3,6 +3,8 @@
 use anyhow::Context;
 use clap::Parser;
 use log::{error, info};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
@@ -27,6 +29,9 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let (opts, cipher) = args.config.load()?;
+    // Registered before anything is created, so that a SIGTERM arriving while we start up (even
+    // right after the socket appears) waits for the handler instead of killing us mid-way.
+    let signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
     // A socket path that is not ours to take (another kind of file, another backend's socket)
     // is refused before anything is opened or started.
     vhost::check(&opts)?;
@@ -38,7 +43,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         .map(Arc::new)
         .collect();
     let current: Arc<Mutex<Option<Arc<BlockBackend>>>> = Arc::default();
-    spawn_signal_handler(stack.device.clone(), current.clone(), sockets.clone())?;
+    spawn_signal_handler(
+        signals,
+        stack.device.clone(),
+        current.clone(),
+        sockets.clone(),
+    )?;
     let served = vhost::serve(
         listener,
         stack.device,
@@ -58,13 +68,11 @@ fn run(args: Args) -> anyhow::Result<()> {
 /// On SIGTERM/SIGINT: let in-flight I/O finish, sync the disk, remove the sockets (those still
 /// ours), exit.
 fn spawn_signal_handler(
+    mut signals: Signals,
     device: Arc<dyn BlockDevice>,
     current: Arc<Mutex<Option<Arc<BlockBackend>>>>,
     sockets: Vec<Arc<SocketFile>>,
 ) -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
-        .context("cannot install signal handlers")?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
