@@ -17,3 +17,4 @@ pub mod replay;
 pub mod stack;
 pub mod vhost;
 pub mod virtio_blk;
+mod yaml;

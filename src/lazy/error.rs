@@ -27,14 +27,6 @@ pub enum Error {
         path: PathBuf,
         source: MetadataError,
     },
-    /// Two of the files a lazy disk needs are one file.
-    #[error("{field}: {path} is the same file as {other_field} ({other})")]
-    SameFile {
-        field: &'static str,
-        path: PathBuf,
-        other_field: &'static str,
-        other: PathBuf,
-    },
     #[error("control_socket: {path} exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
     #[error("control_socket: cannot listen on {path}")]
