@@ -36,11 +36,12 @@ pub enum LoadError {
 
 impl ConfigArgs {
     /// The config and its data cipher (`None` without `encryption_key`). The KEK file is read
-    /// (and unlinked) as soon as the config parses, before any other check can fail.
+    /// (and, with `--unlink-kek`, deleted) first, before the config: whatever fails after
+    /// that, a missing or invalid config included, it is gone.
     pub fn load(&self) -> Result<(Options, Option<Arc<Xts>>), LoadError> {
+        let kek = self.kek.read()?;
         let opts = Options::load(&self.config)?;
-        let cipher = self
-            .kek
+        let cipher = kek
             .cipher_for(opts.encryption_key.as_deref())?
             .map(Arc::new);
         Ok((opts, cipher))
@@ -146,6 +147,59 @@ mod tests {
             .unwrap();
         assert!(matches!(e, LoadError::Key(_)), "{e}");
         assert!(!Path::new(kek).exists());
+    }
+
+    /// `--unlink-kek` removes the KEK whatever fails: the config (missing, not YAML, an invalid
+    /// field) or the KEK itself.
+    #[test]
+    fn unlink_kek_removes_it_on_every_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let kek = dir.path().join("kek.yaml");
+        let key =
+            |b: u8| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [b; 32]);
+        let keys = format!("encryption_key: [\"{}\", \"{}\"]\n", key(1), key(2));
+        let cases = [
+            (None, "method: none\n", "cannot read config file"),
+            (Some("path: [\n"), "method: none\n", "invalid config file"),
+            (
+                Some("path: /d\nsocket: /s\nnum_queues: 0\n"),
+                "method: none\n",
+                "num_queues",
+            ),
+            (
+                Some("path: /d\nsocket: /s\nbogus: 1\n"),
+                "method: none\n",
+                "bogus",
+            ),
+            (Some(""), "method: none\n", "invalid config file"),
+            (Some(keys.as_str()), "method: rot13\n", "method"),
+            (Some(keys.as_str()), "not: [yaml\n", "--kek"),
+        ];
+        for (config, kek_text, want) in cases {
+            let cfg = dir.path().join("config.yaml");
+            let _ = std::fs::remove_file(&cfg);
+            if let Some(text) = config {
+                let text = if text.starts_with("encryption_key") {
+                    format!("path: {d}/disk\nsocket: {d}/sock\n{text}")
+                } else {
+                    text.to_string()
+                };
+                std::fs::write(&cfg, text).unwrap();
+            }
+            std::fs::write(&kek, kek_text).unwrap();
+            let e = load(&[
+                "-f",
+                cfg.to_str().unwrap(),
+                "-k",
+                kek.to_str().unwrap(),
+                "-u",
+            ])
+            .err()
+            .unwrap();
+            assert!(error_chain(&e).contains(want), "{config:?}: {e}");
+            assert!(!kek.exists(), "{config:?}: the KEK is still there");
+        }
     }
 
     #[test]

@@ -1,14 +1,49 @@
 //! Backend configuration: the YAML `Options` of the seed, validated at start-up.
 //!
-//! Every error names the offending field so an operator can fix the file without reading code.
+//! Every error names the offending field so an operator can fix the file without reading code,
+//! and none repeats a value from the file (it may hold keys): parse errors go through
+//! [`crate::yaml::describe`].
 
+use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
+use std::fmt;
 use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
 
 /// Longest device id the virtio-blk GET_ID request can carry.
 pub const DEVICE_ID_LEN: usize = 20;
 /// Largest virtqueue size the split-ring format allows.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// Most virtqueues (one worker thread each).
+pub const MAX_NUM_QUEUES: u16 = 256;
+/// Longest busy-polling window, in microseconds.
+pub const MAX_POLL_QUEUE_TIMEOUT_US: u64 = 1_000_000;
+/// Largest request (`seg_size_max * seg_count_max`): requests are buffered in memory.
+pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
+
+/// The fields of the config file, as serde names them (for error messages).
+pub const FIELDS: &[&str] = &[
+    "path",
+    "image_path",
+    "metadata_path",
+    "socket",
+    "num_queues",
+    "queue_size",
+    "seg_size_max",
+    "seg_count_max",
+    "poll_queue_timeout_us",
+    "skip_sync",
+    "copy_on_read",
+    "encryption_key",
+    "io_debug_path",
+    "device_id",
+    "readonly",
+    "autofetch",
+    "autofetch_mib_per_sec",
+    "control_socket",
+    "socket_mode",
+    "socket_group",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -24,6 +59,15 @@ pub enum ConfigError {
     Field {
         field: &'static str,
         problem: String,
+    },
+    /// Two fields name one file (compared as files: hard links, symbolic links and other
+    /// spellings of one path included).
+    #[error("{field}: {path} is the same file as {other_field} ({other})")]
+    SameFile {
+        field: &'static str,
+        path: PathBuf,
+        other_field: &'static str,
+        other: PathBuf,
     },
 }
 
@@ -44,22 +88,25 @@ pub struct Options {
     #[serde(default)]
     pub metadata_path: Option<PathBuf>,
     pub socket: PathBuf,
-    #[serde(default = "default_num_queues")]
+    #[serde(default = "default_num_queues", deserialize_with = "num_queues")]
     pub num_queues: u16,
-    #[serde(default = "default_queue_size")]
+    #[serde(default = "default_queue_size", deserialize_with = "queue_size")]
     pub queue_size: u16,
-    #[serde(default = "default_seg_size_max")]
+    #[serde(default = "default_seg_size_max", deserialize_with = "seg_size_max")]
     pub seg_size_max: u32,
-    #[serde(default = "default_seg_count_max")]
+    #[serde(default = "default_seg_count_max", deserialize_with = "seg_count_max")]
     pub seg_count_max: u32,
-    #[serde(default = "default_poll_queue_timeout_us")]
+    #[serde(
+        default = "default_poll_queue_timeout_us",
+        deserialize_with = "poll_queue_timeout_us"
+    )]
     pub poll_queue_timeout_us: u64,
     #[serde(default)]
     pub skip_sync: bool,
     #[serde(default)]
     pub copy_on_read: bool,
     #[serde(default)]
-    pub encryption_key: Option<Vec<String>>,
+    pub encryption_key: Option<KeyEntries>,
     #[serde(default)]
     pub io_debug_path: Option<PathBuf>,
     #[serde(default = "default_device_id")]
@@ -71,7 +118,7 @@ pub struct Options {
     #[serde(default)]
     pub autofetch: bool,
     /// Not in the reference tools: limit background fetching to this many MiB/s.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "autofetch_mib_per_sec")]
     pub autofetch_mib_per_sec: Option<u32>,
     /// Not in the reference tools: unix socket answering `status` with lazy-fetch progress.
     #[serde(default)]
@@ -90,6 +137,112 @@ pub struct Options {
 pub enum SocketGroup {
     Id(u32),
     Name(String),
+}
+
+/// `encryption_key`: the entries as written (base64, maybe KEK-wrapped). Zeroed when dropped,
+/// and `Debug` does not print them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyEntries(Zeroizing<Vec<String>>);
+
+impl KeyEntries {
+    pub fn new(entries: Vec<String>) -> Self {
+        KeyEntries(Zeroizing::new(entries))
+    }
+}
+
+impl std::ops::Deref for KeyEntries {
+    type Target = [String];
+    fn deref(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for KeyEntries {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "KeyEntries({} entries, not shown)", self.0.len())
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyEntries {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::deserialize(d).map(KeyEntries::new)
+    }
+}
+
+/// How an out-of-range integer is reported, at parse time and by [`Options::validate`].
+fn range_problem(lo: u64, hi: u64) -> String {
+    format!("must be in {lo}..={hi}")
+}
+
+/// An integer field in `lo..=hi`: out of range (negative, too large for its type) is reported
+/// with the range, where serde alone would say "expected u16".
+fn ranged<'de, D, T>(d: D, lo: u64, hi: u64) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    struct Range(u64, u64);
+    impl Range {
+        fn check<E: de::Error>(&self, v: Option<u64>) -> Result<u64, E> {
+            v.filter(|v| (self.0..=self.1).contains(v))
+                .ok_or_else(|| E::custom(range_problem(self.0, self.1)))
+        }
+    }
+    impl Visitor<'_> for Range {
+        type Value = u64;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "an integer in {}..={}", self.0, self.1)
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+            self.check(Some(v))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+            self.check(u64::try_from(v).ok())
+        }
+        fn visit_u128<E: de::Error>(self, v: u128) -> Result<u64, E> {
+            self.check(u64::try_from(v).ok())
+        }
+        fn visit_i128<E: de::Error>(self, v: i128) -> Result<u64, E> {
+            self.check(u64::try_from(v).ok())
+        }
+    }
+    let v = d.deserialize_any(Range(lo, hi))?;
+    T::try_from(v).map_err(|_| de::Error::custom(range_problem(lo, hi)))
+}
+
+fn num_queues<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    ranged(d, 1, MAX_NUM_QUEUES.into())
+}
+fn queue_size<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    ranged(d, 1, MAX_QUEUE_SIZE.into())
+}
+fn seg_size_max<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    ranged(d, 512, MAX_REQUEST_BYTES)
+}
+fn seg_count_max<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    ranged(d, 1, MAX_QUEUE_SIZE.into())
+}
+fn poll_queue_timeout_us<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    ranged(d, 0, MAX_POLL_QUEUE_TIMEOUT_US)
+}
+fn autofetch_mib_per_sec<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    struct Rate;
+    impl<'de> Visitor<'de> for Rate {
+        type Value = Option<u32>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "an integer in 1..={}", u32::MAX)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            ranged(d, 1, u32::MAX.into()).map(Some)
+        }
+    }
+    d.deserialize_option(Rate)
 }
 
 const SUN_PATH_TOO_LONG: &str = "path is longer than the 107 bytes a unix socket address can hold";
@@ -116,10 +269,12 @@ fn default_device_id() -> String {
 impl Options {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map(Zeroizing::new)
+            .map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
         let opts = Self::parse(&text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.to_owned(),
@@ -134,7 +289,7 @@ impl Options {
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let opts: Options = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::new(),
-            message: e.to_string(),
+            message: crate::yaml::describe(&e, FIELDS),
         })?;
         opts.validate()?;
         Ok(opts)
@@ -152,11 +307,9 @@ impl Options {
         if self.socket.as_os_str().len() > 107 {
             return Err(field_err("socket", SUN_PATH_TOO_LONG));
         }
-        if self.num_queues == 0 {
-            return Err(field_err("num_queues", "must be at least 1"));
-        }
-        if self.num_queues > 256 {
-            return Err(field_err("num_queues", "must be at most 256"));
+        if !(1..=MAX_NUM_QUEUES).contains(&self.num_queues) {
+            let problem = range_problem(1, MAX_NUM_QUEUES.into());
+            return Err(field_err("num_queues", problem));
         }
         if !self.queue_size.is_power_of_two() {
             return Err(field_err(
@@ -165,7 +318,8 @@ impl Options {
             ));
         }
         if self.queue_size > MAX_QUEUE_SIZE {
-            return Err(field_err("queue_size", "must be at most 32768"));
+            let problem = range_problem(1, MAX_QUEUE_SIZE.into());
+            return Err(field_err("queue_size", problem));
         }
         if self.seg_size_max < 512 || !self.seg_size_max.is_multiple_of(512) {
             return Err(field_err(
@@ -177,7 +331,7 @@ impl Options {
             return Err(field_err("seg_count_max", "must be at least 1"));
         }
         // Requests are buffered in memory: bound one request to 32 MiB.
-        if u64::from(self.seg_size_max) * u64::from(self.seg_count_max) > 32 << 20 {
+        if u64::from(self.seg_size_max) * u64::from(self.seg_count_max) > MAX_REQUEST_BYTES {
             return Err(field_err(
                 "seg_count_max",
                 "seg_size_max * seg_count_max must not exceed 32 MiB",
@@ -189,11 +343,9 @@ impl Options {
                 "must not exceed queue_size (a chain cannot be longer than the ring)",
             ));
         }
-        if self.poll_queue_timeout_us > 1_000_000 {
-            return Err(field_err(
-                "poll_queue_timeout_us",
-                "must be at most 1000000",
-            ));
+        if self.poll_queue_timeout_us > MAX_POLL_QUEUE_TIMEOUT_US {
+            let problem = range_problem(0, MAX_POLL_QUEUE_TIMEOUT_US);
+            return Err(field_err("poll_queue_timeout_us", problem));
         }
         if self.device_id.len() > DEVICE_ID_LEN {
             return Err(field_err(
@@ -235,11 +387,18 @@ impl Options {
                 "cannot be combined with image_path (fetching writes the base disk)",
             ));
         }
-        if self.autofetch && !lazy {
-            return Err(field_err(
-                "autofetch",
-                "needs image_path (there is nothing to fetch)",
-            ));
+        // Each lazy-fetch field without image_path is refused rather than ignored.
+        for (set, field) in [
+            (self.metadata_path.is_some(), "metadata_path"),
+            (self.copy_on_read, "copy_on_read"),
+            (self.autofetch, "autofetch"),
+        ] {
+            if set && !lazy {
+                return Err(field_err(
+                    field,
+                    "needs image_path (there is nothing to fetch)",
+                ));
+            }
         }
         if let Some(rate) = self.autofetch_mib_per_sec {
             if !self.autofetch {
@@ -271,6 +430,81 @@ impl Options {
         }
         Ok(())
     }
+}
+
+impl Options {
+    /// Refuses a config in which two fields name one file: the disk, the image, the metadata,
+    /// the debug log and the sockets must all be different files (the debug log appended to
+    /// the disk would write guest plaintext into it, a fetch would copy a file onto itself,
+    /// stripe states would overwrite data). Compared as files, see [`same_file`]. Looks at the
+    /// file system, so it is not part of [`Options::validate`]; the backend and init-metadata
+    /// run it before opening anything.
+    pub fn check_distinct_files(&self) -> Result<(), ConfigError> {
+        let files: Vec<(&'static str, &Path)> = [
+            ("path", Some(self.path.as_path())),
+            ("image_path", self.image_path.as_deref()),
+            ("metadata_path", self.metadata_path.as_deref()),
+            ("io_debug_path", self.io_debug_path.as_deref()),
+            ("socket", Some(self.socket.as_path())),
+            ("control_socket", self.control_socket.as_deref()),
+        ]
+        .into_iter()
+        .filter_map(|(field, path)| Some((field, path?)))
+        .collect();
+        for (i, &(other_field, other)) in files.iter().enumerate() {
+            for &(field, path) in &files[i + 1..] {
+                if same_file(path, other) {
+                    return Err(ConfigError::SameFile {
+                        field,
+                        path: path.to_owned(),
+                        other_field,
+                        other: other.to_owned(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// True if `a` and `b` name the same file: the same inode, or the same block device through
+/// different nodes; for a path that does not exist (yet), the same place once symbolic links
+/// and the directory are resolved (a debug log or socket about to be created there).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) if a.file_type().is_block_device() && b.file_type().is_block_device() => {
+            a.rdev() == b.rdev()
+        }
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => match (resolve(a), resolve(b)) {
+            (Some(a), Some(b)) => a == b,
+            _ => false,
+        },
+    }
+}
+
+/// Where `path` is or would be created: canonical when it exists, else its directory's
+/// canonical form joined with its name, following a dangling symbolic link (at most 40, as
+/// the kernel does). None when that cannot be said (a name ending in `..`, a link loop).
+fn resolve(path: &Path) -> Option<PathBuf> {
+    let mut path = std::path::absolute(path).ok()?;
+    for _ in 0..40 {
+        if let Ok(canonical) = std::fs::canonicalize(&path) {
+            return Some(canonical);
+        }
+        match std::fs::read_link(&path) {
+            // A relative target is relative to the link's directory; an absolute one replaces.
+            Ok(target) => path = path.parent()?.join(target),
+            Err(_) => {
+                let name = path.file_name()?;
+                let dir = path.parent()?;
+                let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+                return Some(dir.join(name));
+            }
+        }
+    }
+    None
 }
 
 impl Options {
@@ -345,6 +579,7 @@ impl Options {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::yaml::{assert_no_key, TEST_KEYS};
 
     const MIN: &str = "path: /tmp/disk.raw\nsocket: /tmp/vhost.sock\n";
 
@@ -421,6 +656,8 @@ encryption_key:
             ("seg_count_max: 0", "seg_count_max"),
             ("device_id: \"123456789012345678901\"", "device_id"),
             ("image_path: /tmp/img", "metadata_path"),
+            ("metadata_path: /tmp/meta", "metadata_path"),
+            ("copy_on_read: true", "copy_on_read"),
             ("encryption_key: [\"a\"]", "encryption_key"),
             ("num_queues: -1", "num_queues"),
             ("queue_size: 70000", "queue_size"),
@@ -453,6 +690,207 @@ encryption_key:
         for text in ["", "[", "- a\n- b", "path: [1, 2]", "\u{0}\u{1}", "a: b: c"] {
             assert!(Options::parse(text).is_err(), "{text:?}");
         }
+    }
+
+    #[test]
+    fn lazy_fields_without_image_path_are_refused_not_ignored() {
+        for field in [
+            "metadata_path: /tmp/meta",
+            "copy_on_read: true",
+            "autofetch: true",
+        ] {
+            let e = err_of(&format!("{MIN}{field}\n"));
+            assert!(e.contains("needs image_path"), "{field}: {e}");
+        }
+        // The defaults, spelled out, are fine.
+        Options::parse(&format!("{MIN}copy_on_read: false\nautofetch: false\n")).unwrap();
+        let lazy = "image_path: /i\nmetadata_path: /m\ncopy_on_read: true\n";
+        Options::parse(&format!("{MIN}{lazy}")).unwrap();
+    }
+
+    #[test]
+    fn out_of_range_integers_give_the_allowed_range() {
+        let lazy = "image_path: /i\nmetadata_path: /m\nautofetch: true\n";
+        for (extra, want) in [
+            (
+                "num_queues: 100000",
+                "`num_queues`: must be in 1..=256 (line 6, column 13)",
+            ),
+            ("num_queues: 257", "`num_queues`: must be in 1..=256"),
+            ("num_queues: -1", "`num_queues`: must be in 1..=256"),
+            ("num_queues: 0", "`num_queues`: must be in 1..=256"),
+            (
+                "num_queues: 100000000000000000000000",
+                "`num_queues`: must be in 1..=256",
+            ),
+            (
+                "num_queues: 1.5",
+                "`num_queues`: expected an integer in 1..=256",
+            ),
+            ("queue_size: 70000", "`queue_size`: must be in 1..=32768"),
+            (
+                "seg_size_max: 256",
+                "`seg_size_max`: must be in 512..=33554432",
+            ),
+            (
+                "seg_count_max: 40000",
+                "`seg_count_max`: must be in 1..=32768",
+            ),
+            (
+                "poll_queue_timeout_us: 2000000",
+                "`poll_queue_timeout_us`: must be in 0..=1000000",
+            ),
+            (
+                "autofetch_mib_per_sec: 5000000000",
+                "`autofetch_mib_per_sec`: must be in 1..=4294967295",
+            ),
+        ] {
+            let e = err_of(&format!("{MIN}{lazy}{extra}\n"));
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+        let o = Options::parse(&format!(
+            "{MIN}{lazy}num_queues: 256\npoll_queue_timeout_us: 0\nautofetch_mib_per_sec: ~\n"
+        ))
+        .unwrap();
+        assert_eq!((o.num_queues, o.poll_queue_timeout_us), (256, 0));
+        assert_eq!(o.autofetch_mib_per_sec, None);
+    }
+
+    const KEY32: &str = TEST_KEYS[0];
+    const KEY48: &str = TEST_KEYS[1];
+
+    #[test]
+    fn parse_errors_never_repeat_a_key() {
+        for (extra, field) in [
+            (format!("encryption_key: {KEY32}"), "`encryption_key`"),
+            (format!("encryption_key: \"{KEY48}\""), "`encryption_key`"),
+            (
+                format!("encryption_key: {{{KEY32}: {KEY48}}}"),
+                "`encryption_key`",
+            ),
+            (
+                format!("encryption_key: [[{KEY32}], {KEY48}]"),
+                "`encryption_key[0]`",
+            ),
+            (
+                format!("encryption_key: [{KEY32}, [{KEY48}]]"),
+                "`encryption_key[1]`",
+            ),
+            (format!("encryption_key:\n  {KEY32}: 1"), "`encryption_key`"),
+            (format!("num_queues: {KEY32}"), "`num_queues`"),
+            (format!("skip_sync: {KEY48}"), "`skip_sync`"),
+            (format!("{KEY32}: 1"), "unknown field"),
+            (KEY48.to_string(), "expected a mapping"),
+            (format!("encryption_key: [\"{KEY32}"), "not valid YAML"),
+            (
+                format!("encryption_key: [a, b]\nencryption_key: [{KEY32}, {KEY48}]"),
+                "duplicate field `encryption_key`",
+            ),
+        ] {
+            let text = if extra.starts_with(KEY48) {
+                extra.clone()
+            } else {
+                format!("{MIN}{extra}\n")
+            };
+            let e = err_of(&text);
+            assert_no_key(&e);
+            assert!(e.contains(field), "{extra}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn debug_does_not_print_the_keys() {
+        let o = Options::parse(&format!("{MIN}encryption_key: [{KEY32}, {KEY48}]\n")).unwrap();
+        let text = format!("{o:?}");
+        assert_no_key(&text);
+        assert!(text.contains("2 entries"), "{text}");
+        assert_eq!(o.encryption_key.as_deref().map(<[String]>::len), Some(2));
+    }
+
+    /// FIELDS (which names error messages may repeat) is every field serde knows.
+    #[test]
+    fn fields_lists_every_field() {
+        let e = serde_yaml_ng::from_str::<Options>(&format!("{MIN}zz: 1\n")).unwrap_err();
+        let e = e.to_string();
+        let list = e.split("expected one of ").nth(1).unwrap();
+        let list = list.split(" at line").next().unwrap();
+        let names: Vec<&str> = list.split(", ").map(|n| n.trim_matches('`')).collect();
+        assert_eq!(names, FIELDS);
+    }
+
+    fn files_config(dir: &Path, extra: &str) -> Options {
+        let d = dir.display();
+        let lazy = format!("image_path: {d}/image\nmetadata_path: {d}/meta\n");
+        Options::parse(&format!(
+            "path: {d}/disk\nsocket: {d}/vhost.sock\n{lazy}{extra}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn files_must_be_distinct_as_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let d = p.display();
+        for name in ["disk", "image", "meta"] {
+            std::fs::write(p.join(name), b"x").unwrap();
+        }
+        std::fs::hard_link(p.join("disk"), p.join("disk.link")).unwrap();
+        std::os::unix::fs::symlink(p.join("meta"), p.join("meta.sym")).unwrap();
+        std::os::unix::fs::symlink(p.join("new.log"), p.join("log.sym")).unwrap();
+        std::fs::create_dir(p.join("sub")).unwrap();
+
+        files_config(
+            p,
+            &format!("io_debug_path: {d}/io.log\ncontrol_socket: {d}/ctl.sock\n"),
+        )
+        .check_distinct_files()
+        .unwrap();
+        for (extra, want) in [
+            (
+                format!("io_debug_path: {d}/disk"),
+                format!("io_debug_path: {d}/disk is the same file as path ({d}/disk)"),
+            ),
+            (
+                format!("io_debug_path: {d}/disk.link"),
+                "is the same file as path".to_string(),
+            ),
+            (
+                format!("io_debug_path: {d}/meta.sym"),
+                "io_debug_path: ".to_string()
+                    + &format!("{d}/meta.sym is the same file as metadata_path"),
+            ),
+            (
+                format!("io_debug_path: {d}/image"),
+                "is the same file as image_path".to_string(),
+            ),
+            // Neither exists yet: compared where they would be created.
+            (
+                format!("io_debug_path: {d}/sub/../vhost.sock"),
+                "socket: ".to_string()
+                    + &format!("{d}/vhost.sock is the same file as io_debug_path"),
+            ),
+            (
+                format!("io_debug_path: {d}/log.sym\ncontrol_socket: {d}/new.log"),
+                "control_socket: ".to_string()
+                    + &format!("{d}/new.log is the same file as io_debug_path"),
+            ),
+            (
+                format!("control_socket: {d}/disk"),
+                "control_socket: ".to_string() + &format!("{d}/disk is the same file as path"),
+            ),
+        ] {
+            let e = files_config(p, &format!("{extra}\n"))
+                .check_distinct_files()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&want), "{extra}: {e}");
+        }
+        let mut o = files_config(p, "");
+        o.socket = p.join("meta");
+        let e = o.check_distinct_files().unwrap_err().to_string();
+        assert!(e.contains("socket: ") && e.contains("metadata_path"), "{e}");
     }
 
     #[test]

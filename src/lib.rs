@@ -19,3 +19,4 @@ pub mod sockpath;
 pub mod stack;
 pub mod vhost;
 pub mod virtio_blk;
+mod yaml;

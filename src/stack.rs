@@ -19,7 +19,7 @@ use std::time::Duration;
 use crate::block::{BlockDevice, CryptDevice, DebugLogDevice, FileDevice};
 use crate::config::{ConfigError, Options, DEVICE_ID_LEN};
 use crate::crypto::Xts;
-use crate::lazy::{self, control, LazyDevice, LazyOptions};
+use crate::lazy::{control, LazyDevice, LazyOptions};
 use crate::sockpath::SocketFile;
 use crate::vhost::QueueSettings;
 use crate::virtio_blk::{self, ConfigSpace, DeviceInfo, Limits};
@@ -43,6 +43,8 @@ pub enum StackError {
     Config(#[from] ConfigError),
     #[error("path: cannot open {}", path.display())]
     Open { path: PathBuf, source: io::Error },
+    #[error("path: {} is smaller than one 512-byte sector", path.display())]
+    EmptyDisk { path: PathBuf },
     #[error("io_debug_path: cannot open {}", path.display())]
     DebugLog { path: PathBuf, source: io::Error },
     /// The lazy-fetch layer or its control socket; the error names the field.
@@ -52,18 +54,24 @@ pub enum StackError {
 
 /// Opens the layers `opts` asks for, with `cipher` (from `encryption_key`) for the encryption
 /// layer and the lazy-fetch metadata, and starts the control socket if one is configured.
-/// `opts` is validated first: the layers rely on it (`image_path` needs `metadata_path`).
+/// `opts` is validated first: the layers rely on it (`image_path` needs `metadata_path`), and
+/// no two of its files may be one file.
 pub fn open(opts: &Options, cipher: Option<Arc<Xts>>) -> Result<Stack, StackError> {
     opts.validate()?;
+    opts.check_distinct_files()?;
     let ring_entries = u32::from(opts.queue_size) * 2;
-    let mut device: Arc<dyn BlockDevice> = Arc::new(
-        FileDevice::open(&opts.path, opts.readonly, ring_entries).map_err(|source| {
-            StackError::Open {
-                path: opts.path.clone(),
-                source,
-            }
-        })?,
-    );
+    let file = FileDevice::open(&opts.path, opts.readonly, ring_entries).map_err(|source| {
+        StackError::Open {
+            path: opts.path.clone(),
+            source,
+        }
+    })?;
+    if file.sectors() == 0 {
+        return Err(StackError::EmptyDisk {
+            path: opts.path.clone(),
+        });
+    }
+    let mut device: Arc<dyn BlockDevice> = Arc::new(file);
     if let Some(xts) = &cipher {
         device = Arc::new(CryptDevice::new(device, xts.clone()));
         info!("AES-256-XTS encryption on");
@@ -114,7 +122,6 @@ fn open_lazy(
     cipher: Option<Arc<Xts>>,
     ring_entries: u32,
 ) -> Result<(Arc<LazyDevice>, Option<SocketFile>), Box<dyn Error + Send + Sync>> {
-    lazy::check_distinct(&opts.path, &lazy.image_path, &lazy.metadata_path)?;
     let device = Arc::new(LazyDevice::open(base, cipher, lazy, ring_entries)?);
     let mut control_socket = None;
     if let Some(path) = &opts.control_socket {
@@ -277,6 +284,56 @@ mod tests {
         let e = open(&opts, None).err().unwrap();
         assert!(matches!(e, StackError::Config(_)), "{e}");
         assert!(e.to_string().contains("metadata_path"), "{e}");
+    }
+
+    /// The debug log onto the disk or the metadata would append guest plaintext to them.
+    #[test]
+    fn a_file_named_by_two_fields_is_refused_before_anything_is_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        std::fs::write(dir.path().join("meta"), b"m").unwrap();
+        for (extra, want) in [
+            (
+                format!("io_debug_path: {d}/disk\n"),
+                format!("io_debug_path: {d}/disk is the same file as path ({d}/disk)"),
+            ),
+            (
+                format!(
+                    "image_path: {d}/image\nmetadata_path: {d}/meta\nio_debug_path: {d}/meta\n"
+                ),
+                format!("io_debug_path: {d}/meta is the same file as metadata_path ({d}/meta)"),
+            ),
+        ] {
+            let opts = options(dir.path(), &extra);
+            let e = open(&opts, None).err().unwrap();
+            assert!(matches!(e, StackError::Config(_)), "{e}");
+            assert_eq!(e.to_string(), want);
+        }
+        assert_eq!(
+            std::fs::read(dir.path().join("disk")).unwrap(),
+            vec![0u8; DISK]
+        );
+        assert_eq!(std::fs::read(dir.path().join("meta")).unwrap(), b"m");
+    }
+
+    #[test]
+    fn a_disk_without_a_whole_sector_or_not_a_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let mut opts = options(dir.path(), "");
+        std::fs::write(&opts.path, [0u8; 511]).unwrap();
+        let e = open(&opts, None).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!("path: {d}/disk is smaller than one 512-byte sector")
+        );
+        opts.path = PathBuf::from("/dev/null");
+        let e = open(&opts, None).err().unwrap();
+        let text = crate::cli::error_chain(&e);
+        assert_eq!(
+            text,
+            "path: cannot open /dev/null: a character device, not a regular file or block device"
+        );
     }
 
     #[test]

@@ -288,6 +288,103 @@ fn bad_config_is_refused_with_the_field_named() {
     assert!(err.contains("socket"), "{err}");
 }
 
+/// Starts the backend on `cfg` expecting a refusal within 10 s (not a hang, not a served
+/// disk); returns its log.
+fn refused(cfg: &BackendConfig) -> String {
+    let mut g = Backend::spawn(BIN, cfg, &[]).unwrap();
+    let st = g.wait_timeout(Duration::from_secs(10));
+    let st = st.unwrap_or_else(|| panic!("backend kept running: {}", g.log()));
+    assert!(!st.success());
+    assert!(!cfg.socket.exists(), "a refused backend must not serve");
+    g.log()
+}
+
+fn mkfifo(path: &std::path::Path) {
+    let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: c_path is a valid NUL-terminated string that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+}
+
+/// A disk is a regular file or a block device with at least one sector.
+#[test]
+fn what_cannot_be_a_disk_is_refused() {
+    let d = disk(1 << 20);
+    let fifo = d.dir.path().join("fifo");
+    mkfifo(&fifo);
+    let empty = d.dir.path().join("empty.raw");
+    std::fs::File::create(&empty).unwrap();
+    let short = d.dir.path().join("short.raw");
+    std::fs::write(&short, [0u8; 511]).unwrap();
+    let dir = d.dir.path().join("dir");
+    std::fs::create_dir(&dir).unwrap();
+    let dev_null = PathBuf::from("/dev/null");
+    for (path, readonly, want) in [
+        (&dev_null, false, "/dev/null: a character device"),
+        (&dev_null, true, "a character device"),
+        (&fifo, false, "fifo: a FIFO"),
+        (&fifo, true, "a FIFO"),
+        (&dir, true, "a directory"),
+        (
+            &empty,
+            false,
+            "empty.raw is smaller than one 512-byte sector",
+        ),
+        (
+            &short,
+            false,
+            "short.raw is smaller than one 512-byte sector",
+        ),
+    ] {
+        let log = refused(&BackendConfig::new(path, &d.sock).readonly(readonly));
+        assert!(log.contains("path: "), "{log}");
+        assert!(
+            log.contains(want),
+            "{}: want {want:?} in {log}",
+            path.display()
+        );
+        assert_eq!(log.trim_end().lines().count(), 1, "{log}");
+    }
+}
+
+/// Fields that used to be ignored or reported vaguely: refused, naming the field and the rule.
+#[test]
+fn lazy_fields_without_image_path_and_out_of_range_integers_are_refused() {
+    let d = disk(1 << 20);
+    for (extra, want) in [
+        (
+            "copy_on_read: true",
+            "config field `copy_on_read`: needs image_path",
+        ),
+        (
+            "metadata_path: /tmp/ubiblk-none.meta",
+            "config field `metadata_path`: needs image_path",
+        ),
+        ("num_queues: 100000", "`num_queues`: must be in 1..=256"),
+        ("queue_size: -4", "`queue_size`: must be in 1..=32768"),
+    ] {
+        let log = refused(&BackendConfig::new(&d.img, &d.sock).extra(extra));
+        assert!(log.contains(want), "{extra}: {log}");
+    }
+}
+
+/// No two fields may name one file: the debug log would append guest plaintext to the disk.
+#[test]
+fn io_debug_log_onto_another_configured_file_is_refused() {
+    let d = disk(1 << 20);
+    let link = d.dir.path().join("disk.link");
+    std::fs::hard_link(&d.img, &link).unwrap();
+    for (log_path, want) in [
+        (d.img.clone(), "is the same file as path"),
+        (link, "is the same file as path"),
+        (d.sock.clone(), "socket: "),
+    ] {
+        let cfg = BackendConfig::new(&d.img, &d.sock).extra_path("io_debug_path", &log_path);
+        let log = refused(&cfg);
+        assert!(log.contains(want) && log.contains("io_debug_path"), "{log}");
+    }
+    assert_eq!(read_file(&d.img).unwrap(), pattern_bytes(0, 1 << 20));
+}
+
 #[test]
 fn missing_disk_is_refused_with_path_named() {
     let d = disk(1 << 20);

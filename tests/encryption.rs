@@ -10,6 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-backend");
+const INIT: &str = env!("CARGO_BIN_EXE_init-metadata");
+const DUMP: &str = env!("CARGO_BIN_EXE_dump-metadata");
 const K1: [u8; 32] = [0x11; 32];
 const K2: [u8; 32] = [0x7e; 32];
 const SIZE: u64 = 8 << 20;
@@ -179,16 +181,225 @@ fn kek_from_a_fifo() {
     let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: c_path is a valid NUL-terminated string that outlives the call.
     assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
-    let writer = {
-        let fifo = fifo.clone();
-        std::thread::spawn(move || std::fs::write(fifo, kek_yaml(&KEK)).unwrap())
-    };
     let cfg = BackendConfig::new(&s.img, &s.sock).extra(wrapped_keys());
-    let _be = Backend::start_with_args(BIN, &cfg, &["--kek", fifo.to_str().unwrap()]).unwrap();
-    writer.join().unwrap();
+    let mut be = Backend::spawn(BIN, &cfg, &["--kek", fifo.to_str().unwrap()]).unwrap();
+    // With no writer yet it says what it waits for, and waits.
+    let line = format!("waiting for a writer on the KEK FIFO {}", fifo.display());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !be.log().contains(&line) {
+        assert!(be.try_wait().is_none(), "exited: {}", be.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {line:?} in {}",
+            be.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(be.try_wait().is_none() && !s.sock.exists(), "{}", be.log());
+    std::fs::write(&fifo, kek_yaml(&KEK)).unwrap();
+    be.wait_for_socket(&s.sock, SOCKET_TIMEOUT).unwrap();
+    assert_eq!(be.log().matches("KEK FIFO").count(), 1, "{}", be.log());
     let mut c = Client::connect_queues(&s.sock, 1).unwrap();
     c.write(0, 512, &pattern(1024)).unwrap();
     assert_eq!(c.read(0, 512, 1024).unwrap(), pattern(1024));
+}
+
+/// Runs `bin -f config ARGS` to its end (it must fail); returns stdout + stderr.
+fn failed_run(bin: &str, config: &Path, args: &[&str]) -> String {
+    let out = Command::new(bin)
+        .arg("-f")
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{bin} succeeded: {text}");
+    text
+}
+
+/// No tool prints key material, whatever the config or the KEK file holds: not the base64 of a
+/// key, a wrapped key or the KEK, nor any 12 characters of one; the error still names the file
+/// and the field.
+#[test]
+fn malformed_configs_and_kek_files_never_print_a_key() {
+    let s = setup();
+    let kek = s.dir.path().join("kek.yaml");
+    let cfg = s.dir.path().join("config.yaml");
+    let raw = b64(&K1);
+    let (w1, w2) = (wrap(&KEK, &IV, AAD, &K1), wrap(&KEK, &IV, AAD, &K2));
+    let kek_key = b64(&KEK);
+    let secrets = [
+        raw.clone(),
+        b64(&K2),
+        w1.clone(),
+        w2.clone(),
+        kek_key.clone(),
+    ];
+    let head = format!("path: {}\nsocket: {}\n", s.img.display(), s.sock.display());
+    let good_kek = kek_yaml(&KEK);
+    let good_keys = format!("encryption_key: [{w1}, {w2}]");
+    // (config lines, KEK file, what the error says, the file it names: the config, the KEK,
+    // or neither for a problem found after parsing).
+    let (c, k, none) = (cfg.to_str().unwrap(), kek.to_str().unwrap(), "");
+    let configs = [
+        (
+            format!("encryption_key: {raw}"),
+            "`encryption_key`: expected a sequence",
+            c,
+        ),
+        (format!("encryption_key: \"{w1}\""), "`encryption_key`", c),
+        (
+            format!("encryption_key: {{{raw}: {w1}}}"),
+            "`encryption_key`",
+            c,
+        ),
+        (
+            format!("encryption_key: [[{raw}], {w2}]"),
+            "`encryption_key[0]`",
+            c,
+        ),
+        (
+            format!("encryption_key:\n  - {raw}\n  - {{a: {w2}}}"),
+            "`encryption_key[1]`",
+            c,
+        ),
+        (format!("num_queues: {raw}"), "`num_queues`", c),
+        (format!("device_id: [{raw}]"), "`device_id`", c),
+        (format!("{raw}: 1"), "unknown field", c),
+        (format!("encryption_key: [\"{raw}"), "not valid YAML", c),
+        (
+            format!("encryption_key: [{raw}, \" {raw}\"]"),
+            "the same",
+            none,
+        ),
+    ];
+    let kek_files = [
+        (kek_key.clone(), "not a KEK file"),
+        (w1.clone(), "not a KEK file"),
+        (format!("\"{kek_key}\""), "not a KEK file"),
+        (format!("- {kek_key}"), "not a KEK file"),
+        (format!("{kek_key}: 1"), "unknown field"),
+        (format!("method: {kek_key}"), "`method`"),
+        (format!("method: aes256-gcm\nkey: [{kek_key}]"), "`key`"),
+        (format!("{good_kek}key: {kek_key}"), "duplicate field `key`"),
+        (
+            format!("method: aes256-gcm\nkey: \"{kek_key}"),
+            "not valid YAML",
+        ),
+    ];
+    // Configs without a KEK, KEK files with wrapped keys in the config, and wrapped keys given
+    // as one string or twice, with the right KEK.
+    let cases = configs
+        .into_iter()
+        .map(|(config, want, file)| (config, None, want, file))
+        .chain(
+            kek_files
+                .into_iter()
+                .map(|(text, want)| (good_keys.clone(), Some(text), want, k)),
+        )
+        .chain([
+            (
+                format!("encryption_key: {w1}"),
+                Some(good_kek.clone()),
+                "`encryption_key`",
+                c,
+            ),
+            (
+                format!("encryption_key: [{w1}, {w1}]"),
+                Some(good_kek.clone()),
+                "the same",
+                none,
+            ),
+        ]);
+    for (config, kek_text, want, file) in cases {
+        std::fs::write(&cfg, format!("{head}{config}\n")).unwrap();
+        let mut args = vec![];
+        if let Some(text) = &kek_text {
+            std::fs::write(&kek, format!("{text}\n")).unwrap();
+            args = vec!["--kek", k];
+        }
+        for bin in [BIN, INIT, DUMP] {
+            let out = failed_run(bin, &cfg, &args);
+            for secret in &secrets {
+                for start in 0..=secret.len() - 12 {
+                    let piece = &secret[start..start + 12];
+                    assert!(
+                        !out.contains(piece),
+                        "{bin} printed {piece:?} of a key: {out}"
+                    );
+                }
+            }
+            assert!(
+                out.contains(want),
+                "{bin}, {config} {kek_text:?}: want {want:?} in {out}"
+            );
+            assert!(out.contains(file), "{bin}: want {file:?} in {out}");
+            assert_eq!(out.trim_end().lines().count(), 1, "{bin}: {out}");
+        }
+    }
+}
+
+/// `--unlink-kek` removes the KEK however the start fails, in every tool.
+#[test]
+fn unlink_kek_removes_it_whatever_fails() {
+    let s = setup();
+    let kek = s.dir.path().join("kek.yaml");
+    let cfg = s.dir.path().join("config.yaml");
+    let missing = s.dir.path().join("missing.yaml");
+    let head = format!("path: {}\nsocket: {}\n", s.img.display(), s.sock.display());
+    let cases = [
+        (None, kek_yaml(&KEK), "cannot read config file"),
+        (
+            Some("path: [\n".to_string()),
+            kek_yaml(&KEK),
+            "invalid config file",
+        ),
+        (
+            Some(format!("{head}num_queues: 0\n")),
+            kek_yaml(&KEK),
+            "num_queues",
+        ),
+        (Some(format!("{head}bogus: 1\n")), kek_yaml(&KEK), "bogus"),
+        (
+            Some(format!("{head}{}\n", wrapped_keys())),
+            "method: rot13\n".into(),
+            "method",
+        ),
+        (
+            Some(format!("{head}{}\n", wrapped_keys())),
+            "[\n".into(),
+            "--kek",
+        ),
+        (
+            Some(format!("{head}{}\n", wrapped_keys())),
+            kek_yaml(&[9; 32]),
+            "authentication",
+        ),
+    ];
+    for (config, kek_text, want) in cases {
+        let config_path = match &config {
+            Some(text) => {
+                std::fs::write(&cfg, text).unwrap();
+                &cfg
+            }
+            None => &missing,
+        };
+        for bin in [BIN, INIT, DUMP] {
+            std::fs::write(&kek, &kek_text).unwrap();
+            let out = failed_run(bin, config_path, &["--kek", kek.to_str().unwrap(), "-u"]);
+            assert!(out.contains(want), "{bin}, {config:?}: {out}");
+            assert!(
+                !kek.exists(),
+                "{bin}, {config:?}: the KEK is still there ({out})"
+            );
+        }
+    }
 }
 
 /// Starts the backend expecting it to refuse; returns its log.

@@ -38,12 +38,14 @@ impl Setup {
         Setup { dir, disk, meta }
     }
 
-    /// Writes a config with `extra` lines; `with_meta` adds metadata_path.
+    /// Writes a config with `extra` lines; `with_meta` adds metadata_path. It always has
+    /// `image_path` (a lazy disk's config; the tools do not open the image).
     fn config(&self, extra: &str, with_meta: bool) -> PathBuf {
         let mut text = format!(
-            "path: {}\nsocket: {}\n",
+            "path: {}\nsocket: {}\nimage_path: {}\n",
             self.disk.display(),
-            self.dir.path().join("vhost.sock").display()
+            self.dir.path().join("vhost.sock").display(),
+            self.dir.path().join("image.raw").display()
         );
         if with_meta {
             text += &format!("metadata_path: {}\n", self.meta.display());
@@ -163,6 +165,74 @@ fn missing_metadata_path_is_refused() {
     let cfg = st.config("", false);
     let e = refused(INIT, &["-f", s(&cfg)]);
     assert!(e.contains("metadata_path") && e.contains("required"), "{e}");
+    assert!(!st.meta.exists());
+}
+
+/// Runs `bin args`, which must fail within 10 s (a FIFO must not make it wait); its stderr.
+fn refused_in_time(bin: &str, args: &[&str]) -> String {
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("{bin} {args:?} kept running");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{bin} {args:?} should fail");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[test]
+fn a_disk_that_is_not_a_file_or_block_device_is_refused() {
+    let st = Setup::new();
+    let fifo = st.dir.path().join("fifo");
+    let c_path = std::ffi::CString::new(s(&fifo)).unwrap();
+    // SAFETY: c_path is a valid NUL-terminated string that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    for (disk, want) in [("/dev/null", "a character device"), (s(&fifo), "a FIFO")] {
+        let text = format!(
+            "path: {disk}\nsocket: {}\nimage_path: {}\nmetadata_path: {}\n",
+            s(&st.dir.path().join("vhost.sock")),
+            s(&st.dir.path().join("image.raw")),
+            s(&st.meta)
+        );
+        let cfg = st.dir.path().join("config.yaml");
+        std::fs::write(&cfg, text).unwrap();
+        for bin in [INIT, DUMP] {
+            let e = refused_in_time(bin, &["-f", s(&cfg)]);
+            assert!(
+                e.contains("path: ") && e.contains(want),
+                "{bin} {disk}: {e}"
+            );
+        }
+    }
+    assert!(!st.meta.exists());
+}
+
+#[test]
+fn metadata_path_without_image_path_is_refused() {
+    let st = Setup::new();
+    let text = format!(
+        "path: {}\nsocket: {}\nmetadata_path: {}\n",
+        s(&st.disk),
+        s(&st.dir.path().join("vhost.sock")),
+        s(&st.meta)
+    );
+    let cfg = st.dir.path().join("config.yaml");
+    std::fs::write(&cfg, text).unwrap();
+    let e = refused(INIT, &["-f", s(&cfg)]);
+    assert!(
+        e.contains("metadata_path") && e.contains("needs image_path"),
+        "{e}"
+    );
     assert!(!st.meta.exists());
 }
 

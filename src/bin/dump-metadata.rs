@@ -24,6 +24,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    cli::init_logging("info");
     cli::exit(env!("CARGO_BIN_NAME"), run(Args::parse()))
 }
 

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use ubiblk::cli::{self, ConfigArgs};
 use ubiblk::lazy::metadata::{DEFAULT_SHIFT, MAX_SHIFT, MIN_SHIFT};
-use ubiblk::lazy::{device_size, metadata_tool_files, same_file, Metadata};
+use ubiblk::lazy::{device_size, metadata_tool_files, Metadata};
 
 /// Initialise the metadata file used by lazy stripe fetch: a header and one byte per stripe of
 /// the base disk (`path`), all stripes unfetched. Overwrites any existing metadata.
@@ -31,11 +31,14 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    cli::init_logging("info");
     cli::exit(env!("CARGO_BIN_NAME"), run(Args::parse()))
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
     let (opts, xts) = args.config.load()?;
+    // Before anything is opened: metadata_path is truncated, it must not be another file.
+    opts.check_distinct_files()?;
     let (meta_path, disk, disk_sectors) = metadata_tool_files(
         env!("CARGO_BIN_NAME"),
         opts.metadata_path.as_deref(),
@@ -48,18 +51,6 @@ fn run(args: Args) -> anyhow::Result<()> {
             device_size(&disk)?
         );
     }
-    let others = std::iter::once(("path", &opts.path))
-        .chain(opts.image_path.iter().map(|image| ("image_path", image)));
-    for (field, other) in others {
-        if same_file(other, meta_path) {
-            bail!(
-                "metadata_path: {} is the same file as {field} ({}): refusing to overwrite it",
-                meta_path.display(),
-                other.display()
-            );
-        }
-    }
-
     let md = Metadata::new(disk_sectors, args.shift)?;
     let file = open_target(meta_path, md.file_len())?;
     md.write_to(&file, xts.as_deref())

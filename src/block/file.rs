@@ -22,7 +22,10 @@ pub struct FileDevice {
 impl FileDevice {
     /// Opens `path` with O_DIRECT (falling back to buffered I/O where the file system refuses
     /// it). `ring_entries` bounds the submissions one channel keeps in its ring at once.
+    /// Anything but a regular file or a block device is refused (see [`check_disk_kind`]).
     pub fn open(path: &Path, readonly: bool, ring_entries: u32) -> io::Result<Self> {
+        // Checked before opening: opening a FIFO read-only would wait for a writer.
+        check_disk_kind(&std::fs::metadata(path)?)?;
         let open = |direct: bool| {
             OpenOptions::new()
                 .read(true)
@@ -37,6 +40,8 @@ impl FileDevice {
             }
             other => other?,
         };
+        // And what was opened, in case the path changed in between.
+        check_disk_kind(&file.metadata()?)?;
         let bytes = device_size(&file)?;
         Ok(FileDevice {
             file: Arc::new(file),
@@ -44,6 +49,29 @@ impl FileDevice {
             ring_entries: ring_entries.clamp(8, 4096).next_power_of_two(),
         })
     }
+}
+
+/// Refuses what cannot hold a disk's sectors: a disk is a regular file or a block device. A
+/// character device (/dev/null, /dev/zero) or a FIFO would read as empty or endless, or block.
+pub fn check_disk_kind(meta: &std::fs::Metadata) -> io::Result<()> {
+    let kind = meta.file_type();
+    let what = if kind.is_file() || kind.is_block_device() {
+        return Ok(());
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "an unusual file"
+    };
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{what}, not a regular file or block device"),
+    ))
 }
 
 /// The size in bytes of a regular file or block device.

@@ -8,6 +8,7 @@ use aes_gcm::aead::AeadInOut;
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
 use base64::Engine;
 use serde::Deserialize;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use zeroize::{Zeroize, Zeroizing};
 
@@ -22,6 +23,9 @@ pub enum KeyError {
     #[error("encryption_key: {0}")]
     Config(String),
 }
+
+/// The KEK file's fields, as serde names them (for error messages).
+const KEK_FIELDS: &[&str] = &["method", "key", "init_vector", "auth_data"];
 
 /// The KEK file as written.
 #[derive(Deserialize)]
@@ -61,24 +65,11 @@ fn b64(s: &str) -> Result<Zeroizing<Vec<u8>>, String> {
 }
 
 impl Kek {
-    /// Reads and parses a KEK file (a regular file or a FIFO); with `unlink`, deletes it once
-    /// read, whether or not it parses, so key material does not linger.
-    pub fn load(path: &Path, unlink: bool) -> Result<Kek, KeyError> {
-        let err = |problem: String| KeyError::Kek {
-            path: path.to_owned(),
-            problem,
-        };
-        let text = std::fs::read(path).map(Zeroizing::new);
-        if unlink {
-            std::fs::remove_file(path).map_err(|e| err(format!("cannot unlink: {e}")))?;
-        }
-        let text = text.map_err(|e| err(format!("cannot read: {e}")))?;
-        Self::parse(&text).map_err(err)
-    }
-
-    /// Parses the KEK YAML.
+    /// Parses the KEK YAML. Errors never repeat what the file holds (it is key material),
+    /// only the field, the kind of problem and where.
     pub fn parse(text: &[u8]) -> Result<Kek, String> {
-        let file: KekFile = serde_yaml_ng::from_slice(text).map_err(|e| e.to_string())?;
+        let file: KekFile = serde_yaml_ng::from_slice(text)
+            .map_err(|e| format!("not a KEK file: {}", crate::yaml::describe(&e, KEK_FIELDS)))?;
         match file.method.as_str() {
             "none" => Ok(Kek::None),
             "aes256-gcm" => {
@@ -102,9 +93,7 @@ impl Kek {
                     aad: aad.to_vec(),
                 })
             }
-            other => Err(format!(
-                "`method` is {other:?}, expected \"aes256-gcm\" or \"none\""
-            )),
+            _ => Err("`method` must be \"aes256-gcm\" or \"none\"".to_string()),
         }
     }
 
@@ -161,6 +150,13 @@ impl Kek {
         }
         let data = self.unwrap_entry(0, &entries[0])?;
         let tweak = self.unwrap_entry(1, &entries[1])?;
+        if data[..] == tweak[..] {
+            return Err(KeyError::Config(
+                "the data key and the tweak key are the same; AES-XTS needs two different keys \
+                 (IEEE 1619)"
+                    .into(),
+            ));
+        }
         Ok(Xts::new(&data, &tweak))
     }
 }
@@ -177,17 +173,33 @@ pub struct KekArgs {
 }
 
 impl KekArgs {
-    /// The data cipher for `encryption_key` (None without keys). The KEK file is read (and
-    /// unlinked) first, whatever else fails, so key material does not linger; a KEK without
-    /// keys to unwrap is refused rather than silently storing plaintext.
+    /// Reads the KEK file, if one was given; with `--unlink-kek` it is deleted whether or not
+    /// the read works. Tools call this before anything else can fail (the config is read
+    /// after it), so a failing start never leaves the KEK behind.
+    pub fn read(&self) -> Result<KekText, KeyError> {
+        let text = match &self.kek {
+            Some(path) => Some((path.clone(), read_kek(path, self.unlink_kek)?)),
+            None => None,
+        };
+        Ok(KekText(text))
+    }
+}
+
+/// What [`KekArgs::read`] read: the KEK file's path and bytes (zeroed on drop), or nothing
+/// without `--kek`.
+pub struct KekText(Option<(PathBuf, Zeroizing<Vec<u8>>)>);
+
+impl KekText {
+    /// The data cipher for `encryption_key` (None without keys); a KEK without keys to unwrap
+    /// is refused rather than silently storing plaintext.
     pub fn cipher_for(&self, encryption_key: Option<&[String]>) -> Result<Option<Xts>, KeyError> {
-        let kek = match &self.kek {
-            Some(path) => Kek::load(path, self.unlink_kek)?,
+        let kek = match &self.0 {
+            Some((path, text)) => Kek::parse(text).map_err(|problem| kek_err(path, problem))?,
             None => Kek::None,
         };
         match encryption_key {
             Some(entries) => kek.cipher(entries).map(Some),
-            None if self.kek.is_some() => Err(KeyError::Config(
+            None if self.0.is_some() => Err(KeyError::Config(
                 "--kek given but the config has no encryption_key: refusing to store plaintext"
                     .into(),
             )),
@@ -196,9 +208,34 @@ impl KekArgs {
     }
 }
 
+fn kek_err(path: &Path, problem: String) -> KeyError {
+    KeyError::Kek {
+        path: path.to_owned(),
+        problem,
+    }
+}
+
+/// Reads the KEK file (a regular file or a FIFO, which blocks until a writer comes, said in
+/// one log line); with `unlink`, deletes it whether or not the read worked.
+fn read_kek(path: &Path, unlink: bool) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo()) {
+        log::info!("waiting for a writer on the KEK FIFO {}", path.display());
+    }
+    let text = std::fs::read(path).map(Zeroizing::new);
+    let unlinked = if unlink {
+        std::fs::remove_file(path)
+    } else {
+        Ok(())
+    };
+    let text = text.map_err(|e| kek_err(path, format!("cannot read: {e}")))?;
+    unlinked.map_err(|e| kek_err(path, format!("cannot unlink: {e}")))?;
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::yaml::{assert_no_key, TEST_KEYS};
 
     /// Seals `key` the way a KEK-wrapped entry is made (independently of unwrap_entry).
     fn wrap(kek: &[u8; 32], iv: &[u8; 12], aad: &[u8], key: &[u8]) -> String {
@@ -290,6 +327,61 @@ mod tests {
             let e = Kek::parse(yaml.as_bytes()).err().unwrap();
             assert!(e.contains(want), "{yaml}: {e}");
         }
+    }
+
+    const KEY32: &str = TEST_KEYS[0];
+    const KEY48: &str = TEST_KEYS[1];
+
+    #[test]
+    fn malformed_kek_files_never_repeat_their_contents() {
+        for (text, want) in [
+            (
+                KEY32.to_string(),
+                "expected a mapping of fields, found a string",
+            ),
+            (format!("{KEY48}\n"), "found a string"),
+            (format!("\"{KEY32}\"\n"), "found a string"),
+            (format!("- {KEY32}\n"), "found a sequence"),
+            (format!("{KEY32}: x\n"), "unknown field"),
+            (
+                format!("method: aes256-gcm\nkey: [{KEY32}]\n"),
+                "`key`: expected a string",
+            ),
+            (
+                format!("method: aes256-gcm\nkey: {{{KEY32}: 1}}\n"),
+                "`key`",
+            ),
+            (format!("method: {KEY32}\n"), "`method` must be"),
+            (
+                format!("method: aes256-gcm\nkey: \"{KEY32}\n"),
+                "not valid YAML",
+            ),
+            (
+                format!("method: aes256-gcm\nkey: {KEY32}\nkey: {KEY48}\n"),
+                "duplicate field `key`",
+            ),
+        ] {
+            let e = Kek::parse(text.as_bytes()).err().unwrap();
+            assert_no_key(&e);
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn identical_data_and_tweak_keys_are_refused_after_unwrapping() {
+        // Two spellings of one key (base64 is trimmed): different entries, the same key.
+        let one = enc(&[1; 32]);
+        let e = Kek::None
+            .cipher(&[one.clone(), format!(" {one}\n")])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("the same"), "{e}");
+        assert!(!e.to_string().contains(&one[..12]), "{e}");
+        let (k, iv, aad) = ([5u8; 32], [6u8; 12], b"ad".as_slice());
+        let kek = Kek::parse(kek_yaml(&k, &iv, aad).as_bytes()).unwrap();
+        let entry = wrap(&k, &iv, aad, &[3; 32]);
+        let e = kek.cipher(&[entry.clone(), entry]).err().unwrap();
+        assert!(e.to_string().contains("IEEE 1619"), "{e}");
     }
 
     /// The seed's sample KEK and keys (seeds/000_*.txt) are not a matching pair: Python's

@@ -28,14 +28,6 @@ pub enum Error {
         path: PathBuf,
         source: MetadataError,
     },
-    /// Two of the files a lazy disk needs are one file.
-    #[error("{field}: {path} is the same file as {other_field} ({other})")]
-    SameFile {
-        field: &'static str,
-        path: PathBuf,
-        other_field: &'static str,
-        other: PathBuf,
-    },
     /// `control_socket` could not be claimed (the error names the field).
     #[error(transparent)]
     Socket(#[from] SocketError),

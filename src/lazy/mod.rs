@@ -35,7 +35,12 @@ use std::path::Path;
 /// Opens the base disk (`path` of the config) and returns it with its size in 512-byte sectors
 /// (a trailing partial sector does not count); errors name the `path` field.
 pub fn open_base_disk(path: &Path) -> Result<(std::fs::File, u64), Error> {
-    let disk = std::fs::File::open(path).map_err(|source| Error::OpenBase {
+    let open = || {
+        // Checked before opening: opening a FIFO would wait for a writer.
+        crate::block::check_disk_kind(&std::fs::metadata(path)?)?;
+        std::fs::File::open(path)
+    };
+    let disk = open().map_err(|source| Error::OpenBase {
         path: path.to_owned(),
         source,
     })?;
@@ -57,41 +62,4 @@ pub fn metadata_tool_files<'a>(
     let meta_path = metadata_path.ok_or(Error::MetadataPathRequired { tool })?;
     let (disk, disk_sectors) = open_base_disk(path)?;
     Ok((meta_path, disk, disk_sectors))
-}
-
-/// True if `a` and `b` name the same file (same inode, or the same block device through
-/// different nodes). Paths that cannot be inspected count as different.
-pub fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let (Ok(a), Ok(b)) = (std::fs::metadata(a), std::fs::metadata(b)) else {
-        return false;
-    };
-    if a.file_type().is_block_device() && b.file_type().is_block_device() {
-        a.rdev() == b.rdev()
-    } else {
-        a.dev() == b.dev() && a.ino() == b.ino()
-    }
-}
-
-/// Refuses a lazy configuration whose base disk, image and metadata are not three different
-/// files (fetching would copy a file onto itself, or stripe states would overwrite data).
-pub fn check_distinct(path: &Path, image: &Path, metadata: &Path) -> Result<(), Error> {
-    let fields = [
-        ("path", path),
-        ("image_path", image),
-        ("metadata_path", metadata),
-    ];
-    for (i, (fa, a)) in fields.iter().enumerate() {
-        for (fb, b) in &fields[i + 1..] {
-            if same_file(a, b) {
-                return Err(Error::SameFile {
-                    field: fb,
-                    path: b.to_path_buf(),
-                    other_field: fa,
-                    other: a.to_path_buf(),
-                });
-            }
-        }
-    }
-    Ok(())
 }
