@@ -14,8 +14,9 @@ use zeroize::Zeroizing;
 pub const DEVICE_ID_LEN: usize = 20;
 /// Largest virtqueue size the split-ring format allows.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
-/// Most virtqueues (one worker thread each).
-pub const MAX_NUM_QUEUES: u16 = 256;
+/// Most virtqueues. Each queue has its own worker thread, and vhost-user-backend gives each thread its queues
+/// as a bit mask in a u64: queue 64 and up cannot be assigned (they used to alias queues 0..).
+pub const MAX_NUM_QUEUES: u16 = 64;
 /// Longest busy-polling window, in microseconds.
 pub const MAX_POLL_QUEUE_TIMEOUT_US: u64 = 1_000_000;
 /// Largest request (`seg_size_max * seg_count_max`): requests are buffered in memory.
@@ -714,18 +715,18 @@ encryption_key:
         for (extra, want) in [
             (
                 "num_queues: 100000",
-                "`num_queues`: must be in 1..=256 (line 6, column 13)",
+                "`num_queues`: must be in 1..=64 (line 6, column 13)",
             ),
-            ("num_queues: 257", "`num_queues`: must be in 1..=256"),
-            ("num_queues: -1", "`num_queues`: must be in 1..=256"),
-            ("num_queues: 0", "`num_queues`: must be in 1..=256"),
+            ("num_queues: 65", "`num_queues`: must be in 1..=64"),
+            ("num_queues: -1", "`num_queues`: must be in 1..=64"),
+            ("num_queues: 0", "`num_queues`: must be in 1..=64"),
             (
                 "num_queues: 100000000000000000000000",
-                "`num_queues`: must be in 1..=256",
+                "`num_queues`: must be in 1..=64",
             ),
             (
                 "num_queues: 1.5",
-                "`num_queues`: expected an integer in 1..=256",
+                "`num_queues`: expected an integer in 1..=64",
             ),
             ("queue_size: 70000", "`queue_size`: must be in 1..=32768"),
             (
@@ -749,10 +750,10 @@ encryption_key:
             assert!(e.contains(want), "{extra}: {e}");
         }
         let o = Options::parse(&format!(
-            "{MIN}{lazy}num_queues: 256\npoll_queue_timeout_us: 0\nautofetch_mib_per_sec: ~\n"
+            "{MIN}{lazy}num_queues: 64\npoll_queue_timeout_us: 0\nautofetch_mib_per_sec: ~\n"
         ))
         .unwrap();
-        assert_eq!((o.num_queues, o.poll_queue_timeout_us), (256, 0));
+        assert_eq!((o.num_queues, o.poll_queue_timeout_us), (64, 0));
         assert_eq!(o.autofetch_mib_per_sec, None);
     }
 

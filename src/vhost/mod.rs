@@ -68,6 +68,17 @@ impl BlockBackend {
         config: ConfigSpace,
         settings: QueueSettings,
     ) -> io::Result<Self> {
+        if settings.num_queues > crate::config::MAX_NUM_QUEUES {
+            // queues_per_thread() gives each thread its queue as a bit of a u64.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "num_queues: {} is more than the {} queues a backend serves",
+                    settings.num_queues,
+                    crate::config::MAX_NUM_QUEUES
+                ),
+            ));
+        }
         let workers = (0..settings.num_queues)
             .map(|_| {
                 Ok(Mutex::new(QueueWorker::new(
