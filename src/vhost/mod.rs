@@ -14,7 +14,10 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Address, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -55,6 +58,8 @@ pub struct BlockBackend {
     stopping: AtomicBool,
     /// A guest can corrupt its ring at will: warn once per connection, not per kick.
     warned_bad_ring: AtomicBool,
+    /// Likewise for memory tables a frontend sends.
+    warned_bad_memory: AtomicBool,
     /// Exit eventfds handed to vhost-user-backend, which takes them with `into_raw_fd()` and
     /// never closes them (0.24, `VringEpollHandler::new`); closed by us once its threads are
     /// gone, or every connection would leak one fd per queue.
@@ -102,6 +107,7 @@ impl BlockBackend {
             event_idx: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             warned_bad_ring: AtomicBool::new(false),
+            warned_bad_memory: AtomicBool::new(false),
             exit_fds: Mutex::new(Vec::new()),
         })
     }
@@ -341,6 +347,19 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn update_memory(&self, mem: Memory) -> io::Result<()> {
+        if let Err(e) = check_regions(&mem.memory()) {
+            // vhost-user-backend has already handed this table to the rings: take it back from
+            // them too, so that nothing touches a mapping that faults.
+            if let Ok(guard) = mem.lock() {
+                guard.replace(GuestMemoryMmap::new());
+            }
+            *self.mem.write().unwrap_or_else(|p| p.into_inner()) =
+                GuestMemoryAtomic::new(GuestMemoryMmap::new());
+            if !self.warned_bad_memory.swap(true, Ordering::Relaxed) {
+                warn!("memory table refused: {e}");
+            }
+            return Err(e);
+        }
         *self.mem.write().unwrap_or_else(|p| p.into_inner()) = mem;
         Ok(())
     }
@@ -390,6 +409,36 @@ impl VhostUserBackend for BlockBackend {
         }
         Ok(())
     }
+}
+
+/// Refuses a memory table whose regions reach past the end of the regular file behind them
+/// (a memfd, a hugetlbfs or shm file): touching such a page raises SIGBUS, which would kill the
+/// backend. Other kinds of descriptor (e.g. /dev/zero) do not fault that way.
+fn check_regions(mem: &GuestMemoryMmap) -> io::Result<()> {
+    for region in mem.iter() {
+        let Some(fo) = region.file_offset() else {
+            continue;
+        };
+        let meta = fo.file().metadata()?;
+        if !meta.file_type().is_file() {
+            continue;
+        }
+        let end = fo.start().checked_add(region.len());
+        if end.is_none_or(|end| end > meta.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the region at guest address {:#x} maps {:#x} bytes from offset {:#x} of a \
+                     file of {:#x} bytes",
+                    region.start_addr().raw_value(),
+                    region.len(),
+                    fo.start(),
+                    meta.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

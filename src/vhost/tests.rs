@@ -8,7 +8,7 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Address, Bytes, GuestAddress};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestRegionMmap};
 
 const SIZE: u16 = 16;
 
@@ -130,4 +130,31 @@ fn corrupt_avail_index_does_not_spin() {
         process_with_deadline(&r);
         process_with_deadline(&r);
     }
+}
+
+/// Guest memory of `map` bytes over a file of `file_len` bytes, like a frontend's memfd.
+fn file_backed(map: usize, file_len: u64) -> Memory {
+    let file = tempfile::tempfile().unwrap();
+    file.set_len(file_len).unwrap();
+    let region =
+        GuestRegionMmap::from_range(GuestAddress(0), map, Some(FileOffset::new(file, 0))).unwrap();
+    GuestMemoryAtomic::new(GuestMemoryMmap::from_regions(vec![region]).unwrap())
+}
+
+#[test]
+fn a_memory_region_past_the_end_of_its_file_is_refused() {
+    // Touching the pages past the file's end would raise SIGBUS and kill the backend.
+    let r = rig(false, 0);
+    let mem = file_backed(0x20_0000, 0x10_0000);
+    let e = r.backend.update_memory(mem.clone()).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("of a file of 0x100000 bytes"), "{e}");
+    // Neither the backend nor the rings (which share `mem`) keep the table.
+    assert_eq!(mem.memory().num_regions(), 0);
+    assert_eq!(r.backend.memory().memory().num_regions(), 0);
+
+    // A table that fits its file is taken.
+    let good = file_backed(0x10_0000, 0x10_0000);
+    r.backend.update_memory(good).unwrap();
+    assert_eq!(r.backend.memory().memory().num_regions(), 1);
 }
