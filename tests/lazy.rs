@@ -312,6 +312,28 @@ fn image_shorter_than_the_disk_and_not_stripe_aligned() {
 }
 
 #[test]
+fn image_larger_than_the_disk_is_cut_with_one_warning() {
+    // Three stripes and 100 bytes more than the disk: the guest sees the image's first DISK
+    // bytes, and the start-up log says so once.
+    let l = Lazy::new(
+        (DISK + 3 * STRIPE) as usize + 100,
+        0xaa,
+        &["copy_on_read: true"],
+    );
+    assert_eq!(l.model.len() as u64, DISK);
+    let (be, mut c) = l.start();
+    l.check_all(&mut c, 65536);
+    assert_eq!(std::fs::read(&l.base).unwrap(), l.model);
+    drop(c);
+    let log = be.log();
+    assert_eq!(
+        log.matches("larger than the").count(),
+        1,
+        "one size warning in the log:\n{log}"
+    );
+}
+
+#[test]
 fn autofetch_copies_everything_reports_progress_and_survives_restart() {
     let image_len = DISK as usize - 3 * STRIPE as usize - 700;
     let mut l = Lazy::new(

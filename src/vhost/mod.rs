@@ -305,6 +305,8 @@ impl BlockBackend {
         self.stopping.store(true, Ordering::Relaxed);
         for q in 0..self.workers.len() {
             self.drain(q);
+            // A failing disk logged its first error at once; here, once, how many followed.
+            self.worker(q).log_error_summary(q);
         }
     }
 }

@@ -349,7 +349,7 @@ fn indirect_tables_are_followed_and_nesting_refused() {
 // --- the worker against a real file ---
 
 struct Rig {
-    _file: tempfile::NamedTempFile,
+    _file: Option<tempfile::NamedTempFile>,
     mem: Arc<GuestMemoryMmap>,
     worker: QueueWorker,
 }
@@ -358,18 +358,24 @@ fn rig(readonly: bool, skip_sync: bool) -> Rig {
     let file = tempfile::NamedTempFile::new().unwrap();
     file.as_file().set_len(SECTORS * 512).unwrap();
     let dev = FileDevice::open(file.path(), readonly, 32).unwrap();
+    let mut r = rig_on(&dev, readonly, skip_sync);
+    r._file = Some(file);
+    r
+}
+
+fn rig_on(dev: &dyn crate::block::BlockDevice, readonly: bool, skip_sync: bool) -> Rig {
     let mut device_id = [0u8; 20];
     device_id[..4].copy_from_slice(b"test");
     let info = Arc::new(DeviceInfo {
         limits: limits(),
         readonly,
         skip_sync,
-        iovec_align: crate::block::BlockDevice::iovec_align(&dev),
+        iovec_align: dev.iovec_align(),
         device_id,
     });
-    let worker = QueueWorker::new(info, crate::block::BlockDevice::new_channel(&dev).unwrap());
+    let worker = QueueWorker::new(info, dev.new_channel().unwrap());
     Rig {
-        _file: file,
+        _file: None,
         mem: Arc::new(mem()),
         worker,
     }
@@ -513,6 +519,125 @@ fn worker_discard_zeroes_multiple_ranges() {
             "sector {s}"
         );
     }
+}
+
+/// Log records of the threads that asked for them ([`capture_logs`]); other threads' records
+/// are dropped. Installed once per test process as the global logger.
+mod capture {
+    use std::sync::{Mutex, OnceLock};
+    use std::thread::ThreadId;
+
+    struct Capture(
+        Mutex<Vec<(ThreadId, log::Level, String)>>,
+        Mutex<Vec<ThreadId>>,
+    );
+
+    static LOGGER: OnceLock<&'static Capture> = OnceLock::new();
+
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record) {
+            let me = std::thread::current().id();
+            if self
+                .1
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&me)
+            {
+                let line = (me, record.level(), record.args().to_string());
+                self.0.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        }
+        fn flush(&self) {}
+    }
+
+    fn logger() -> &'static Capture {
+        LOGGER.get_or_init(|| {
+            let c: &'static Capture = Box::leak(Box::new(Capture(
+                Mutex::new(Vec::new()),
+                Mutex::new(Vec::new()),
+            )));
+            log::set_logger(c).expect("no other logger in the library's tests");
+            log::set_max_level(log::LevelFilter::Debug);
+            c
+        })
+    }
+
+    /// Starts capturing this thread's records.
+    pub fn start() {
+        let me = std::thread::current().id();
+        logger().1.lock().unwrap().push(me);
+    }
+
+    /// This thread's records since [`start`], emptied.
+    pub fn take() -> Vec<(log::Level, String)> {
+        let me = std::thread::current().id();
+        let mut all = logger().0.lock().unwrap();
+        let (mine, rest) = all.drain(..).partition(|(t, _, _)| *t == me);
+        *all = rest;
+        mine.into_iter().map(|(_, l, s)| (l, s)).collect::<Vec<_>>()
+    }
+}
+
+#[test]
+fn failing_disk_logs_one_warning_then_counts() {
+    let dev = crate::block::testing::MemDevice::new(SECTORS);
+    dev.on(
+        |s| s.sector >= 100,
+        crate::block::testing::Fault::Fail(libc::EIO),
+    );
+    let mut r = rig_on(&dev, false, false);
+    capture::start();
+    let read = [d(HDR, 16, 0), d(DATA, 4096, W), d(STATUS, 1, W)];
+    for i in 0..50 {
+        header(&r.mem, VIRTIO_BLK_T_IN, 100 + i);
+        assert_eq!(r.run(&read), (VIRTIO_BLK_S_IOERR as u8, 1), "read {i}");
+    }
+    header(&r.mem, VIRTIO_BLK_T_OUT, 200);
+    let write = [d(HDR, 16, 0), d(DATA, 512, 0), d(STATUS, 1, W)];
+    assert_eq!(r.run(&write).0, VIRTIO_BLK_S_IOERR as u8);
+    // Requests the disk serves still succeed.
+    header(&r.mem, VIRTIO_BLK_T_IN, 0);
+    assert_eq!(r.run(&read).0, VIRTIO_BLK_S_OK as u8);
+    assert_eq!(r.worker.device_errors(), 51);
+
+    let logs = capture::take();
+    let warns: Vec<_> = logs
+        .iter()
+        .filter(|(l, _)| *l <= log::Level::Warn)
+        .map(|(_, m)| m)
+        .collect();
+    assert_eq!(warns.len(), 1, "one warning for 51 failures: {warns:?}");
+    let eio = std::io::Error::from_raw_os_error(libc::EIO).to_string();
+    assert!(
+        warns[0].contains("read of 4096 bytes at sector 100") && warns[0].contains(&eio),
+        "{}",
+        warns[0]
+    );
+    let debugs: Vec<_> = logs
+        .iter()
+        .filter(|(l, m)| *l == log::Level::Debug && m.contains("device error"))
+        .map(|(_, m)| m)
+        .collect();
+    assert_eq!(debugs.len(), 50, "{debugs:?}");
+    assert!(
+        debugs[49].contains("write of 512 bytes at sector 200")
+            && debugs[49].contains("(51 on this queue)")
+    );
+
+    // At the end of the connection: one summary line, and only once.
+    r.worker.log_error_summary(3);
+    r.worker.log_error_summary(3);
+    let logs = capture::take();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    assert_eq!(logs[0].0, log::Level::Warn);
+    assert!(
+        logs[0].1.contains("queue 3: 51 device errors"),
+        "{}",
+        logs[0].1
+    );
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The per-queue data path: turns parsed requests into block-device operations and finished
 //! operations into status bytes and guest data.
 
-use log::debug;
+use log::{debug, warn};
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
 use vm_memory::{Bytes, GuestMemory, Permissions};
@@ -42,6 +42,11 @@ pub struct QueueWorker {
     pool: BufPool,
     slots: Slab<InFlight>,
     completions: Vec<Completion>,
+    /// Device errors seen by this worker (one connection's queue): the first is logged at warn,
+    /// the others at debug, so a failing disk logs one warning, not one per request.
+    device_errors: u64,
+    /// `device_errors` when [`QueueWorker::log_error_summary`] last reported it.
+    reported_errors: u64,
 }
 
 impl QueueWorker {
@@ -52,7 +57,26 @@ impl QueueWorker {
             pool: BufPool::default(),
             slots: Slab::default(),
             completions: Vec::new(),
+            device_errors: 0,
+            reported_errors: 0,
         }
+    }
+
+    /// Device errors (operations the block device failed) since this worker was created.
+    pub fn device_errors(&self) -> u64 {
+        self.device_errors
+    }
+
+    /// Logs (warn) how many device errors this worker saw beyond the first, which was logged
+    /// when it happened; once per new batch, e.g. at the end of a connection.
+    pub fn log_error_summary(&mut self, queue: usize) {
+        if self.device_errors > self.reported_errors.max(1) {
+            warn!(
+                "queue {queue}: {} device errors in all (the first logged above, the others at debug)",
+                self.device_errors
+            );
+        }
+        self.reported_errors = self.device_errors;
     }
 
     pub fn channel(&self) -> &dyn IoChannel {
@@ -206,8 +230,8 @@ impl QueueWorker {
                 continue;
             };
             if let Err(errno) = c.result {
-                debug!("request {}: device error {errno}", slot.head);
                 slot.failed = true;
+                note_device_error(&mut self.device_errors, slot.head, &slot.req, errno);
             }
             if let Some(buf) = c.buf {
                 if !slot.failed
@@ -244,6 +268,56 @@ impl QueueWorker {
             if let Err(e) = self.channel.wait() {
                 log::error!("waiting for io failed: {e}");
                 break;
+            }
+        }
+    }
+}
+
+/// Counts a failed device operation and logs it: the first one at warn, the rest at debug.
+fn note_device_error(count: &mut u64, head: u16, req: &Request, errno: i32) {
+    *count += 1;
+    let err = std::io::Error::from_raw_os_error(errno);
+    let what = OpDesc(req);
+    if *count == 1 {
+        warn!(
+            "device error on {what}: {err}; the request fails with IOERR (further device \
+             errors on this queue are counted and logged at debug)"
+        );
+    } else {
+        debug!(
+            "request {head}: device error on {what}: {err} ({} on this queue)",
+            *count
+        );
+    }
+}
+
+/// How logs name a request's operation: the operation and where it starts.
+struct OpDesc<'a>(&'a Request);
+
+impl std::fmt::Display for OpDesc<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let len = self.0.data_len;
+        match &self.0.op {
+            Op::Read { sector } => write!(f, "read of {len} bytes at sector {sector}"),
+            Op::Write { sector } => write!(f, "write of {len} bytes at sector {sector}"),
+            Op::Flush => f.write_str("flush"),
+            Op::GetId => f.write_str("get-id"),
+            Op::Discard(r) | Op::WriteZeroes(r) => {
+                let name = if matches!(self.0.op, Op::Discard(_)) {
+                    "discard"
+                } else {
+                    "write-zeroes"
+                };
+                match r.first() {
+                    Some(first) => write!(
+                        f,
+                        "{name} at sector {} ({} range{})",
+                        first.sector,
+                        r.len(),
+                        if r.len() == 1 { "" } else { "s" }
+                    ),
+                    None => f.write_str(name),
+                }
             }
         }
     }
