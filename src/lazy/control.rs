@@ -10,9 +10,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::warn;
 use serde::Serialize;
 
 use super::{Error, LazyDevice, LazyStatus};
@@ -47,24 +47,46 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// and retrying at once would spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
+/// Accept failures and refused connections are each logged at most once per this interval
+/// (with the number since the last line), whatever clients do.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Counts occurrences of one event and says when a line about them is due.
+#[derive(Default)]
+struct Throttle {
+    last: Option<Instant>,
+    count: u64,
+}
+
+impl Throttle {
+    /// Counts one occurrence; `Some(n)` (occurrences since the last line, this one included)
+    /// when a line is due.
+    fn hit(&mut self, now: Instant) -> Option<u64> {
+        self.count += 1;
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < LOG_INTERVAL)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.count))
+    }
+}
+
 fn accept_loop(listener: UnixListener, device: Arc<LazyDevice>) {
     let active = Arc::new(AtomicUsize::new(0));
-    // Accept errors are logged once per run of failures.
-    let mut failing = false;
-    let mut refused = false;
+    let mut failures = Throttle::default();
+    let mut refusals = Throttle::default();
     loop {
         let stream = match listener.accept() {
-            Ok((stream, _)) => {
-                if failing {
-                    info!("control socket: accepting again");
-                    failing = false;
-                }
-                stream
-            }
+            Ok((stream, _)) => stream,
             Err(e) => {
-                if !failing {
-                    warn!("control socket: accept failed: {e} (retrying every {ACCEPT_BACKOFF:?})");
-                    failing = true;
+                if let Some(n) = failures.hit(Instant::now()) {
+                    warn!(
+                        "control socket: accept failed ({n} since the last line): {e}; \
+                         retrying every {ACCEPT_BACKOFF:?}"
+                    );
                 }
                 std::thread::sleep(ACCEPT_BACKOFF);
                 continue;
@@ -72,17 +94,15 @@ fn accept_loop(listener: UnixListener, device: Arc<LazyDevice>) {
         };
         if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
             active.fetch_sub(1, Ordering::AcqRel);
-            if !refused {
+            if let Some(n) = refusals.hit(Instant::now()) {
                 warn!(
-                    "control socket: {MAX_CONNECTIONS} connections open, closing new ones \
-                     unanswered until one ends"
+                    "control socket: {MAX_CONNECTIONS} connections open, closed {n} new ones \
+                     unanswered since the last line"
                 );
-                refused = true;
             }
             drop(stream);
             continue;
         }
-        refused = false;
         let guard = Slot(active.clone());
         let device = device.clone();
         if std::thread::Builder::new()
@@ -157,5 +177,22 @@ fn handle(stream: UnixStream, device: &LazyDevice) {
         if out.write_all((reply + "\n").as_bytes()).is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_logs_once_per_interval_with_the_count() {
+        let t0 = Instant::now();
+        let mut t = Throttle::default();
+        assert_eq!(t.hit(t0), Some(1));
+        for i in 1..1000 {
+            assert_eq!(t.hit(t0 + Duration::from_millis(i)), None);
+        }
+        assert_eq!(t.hit(t0 + LOG_INTERVAL), Some(1000));
+        assert_eq!(t.hit(t0 + LOG_INTERVAL), None);
     }
 }
