@@ -10,10 +10,17 @@ use crate::config::{ConfigError, Options};
 use crate::crypto::keys::{KekArgs, KeyError};
 use crate::crypto::Xts;
 
-/// Logs to stderr at `default_filter` (e.g. `info`) unless `RUST_LOG` says otherwise.
+/// Logs to stderr at `default_filter` (e.g. `info`) unless `RUST_LOG` says otherwise. Records
+/// from the rust-vmm crates, which a guest can trigger at will, are rate-limited
+/// ([`crate::ratelog`]); a second call does nothing.
 pub fn init_logging(default_filter: &str) {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
-        .init();
+    let logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
+            .build();
+    let max = logger.filter();
+    if log::set_boxed_logger(Box::new(crate::ratelog::RateLimitedLogger::new(logger))).is_ok() {
+        log::set_max_level(max);
+    }
 }
 
 /// `-f CONFIG_YAML` and the KEK flags, for every tool that reads the backend's config.

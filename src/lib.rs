@@ -14,6 +14,7 @@ pub mod config;
 pub mod crypto;
 pub mod frontend;
 pub mod lazy;
+pub mod ratelog;
 pub mod replay;
 pub mod sockpath;
 pub mod stack;

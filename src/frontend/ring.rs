@@ -189,6 +189,19 @@ impl Ring {
         Ok(())
     }
 
+    /// A hostile guest's move: publishes `idx` as the avail index, whatever the ring holds,
+    /// and kicks regardless of VRING_USED_F_NO_NOTIFY.
+    pub(super) fn force_avail_index(&self, mem: &SharedMemory, idx: u16) -> Result<()> {
+        mem.mem
+            .store(
+                idx.to_le(),
+                GuestAddress(GUEST_BASE + self.layout.avail + 2),
+                Ordering::Release,
+            )
+            .map_err(mem_err("publishing the avail index"))?;
+        self.kick.write(1).map_err(io_err("kicking the backend"))
+    }
+
     /// Kicks the backend unless it asked not to be (VRING_USED_F_NO_NOTIFY), like a Linux guest.
     pub(super) fn notify(&self, mem: &SharedMemory) -> Result<()> {
         // The avail index store must be visible before we look at the used flags; pairs with

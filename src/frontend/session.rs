@@ -222,6 +222,17 @@ impl BlkFrontend {
         })
     }
 
+    /// For tests of a hostile guest, after stage 3: sets queue 0's avail index to `idx` (e.g.
+    /// more than a ring ahead of the used index, which no chain can back) and kicks.
+    pub fn force_avail_index(&mut self, idx: u16) -> Result<()> {
+        let (Some(mem), Some(ring)) = (self.memory.as_ref(), self.ring.as_ref()) else {
+            return Err(Error::Order(
+                "a forced avail index needs the virtqueue stage first",
+            ));
+        };
+        ring.force_avail_index(mem, idx)
+    }
+
     /// One synchronous IN request for `len` bytes (a multiple of 512, at most the geometry's
     /// request size) at `sector`, after stage 3. No range check against the capacity is made
     /// here, so tests can send out-of-range requests: a non-OK status is an error that names

@@ -493,9 +493,43 @@ pub fn listen(opts: &Options) -> Result<(Listener, SocketFile), ServeError> {
     Ok((Listener::from(listener), file))
 }
 
+/// Pause before retrying after setting up or accepting a connection failed (e.g. EMFILE, which
+/// persists until a descriptor is freed: retrying at once would spin and flood the log).
+const RETRY_DELAY: Duration = Duration::from_millis(100);
+
+type Daemon = VhostUserDaemon<Arc<BlockBackend>>;
+
+/// A fresh backend and daemon for the next connection, the completion notifiers registered.
+fn setup(
+    device: &dyn BlockDevice,
+    info: &Arc<DeviceInfo>,
+    config: &ConfigSpace,
+    settings: &QueueSettings,
+) -> Result<(Arc<BlockBackend>, Daemon), ServeError> {
+    let backend = Arc::new(
+        BlockBackend::new(device, info.clone(), config.clone(), settings.clone())
+            .map_err(ServeError::Channel)?,
+    );
+    let daemon = VhostUserDaemon::new(
+        "ubiblk".to_string(),
+        backend.clone(),
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(|e| ServeError::Daemon(format!("{e:?}")))?;
+    for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+        let fd = backend.worker(q).channel().notifier().as_raw_fd();
+        handler
+            .register_listener(fd, EventSet::IN, backend.completion_token())
+            .map_err(ServeError::Watch)?;
+    }
+    Ok((backend, daemon))
+}
+
 /// Serves `device` on `listener` (from [`listen`]) forever: one frontend at a time, a fresh
 /// device state for each. `current` is updated with the backend of the live connection, for
-/// shutdown.
+/// shutdown. Only the first set-up's errors are returned (a config the device refuses); later
+/// a failure to set up or accept a connection (e.g. out of descriptors) is logged once per run
+/// of failures and retried after [`RETRY_DELAY`]: the backend never exits over a connection.
 pub fn serve(
     mut listener: Listener,
     device: Arc<dyn BlockDevice>,
@@ -504,33 +538,40 @@ pub fn serve(
     settings: QueueSettings,
     current: Arc<Mutex<Option<Arc<BlockBackend>>>>,
 ) -> Result<(), ServeError> {
+    let mut next = Some(setup(device.as_ref(), &info, &config, &settings)?);
+    // Whether the last attempt failed: its error was logged, repeats are not.
+    let mut failing = false;
     loop {
-        let backend = Arc::new(
-            BlockBackend::new(
-                device.as_ref(),
-                info.clone(),
-                config.clone(),
-                settings.clone(),
-            )
-            .map_err(ServeError::Channel)?,
-        );
-        let mut daemon = VhostUserDaemon::new(
-            "ubiblk".to_string(),
-            backend.clone(),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .map_err(|e| ServeError::Daemon(format!("{e:?}")))?;
+        let (backend, mut daemon) = match next.take() {
+            Some(ready) => ready,
+            None => match setup(device.as_ref(), &info, &config, &settings) {
+                Ok(ready) => ready,
+                Err(e) => {
+                    if !failing {
+                        error!(
+                            "setting up the next connection failed (retrying every \
+                             {RETRY_DELAY:?}): {e}"
+                        );
+                        failing = true;
+                    }
+                    std::thread::sleep(RETRY_DELAY);
+                    continue;
+                }
+            },
+        };
         let handlers = daemon.get_epoll_handlers();
-        for (q, handler) in handlers.iter().enumerate() {
-            let fd = backend.worker(q).channel().notifier().as_raw_fd();
-            handler
-                .register_listener(fd, EventSet::IN, backend.completion_token())
-                .map_err(ServeError::Watch)?;
-        }
         *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(backend.clone());
         if let Err(e) = daemon.start(&mut listener) {
-            error!("accepting a frontend failed: {e:?}");
+            if !failing {
+                error!("accepting a frontend failed (retrying every {RETRY_DELAY:?}): {e:?}");
+                failing = true;
+            }
+            std::thread::sleep(RETRY_DELAY);
             continue;
+        }
+        if failing {
+            info!("serving connections again");
+            failing = false;
         }
         info!("frontend connected");
         match daemon.wait() {

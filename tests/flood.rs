@@ -1,0 +1,308 @@
+//! Resource exhaustion from outside: many idle control-socket connections, and the backend out
+//! of file descriptors while clients keep connecting. The backend must stay bounded (threads,
+//! log) and keep serving once the pressure is gone.
+
+mod common;
+
+use common::*;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vhost-backend");
+const INIT: &str = env!("CARGO_BIN_EXE_init-metadata");
+const DISK: u64 = 4 << 20;
+
+/// A lazy disk (so the control socket exists) over a small image.
+struct Setup {
+    _dir: tempfile::TempDir,
+    ctl: PathBuf,
+    config: BackendConfig,
+}
+
+fn setup(prefix: &str) -> Setup {
+    let dir = scratch_dir(prefix);
+    let d = dir.path();
+    let (base, image, meta, ctl) = (
+        d.join("base.raw"),
+        d.join("image.raw"),
+        d.join("meta"),
+        d.join("ctl.sock"),
+    );
+    std::fs::write(&base, vec![0u8; DISK as usize]).unwrap();
+    std::fs::write(&image, pattern_bytes(0, 1 << 20)).unwrap();
+    let config = BackendConfig::new(&base, d.join("vhost.sock"))
+        .extra_path("image_path", &image)
+        .extra_path("metadata_path", &meta)
+        .extra_path("control_socket", &ctl);
+    let cfg = d.join("config.yaml");
+    std::fs::write(&cfg, config.to_yaml()).unwrap();
+    let out = Command::new(INIT)
+        .arg("-f")
+        .arg(&cfg)
+        .args(["-s", "7"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "init-metadata: {out:?}");
+    Setup {
+        _dir: dir,
+        ctl,
+        config,
+    }
+}
+
+fn count_entries(dir: &str) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+fn threads(pid: u32) -> usize {
+    count_entries(&format!("/proc/{pid}/task"))
+}
+
+fn open_fds(pid: u32) -> usize {
+    count_entries(&format!("/proc/{pid}/fd"))
+}
+
+/// Sets `pid`'s soft RLIMIT_NOFILE to `soft` (the hard limit unchanged); returns the old limit.
+fn set_nofile(pid: u32, soft: u64) -> libc::rlimit {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `old` is a valid, writable rlimit; a null `new` only reads the current limit.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut old,
+        )
+    };
+    assert_eq!(rc, 0, "prlimit get: {}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: `new` is a valid rlimit read by the call; the old value is not asked for.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &new,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit set: {}", std::io::Error::last_os_error());
+    old
+}
+
+/// Polls `status` until it answers or `timeout` passes.
+fn status_within(ctl: &Path, timeout: Duration) -> anyhow::Result<ControlStatus> {
+    let start = Instant::now();
+    loop {
+        match ControlStatus::query(ctl) {
+            Ok(s) => return Ok(s),
+            Err(e) if start.elapsed() > timeout => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// 100 idle control connections: at most 16 are served (a thread each), the rest closed; the
+/// idle ones are dropped after the read timeout, and `status` answers again.
+#[test]
+fn idle_control_connections_are_bounded_and_time_out() {
+    let s = setup("ubiblk-flood-ctl");
+    let be = Backend::start(BIN, &s.config).unwrap();
+    let pid = be.guard.pid();
+    status_within(&s.ctl, Duration::from_secs(5)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = threads(pid);
+    let idle: Vec<UnixStream> = (0..100)
+        .map(|_| UnixStream::connect(&s.ctl).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let during = threads(pid);
+    assert!(
+        during <= before + 16 + 2,
+        "{during} threads with 100 idle control connections, {before} before"
+    );
+    // The idle connections are still open on our side: the backend must drop them by itself.
+    let st = status_within(&s.ctl, Duration::from_secs(15));
+    assert!(st.is_ok(), "status never answered: {st:?}\n{}", be.log());
+    drop(idle);
+    let log = be.log();
+    assert!(log.lines().count() < 100, "log grew: {log}");
+}
+
+/// Out of descriptors: accepts fail on both sockets while clients keep connecting. The log
+/// stays small, the backend does not exit, and once descriptors are available again it serves
+/// a libblkio client and `status`.
+#[test]
+fn out_of_descriptors_is_survived_quietly() {
+    let s = setup("ubiblk-flood-fd");
+    let mut be = Backend::start(BIN, &s.config).unwrap();
+    let pid = be.guard.pid();
+    status_within(&s.ctl, Duration::from_secs(5)).unwrap();
+    // Connect once and go, so the next connection's state is set up and waiting in accept.
+    drop(Client::connect_queues(&s.config.socket, s.config.num_queues).unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    let lines_before = be.log().lines().count();
+
+    // No descriptor to spare: every accept fails with EMFILE.
+    let old = set_nofile(pid, open_fds(pid) as u64);
+    let mut pending = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        // The backlogs fill up (connect would then block): a few of each is enough.
+        if pending.len() < 8 {
+            pending.push(UnixStream::connect(&s.ctl).unwrap());
+            pending.push(UnixStream::connect(&s.config.socket).unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        be.guard.try_wait().is_none(),
+        "backend exited while out of descriptors; log:\n{}",
+        be.log()
+    );
+    let grown = be.log().lines().count() - lines_before;
+    assert!(
+        grown < 100,
+        "{grown} log lines in 2 s out of descriptors; tail:\n{}",
+        be.log()
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // Descriptors again: the pending connections are accepted (and end), then real clients.
+    set_nofile(pid, old.rlim_cur);
+    drop(pending);
+    let start = Instant::now();
+    let mut c = loop {
+        match Client::connect_queues(&s.config.socket, s.config.num_queues) {
+            Ok(c) => break c,
+            Err(e) if start.elapsed() > Duration::from_secs(10) => {
+                panic!("no client after the pressure: {e:?}\n{}", be.log())
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    let got = c.read(0, 0, 4096).unwrap();
+    assert_eq!(got, pattern_bytes(0, 4096));
+    status_within(&s.ctl, Duration::from_secs(10)).unwrap();
+    assert!(be.guard.try_wait().is_none(), "{}", be.log());
+}
+
+/// Out of descriptors when a frontend disconnects: setting up the next connection fails. The
+/// backend logs it, keeps retrying instead of exiting, and serves once descriptors are back.
+#[test]
+fn setup_failure_after_a_disconnect_is_retried() {
+    let dir = scratch_dir("ubiblk-flood-setup");
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, pattern_bytes(0, DISK as usize)).unwrap();
+    let config = BackendConfig::new(&base, dir.path().join("vhost.sock"));
+    let mut be = Backend::start(BIN, &config).unwrap();
+    let pid = be.guard.pid();
+    let c = Client::connect_queues(&config.socket, config.num_queues).unwrap();
+    // Whatever the disconnect frees, opening anything new fails.
+    let old = set_nofile(pid, 3);
+    drop(c);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        be.guard.try_wait().is_none(),
+        "backend exited when it could not set up the next connection; log:\n{}",
+        be.log()
+    );
+    let log = be.log();
+    assert!(
+        log.contains("setting up the next connection failed"),
+        "{log}"
+    );
+    assert!(log.lines().count() < 100, "{log}");
+
+    set_nofile(pid, old.rlim_cur);
+    let start = Instant::now();
+    let mut c = loop {
+        match Client::connect_queues(&config.socket, config.num_queues) {
+            Ok(c) => break c,
+            Err(e) if start.elapsed() > Duration::from_secs(10) => {
+                panic!("no client after the pressure: {e:?}\n{}", be.log())
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    assert_eq!(c.read(0, 8192, 4096).unwrap(), pattern_bytes(8192, 4096));
+}
+
+/// A guest that publishes an avail index more than a ring ahead and keeps kicking: every poll
+/// makes virtio-queue log an error. The backend's log stays small (the rust-vmm crates' records
+/// are rate-limited, ours are once per connection) and it serves the next frontend.
+#[test]
+fn corrupt_avail_index_and_kicks_do_not_flood_the_log() {
+    use ubiblk::frontend::{BlkFrontend, Geometry, IoOptions};
+    let dir = scratch_dir("ubiblk-flood-ring");
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, pattern_bytes(0, DISK as usize)).unwrap();
+    let config = BackendConfig::new(&base, dir.path().join("vhost.sock"));
+    // The default level: virtio-queue's errors pass it.
+    let be = Backend::spawn_as_is(BIN, &config, &[], |cmd| {
+        cmd.env("RUST_LOG", "info");
+    })
+    .unwrap();
+    let mut be = Backend {
+        guard: be,
+        config: config.clone(),
+        config_path: PathBuf::new(),
+    };
+    be.guard
+        .wait_for_socket(&config.socket, SOCKET_TIMEOUT)
+        .unwrap();
+
+    let mut fe = BlkFrontend::connect(&config.socket, Duration::from_secs(5)).unwrap();
+    fe.setup().unwrap();
+    let cfg = fe.read_config().unwrap();
+    let g = Geometry::new(&IoOptions::default(), &cfg).unwrap();
+    fe.setup_memory(&g).unwrap();
+    fe.setup_virtqueue(&g).unwrap();
+    let bad = g.queue_size + 7;
+    let start = Instant::now();
+    let mut kicks = 0u64;
+    while start.elapsed() < Duration::from_secs(2) {
+        // Alternate, so every kick is a fresh change of the index.
+        fe.force_avail_index(if kicks.is_multiple_of(2) {
+            bad
+        } else {
+            bad + 1
+        })
+        .unwrap();
+        kicks += 1;
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let log = be.log();
+    let lines = log.lines().count();
+    assert!(
+        lines < 100,
+        "{lines} log lines after {kicks} kicks with a corrupt avail index; head:\n{}",
+        log.lines().take(30).collect::<Vec<_>>().join("\n")
+    );
+    drop(fe);
+
+    let start = Instant::now();
+    let mut c = loop {
+        match Client::connect_queues(&config.socket, config.num_queues) {
+            Ok(c) => break c,
+            Err(e) if start.elapsed() > Duration::from_secs(10) => {
+                panic!("no client after the hostile one: {e:?}\n{}", be.log())
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    assert_eq!(c.read(0, 4096, 4096).unwrap(), pattern_bytes(4096, 4096));
+    assert!(be.guard.try_wait().is_none(), "{}", be.log());
+}
