@@ -306,3 +306,171 @@ fn corrupt_avail_index_and_kicks_do_not_flood_the_log() {
     assert_eq!(c.read(0, 4096, 4096).unwrap(), pattern_bytes(4096, 4096));
     assert!(be.guard.try_wait().is_none(), "{}", be.log());
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Connects a libblkio client, retrying while another frontend holds the backend.
+fn client_within(sock: &Path, timeout: Duration) -> Client {
+    let start = Instant::now();
+    loop {
+        match Client::connect_queues(sock, 1) {
+            Ok(c) => return c,
+            Err(e) if start.elapsed() > timeout => panic!("no client: {e:?}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// The soak: for `UBIBLK_SOAK_SECS` (default 60) a lazy disk is served to, in turn, a libblkio
+/// client that writes random blocks and verifies everything it wrote so far against a model,
+/// and a hostile frontend that corrupts its avail index and keeps kicking, while other threads
+/// storm the control socket (bursts of idle connections, `status`, garbage). Every verify
+/// passes, the backend stays up, and its threads, descriptors, memory and log stay bounded.
+#[test]
+fn soak_hostile_frontends_and_control_storm_while_verifying() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use ubiblk::frontend::{BlkFrontend, Geometry, IoOptions};
+    let secs = std::env::var("UBIBLK_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60u64);
+    let s = setup("ubiblk-soak");
+    let be = Backend::start(BIN, &s.config).unwrap();
+    let pid = be.guard.pid();
+    // The disk as the guest sees it: the 1 MiB image, zeros past it.
+    let mut model = vec![0u8; DISK as usize];
+    model[..1 << 20].copy_from_slice(&pattern_bytes(0, 1 << 20));
+
+    // Warm up once so the baseline includes the first connection's lasting allocations.
+    {
+        let mut c = client_within(&s.config.socket, Duration::from_secs(10));
+        assert_eq!(c.read(0, 0, 4096).unwrap(), &model[..4096]);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let (threads0, fds0, rss0) = (threads(pid), open_fds(pid), rss_kib(pid));
+
+    let stop = AtomicBool::new(false);
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let (mut cycles, mut verified, mut kicks) = (0u64, 0u64, 0u64);
+    let (mut max_threads, mut max_fds, mut max_rss) = (threads0, fds0, rss0);
+    std::thread::scope(|sc| {
+        // Control-socket storm: bursts of connections, some asking, some idle, some garbage.
+        sc.spawn(|| {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let mut held = Vec::new();
+                for i in 0..40 {
+                    if let Ok(mut c) = UnixStream::connect(&s.ctl) {
+                        let _ = match i % 3 {
+                            0 => c.write_all(b"status\n"),
+                            1 => c.write_all(&[0xff; 300]),
+                            _ => Ok(()),
+                        };
+                        held.push(c);
+                    }
+                }
+                n += 1;
+                std::thread::sleep(Duration::from_millis(if n.is_multiple_of(10) {
+                    300
+                } else {
+                    20
+                }));
+            }
+        });
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        while Instant::now() < deadline {
+            cycles += 1;
+            // A well-behaved client: write, then verify every block written so far.
+            let mut c = client_within(&s.config.socket, Duration::from_secs(10));
+            for _ in 0..64 {
+                let block = (next() % (DISK / 4096)) as usize;
+                let data: Vec<u8> = (0..4096).map(|_| next() as u8).collect();
+                c.write(0, block as u64 * 4096, &data).unwrap();
+                model[block * 4096..(block + 1) * 4096].copy_from_slice(&data);
+            }
+            for block in 0..(DISK / 4096) as usize {
+                let got = c.read(0, block as u64 * 4096, 4096).unwrap();
+                assert!(
+                    got == model[block * 4096..(block + 1) * 4096],
+                    "cycle {cycles}: block {block} differs"
+                );
+                verified += 1;
+            }
+            drop(c);
+            // A hostile frontend: a corrupt avail index and a kick storm for half a second.
+            let start = Instant::now();
+            let mut fe = loop {
+                match BlkFrontend::connect(&s.config.socket, Duration::from_secs(5)) {
+                    Ok(fe) => break fe,
+                    Err(e) if start.elapsed() > Duration::from_secs(10) => {
+                        panic!("no hostile frontend: {e:?}")
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            };
+            fe.setup().unwrap();
+            let cfg = fe.read_config().unwrap();
+            let g = Geometry::new(&IoOptions::default(), &cfg).unwrap();
+            fe.setup_memory(&g).unwrap();
+            fe.setup_virtqueue(&g).unwrap();
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_millis(500) {
+                fe.force_avail_index(g.queue_size + 7 + (kicks % 2) as u16)
+                    .unwrap();
+                kicks += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            drop(fe);
+            max_threads = max_threads.max(threads(pid));
+            max_fds = max_fds.max(open_fds(pid));
+            max_rss = max_rss.max(rss_kib(pid));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    // After the storm: the control socket answers and the disk is the model.
+    status_within(&s.ctl, Duration::from_secs(10)).unwrap();
+    let mut c = client_within(&s.config.socket, Duration::from_secs(10));
+    for block in 0..(DISK / 4096) as usize {
+        assert_eq!(
+            c.read(0, block as u64 * 4096, 4096).unwrap(),
+            &model[block * 4096..(block + 1) * 4096],
+            "final: block {block}"
+        );
+    }
+    drop(c);
+    let lines = be.log().lines().count();
+    eprintln!(
+        "soak {secs}s: {cycles} cycles, {verified} blocks verified, {kicks} hostile kicks; \
+         threads {threads0}->{max_threads}, fds {fds0}->{max_fds}, RSS {rss0}->{max_rss} KiB, \
+         {lines} log lines"
+    );
+    let mut be = be;
+    assert!(be.guard.try_wait().is_none(), "backend died: {}", be.log());
+    // 16 control connections (a thread and a descriptor each), one vhost connection (its
+    // threads, eventfds, io_uring and memory), and threads still exiting: bounded, not growing.
+    assert!(
+        max_threads <= threads0 + 32,
+        "threads {threads0} -> {max_threads}"
+    );
+    assert!(max_fds <= fds0 + 48, "fds {fds0} -> {max_fds}");
+    assert!(max_rss <= rss0 + 64 * 1024, "RSS {rss0} -> {max_rss} KiB");
+    // Connect/disconnect lines per cycle plus rate-limited dependency errors.
+    assert!(
+        lines as u64 <= 200 + 20 * cycles,
+        "{lines} log lines over {cycles} cycles"
+    );
+}
