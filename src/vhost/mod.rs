@@ -60,6 +60,9 @@ pub struct BlockBackend {
     warned_bad_ring: AtomicBool,
     /// Likewise for memory tables a frontend sends.
     warned_bad_memory: AtomicBool,
+    /// Likewise for failing ring operations (used ring, notifications) and odd epoll events:
+    /// a frontend can make them fail on every request.
+    warned_ring_op: AtomicBool,
     /// Exit eventfds handed to vhost-user-backend, which takes them with `into_raw_fd()` and
     /// never closes them (0.24, `VringEpollHandler::new`); closed by us once its threads are
     /// gone, or every connection would leak one fd per queue.
@@ -108,6 +111,7 @@ impl BlockBackend {
             stopping: AtomicBool::new(false),
             warned_bad_ring: AtomicBool::new(false),
             warned_bad_memory: AtomicBool::new(false),
+            warned_ring_op: AtomicBool::new(false),
             exit_fds: Mutex::new(Vec::new()),
         })
     }
@@ -129,14 +133,16 @@ impl BlockBackend {
         self.mem.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Pops every available chain and starts it. Returns whether any chain was found.
+    /// Pops every available chain and starts it. Returns whether any chain was found, and
+    /// whether the ring is corrupt: nothing to pop while the avail index claims more than a
+    /// ring's worth of chains (or cannot be read), which no amount of polling will fix.
     fn start_available(
         &self,
         vring: &VringRwLock,
         mem: &Memory,
         worker: &mut QueueWorker,
         done: &mut Vec<Finished>,
-    ) -> bool {
+    ) -> (bool, bool) {
         // An owned snapshot: requests keep it to pin guest buffers the device is using.
         let guard = mem.memory().into_inner();
         let mut found = false;
@@ -149,7 +155,13 @@ impl BlockBackend {
                 }
                 match queue.pop_descriptor_chain(&*guard) {
                     Some(c) => c,
-                    None => break,
+                    None => {
+                        let corrupt = match queue.avail_idx(&*guard, Ordering::Acquire) {
+                            Ok(avail) => avail.0.wrapping_sub(queue.next_avail()) > queue.size(),
+                            Err(_) => true,
+                        };
+                        return (found, corrupt);
+                    }
                 }
             };
             found = true;
@@ -159,7 +171,16 @@ impl BlockBackend {
                 done.push(f);
             }
         }
-        found
+        (found, false)
+    }
+
+    /// Warns about a failed ring operation once per connection; later ones at debug.
+    fn warn_ring_op(&self, what: std::fmt::Arguments) {
+        if self.warned_ring_op.swap(true, Ordering::Relaxed) {
+            log::debug!("{what}");
+        } else {
+            warn!("{what} (further ring errors on this connection are logged at debug)");
+        }
     }
 
     /// Puts finished requests on the used ring and notifies the guest if it wants it.
@@ -169,7 +190,7 @@ impl BlockBackend {
         }
         for f in done.drain(..) {
             if let Err(e) = vring.add_used(f.head, f.len) {
-                warn!("add_used failed: {e}");
+                self.warn_ring_op(format_args!("add_used failed: {e}"));
             }
         }
         let notify = if self.event_idx.load(Ordering::Relaxed) {
@@ -179,7 +200,7 @@ impl BlockBackend {
         };
         if notify {
             if let Err(e) = vring.signal_used_queue() {
-                warn!("signal_used_queue failed: {e}");
+                self.warn_ring_op(format_args!("signal_used_queue failed: {e}"));
             }
         }
     }
@@ -209,17 +230,20 @@ impl BlockBackend {
                 let _ = vring.disable_notification();
                 notifications_on = false;
             }
-            let started = self.start_available(vring, &mem, &mut worker, &mut done);
+            let (started, corrupt) = self.start_available(vring, &mem, &mut worker, &mut done);
             worker.submit();
             worker.reap(&*mem.memory(), &mut done);
             let progressed = started || !done.is_empty();
             self.complete(vring, &mut done);
-            if rechecking && !progressed {
+            if corrupt || (rechecking && !progressed) {
                 // The avail index says there is work but no chain can be popped: a corrupt
                 // ring (e.g. an index more than a ring ahead). Do not spin on it; the next
                 // kick tries again.
                 if !self.warned_bad_ring.swap(true, Ordering::Relaxed) {
                     warn!("queue {queue}: available ring is inconsistent; waiting for a kick");
+                }
+                if !notifications_on {
+                    let _ = vring.enable_notification();
                 }
                 break;
             }
@@ -254,7 +278,7 @@ impl BlockBackend {
                 }
                 Ok(false) => break,
                 Err(e) => {
-                    warn!("enable_notification failed: {e}");
+                    self.warn_ring_op(format_args!("enable_notification failed: {e}"));
                     break;
                 }
             }
@@ -395,7 +419,9 @@ impl VhostUserBackend for BlockBackend {
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
-            warn!("unexpected event set {evset:?} on queue {thread_id}");
+            self.warn_ring_op(format_args!(
+                "unexpected event set {evset:?} on queue {thread_id}"
+            ));
             return Ok(());
         }
         // One queue per thread: thread_id is the queue index, vrings[0] its ring.

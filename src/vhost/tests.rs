@@ -5,7 +5,7 @@ use crate::block::FileDevice;
 use crate::virtio_blk::Limits;
 use std::sync::mpsc;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
-use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestRegionMmap};
@@ -129,6 +129,11 @@ fn corrupt_avail_index_does_not_spin() {
             .unwrap();
         process_with_deadline(&r);
         process_with_deadline(&r);
+        // It waits for the next kick with notifications on (not suppressed, as while polling).
+        if !event_idx {
+            let flags: u16 = r.mem.memory().read_obj(r.used).unwrap();
+            assert_eq!(flags & VRING_USED_F_NO_NOTIFY as u16, 0, "poll {poll}");
+        }
     }
 }
 
