@@ -97,16 +97,27 @@ fn set_nofile(pid: u32, soft: u64) -> libc::rlimit {
     old
 }
 
-/// Polls `status` until it answers or `timeout` passes.
-fn status_within(ctl: &Path, timeout: Duration) -> anyhow::Result<ControlStatus> {
+/// Retries `f` every 50 ms until it succeeds or `timeout` passes (then its last error).
+fn retry<T, E>(timeout: Duration, mut f: impl FnMut() -> Result<T, E>) -> Result<T, E> {
     let start = Instant::now();
     loop {
-        match ControlStatus::query(ctl) {
-            Ok(s) => return Ok(s),
+        match f() {
+            Ok(v) => return Ok(v),
             Err(e) if start.elapsed() > timeout => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
+}
+
+/// Polls `status` until it answers or `timeout` passes.
+fn status_within(ctl: &Path, timeout: Duration) -> anyhow::Result<ControlStatus> {
+    retry(timeout, || ControlStatus::query(ctl))
+}
+
+/// Connects a libblkio client with `queues` queues, retrying while another frontend holds the
+/// backend or it is not accepting yet.
+fn client_within(sock: &Path, queues: usize, timeout: Duration) -> Result<Client, ClientError> {
+    retry(timeout, || Client::connect_queues(sock, queues))
 }
 
 /// 100 idle control connections: at most 16 are served (a thread each), the rest closed; the
@@ -182,16 +193,12 @@ fn out_of_descriptors_is_survived_quietly() {
     // Descriptors again: the pending connections are accepted (and end), then real clients.
     set_nofile(pid, old.rlim_cur);
     drop(pending);
-    let start = Instant::now();
-    let mut c = loop {
-        match Client::connect_queues(&s.config.socket, s.config.num_queues) {
-            Ok(c) => break c,
-            Err(e) if start.elapsed() > Duration::from_secs(10) => {
-                panic!("no client after the pressure: {e:?}\n{}", be.log())
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    };
+    let mut c = client_within(
+        &s.config.socket,
+        s.config.num_queues,
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("no client after the pressure: {e:?}\n{}", be.log()));
     let got = c.read(0, 0, 4096).unwrap();
     assert_eq!(got, pattern_bytes(0, 4096));
     status_within(&s.ctl, Duration::from_secs(10)).unwrap();
@@ -226,16 +233,8 @@ fn setup_failure_after_a_disconnect_is_retried() {
     assert!(log.lines().count() < 100, "{log}");
 
     set_nofile(pid, old.rlim_cur);
-    let start = Instant::now();
-    let mut c = loop {
-        match Client::connect_queues(&config.socket, config.num_queues) {
-            Ok(c) => break c,
-            Err(e) if start.elapsed() > Duration::from_secs(10) => {
-                panic!("no client after the pressure: {e:?}\n{}", be.log())
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    };
+    let mut c = client_within(&config.socket, config.num_queues, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("no client after the pressure: {e:?}\n{}", be.log()));
     assert_eq!(c.read(0, 8192, 4096).unwrap(), pattern_bytes(8192, 4096));
 }
 
@@ -293,16 +292,8 @@ fn corrupt_avail_index_and_kicks_do_not_flood_the_log() {
     );
     drop(fe);
 
-    let start = Instant::now();
-    let mut c = loop {
-        match Client::connect_queues(&config.socket, config.num_queues) {
-            Ok(c) => break c,
-            Err(e) if start.elapsed() > Duration::from_secs(10) => {
-                panic!("no client after the hostile one: {e:?}\n{}", be.log())
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    };
+    let mut c = client_within(&config.socket, config.num_queues, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("no client after the hostile one: {e:?}\n{}", be.log()));
     assert_eq!(c.read(0, 4096, 4096).unwrap(), pattern_bytes(4096, 4096));
     assert!(be.guard.try_wait().is_none(), "{}", be.log());
 }
@@ -314,18 +305,6 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
-}
-
-/// Connects a libblkio client, retrying while another frontend holds the backend.
-fn client_within(sock: &Path, timeout: Duration) -> Client {
-    let start = Instant::now();
-    loop {
-        match Client::connect_queues(sock, 1) {
-            Ok(c) => return c,
-            Err(e) if start.elapsed() > timeout => panic!("no client: {e:?}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
 }
 
 /// The soak: for `UBIBLK_SOAK_SECS` (default 60) a lazy disk is served to, in turn, a libblkio
@@ -351,7 +330,7 @@ fn soak_hostile_frontends_and_control_storm_while_verifying() {
 
     // Warm up once so the baseline includes the first connection's lasting allocations.
     {
-        let mut c = client_within(&s.config.socket, Duration::from_secs(10));
+        let mut c = client_within(&s.config.socket, 1, Duration::from_secs(10)).unwrap();
         assert_eq!(c.read(0, 0, 4096).unwrap(), &model[..4096]);
     }
     std::thread::sleep(Duration::from_millis(200));
@@ -395,7 +374,7 @@ fn soak_hostile_frontends_and_control_storm_while_verifying() {
         while Instant::now() < deadline {
             cycles += 1;
             // A well-behaved client: write, then verify every block written so far.
-            let mut c = client_within(&s.config.socket, Duration::from_secs(10));
+            let mut c = client_within(&s.config.socket, 1, Duration::from_secs(10)).unwrap();
             for _ in 0..64 {
                 let block = (next() % (DISK / 4096)) as usize;
                 let data: Vec<u8> = (0..4096).map(|_| next() as u8).collect();
@@ -412,16 +391,10 @@ fn soak_hostile_frontends_and_control_storm_while_verifying() {
             }
             drop(c);
             // A hostile frontend: a corrupt avail index and a kick storm for half a second.
-            let start = Instant::now();
-            let mut fe = loop {
-                match BlkFrontend::connect(&s.config.socket, Duration::from_secs(5)) {
-                    Ok(fe) => break fe,
-                    Err(e) if start.elapsed() > Duration::from_secs(10) => {
-                        panic!("no hostile frontend: {e:?}")
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
-                }
-            };
+            let mut fe = retry(Duration::from_secs(10), || {
+                BlkFrontend::connect(&s.config.socket, Duration::from_secs(5))
+            })
+            .unwrap_or_else(|e| panic!("no hostile frontend: {e:?}"));
             fe.setup().unwrap();
             let cfg = fe.read_config().unwrap();
             let g = Geometry::new(&IoOptions::default(), &cfg).unwrap();
@@ -443,7 +416,7 @@ fn soak_hostile_frontends_and_control_storm_while_verifying() {
     });
     // After the storm: the control socket answers and the disk is the model.
     status_within(&s.ctl, Duration::from_secs(10)).unwrap();
-    let mut c = client_within(&s.config.socket, Duration::from_secs(10));
+    let mut c = client_within(&s.config.socket, 1, Duration::from_secs(10)).unwrap();
     for block in 0..(DISK / 4096) as usize {
         assert_eq!(
             c.read(0, block as u64 * 4096, 4096).unwrap(),
