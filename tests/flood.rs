@@ -7,49 +7,17 @@ mod common;
 use common::*;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-backend");
 const INIT: &str = env!("CARGO_BIN_EXE_init-metadata");
 const DISK: u64 = 4 << 20;
 
-/// A lazy disk (so the control socket exists) over a small image.
-struct Setup {
-    _dir: tempfile::TempDir,
-    ctl: PathBuf,
-    config: BackendConfig,
-}
-
-fn setup(prefix: &str) -> Setup {
-    let dir = scratch_dir(prefix);
-    let d = dir.path();
-    let (base, image, meta, ctl) = (
-        d.join("base.raw"),
-        d.join("image.raw"),
-        d.join("meta"),
-        d.join("ctl.sock"),
-    );
-    std::fs::write(&base, vec![0u8; DISK as usize]).unwrap();
-    std::fs::write(&image, pattern_bytes(0, 1 << 20)).unwrap();
-    let config = BackendConfig::new(&base, d.join("vhost.sock"))
-        .extra_path("image_path", &image)
-        .extra_path("metadata_path", &meta)
-        .extra_path("control_socket", &ctl);
-    let cfg = d.join("config.yaml");
-    std::fs::write(&cfg, config.to_yaml()).unwrap();
-    let out = Command::new(INIT)
-        .arg("-f")
-        .arg(&cfg)
-        .args(["-s", "7"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "init-metadata: {out:?}");
-    Setup {
-        _dir: dir,
-        ctl,
-        config,
-    }
+/// A lazy disk (so the control socket exists) over a 1 MiB image.
+fn setup(prefix: &str) -> LazyFiles {
+    let files = LazyFiles::new(prefix, DISK, 0, &pattern_bytes(0, 1 << 20), &[]);
+    files.init_metadata(INIT, 7);
+    files
 }
 
 fn count_entries(dir: &str) -> usize {

@@ -5,8 +5,7 @@
 mod common;
 
 use common::*;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 use ubiblk::crypto::Xts;
 use ubiblk::lazy::metadata::{Metadata, FETCHED, WRITTEN};
@@ -19,14 +18,23 @@ const STRIPE: u64 = 512 << SHIFT;
 const DISK: u64 = 64 * STRIPE;
 
 struct Lazy {
-    dir: tempfile::TempDir,
-    base: PathBuf,
-    image: PathBuf,
-    meta: PathBuf,
-    ctl: PathBuf,
-    config: BackendConfig,
+    files: LazyFiles,
     /// What the guest must see: image, zeros past it, then the test's writes.
     model: Vec<u8>,
+}
+
+/// The files (base, image, meta, ctl, config, dir) are the fixture's.
+impl std::ops::Deref for Lazy {
+    type Target = LazyFiles;
+    fn deref(&self) -> &LazyFiles {
+        &self.files
+    }
+}
+
+impl std::ops::DerefMut for Lazy {
+    fn deref_mut(&mut self) -> &mut LazyFiles {
+        &mut self.files
+    }
 }
 
 /// Image bytes: distinct in every 512-byte piece.
@@ -38,53 +46,17 @@ impl Lazy {
     /// A disk of `DISK` bytes over an image of `image_len` bytes; `base_fill` is the base
     /// disk's initial content (stale data that must never show through).
     fn new(image_len: usize, base_fill: u8, extra: &[&str]) -> Lazy {
-        let dir = scratch_dir("ubiblk-lazy");
-        let d = dir.path();
-        let (base, image, meta, ctl) = (
-            d.join("base.raw"),
-            d.join("image.raw"),
-            d.join("meta"),
-            d.join("ctl.sock"),
-        );
-        std::fs::write(&base, vec![base_fill; DISK as usize]).unwrap();
         let img = image_bytes(image_len);
-        std::fs::write(&image, &img).unwrap();
+        let files = LazyFiles::new("ubiblk-lazy", DISK, base_fill, &img, extra);
         let mut model = img;
         model.resize(DISK as usize, 0);
-        let mut config = BackendConfig::new(&base, d.join("vhost.sock"))
-            .extra_path("image_path", &image)
-            .extra_path("metadata_path", &meta)
-            .extra_path("control_socket", &ctl);
-        for line in extra {
-            config = config.extra(*line);
-        }
-        let lazy = Lazy {
-            dir,
-            base,
-            image,
-            meta,
-            ctl,
-            config,
-            model,
-        };
+        let lazy = Lazy { files, model };
         lazy.init_metadata();
         lazy
     }
 
-    fn config_file(&self) -> PathBuf {
-        let path = self.dir.path().join("config.yaml");
-        std::fs::write(&path, self.config.to_yaml()).unwrap();
-        path
-    }
-
     fn init_metadata(&self) {
-        let out = Command::new(INIT)
-            .arg("-f")
-            .arg(self.config_file())
-            .args(["-s", &SHIFT.to_string()])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "init-metadata: {out:?}");
+        self.files.init_metadata(INIT, SHIFT);
     }
 
     fn start(&self) -> (Backend, Client) {

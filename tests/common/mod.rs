@@ -632,6 +632,66 @@ pub fn pattern_bytes(offset: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// The files of a lazy-fetch disk in a scratch directory: a base disk of `disk_len` bytes of
+/// `base_fill`, an image, the metadata path and a control socket, and a backend config naming
+/// them (plus `extra` lines). [`LazyFiles::init_metadata`] makes the metadata.
+pub struct LazyFiles {
+    pub dir: tempfile::TempDir,
+    pub base: PathBuf,
+    pub image: PathBuf,
+    pub meta: PathBuf,
+    pub ctl: PathBuf,
+    pub config: BackendConfig,
+}
+
+impl LazyFiles {
+    pub fn new(prefix: &str, disk_len: u64, base_fill: u8, image: &[u8], extra: &[&str]) -> Self {
+        let dir = scratch_dir(prefix);
+        let d = dir.path();
+        let (base, image_path, meta, ctl) = (
+            d.join("base.raw"),
+            d.join("image.raw"),
+            d.join("meta"),
+            d.join("ctl.sock"),
+        );
+        fs::write(&base, vec![base_fill; disk_len as usize]).unwrap();
+        fs::write(&image_path, image).unwrap();
+        let mut config = BackendConfig::new(&base, d.join("vhost.sock"))
+            .extra_path("image_path", &image_path)
+            .extra_path("metadata_path", &meta)
+            .extra_path("control_socket", &ctl);
+        for line in extra {
+            config = config.extra(*line);
+        }
+        LazyFiles {
+            dir,
+            base,
+            image: image_path,
+            meta,
+            ctl,
+            config,
+        }
+    }
+
+    /// Writes the config to `config.yaml` in the directory and returns its path.
+    pub fn config_file(&self) -> PathBuf {
+        let path = self.dir.path().join("config.yaml");
+        fs::write(&path, self.config.to_yaml()).unwrap();
+        path
+    }
+
+    /// Runs `init_bin` (init-metadata) on the config with stripes of 2^`shift` sectors.
+    pub fn init_metadata(&self, init_bin: &str, shift: u8) {
+        let out = Command::new(init_bin)
+            .arg("-f")
+            .arg(self.config_file())
+            .args(["-s", &shift.to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "init-metadata: {out:?}");
+    }
+}
+
 /// A fresh temporary directory for one test's disk, socket and logs: in /dev/shm (tmpfs, fast,
 /// O_DIRECT-capable here) when possible, else the default temp dir.
 pub fn scratch_dir(prefix: &str) -> tempfile::TempDir {
