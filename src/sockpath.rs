@@ -352,7 +352,8 @@ fn probe(path: &Path) -> io::Result<Probe> {
     }
 }
 
-fn kind_of(t: &std::fs::FileType) -> &'static str {
+/// What kind of file `t` is, for messages ("a regular file", "a FIFO", ...).
+pub(crate) fn kind_of(t: &std::fs::FileType) -> &'static str {
     if t.is_file() {
         "a regular file"
     } else if t.is_dir() {
@@ -365,6 +366,8 @@ fn kind_of(t: &std::fs::FileType) -> &'static str {
         "a character device"
     } else if t.is_fifo() {
         "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
     } else {
         "another kind of file"
     }

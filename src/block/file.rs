@@ -55,22 +55,15 @@ impl FileDevice {
 /// character device (/dev/null, /dev/zero) or a FIFO would read as empty or endless, or block.
 pub fn check_disk_kind(meta: &std::fs::Metadata) -> io::Result<()> {
     let kind = meta.file_type();
-    let what = if kind.is_file() || kind.is_block_device() {
+    if kind.is_file() || kind.is_block_device() {
         return Ok(());
-    } else if kind.is_char_device() {
-        "a character device"
-    } else if kind.is_fifo() {
-        "a FIFO"
-    } else if kind.is_dir() {
-        "a directory"
-    } else if kind.is_socket() {
-        "a socket"
-    } else {
-        "an unusual file"
-    };
+    }
     Err(io::Error::new(
         io::ErrorKind::InvalidInput,
-        format!("{what}, not a regular file or block device"),
+        format!(
+            "{}, not a regular file or block device",
+            crate::sockpath::kind_of(&kind)
+        ),
     ))
 }
 
