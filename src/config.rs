@@ -44,7 +44,18 @@ pub const FIELDS: &[&str] = &[
     "control_socket",
     "socket_mode",
     "socket_group",
+    "image_url",
+    "archive_url",
+    "fetch_connections",
+    "fetch_timeout_secs",
+    "fetch_retry_secs",
+    "s3_endpoint",
+    "s3_region",
+    "s3_profile",
 ];
+
+/// Most concurrent stripe fetches (`fetch_connections`).
+pub const MAX_FETCH_CONNECTIONS: u16 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -131,6 +142,34 @@ pub struct Options {
     /// Not in the reference tools: the vhost socket's group, a name or a numeric gid.
     #[serde(default)]
     pub socket_group: Option<String>,
+    /// Not in the reference tools: lazy fetch from `http://`, `https://` or `s3://bucket/key`
+    /// instead of `image_path`.
+    #[serde(default)]
+    pub image_url: Option<String>,
+    /// Not in the reference tools: lazy fetch from a disk archive (`s3://bucket/prefix` or
+    /// `file:///dir`) written by the `archive` tool.
+    #[serde(default)]
+    pub archive_url: Option<String>,
+    /// Not in the reference tools: concurrent stripe fetches (16 for remote sources, 4 for
+    /// `image_path` without it).
+    #[serde(default, deserialize_with = "fetch_connections")]
+    pub fetch_connections: Option<u16>,
+    /// Not in the reference tools: how long one attempt to fetch a stripe from a remote
+    /// source may take, in seconds (10 without it).
+    #[serde(default, deserialize_with = "fetch_timeout_secs")]
+    pub fetch_timeout_secs: Option<u32>,
+    /// Not in the reference tools: how long a remote fetch is retried before the requests
+    /// waiting for it fail, in seconds (30 without it; 0: no retries).
+    #[serde(default, deserialize_with = "fetch_retry_secs")]
+    pub fetch_retry_secs: Option<u32>,
+    /// Not in the reference tools: overrides of the S3 endpoint URL, region and profile the
+    /// standard AWS environment and files give.
+    #[serde(default)]
+    pub s3_endpoint: Option<String>,
+    #[serde(default)]
+    pub s3_region: Option<String>,
+    #[serde(default)]
+    pub s3_profile: Option<String>,
 }
 
 /// `socket_group`, resolved from its text: a gid, or a name looked up when the socket is made.
@@ -226,12 +265,17 @@ fn seg_count_max<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
 fn poll_queue_timeout_us<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     ranged(d, 0, MAX_POLL_QUEUE_TIMEOUT_US)
 }
-fn autofetch_mib_per_sec<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
-    struct Rate;
-    impl<'de> Visitor<'de> for Rate {
-        type Value = Option<u32>;
+/// An optional integer field in `lo..=hi` (`null` is the same as leaving it out).
+fn opt_ranged<'de, D, T>(d: D, lo: u64, hi: u64) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    struct Opt<T>(u64, u64, std::marker::PhantomData<T>);
+    impl<'de, T: TryFrom<u64>> Visitor<'de> for Opt<T> {
+        type Value = Option<T>;
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            write!(f, "an integer in 1..={}", u32::MAX)
+            write!(f, "an integer in {}..={}", self.0, self.1)
         }
         fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
             Ok(None)
@@ -240,10 +284,52 @@ fn autofetch_mib_per_sec<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>,
             Ok(None)
         }
         fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            ranged(d, 1, u32::MAX.into()).map(Some)
+            ranged(d, self.0, self.1).map(Some)
         }
     }
-    d.deserialize_option(Rate)
+    d.deserialize_option(Opt(lo, hi, std::marker::PhantomData))
+}
+
+fn autofetch_mib_per_sec<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    opt_ranged(d, 1, u32::MAX.into())
+}
+fn fetch_connections<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    opt_ranged(d, 1, MAX_FETCH_CONNECTIONS.into())
+}
+fn fetch_timeout_secs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    opt_ranged(d, 1, 3600)
+}
+fn fetch_retry_secs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    opt_ranged(d, 0, 86400)
+}
+
+/// A URL field: one of `schemes`, something after `scheme://`, no user name or password (a
+/// secret in the config would end up in logs; S3 credentials come from the AWS environment),
+/// no control characters or spaces. The value is not repeated: a query may hold a signature.
+fn check_url(field: &'static str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    let expected = || {
+        let list: Vec<String> = schemes.iter().map(|s| format!("{s}://")).collect();
+        field_err(field, format!("must start with {}", list.join(", ")))
+    };
+    let (scheme, rest) = url.split_once("://").ok_or_else(expected)?;
+    if !schemes.contains(&scheme) {
+        return Err(expected());
+    }
+    if rest.is_empty() || rest.starts_with('/') && scheme != "file" {
+        return Err(field_err(field, "has no host or bucket after the scheme"));
+    }
+    if url.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(field_err(field, "contains spaces or control characters"));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err(field_err(
+            field,
+            "must not contain a user name or password (S3 credentials come from the AWS \
+             environment and files)",
+        ));
+    }
+    Ok(())
 }
 
 const SUN_PATH_TOO_LONG: &str = "path is longer than the 107 bytes a unix socket address can hold";
@@ -357,12 +443,6 @@ impl Options {
                 ),
             ));
         }
-        if self.image_path.is_some() && self.metadata_path.is_none() {
-            return Err(field_err(
-                "metadata_path",
-                "is required when image_path is set",
-            ));
-        }
         self.validate_lazy()?;
         self.socket_mode()?;
         self.socket_group()?;
@@ -379,27 +459,98 @@ impl Options {
 }
 
 impl Options {
-    /// The lazy-fetch fields: they only make sense together with `image_path`.
+    /// The field naming the lazy-fetch source (`image_path`, `image_url`, `archive_url`),
+    /// if one is set.
+    pub fn lazy_source_field(&self) -> Option<&'static str> {
+        [
+            (self.image_path.is_some(), "image_path"),
+            (self.image_url.is_some(), "image_url"),
+            (self.archive_url.is_some(), "archive_url"),
+        ]
+        .into_iter()
+        .find_map(|(set, field)| set.then_some(field))
+    }
+
+    /// The lazy-fetch fields: they only make sense together with a source (`image_path`,
+    /// `image_url` or `archive_url`, one of them).
     fn validate_lazy(&self) -> Result<(), ConfigError> {
-        let lazy = self.image_path.is_some();
+        let sources = [
+            (self.image_path.is_some(), "image_path"),
+            (self.image_url.is_some(), "image_url"),
+            (self.archive_url.is_some(), "archive_url"),
+        ];
+        let mut set = sources.iter().filter(|(set, _)| *set).map(|(_, f)| *f);
+        let source = set.next();
+        if let (Some(first), Some(second)) = (source, set.next()) {
+            return Err(field_err(
+                second,
+                format!("cannot be combined with {first} (a disk has one source)"),
+            ));
+        }
+        let lazy = source.is_some();
+        if let Some(source) = source {
+            if self.metadata_path.is_none() {
+                return Err(field_err(
+                    "metadata_path",
+                    format!("is required when {source} is set"),
+                ));
+            }
+        }
+        let remote = self.image_url.is_some() || self.archive_url.is_some();
+        if let Some(url) = &self.image_url {
+            check_url("image_url", url, &["http", "https", "s3"])?;
+        }
+        if let Some(url) = &self.archive_url {
+            check_url("archive_url", url, &["s3", "file"])?;
+        }
         if lazy && self.readonly {
             return Err(field_err(
                 "readonly",
-                "cannot be combined with image_path (fetching writes the base disk)",
+                format!(
+                    "cannot be combined with {} (fetching writes the base disk)",
+                    source.unwrap_or_default()
+                ),
             ));
         }
-        // Each lazy-fetch field without image_path is refused rather than ignored.
+        // Each lazy-fetch field without a source is refused rather than ignored.
         for (set, field) in [
             (self.metadata_path.is_some(), "metadata_path"),
             (self.copy_on_read, "copy_on_read"),
             (self.autofetch, "autofetch"),
+            (self.fetch_connections.is_some(), "fetch_connections"),
         ] {
             if set && !lazy {
                 return Err(field_err(
                     field,
-                    "needs image_path (there is nothing to fetch)",
+                    "needs image_path, image_url or archive_url (there is nothing to fetch)",
                 ));
             }
+        }
+        for (set, field) in [
+            (self.fetch_timeout_secs.is_some(), "fetch_timeout_secs"),
+            (self.fetch_retry_secs.is_some(), "fetch_retry_secs"),
+            (self.s3_endpoint.is_some(), "s3_endpoint"),
+            (self.s3_region.is_some(), "s3_region"),
+            (self.s3_profile.is_some(), "s3_profile"),
+        ] {
+            if set && !remote {
+                return Err(field_err(
+                    field,
+                    "needs a remote source (image_url or archive_url)",
+                ));
+            }
+        }
+        for (value, field) in [
+            (&self.s3_endpoint, "s3_endpoint"),
+            (&self.s3_region, "s3_region"),
+            (&self.s3_profile, "s3_profile"),
+        ] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(field_err(field, "must not be empty"));
+            }
+        }
+        if let Some(endpoint) = &self.s3_endpoint {
+            check_url("s3_endpoint", endpoint, &["http", "https"])?;
         }
         if let Some(rate) = self.autofetch_mib_per_sec {
             if !self.autofetch {
@@ -416,7 +567,7 @@ impl Options {
             if !lazy {
                 return Err(field_err(
                     "control_socket",
-                    "needs image_path (it reports lazy-fetch progress)",
+                    "needs image_path, image_url or archive_url (it reports lazy-fetch progress)",
                 ));
             }
             if path.as_os_str().is_empty() {
@@ -444,6 +595,10 @@ impl Options {
         let files: Vec<(&'static str, &Path)> = [
             ("path", Some(self.path.as_path())),
             ("image_path", self.image_path.as_deref()),
+            (
+                "archive_url",
+                self.archive_url.as_deref().and_then(file_url_path),
+            ),
             ("metadata_path", self.metadata_path.as_deref()),
             ("io_debug_path", self.io_debug_path.as_deref()),
             ("socket", Some(self.socket.as_path())),
@@ -466,6 +621,11 @@ impl Options {
         }
         Ok(())
     }
+}
+
+/// The directory a `file://` URL names; `None` for other schemes.
+pub fn file_url_path(url: &str) -> Option<&Path> {
+    url.strip_prefix("file://").map(Path::new)
 }
 
 /// True if `a` and `b` name the same file: the same inode, or the same block device through
@@ -691,6 +851,102 @@ encryption_key:
         for text in ["", "[", "- a\n- b", "path: [1, 2]", "\u{0}\u{1}", "a: b: c"] {
             assert!(Options::parse(text).is_err(), "{text:?}");
         }
+    }
+
+    #[test]
+    fn remote_sources_and_their_fields() {
+        let m = "metadata_path: /m\n";
+        for ok in [
+            "image_url: http://127.0.0.1:8080/img.raw",
+            "image_url: https://images.example/img.raw?X-Amz-Signature=abc",
+            "image_url: s3://bucket/key/img.raw",
+            "archive_url: s3://bucket/prefix",
+            "archive_url: file:///var/lib/archives/disk1",
+        ] {
+            let o = Options::parse(&format!("{MIN}{m}{ok}\n")).unwrap();
+            assert!(o.lazy_source_field().is_some(), "{ok}");
+        }
+        let o = Options::parse(&format!(
+            "{MIN}{m}image_url: s3://b/k\nfetch_connections: 32\nfetch_timeout_secs: 5\n\
+             fetch_retry_secs: 0\ns3_endpoint: http://127.0.0.1:3900\ns3_region: garage\n\
+             s3_profile: test\n"
+        ))
+        .unwrap();
+        assert_eq!(o.fetch_connections, Some(32));
+        assert_eq!(o.fetch_retry_secs, Some(0));
+        let cases = [
+            (
+                "image_url: ftp://h/x",
+                "image_url",
+                "must start with http://",
+            ),
+            ("image_url: http://", "image_url", "no host"),
+            (
+                "image_url: http://u:secret@h/x",
+                "image_url",
+                "user name or password",
+            ),
+            (
+                "archive_url: http://h/x",
+                "archive_url",
+                "must start with s3://",
+            ),
+            (
+                "image_url: s3://b/k\nimage_path: /i",
+                "image_url",
+                "cannot be combined with image_path",
+            ),
+            (
+                "image_url: s3://b/k\nfetch_connections: 0",
+                "fetch_connections",
+                "1..=256",
+            ),
+            (
+                "image_url: s3://b/k\nfetch_connections: 257",
+                "fetch_connections",
+                "1..=256",
+            ),
+            (
+                "image_url: s3://b/k\nfetch_timeout_secs: 0",
+                "fetch_timeout_secs",
+                "1..=3600",
+            ),
+            (
+                "image_url: s3://b/k\ns3_region: ' '",
+                "s3_region",
+                "must not be empty",
+            ),
+            (
+                "image_url: s3://b/k\ns3_endpoint: s3.example",
+                "s3_endpoint",
+                "http://",
+            ),
+            (
+                "image_path: /i\nfetch_retry_secs: 5",
+                "fetch_retry_secs",
+                "remote source",
+            ),
+            (
+                "image_path: /i\ns3_profile: p",
+                "s3_profile",
+                "remote source",
+            ),
+        ];
+        for (yaml, field, want) in cases {
+            let e = err_of(&format!("{MIN}{m}{yaml}\n"));
+            assert!(e.contains(field) && e.contains(want), "{yaml}: {e}");
+            assert!(!e.contains("secret"), "{yaml}: {e}");
+        }
+        let e = err_of(&format!("{MIN}image_url: s3://b/k\n"));
+        assert!(
+            e.contains("metadata_path") && e.contains("image_url"),
+            "{e}"
+        );
+        let e = err_of(&format!("{MIN}fetch_connections: 4\n"));
+        assert!(
+            e.contains("needs image_path, image_url or archive_url"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod crypto;
 pub mod frontend;
 pub mod lazy;
 pub mod ratelog;
+pub mod remote;
 pub mod replay;
 pub mod sockpath;
 pub mod stack;

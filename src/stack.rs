@@ -19,6 +19,7 @@ use std::time::Duration;
 use crate::block::{BlockDevice, CryptDevice, DebugLogDevice, FileDevice};
 use crate::config::{ConfigError, Options, DEVICE_ID_LEN};
 use crate::crypto::Xts;
+use crate::lazy::source::{RemoteOptions, S3Overrides, SourceSpec};
 use crate::lazy::{control, LazyDevice, LazyOptions};
 use crate::sockpath::SocketFile;
 use crate::vhost::QueueSettings;
@@ -131,10 +132,34 @@ fn open_lazy(
     Ok((device, control_socket))
 }
 
-fn lazy_options(opts: &Options) -> Option<LazyOptions> {
+/// The lazy layer's options; `None` without a source (`opts` must be valid).
+pub fn lazy_options(opts: &Options) -> Option<LazyOptions> {
+    let source = if let Some(path) = &opts.image_path {
+        SourceSpec::File(path.clone())
+    } else if let Some(url) = &opts.image_url {
+        SourceSpec::Url(url.clone())
+    } else {
+        SourceSpec::Archive(opts.archive_url.clone()?)
+    };
+    let defaults = RemoteOptions::default();
+    let secs =
+        |v: Option<u32>, default: Duration| v.map_or(default, |s| Duration::from_secs(s.into()));
     Some(LazyOptions {
-        image_path: opts.image_path.clone()?,
-        // Validation guarantees metadata_path with image_path.
+        source,
+        fetchers: opts.fetch_connections.map(usize::from),
+        remote: RemoteOptions {
+            connections: opts
+                .fetch_connections
+                .map_or(defaults.connections, usize::from),
+            attempt_timeout: secs(opts.fetch_timeout_secs, defaults.attempt_timeout),
+            retry_budget: secs(opts.fetch_retry_secs, defaults.retry_budget),
+            s3: S3Overrides {
+                endpoint: opts.s3_endpoint.clone(),
+                region: opts.s3_region.clone(),
+                profile: opts.s3_profile.clone(),
+            },
+        },
+        // Validation guarantees metadata_path with a source.
         metadata_path: opts.metadata_path.clone()?,
         copy_on_read: opts.copy_on_read,
         autofetch: opts.autofetch,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::testing::{check_stack, MemDevice};
 use super::{BlockDevice, CryptDevice, DebugLogDevice, FileDevice};
 use crate::crypto::Xts;
+use crate::lazy::source::SourceSpec;
 use crate::lazy::{LazyDevice, LazyOptions, Metadata};
 
 const DISK: usize = 4 << 20;
@@ -66,13 +67,7 @@ fn lazy_over_file() {
         let md = Metadata::new((DISK / 512) as u64, 6).unwrap();
         md.write_to(&std::fs::File::create(&meta).unwrap(), None)
             .unwrap();
-        let opts = LazyOptions {
-            image_path: image,
-            metadata_path: meta,
-            copy_on_read: false,
-            autofetch: false,
-            autofetch_mib_per_sec: None,
-        };
+        let opts = LazyOptions::new(SourceSpec::File(image), meta);
         Arc::new(LazyDevice::open(file(d), None, &opts, 64).unwrap())
     });
 }

@@ -4,7 +4,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use log::{info, warn};
@@ -13,26 +13,58 @@ use super::channel::LazyChannel;
 use super::fetch::{fetcher, Shared};
 use super::metadata::{Metadata, WRITTEN};
 use super::persist::{MetaFile, MetaStore};
-use super::queue::{FetchQueue, Waker};
-use super::source::{self, StripeSource};
+use super::queue::{lock, FetchQueue, Waker};
+use super::source::{self, RemoteOptions, SourceSpec, StripeSource};
 use super::split::SourceEnd;
 use super::states::StripeStates;
 use super::{Error, LazyStatus};
 use crate::block::{BlockDevice, IoChannel, Notifier, SECTOR_SHIFT};
 use crate::crypto::Xts;
 
-/// Fetcher threads: enough to overlap source reads, base writes and syncs of several stripes.
-const FETCHERS: usize = 4;
+/// Fetcher threads for a local source: enough to overlap source reads, base writes and syncs
+/// of several stripes.
+const LOCAL_FETCHERS: usize = 4;
 
 /// What the lazy layer needs from the configuration.
 #[derive(Debug, Clone)]
 pub struct LazyOptions {
-    pub image_path: PathBuf,
+    pub source: SourceSpec,
+    /// Fetcher threads (`fetch_connections`); `None`: 4 for a local source, 16 for a remote one.
+    pub fetchers: Option<usize>,
+    /// For remote sources: timeouts, retries, S3 settings.
+    pub remote: RemoteOptions,
     pub metadata_path: PathBuf,
     pub copy_on_read: bool,
     pub autofetch: bool,
     /// Background fetch rate limit in MiB/s; `None`: unlimited.
     pub autofetch_mib_per_sec: Option<u32>,
+}
+
+/// Of `fetchers` threads, how many background work (autofetch) may use at once: a quarter
+/// (at least one) stays free for guest demand. With 4 local fetchers, 2 (so a local
+/// autofetch leaves the disk's bandwidth to the guest); with 16 remote ones, 12 (remote
+/// throughput comes from concurrency).
+fn background_fetchers(fetchers: usize) -> usize {
+    if fetchers <= LOCAL_FETCHERS {
+        fetchers.div_ceil(2)
+    } else {
+        fetchers - fetchers / 4
+    }
+}
+
+impl LazyOptions {
+    /// Fetching from `source` on demand only, copy-on-read off, default remote settings.
+    pub fn new(source: SourceSpec, metadata_path: PathBuf) -> Self {
+        LazyOptions {
+            source,
+            fetchers: None,
+            remote: RemoteOptions::default(),
+            metadata_path,
+            copy_on_read: false,
+            autofetch: false,
+            autofetch_mib_per_sec: None,
+        }
+    }
 }
 
 pub struct LazyDevice {
@@ -58,7 +90,7 @@ impl LazyDevice {
         Self::start(inner, meta, source, opts)
     }
 
-    /// [`LazyDevice::open`] with the source already open (`opts.image_path` is not used).
+    /// [`LazyDevice::open`] with the source already open (`opts.source` is not used).
     pub fn with_source(
         inner: Arc<dyn BlockDevice>,
         xts: Option<Arc<Xts>>,
@@ -77,6 +109,14 @@ impl LazyDevice {
     ) -> Result<Self, Error> {
         let disk_sectors = inner.sectors();
         let (bytes, disk_bytes) = (source.bytes(), disk_sectors << SECTOR_SHIFT);
+        let fetchers = opts
+            .fetchers
+            .unwrap_or(if opts.source.is_remote() {
+                opts.remote.connections
+            } else {
+                LOCAL_FETCHERS
+            })
+            .max(1);
         if bytes > disk_bytes {
             warn!(
                 "image {source} is {bytes} bytes, larger than the {disk_bytes}-byte disk: \
@@ -91,11 +131,13 @@ impl LazyDevice {
             stripes: StripeStates::new(&md, disk_sectors),
             queue: FetchQueue::new(
                 opts.autofetch,
+                background_fetchers(fetchers),
                 opts.autofetch_mib_per_sec.map(|m| u64::from(m) << 20),
             ),
             meta: MetaStore::new(meta),
             copy_on_read: opts.copy_on_read,
             errors: AtomicU64::new(0),
+            last_error: Mutex::default(),
         });
         info!(
             "lazy fetch from {source}: {} of {} stripes of {} KiB fetched, copy_on_read {}, \
@@ -106,7 +148,7 @@ impl LazyDevice {
             opts.copy_on_read,
             opts.autofetch
         );
-        let channels = (0..FETCHERS)
+        let channels = (0..fetchers)
             .map(|_| inner.new_channel())
             .collect::<io::Result<Vec<_>>>()
             .map_err(Error::FetcherChannels)?;
@@ -144,6 +186,9 @@ impl LazyDevice {
             stripe_bytes: s.stripes.stripe_bytes(),
             copy_on_read: s.copy_on_read,
             autofetch: s.queue.autofetch,
+            source: self.source.to_string(),
+            fetch_retries: self.source.retries(),
+            last_fetch_error: lock(&s.last_error).clone(),
         }
     }
 }

@@ -33,6 +33,12 @@ pub enum Error {
     Socket(#[from] SocketError),
     #[error("cannot open the fetchers' channels to the base disk")]
     FetcherChannels(#[source] io::Error),
+    /// A source kind this build cannot open.
+    #[error("{field}: {what}")]
+    Unsupported {
+        field: &'static str,
+        what: &'static str,
+    },
     /// A background thread (`what`: fetcher, control socket) could not be started.
     #[error("cannot start {what}")]
     Thread {

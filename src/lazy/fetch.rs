@@ -8,12 +8,12 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use log::{error, info};
 
 use super::persist::MetaStore;
-use super::queue::{FetchQueue, Job};
+use super::queue::{lock, FetchQueue, Job};
 use super::source::StripeSource;
 use super::states::StripeStates;
 use crate::block::{run_sync, BlockDevice, IoBuf, IoChannel, IoOp, SECTOR_SHIFT};
@@ -26,6 +26,8 @@ pub(crate) struct Shared {
     pub copy_on_read: bool,
     /// Failed fetches since start.
     pub errors: AtomicU64,
+    /// The last failed fetch's error (for `status`).
+    pub last_error: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -76,6 +78,7 @@ impl Shared {
             Err(e) => {
                 self.stripes.unclaim(stripe);
                 let count = self.errors.fetch_add(1, SeqCst) + 1;
+                *lock(&self.last_error) = Some(format!("stripe {stripe}: {e}"));
                 if count <= 10 || count.is_power_of_two() {
                     error!("fetching stripe {stripe} failed ({count} failures so far): {e}");
                 }

@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 use super::states::StripeStates;
 use crate::block::Notifier;
 
-/// Background fetches running at once; the rest of the pool stays free for guest demand.
-const AUTOFETCH_CONCURRENCY: usize = 2;
 /// After a full pass that left stripes behind (in flight elsewhere, or failed), wait this long
 /// before the next pass.
 const AUTOFETCH_RETRY: Duration = Duration::from_secs(1);
@@ -57,6 +55,8 @@ pub(crate) struct FetchQueue {
     queue: Mutex<Queue>,
     cond: Condvar,
     pub autofetch: bool,
+    /// Background fetches running at once; the rest of the pool stays free for guest demand.
+    background: usize,
     /// Bytes per second for background fetches; `None`: as fast as the pool goes.
     autofetch_rate: Option<u64>,
     /// Bumped after every finished job (success or failure); channels re-check parked
@@ -66,11 +66,12 @@ pub(crate) struct FetchQueue {
 }
 
 impl FetchQueue {
-    pub fn new(autofetch: bool, autofetch_rate: Option<u64>) -> Self {
+    pub fn new(autofetch: bool, background: usize, autofetch_rate: Option<u64>) -> Self {
         FetchQueue {
             queue: Mutex::default(),
             cond: Condvar::new(),
             autofetch,
+            background,
             autofetch_rate,
             generation: AtomicU64::new(0),
             wakers: Mutex::default(),
@@ -114,7 +115,7 @@ impl FetchQueue {
                 q.running += 1;
                 return Some(Job::Fetch(s, false));
             }
-            if self.autofetch && !q.auto_done && q.auto_running < AUTOFETCH_CONCURRENCY {
+            if self.autofetch && !q.auto_done && q.auto_running < self.background {
                 let now = Instant::now();
                 match q.next_auto {
                     Some(t) if t > now => {

@@ -5,7 +5,9 @@ mod file;
 
 use std::fmt;
 use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use file::FileSource;
 
@@ -54,9 +56,85 @@ pub trait StripeSource: fmt::Display + Send + Sync {
         let _ = notify;
         None
     }
+
+    /// Attempts that failed and were retried since start (remote sources), for `status`.
+    fn retries(&self) -> u64 {
+        0
+    }
+}
+
+/// Where a lazy disk's stripes come from: the configuration field that names the source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSpec {
+    /// `image_path`: a local file or block device.
+    File(PathBuf),
+    /// `image_url`: `http://`, `https://` or `s3://bucket/key`.
+    Url(String),
+    /// `archive_url`: a disk archive (`s3://bucket/prefix`, `file:///dir`).
+    Archive(String),
+}
+
+impl SourceSpec {
+    /// True for sources reached over the network.
+    pub fn is_remote(&self) -> bool {
+        match self {
+            SourceSpec::File(_) => false,
+            SourceSpec::Url(_) => true,
+            SourceSpec::Archive(url) => !url.starts_with("file://"),
+        }
+    }
+}
+
+/// How remote sources are reached: the `fetch_*` and `s3_*` fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteOptions {
+    /// Connections (and fetcher threads) at once.
+    pub connections: usize,
+    /// Longest single attempt (connect, request, whole response).
+    pub attempt_timeout: Duration,
+    /// How long one fetch is retried before it fails; no attempt starts after it.
+    pub retry_budget: Duration,
+    /// S3 settings that override the AWS environment and files.
+    pub s3: S3Overrides,
+}
+
+/// `s3_endpoint`, `s3_region`, `s3_profile`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct S3Overrides {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub profile: Option<String>,
+}
+
+/// Defaults of the remote fields.
+pub const DEFAULT_FETCH_CONNECTIONS: usize = 16;
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A guest request waits at most about this long for a fetch during an outage: well before
+/// a Linux guest's hung-task warning (120 s).
+pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(30);
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions {
+            connections: DEFAULT_FETCH_CONNECTIONS,
+            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
+            retry_budget: DEFAULT_RETRY_BUDGET,
+            s3: S3Overrides::default(),
+        }
+    }
 }
 
 /// Opens the source `opts` configures; `ring_entries` sizes read-through channels' rings.
 pub fn open(opts: &LazyOptions, ring_entries: u32) -> Result<Arc<dyn StripeSource>, Error> {
-    Ok(Arc::new(FileSource::open(&opts.image_path, ring_entries)?))
+    match &opts.source {
+        SourceSpec::File(path) => Ok(Arc::new(FileSource::open(path, ring_entries)?)),
+        SourceSpec::Url(_) => Err(Error::Unsupported {
+            field: "image_url",
+            what: "remote sources are not built yet",
+        }),
+        SourceSpec::Archive(_) => Err(Error::Unsupported {
+            field: "archive_url",
+            what: "archive sources are not built yet",
+        }),
+    }
 }

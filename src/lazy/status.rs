@@ -16,4 +16,10 @@ pub struct LazyStatus {
     pub stripe_bytes: u64,
     pub copy_on_read: bool,
     pub autofetch: bool,
+    /// The source as logs name it (a path, a URL without its query).
+    pub source: String,
+    /// Remote attempts that failed and were retried (the fetch itself may have succeeded).
+    pub fetch_retries: u64,
+    /// The last failed fetch's error, `null` if none failed since start.
+    pub last_fetch_error: Option<String>,
 }

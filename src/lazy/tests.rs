@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
 use super::metadata::{FETCHED, WRITTEN};
+use super::source::SourceSpec;
 use super::{LazyDevice, LazyOptions, Metadata, StripeSource};
 use crate::block::{
     run_sync, BlockDevice, Completion, FileDevice, IoBuf, IoChannel, IoOp, IoVecs, Notifier,
@@ -53,11 +54,8 @@ fn fixture(image_len: usize, copy_on_read: bool) -> Fixture {
 
 fn options(image_path: &Path, meta: &Path, copy_on_read: bool) -> LazyOptions {
     LazyOptions {
-        image_path: image_path.to_owned(),
-        metadata_path: meta.to_owned(),
         copy_on_read,
-        autofetch: false,
-        autofetch_mib_per_sec: None,
+        ..LazyOptions::new(SourceSpec::File(image_path.to_owned()), meta.to_owned())
     }
 }
 
@@ -285,6 +283,8 @@ fn copy_on_read_fetches_and_a_failed_fetch_is_an_error_not_a_hang() {
     assert_eq!(r, Err(libc::EIO));
     let s = f.device.status();
     assert_eq!((s.fetched, s.fetch_errors, s.fetching), (1, 1, 0));
+    let last = s.last_fetch_error.expect("the failed fetch is reported");
+    assert!(last.starts_with("stripe 5: "), "{last}");
     assert!(!on_disk(&f).is_fetched(5));
 }
 
@@ -292,10 +292,15 @@ fn copy_on_read_fetches_and_a_failed_fetch_is_an_error_not_a_hang() {
 fn status_json_is_one_line() {
     let f = fixture(STRIPE, false);
     let json = crate::lazy::control::answer("status\n", &f.device).unwrap();
+    let source = serde_json::to_string(&f.image_path.display().to_string()).unwrap();
     assert_eq!(
         json,
-        "{\"stripes\":8,\"fetched\":0,\"written\":0,\"fetching\":0,\"fetch_errors\":0,\
-         \"complete\":false,\"stripe_bytes\":32768,\"copy_on_read\":false,\"autofetch\":false}"
+        format!(
+            "{{\"stripes\":8,\"fetched\":0,\"written\":0,\"fetching\":0,\"fetch_errors\":0,\
+             \"complete\":false,\"stripe_bytes\":32768,\"copy_on_read\":false,\
+             \"autofetch\":false,\"source\":{source},\"fetch_retries\":0,\
+             \"last_fetch_error\":null}}"
+        )
     );
     assert_eq!(
         crate::lazy::control::answer("bogus\"\n", &f.device).unwrap(),

@@ -1,0 +1,88 @@
+//! Object storage for disk archives and remote sources: the [`ObjectStore`] trait and
+//! [`open_store`], which picks the implementation a URL names (`file:///dir`, `s3://bucket/prefix`).
+
+mod file;
+
+use std::fmt;
+use std::io;
+
+pub use file::FileStore;
+
+use crate::lazy::source::RemoteOptions;
+
+/// A flat namespace of immutable objects under one prefix (a directory, a bucket prefix).
+///
+/// Keys are relative, `/`-separated names made of `[A-Za-z0-9._/-]`, never starting with
+/// `/` or containing `..`; the store joins them to its prefix. Every call blocks (fetcher
+/// threads and the `archive` tool call it from plain threads); implementations retry
+/// transient failures within their [`RemoteOptions`] budget and return the final error.
+/// Errors: [`io::ErrorKind::NotFound`] for a missing object, anything else for the rest.
+pub trait ObjectStore: fmt::Display + Send + Sync {
+    /// The whole object.
+    fn get(&self, key: &str) -> io::Result<Vec<u8>>;
+
+    /// Stores `data` under `key`, replacing an object of that name; durable when it returns.
+    fn put(&self, key: &str, data: &[u8]) -> io::Result<()>;
+
+    /// Whether an object named `key` exists.
+    fn exists(&self, key: &str) -> io::Result<bool>;
+}
+
+/// Why a store could not be opened; the error names the configuration field or flag.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{field}: must start with file:// or s3://")]
+    Scheme { field: &'static str },
+    #[error("{field}: cannot use {url}")]
+    Open {
+        field: &'static str,
+        url: String,
+        source: io::Error,
+    },
+}
+
+/// Opens the store `url` names; `field` is the config field or flag it came from.
+pub fn open_store(
+    field: &'static str,
+    url: &str,
+    remote: &RemoteOptions,
+) -> Result<Box<dyn ObjectStore>, StoreError> {
+    let _ = remote;
+    if let Some(dir) = url.strip_prefix("file://") {
+        let store = FileStore::open(dir.as_ref()).map_err(|source| StoreError::Open {
+            field,
+            url: url.to_string(),
+            source,
+        })?;
+        return Ok(Box::new(store));
+    }
+    if url.starts_with("s3://") {
+        return Err(StoreError::Open {
+            field,
+            url: url.to_string(),
+            source: io::Error::new(io::ErrorKind::Unsupported, "S3 is not built yet"),
+        });
+    }
+    Err(StoreError::Scheme { field })
+}
+
+/// Refuses keys outside the rules of [`ObjectStore`] (a key is never taken from a peer
+/// unchecked: a manifest could name `../../etc/passwd`).
+pub fn check_key(key: &str) -> io::Result<()> {
+    let ok = !key.is_empty()
+        && !key.starts_with('/')
+        && key
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid object name {key:?}"),
+        ))
+    }
+}
