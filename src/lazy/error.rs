@@ -15,6 +15,10 @@ pub enum Error {
     BaseSize { path: PathBuf, source: io::Error },
     #[error("image_path: cannot open {path}")]
     OpenImage { path: PathBuf, source: io::Error },
+    /// `image_url` could not be opened (unreachable, refused, no Range support, bad
+    /// credentials); the URL is shown without its query string.
+    #[error("image_url: cannot use {url}")]
+    OpenUrl { url: String, source: io::Error },
     /// Reading the source's partial last sector at start-up failed.
     #[error("cannot read the last partial sector of the image {image}")]
     ImageTail { image: String, source: io::Error },

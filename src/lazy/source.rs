@@ -2,6 +2,8 @@
 //! implementation the configuration names.
 
 mod file;
+mod http;
+mod s3;
 
 use std::fmt;
 use std::io;
@@ -10,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use file::FileSource;
+pub use http::RangeSource;
 
 use super::{Error, LazyOptions};
 use crate::block::{IoChannel, Notifier};
@@ -128,10 +131,18 @@ impl Default for RemoteOptions {
 pub fn open(opts: &LazyOptions, ring_entries: u32) -> Result<Arc<dyn StripeSource>, Error> {
     match &opts.source {
         SourceSpec::File(path) => Ok(Arc::new(FileSource::open(path, ring_entries)?)),
-        SourceSpec::Url(_) => Err(Error::Unsupported {
-            field: "image_url",
-            what: "remote sources are not built yet",
-        }),
+        SourceSpec::Url(url) => {
+            let opened = if url.starts_with("s3://") {
+                s3::open(url, &opts.remote)
+            } else {
+                http::open(url, &opts.remote)
+            };
+            let source = opened.map_err(|source| Error::OpenUrl {
+                url: crate::remote::http::redact(url).to_string(),
+                source,
+            })?;
+            Ok(Arc::new(source))
+        }
         SourceSpec::Archive(_) => Err(Error::Unsupported {
             field: "archive_url",
             what: "archive sources are not built yet",

@@ -1,12 +1,17 @@
 //! Object storage for disk archives and remote sources: the [`ObjectStore`] trait and
 //! [`open_store`], which picks the implementation a URL names (`file:///dir`, `s3://bucket/prefix`).
 
+pub mod aws;
 mod file;
+pub mod http;
+pub mod retry;
+pub mod s3;
 
 use std::fmt;
 use std::io;
 
 pub use file::FileStore;
+pub use s3::S3Store;
 
 use crate::lazy::source::RemoteOptions;
 
@@ -47,21 +52,21 @@ pub fn open_store(
     url: &str,
     remote: &RemoteOptions,
 ) -> Result<Box<dyn ObjectStore>, StoreError> {
-    let _ = remote;
+    let open_err = |source| StoreError::Open {
+        field,
+        url: url.to_string(),
+        source,
+    };
     if let Some(dir) = url.strip_prefix("file://") {
-        let store = FileStore::open(dir.as_ref()).map_err(|source| StoreError::Open {
-            field,
-            url: url.to_string(),
-            source,
-        })?;
+        let store = FileStore::open(dir.as_ref()).map_err(open_err)?;
         return Ok(Box::new(store));
     }
     if url.starts_with("s3://") {
-        return Err(StoreError::Open {
-            field,
-            url: url.to_string(),
-            source: io::Error::new(io::ErrorKind::Unsupported, "S3 is not built yet"),
-        });
+        let cfg = aws::resolve(&aws::ProcessEnv, &remote.s3)
+            .map_err(|e| open_err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        return Ok(Box::new(
+            S3Store::open(url, &cfg, remote).map_err(open_err)?,
+        ));
     }
     Err(StoreError::Scheme { field })
 }

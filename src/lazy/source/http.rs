@@ -1,0 +1,351 @@
+//! An object behind HTTP(S) Range GETs as the source (`image_url: http://...|https://...`);
+//! the S3 source is the same reads on presigned URLs.
+//!
+//! The image must not change under a running disk: stripes fetched before and after a
+//! replacement would mix two images. So the size and a validator (the ETag, else
+//! Last-Modified) are taken at open, every read is conditional on it (`If-Match`, else
+//! `If-Unmodified-Since`), and every response is checked (206, the Content-Range asked for,
+//! the same total size, the same ETag). Any difference is [`changed`]: a permanent error, not
+//! retried, so fetches fail until the backend is restarted on the new image.
+
+use std::fmt;
+use std::io::{self, Read};
+
+use log::{info, warn};
+
+use super::StripeSource;
+use crate::lazy::source::RemoteOptions;
+use crate::remote::http::{header, redact, status_failure, FixedUrl, HttpClient, Locate, Method};
+use crate::remote::retry::Failure;
+
+/// What the reads are conditional on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Validator {
+    /// A strong ETag: `If-Match`.
+    ETag(String),
+    /// `If-Unmodified-Since` (no ETag, or only a weak one, which `If-Match` never matches).
+    LastModified(String),
+    /// Neither: only the size and Content-Range are checked (warned about at open).
+    None,
+}
+
+/// The object as one response describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Meta {
+    size: u64,
+    etag: Option<String>,
+    last_modified: Option<String>,
+}
+
+/// A remote object read with checked Range GETs.
+pub struct RangeSource {
+    locate: Box<dyn Locate>,
+    client: HttpClient,
+    /// The URL without its query (or `s3://bucket/key`): what logs and errors show.
+    name: String,
+    bytes: u64,
+    etag: Option<String>,
+    validator: Validator,
+}
+
+/// An `http://` or `https://` image.
+pub fn open(url: &str, remote: &RemoteOptions) -> io::Result<RangeSource> {
+    RangeSource::open(
+        Box::new(FixedUrl(url.to_string())),
+        redact(url).to_string(),
+        remote,
+    )
+}
+
+impl RangeSource {
+    /// Learns the size and validator (HEAD, or a one-byte Range GET where HEAD is not
+    /// allowed) and checks that the server honours Range requests.
+    pub fn open(locate: Box<dyn Locate>, name: String, remote: &RemoteOptions) -> io::Result<Self> {
+        let mut src = RangeSource {
+            locate,
+            client: HttpClient::new(remote),
+            name,
+            bytes: 0,
+            etag: None,
+            validator: Validator::None,
+        };
+        let head = src.head()?;
+        let meta = match &head {
+            // A probe of the first byte: proves Range support, and the size where HEAD
+            // gave none.
+            Some(m) if m.size == 0 => m.clone(),
+            _ => src.probe(head.as_ref())?,
+        };
+        src.bytes = meta.size;
+        src.etag = meta.etag.clone();
+        src.validator = match (&meta.etag, &meta.last_modified) {
+            (Some(e), _) if !e.starts_with("W/") => Validator::ETag(e.clone()),
+            (_, Some(lm)) => Validator::LastModified(lm.clone()),
+            _ => {
+                warn!(
+                    "image {}: the server sends neither ETag nor Last-Modified: a replaced \
+                     image of the same size would not be noticed",
+                    src.name
+                );
+                Validator::None
+            }
+        };
+        info!(
+            "image {}: {} bytes, validated by {:?}",
+            src.name, src.bytes, src.validator
+        );
+        Ok(src)
+    }
+
+    /// HEAD: `None` if the server does not allow it (405, 501).
+    fn head(&self) -> io::Result<Option<Meta>> {
+        let what = format!("HEAD {}", self.name);
+        self.client.policy.run(&what, |timeout| {
+            let url = self.locate.url(Method::Head);
+            let mut resp = self.client.send(Method::Head, &url, &[], None, timeout)?;
+            match resp.status().as_u16() {
+                200 => {
+                    let h = resp.headers();
+                    let size = header(h, "content-length")
+                        .and_then(|v| v.trim().parse().ok())
+                        .ok_or_else(|| {
+                            Failure::permanent(io::Error::other(
+                                "HEAD: the server gives no Content-Length (the image size)",
+                            ))
+                        })?;
+                    Ok(Some(Meta {
+                        size,
+                        etag: header(h, "etag").map(str::to_string),
+                        last_modified: header(h, "last-modified").map(str::to_string),
+                    }))
+                }
+                405 | 501 => Ok(None),
+                _ => Err(status_failure(Method::Head, &url, &mut resp)),
+            }
+        })
+    }
+
+    /// `Range: bytes=0-0`, checked against what HEAD said when it said something.
+    fn probe(&self, head: Option<&Meta>) -> io::Result<Meta> {
+        let what = format!("GET {} (first byte)", self.name);
+        self.client.policy.run(&what, |timeout| {
+            let url = self.locate.url(Method::Get);
+            let mut resp =
+                self.client
+                    .send(Method::Get, &url, &[("range", "bytes=0-0")], None, timeout)?;
+            let status = resp.status().as_u16();
+            if status == 200 {
+                return Err(Failure::permanent(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "the server does not support Range requests (it answered a Range GET \
+                     with the whole object, status 200 instead of 206)",
+                )));
+            }
+            if status == 416 && head.is_none() {
+                // An empty object has no first byte.
+                let total = header(resp.headers(), "content-range").and_then(unsatisfied_total);
+                if total == Some(0) {
+                    return Ok(Meta {
+                        size: 0,
+                        etag: header(resp.headers(), "etag").map(str::to_string),
+                        last_modified: header(resp.headers(), "last-modified").map(str::to_string),
+                    });
+                }
+            }
+            if status != 206 {
+                return Err(status_failure(Method::Get, &url, &mut resp));
+            }
+            let h = resp.headers();
+            let range = header(h, "content-range").and_then(parse_content_range);
+            let Some((0, 0, size)) = range else {
+                return Err(Failure::permanent(io::Error::other(format!(
+                    "the first byte came with Content-Range {:?}, not bytes 0-0/SIZE",
+                    header(h, "content-range").unwrap_or("(none)")
+                ))));
+            };
+            let meta = Meta {
+                size,
+                etag: header(h, "etag").map(str::to_string),
+                last_modified: header(h, "last-modified").map(str::to_string),
+            };
+            if let Some(head) = head {
+                if head.size != meta.size || (head.etag.is_some() && meta.etag != head.etag) {
+                    return Err(Failure::permanent(changed(
+                        &self.name,
+                        "HEAD and GET disagree on its size or ETag",
+                    )));
+                }
+            }
+            let mut byte = [0u8; 1];
+            resp.body_mut()
+                .as_reader()
+                .read_exact(&mut byte)
+                .map_err(|e| {
+                    Failure::transient(io::Error::new(e.kind(), format!("{what}: {e}")))
+                })?;
+            Ok(Meta {
+                etag: meta.etag.or(head.and_then(|h| h.etag.clone())),
+                last_modified: meta
+                    .last_modified
+                    .or(head.and_then(|h| h.last_modified.clone())),
+                ..meta
+            })
+        })
+    }
+
+    /// One checked Range GET of `buf.len()` bytes at `offset` (inside the object).
+    fn get_range(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        timeout: std::time::Duration,
+    ) -> Result<(), Failure> {
+        let last = offset + buf.len() as u64 - 1;
+        let range = format!("bytes={offset}-{last}");
+        let mut headers = vec![("range", range.as_str())];
+        match &self.validator {
+            Validator::ETag(e) => headers.push(("if-match", e)),
+            Validator::LastModified(lm) => headers.push(("if-unmodified-since", lm)),
+            Validator::None => {}
+        }
+        let url = self.locate.url(Method::Get);
+        let mut resp = self
+            .client
+            .send(Method::Get, &url, &headers, None, timeout)?;
+        let changed_because = |why: String| Failure::permanent(changed(&self.name, &why));
+        match resp.status().as_u16() {
+            206 => {}
+            412 => return Err(changed_because("a conditional GET failed (412)".into())),
+            416 => return Err(changed_because("it is shorter now (416)".into())),
+            200 => {
+                return Err(Failure::permanent(io::Error::other(format!(
+                    "GET {}: the server ignored the Range header (200 instead of 206)",
+                    self.name
+                ))))
+            }
+            _ => return Err(status_failure(Method::Get, &url, &mut resp)),
+        }
+        let h = resp.headers();
+        let got = header(h, "content-range");
+        if got.and_then(parse_content_range) != Some((offset, last, self.bytes)) {
+            return Err(changed_because(format!(
+                "asked for bytes {offset}-{last}/{}, got Content-Range {}",
+                self.bytes,
+                got.unwrap_or("(none)")
+            )));
+        }
+        if let (Some(want), Some(got)) = (&self.etag, header(h, "etag")) {
+            if want != got {
+                return Err(changed_because(format!("ETag {got} instead of {want}")));
+            }
+        }
+        let mut body = resp.body_mut().as_reader();
+        body.read_exact(buf).map_err(|e| {
+            Failure::transient(io::Error::new(
+                e.kind(),
+                format!("GET {} bytes {offset}-{last}: {e}", self.name),
+            ))
+        })?;
+        // More than the range asked for is not the object we know.
+        let mut extra = [0u8; 1];
+        match body.read(&mut extra) {
+            Ok(0) => Ok(()),
+            Ok(_) => Err(changed_because(format!(
+                "the body of bytes {offset}-{last} is longer than the range"
+            ))),
+            Err(e) => Err(Failure::transient(e)),
+        }
+    }
+}
+
+/// The error of an image replaced or altered under a running backend.
+fn changed(name: &str, why: &str) -> io::Error {
+    io::Error::other(format!(
+        "the image at {name} changed since the backend started ({why}); refusing to mix two \
+         images: restart the backend on a new disk to use the new image"
+    ))
+}
+
+/// `bytes START-END/TOTAL` -> (START, END, TOTAL).
+fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, end) = range.split_once('-')?;
+    let (start, end, total) = (
+        start.trim().parse().ok()?,
+        end.trim().parse().ok()?,
+        total.trim().parse().ok()?,
+    );
+    (start <= end && end < total).then_some((start, end, total))
+}
+
+/// `bytes */TOTAL` (a 416's Content-Range) -> TOTAL.
+fn unsatisfied_total(v: &str) -> Option<u64> {
+    v.trim().strip_prefix("bytes */")?.trim().parse().ok()
+}
+
+impl fmt::Display for RangeSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl StripeSource for RangeSource {
+    fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let avail = self.bytes.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (data, past_end) = buf.split_at_mut(avail);
+        if !data.is_empty() {
+            let what = format!("GET {} bytes {offset}+{avail}", self.name);
+            self.client
+                .policy
+                .run(&what, |timeout| self.get_range(offset, data, timeout))?;
+        }
+        past_end.fill(0);
+        Ok(())
+    }
+
+    fn retries(&self) -> u64 {
+        self.client.policy.retries()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range() {
+        assert_eq!(parse_content_range("bytes 0-0/10"), Some((0, 0, 10)));
+        assert_eq!(
+            parse_content_range("bytes 65536-131071/1000000"),
+            Some((65536, 131071, 1_000_000))
+        );
+        for bad in [
+            "bytes 0-0/*",
+            "bytes */10",
+            "bytes 5-4/10",
+            "bytes 0-10/10",
+            "items 0-0/10",
+            "bytes 0-0",
+            "",
+        ] {
+            assert_eq!(parse_content_range(bad), None, "{bad}");
+        }
+        assert_eq!(unsatisfied_total("bytes */0"), Some(0));
+        assert_eq!(unsatisfied_total("bytes 0-0/1"), None);
+    }
+
+    #[test]
+    fn display_drops_the_query() {
+        assert_eq!(
+            redact("https://h/img.raw?X-Amz-Signature=abc"),
+            "https://h/img.raw"
+        );
+        let e = changed("https://h/img.raw", "412");
+        assert!(e.to_string().contains("changed since the backend started"));
+    }
+}
