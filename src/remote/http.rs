@@ -146,15 +146,18 @@ fn system_roots() -> RootCerts {
 /// A transport error: connection problems and timeouts are worth another attempt; a bad
 /// certificate or URL is not. The message names the request, never its query string.
 fn transport_failure(method: Method, url: &str, e: ureq::Error) -> Failure {
-    let transient = matches!(
-        e,
-        ureq::Error::Io(_)
-            | ureq::Error::Timeout(_)
-            | ureq::Error::HostNotFound
-            | ureq::Error::ConnectionFailed
-            | ureq::Error::Protocol(_)
-            | ureq::Error::BodyStalled
-    );
+    let transient = match &e {
+        // rustls reports a refused certificate as an I/O error of the handshake.
+        ureq::Error::Io(io) => !is_tls_error(io),
+        e => matches!(
+            e,
+            ureq::Error::Timeout(_)
+                | ureq::Error::HostNotFound
+                | ureq::Error::ConnectionFailed
+                | ureq::Error::Protocol(_)
+                | ureq::Error::BodyStalled
+        ),
+    };
     let kind = match &e {
         ureq::Error::Timeout(_) => io::ErrorKind::TimedOut,
         ureq::Error::Io(io) => io.kind(),
@@ -171,6 +174,13 @@ fn transport_failure(method: Method, url: &str, e: ureq::Error) -> Failure {
     } else {
         Failure::permanent(error)
     }
+}
+
+/// Whether an I/O error is TLS refusing the peer (a certificate, a protocol version): the
+/// same again on every attempt.
+fn is_tls_error(e: &io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
 }
 
 /// A response whose status is not the expected one: retried for 5xx, 408 and 429 (S3's

@@ -136,9 +136,12 @@ impl RetryPolicy {
             if !failure.transient {
                 return Err(failure.error);
             }
-            let wait = backoff(failed, failure.retry_after, &mut rng);
-            let next = clock.now() + wait;
-            if self.budget.is_zero() || next + MIN_ATTEMPT > deadline {
+            // The last wait is cut short so that the last attempt starts before the
+            // deadline: a fetch fails after about the budget, whatever the jitter drew.
+            let left = deadline.saturating_duration_since(clock.now());
+            let wait = backoff(failed, failure.retry_after, &mut rng)
+                .min(left.saturating_sub(MIN_ATTEMPT));
+            if self.budget.is_zero() || left < MIN_ATTEMPT * 2 {
                 let spent = clock.now().saturating_duration_since(start);
                 return Err(if failed > 1 {
                     io::Error::new(
@@ -172,7 +175,9 @@ impl RetryPolicy {
                 if suppressed > 0 {
                     warn!("{suppressed} more failed attempts of remote requests not logged");
                 }
-                warn!("{what}: {e}; retrying in {} ms", wait.as_millis());
+                // `e` names the request already.
+                let _ = what;
+                warn!("{e}; retrying in {} ms", wait.as_millis());
             }
             Verdict::StartSuppressing => {
                 warn!("many remote requests are failing: logging the next failures only as a count")
@@ -356,7 +361,10 @@ mod tests {
         assert!(r.is_err());
         let sleeps = clock.sleeps.borrow();
         assert!(sleeps.iter().all(|s| *s <= MAX_WAIT), "{sleeps:?}");
-        assert!(clock.elapsed() <= Duration::from_secs(60));
+        // ... and the budget is used: the last attempt starts just before its end.
+        let elapsed = clock.elapsed();
+        assert!(elapsed <= Duration::from_secs(60), "{elapsed:?}");
+        assert!(elapsed >= Duration::from_secs(59), "{elapsed:?}");
         // 60 s of waits of at most 5 s each: at least 12 of them.
         assert!(sleeps.len() >= 12, "{}", sleeps.len());
     }

@@ -91,8 +91,12 @@ impl RangeSource {
             }
         };
         info!(
-            "image {}: {} bytes, validated by {:?}",
-            src.name, src.bytes, src.validator
+            "image {}: {} bytes, validated by {:?}; attempts of at most {:?} retried for {:?}",
+            src.name,
+            src.bytes,
+            src.validator,
+            src.client.policy.attempt_timeout,
+            src.client.policy.budget
         );
         Ok(src)
     }

@@ -1,0 +1,295 @@
+//! Lazy fetch from remote sources (`image_url`) through libblkio, against real servers:
+//! nginx for HTTP(S) and Garage for S3. Each test checks one rule of docs/lazy-fetch.md
+//! ("Remote sources") and fails if it breaks.
+
+mod common;
+// TEMPORARY: the private copy of the shared fixtures; becomes `common::servers`.
+#[path = "common/servers_tmp.rs"]
+mod servers;
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::*;
+use servers::{Garage, Nginx};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vhost-backend");
+const INIT: &str = env!("CARGO_BIN_EXE_init-metadata");
+/// 64 KiB stripes.
+const SHIFT: u8 = 7;
+const STRIPE: u64 = 512 << SHIFT;
+const DISK: u64 = 32 * STRIPE;
+/// Not a multiple of the stripe or of 512: the tail and the zeros past it are checked too.
+const IMAGE_LEN: usize = 20 * STRIPE as usize + 1234;
+
+/// A lazy disk whose image is served from `files.dir/image.raw` (nginx's root) or uploaded to
+/// Garage, with the config naming it by `image_url`.
+struct Remote {
+    files: LazyFiles,
+    image: Vec<u8>,
+}
+
+impl Remote {
+    fn new(prefix: &str) -> Remote {
+        let image = pattern_bytes(0x7e70_0000, IMAGE_LEN);
+        let files = LazyFiles::new(prefix, DISK, 0xee, &image, &[]);
+        // init-metadata needs only the base disk and the stripe size.
+        files.init_metadata(INIT, SHIFT);
+        Remote { files, image }
+    }
+
+    /// The config with `image_url: url` instead of `image_path`.
+    fn config(&self, url: &str) -> BackendConfig {
+        self.config_with(url, &[])
+    }
+
+    /// [`Remote::config`] plus `extra` YAML lines.
+    fn config_with(&self, url: &str, extra: &[&str]) -> BackendConfig {
+        let mut config = self.files.config.clone();
+        config.extra_yaml.retain(|l| !l.starts_with("image_path:"));
+        config
+            .extra_yaml
+            .push(format!("image_url: {}", yaml_str(url)));
+        config
+            .extra_yaml
+            .extend(extra.iter().map(|l| l.to_string()));
+        config
+    }
+
+    /// What the guest must read at `offset`: the image, then zeros.
+    fn expect(&self, offset: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        let off = offset as usize;
+        if off < self.image.len() {
+            let n = (self.image.len() - off).min(len);
+            v[..n].copy_from_slice(&self.image[off..off + n]);
+        }
+        v
+    }
+
+    fn check_all(&self, c: &mut Client) {
+        let chunk = 128 << 10;
+        let mut off = 0;
+        while off < DISK {
+            let got = c.read(0, off, chunk).unwrap_or_else(|e| {
+                panic!("read at {off}: {}", errno_name(e));
+            });
+            assert!(got == self.expect(off, chunk), "data differs at {off}");
+            off += chunk as u64;
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let s = ControlStatus::query(&self.files.ctl).unwrap();
+        serde_json::from_str(&s.raw).unwrap()
+    }
+}
+
+/// Starts the backend on `config` with `env` added, waiting for its socket.
+fn start(config: &BackendConfig, env: &[(String, String)]) -> (ChildGuard, Client) {
+    let mut be = Backend::spawn_as_is(BIN, config, &[], |cmd| {
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    })
+    .unwrap();
+    be.wait_for_socket(&config.socket, Duration::from_secs(40))
+        .unwrap();
+    let c = Client::connect_queues(&config.socket, config.num_queues).unwrap();
+    (be, c)
+}
+
+/// Starts the backend on `config`, expecting it to fail at start-up; returns its log.
+fn start_fails(config: &BackendConfig, env: &[(String, String)]) -> String {
+    let mut be = Backend::spawn_as_is(BIN, config, &[], |cmd| {
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    })
+    .unwrap();
+    let st = be
+        .wait_timeout(Duration::from_secs(60))
+        .expect("the backend did not exit");
+    assert!(!st.success(), "started: {}", be.log());
+    be.log()
+}
+
+#[test]
+fn http_image_reads_equal_the_image() {
+    let r = Remote::new("ubiblk-remote-http");
+    let nginx = Nginx::start(r.files.dir.path());
+    let (_be, mut c) = start(&r.config(&nginx.url("image.raw")), &[]);
+    r.check_all(&mut c);
+    let s = r.status();
+    assert_eq!(s["fetch_errors"], 0, "{s}");
+    // Read-through is off for remote sources: every stripe with image data was fetched.
+    assert!(s["fetched"].as_u64().unwrap() >= 21, "{s}");
+}
+
+#[test]
+fn https_image_trusts_the_ca_in_ssl_cert_file() {
+    let r = Remote::new("ubiblk-remote-https");
+    let nginx = Nginx::start_tls(r.files.dir.path());
+    let ca = nginx.ca_cert().unwrap();
+    let url = nginx.url("image.raw");
+    assert!(url.starts_with("https://"));
+
+    // Without the CA the certificate is refused, at start-up, naming the field.
+    let log = start_fails(
+        &r.config(&url),
+        &[("SSL_CERT_FILE".into(), "/nonexistent".into())],
+    );
+    assert!(log.contains("image_url"), "{log}");
+
+    let env = [("SSL_CERT_FILE".to_string(), ca.display().to_string())];
+    let (_be, mut c) = start(&r.config(&url), &env);
+    r.check_all(&mut c);
+}
+
+#[test]
+fn outage_fails_unfetched_reads_in_the_budget_and_heals_after() {
+    let r = Remote::new("ubiblk-remote-outage");
+    let mut nginx = Nginx::start(r.files.dir.path());
+    let config = r.config_with(&nginx.url("image.raw"), &["fetch_retry_secs: 2"]);
+    let (be, mut c) = start(&config, &[]);
+    for s in 0..4 {
+        assert_eq!(
+            c.read(0, s * STRIPE, STRIPE as usize).unwrap(),
+            r.expect(s * STRIPE, STRIPE as usize)
+        );
+    }
+
+    nginx.stop();
+    // Fetched stripes keep working, reads and writes.
+    assert_eq!(c.read(0, 0, 4096).unwrap(), r.expect(0, 4096));
+    let data = vec![0xa5u8; 8192];
+    c.write(0, STRIPE + 4096, &data).unwrap();
+    assert_eq!(c.read(0, STRIPE + 4096, 8192).unwrap(), data);
+
+    // An unfetched stripe fails with EIO after about the retry budget, not never.
+    let t0 = Instant::now();
+    let e = c.read(0, 10 * STRIPE, 4096).unwrap_err();
+    let took = t0.elapsed();
+    assert!(
+        e.abs() == libc::EIO,
+        "read of an unfetched stripe: {}",
+        errno_name(e)
+    );
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(8),
+        "failed after {took:?}: {}",
+        be.log()
+    );
+    let s = r.status();
+    assert!(s["fetch_errors"].as_u64().unwrap() >= 1, "{s}");
+    assert!(s["fetch_retries"].as_u64().unwrap() >= 1, "{s}");
+    assert!(s["last_fetch_error"].is_string(), "{s}");
+
+    // Back up: the same stripe reads fine (a failure is not remembered).
+    nginx.restart();
+    assert_eq!(
+        c.read(0, 10 * STRIPE, 4096).unwrap(),
+        r.expect(10 * STRIPE, 4096)
+    );
+    assert_eq!(c.read(0, STRIPE + 4096, 8192).unwrap(), data);
+}
+
+#[test]
+fn an_image_replaced_under_a_running_backend_fails_fetches_never_mixes() {
+    let r = Remote::new("ubiblk-remote-replaced");
+    let nginx = Nginx::start(r.files.dir.path());
+    let (_be, mut c) = start(&r.config(&nginx.url("image.raw")), &[]);
+    assert_eq!(c.read(0, 0, 4096).unwrap(), r.expect(0, 4096));
+
+    // Same size, other content, another mtime (nginx's ETag is mtime and size): only the
+    // validator tells the two images apart.
+    replace(
+        &r.files.dir.path().join("image.raw"),
+        &pattern_bytes(0xbad0_0000, IMAGE_LEN),
+    );
+    for s in [5u64, 6, 19] {
+        let got = c.read(0, s * STRIPE, 4096);
+        assert!(got.is_err(), "stripe {s} was read from the replaced image");
+    }
+    let s = r.status();
+    let last = s["last_fetch_error"].as_str().unwrap_or("").to_string();
+    assert!(last.contains("changed since the backend started"), "{s}");
+    // What was fetched before stays the old image.
+    assert_eq!(c.read(0, 0, 4096).unwrap(), r.expect(0, 4096));
+}
+
+/// Writes `data` to `path` through a new file renamed over it, with an mtime a minute later.
+fn replace(path: &Path, data: &[u8]) {
+    let tmp = path.with_extension("new");
+    fs::write(&tmp, data).unwrap();
+    let f = fs::File::options().write(true).open(&tmp).unwrap();
+    f.set_modified(SystemTime::now() + Duration::from_secs(60))
+        .unwrap();
+    fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn s3_image_reads_equal_and_the_secret_is_never_logged() {
+    let r = Remote::new("ubiblk-remote-s3");
+    let garage = Garage::start();
+    garage.put_bytes("disks/image.raw", &r.image);
+    let url = format!("s3://{}/disks/image.raw", garage.bucket());
+    let mut env = garage.env();
+    env.push(("RUST_LOG".into(), "debug".into()));
+    env.push(("HOME".into(), r.files.dir.path().display().to_string()));
+    let (mut be, mut c) = start(&r.config(&url), &env);
+    r.check_all(&mut c);
+    drop(c);
+    be.kill();
+    let log = be.log();
+    assert!(log.contains("access key"), "{log}");
+    assert!(
+        !log.contains(&garage.secret_key()),
+        "the secret is in the log"
+    );
+}
+
+#[test]
+fn s3_wrong_credentials_fail_clearly_without_the_secret() {
+    let r = Remote::new("ubiblk-remote-s3-creds");
+    let garage = Garage::start();
+    garage.put_bytes("image.raw", &r.image);
+    let url = format!("s3://{}/image.raw", garage.bucket());
+    let wrong = "0".repeat(64);
+    let env: Vec<(String, String)> = garage
+        .env()
+        .into_iter()
+        .map(|(k, v)| {
+            let v = if k == "AWS_SECRET_ACCESS_KEY" {
+                wrong.clone()
+            } else {
+                v
+            };
+            (k, v)
+        })
+        .chain([
+            ("RUST_LOG".to_string(), "debug".to_string()),
+            ("HOME".to_string(), r.files.dir.path().display().to_string()),
+        ])
+        .collect();
+    let log = start_fails(&r.config(&url), &env);
+    assert!(log.contains("image_url"), "{log}");
+    assert!(log.contains("403"), "{log}");
+    assert!(!log.contains(&wrong), "the secret is in the log");
+}
+
+#[test]
+fn s3_unknown_bucket_or_key_is_a_startup_error_naming_image_url() {
+    let r = Remote::new("ubiblk-remote-s3-missing");
+    let garage = Garage::start();
+    let mut env = garage.env();
+    env.push(("HOME".into(), r.files.dir.path().display().to_string()));
+    for url in [
+        format!("s3://{}/no/such/key", garage.bucket()),
+        "s3://no-such-bucket/image.raw".to_string(),
+    ] {
+        let log = start_fails(&r.config(&url), &env);
+        assert!(
+            log.contains(&format!("image_url: cannot use {url}")),
+            "{log}"
+        );
+        assert!(log.contains("404") || log.contains("NoSuch"), "{log}");
+    }
+}
