@@ -146,12 +146,13 @@ pub fn resolve(env: &dyn Env, overrides: &S3Overrides) -> Result<AwsConfig, AwsE
             .or_else(|| from_conf.and_then(|s| s.get(key)))
             .cloned()
     };
+    let plain = |key: &str| profile_value(key).map(|v| v.expose().to_string());
 
     let from_env = || -> Result<Option<Credentials>, AwsError> {
         credentials(
             env.var("AWS_ACCESS_KEY_ID"),
-            env.var("AWS_SECRET_ACCESS_KEY"),
-            env.var("AWS_SESSION_TOKEN"),
+            env.var("AWS_SECRET_ACCESS_KEY").map(Secret::new),
+            env.var("AWS_SESSION_TOKEN").map(Secret::new),
             "the environment",
             ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"),
         )
@@ -164,7 +165,7 @@ pub fn resolve(env: &dyn Env, overrides: &S3Overrides) -> Result<AwsConfig, AwsE
             _ => format!("profile {profile}"),
         };
         credentials(
-            profile_value("aws_access_key_id"),
+            plain("aws_access_key_id"),
             profile_value("aws_secret_access_key"),
             profile_value("aws_session_token"),
             &origin,
@@ -185,14 +186,14 @@ pub fn resolve(env: &dyn Env, overrides: &S3Overrides) -> Result<AwsConfig, AwsE
         .clone()
         .or_else(|| env.var("AWS_REGION"))
         .or_else(|| env.var("AWS_DEFAULT_REGION"))
-        .or_else(|| profile_value("region"))
+        .or_else(|| plain("region"))
         .unwrap_or_else(|| "us-east-1".to_string());
     let endpoint = overrides
         .endpoint
         .clone()
         .or_else(|| env.var("AWS_ENDPOINT_URL_S3"))
         .or_else(|| env.var("AWS_ENDPOINT_URL"))
-        .or_else(|| profile_value("endpoint_url"));
+        .or_else(|| plain("endpoint_url"));
     Ok(AwsConfig {
         region,
         endpoint,
@@ -204,17 +205,16 @@ pub fn resolve(env: &dyn Env, overrides: &S3Overrides) -> Result<AwsConfig, AwsE
 /// (silently sending unsigned requests would hide the mistake).
 fn credentials(
     key_id: Option<String>,
-    secret: Option<String>,
-    token: Option<String>,
+    secret: Option<Secret>,
+    token: Option<Secret>,
     origin: &str,
     (key_name, secret_name): (&'static str, &'static str),
 ) -> Result<Option<Credentials>, AwsError> {
-    let secret = secret.map(Secret::new);
     match (key_id, secret) {
         (Some(key_id), Some(secret)) => Ok(Some(Credentials {
             key_id,
             secret,
-            token: token.map(Secret::new),
+            token,
             origin: origin.to_string(),
         })),
         (None, None) => Ok(None),
@@ -231,8 +231,9 @@ fn credentials(
     }
 }
 
-/// Sections of an INI file: section name -> key -> value.
-type Ini = HashMap<String, HashMap<String, String>>;
+/// Sections of an INI file: section name -> key -> value (values may be secrets: every one is
+/// kept as one, zeroed when dropped).
+type Ini = HashMap<String, HashMap<String, Secret>>;
 
 /// Reads an AWS INI file; a missing one is empty.
 fn read_ini(path: Option<&PathBuf>) -> Result<Ini, AwsError> {
@@ -240,7 +241,7 @@ fn read_ini(path: Option<&PathBuf>) -> Result<Ini, AwsError> {
         return Ok(Ini::new());
     };
     match fs::read_to_string(path) {
-        Ok(text) => Ok(parse_ini(&text)),
+        Ok(text) => Ok(parse_ini(&Zeroizing::new(text))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Ini::new()),
         Err(source) => Err(AwsError::Read {
             path: path.display().to_string(),
@@ -273,7 +274,7 @@ fn parse_ini(text: &str) -> Ini {
             let v = v.trim();
             if !v.is_empty() {
                 if let Some(map) = ini.get_mut(s) {
-                    map.insert(k.trim().to_ascii_lowercase(), v.to_string());
+                    map.insert(k.trim().to_ascii_lowercase(), Secret::new(v.to_string()));
                 }
             }
         }
@@ -445,10 +446,10 @@ mod tests {
         let ini = parse_ini(
             "top = ignored\n[ a ]\nk = v = w\n; c\n#c\n  nested = x\nK2=\n[profile   b]\nx=1\n",
         );
-        assert_eq!(ini["a"]["k"], "v = w");
+        assert_eq!(ini["a"]["k"].expose(), "v = w");
         assert!(!ini["a"].contains_key("nested"));
         assert!(!ini["a"].contains_key("k2"));
-        assert_eq!(ini["profile b"]["x"], "1");
+        assert_eq!(ini["profile b"]["x"].expose(), "1");
         assert!(!ini.contains_key(""));
     }
 }
