@@ -352,4 +352,221 @@ mod tests {
         let e = changed("https://h/img.raw", "412");
         assert!(e.to_string().contains("changed since the backend started"));
     }
+
+    use std::io::Write;
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    const SIZE: usize = 1000;
+    const ETAG: &str = "\"v1\"";
+
+    fn content(range: std::ops::RangeInclusive<usize>) -> Vec<u8> {
+        range.map(|i| (i % 251) as u8).collect()
+    }
+
+    /// One parsed request: method and lower-case header lines.
+    struct Req {
+        method: String,
+        headers: String,
+    }
+
+    impl Req {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                .map(str::trim)
+        }
+        fn range(&self) -> Option<(usize, usize)> {
+            let r = self.header("range")?.strip_prefix("bytes=")?;
+            let (a, b) = r.split_once('-')?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        }
+    }
+
+    fn reply(status: &str, headers: &[(&str, String)], body: &[u8]) -> Vec<u8> {
+        let mut out = format!("HTTP/1.1 {status}\r\nconnection: close\r\n");
+        for (k, v) in headers {
+            out.push_str(&format!("{k}: {v}\r\n"));
+        }
+        out.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+        let mut out = out.into_bytes();
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// A well-behaved 206 for `req`'s range, with `etag`.
+    fn partial(req: &Req, etag: &str) -> Vec<u8> {
+        let (a, b) = req.range().expect("a range");
+        reply(
+            "206 Partial Content",
+            &[
+                ("content-range", format!("bytes {a}-{b}/{SIZE}")),
+                ("etag", etag.to_string()),
+            ],
+            &content(a..=b),
+        )
+    }
+
+    /// A server answering every request (one per connection) with `respond`; the number of
+    /// requests seen so far comes back with its URL.
+    fn serve(
+        respond: impl Fn(&Req, usize) -> Vec<u8> + Send + 'static,
+    ) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!(
+            "http://{}/img.raw?sig=secret",
+            listener.local_addr().unwrap()
+        );
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).is_ok_and(|n| n == 1) {
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let (line, headers) = text.split_once("\r\n").unwrap_or((&text, ""));
+                let req = Req {
+                    method: line.split(' ').next().unwrap_or("").to_uppercase(),
+                    headers: headers.replace("\r\n", "\n"),
+                };
+                let n = seen.fetch_add(1, SeqCst);
+                let _ = conn.write_all(&respond(&req, n));
+            }
+        });
+        (url, count)
+    }
+
+    fn opts() -> RemoteOptions {
+        RemoteOptions {
+            connections: 2,
+            attempt_timeout: Duration::from_secs(2),
+            retry_budget: Duration::from_secs(5),
+            ..RemoteOptions::default()
+        }
+    }
+
+    fn head_ok() -> Vec<u8> {
+        reply(
+            "200 OK",
+            &[("etag", ETAG.into()), ("accept-ranges", "bytes".into())],
+            &[],
+        )
+    }
+
+    /// A HEAD that carries a content-length but no body (ureq must not wait for one).
+    fn head_reply() -> Vec<u8> {
+        let mut r = String::from_utf8(head_ok()).unwrap();
+        r = r.replace("content-length: 0", &format!("content-length: {SIZE}"));
+        r.into_bytes()
+    }
+
+    #[test]
+    fn reads_are_conditional_checked_and_zero_filled() {
+        let (url, _) = serve(|req, _| match req.method.as_str() {
+            "HEAD" => head_reply(),
+            _ if req.header("if-match") == Some(ETAG) || req.range() == Some((0, 0)) => {
+                partial(req, ETAG)
+            }
+            _ => reply("412 Precondition Failed", &[], b""),
+        });
+        let src = open(&url, &opts()).unwrap();
+        assert_eq!(src.bytes(), SIZE as u64);
+        assert_eq!(src.to_string(), redact(&url));
+        assert!(!src.to_string().contains("secret"));
+        let mut buf = vec![0xffu8; 512];
+        src.read_at(900, &mut buf).unwrap();
+        assert_eq!(&buf[..100], &content(900..=999)[..]);
+        assert!(buf[100..].iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn head_refused_falls_back_to_a_range_get() {
+        let (url, _) = serve(|req, _| match req.method.as_str() {
+            "HEAD" => reply("405 Method Not Allowed", &[], b""),
+            _ => partial(req, ETAG),
+        });
+        let src = open(&url, &opts()).unwrap();
+        assert_eq!(src.bytes(), SIZE as u64);
+        assert_eq!(src.validator, Validator::ETag(ETAG.into()));
+    }
+
+    #[test]
+    fn a_server_without_range_support_is_refused() {
+        let (url, _) = serve(|req, _| match req.method.as_str() {
+            "HEAD" => head_reply(),
+            _ => reply("200 OK", &[("etag", ETAG.into())], &content(0..=SIZE - 1)),
+        });
+        let e = open(&url, &opts()).err().unwrap().to_string();
+        assert!(e.contains("does not support Range"), "{e}");
+    }
+
+    /// Another ETag, a 412, a wrong Content-Range: "changed", at once, never retried.
+    #[test]
+    fn a_changed_image_is_a_permanent_error() {
+        type Bad = fn(&Req) -> Vec<u8>;
+        let cases: [Bad; 4] = [
+            |req| partial(req, "\"v2\""),
+            |_| reply("412 Precondition Failed", &[], b""),
+            |req| {
+                let (a, b) = req.range().unwrap();
+                reply(
+                    "206 Partial Content",
+                    &[("content-range", format!("bytes {a}-{b}/{}", SIZE + 1))],
+                    &content(a..=b),
+                )
+            },
+            |_| reply("416 Range Not Satisfiable", &[], b""),
+        ];
+        for bad in cases {
+            let (url, count) = serve(move |req, _| match req.method.as_str() {
+                "HEAD" => head_reply(),
+                _ if req.range() == Some((0, 0)) => partial(req, ETAG),
+                _ => bad(req),
+            });
+            let src = open(&url, &opts()).unwrap();
+            let before = count.load(SeqCst);
+            let e = src.read_at(0, &mut [0u8; 100]).unwrap_err().to_string();
+            assert!(e.contains("changed since the backend started"), "{e}");
+            assert_eq!(count.load(SeqCst), before + 1, "retried: {e}");
+            assert_eq!(src.retries(), 0);
+        }
+    }
+
+    #[test]
+    fn overload_is_retried_and_counted() {
+        let (url, _) = serve(|req, n| match req.method.as_str() {
+            "HEAD" => head_reply(),
+            _ if req.range() == Some((0, 0)) => partial(req, ETAG),
+            // The first read attempts: S3's SlowDown, then a 429 with Retry-After.
+            _ if n == 2 => reply(
+                "503 Service Unavailable",
+                &[],
+                b"<Error><Code>SlowDown</Code><Message>Reduce your rate.</Message></Error>",
+            ),
+            _ if n == 3 => reply("429 Too Many Requests", &[("retry-after", "0".into())], b""),
+            _ => partial(req, ETAG),
+        });
+        let src = open(&url, &opts()).unwrap();
+        let mut buf = [0u8; 10];
+        src.read_at(10, &mut buf).unwrap();
+        assert_eq!(&buf[..], &content(10..=19)[..]);
+        assert_eq!(src.retries(), 2);
+    }
+
+    #[test]
+    fn client_errors_are_permanent_and_name_the_status() {
+        let (url, count) = serve(|_, _| reply("404 Not Found", &[], b""));
+        let e = open(&url, &opts()).err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(e.to_string().contains("404"), "{e}");
+        assert!(!e.to_string().contains("secret"), "{e}");
+        assert_eq!(count.load(SeqCst), 1);
+    }
 }
