@@ -275,6 +275,7 @@ fn s3_wrong_credentials_fail_clearly_without_the_secret() {
     let log = start_fails(&r.config(&url), &env);
     assert!(log.contains("image_url"), "{log}");
     assert!(log.contains("403"), "{log}");
+    assert!(log.contains("check the credentials"), "{log}");
     assert!(!log.contains(&wrong), "the secret is in the log");
 }
 
@@ -295,4 +296,36 @@ fn s3_unknown_bucket_or_key_is_a_startup_error_naming_image_url() {
         );
         assert!(log.contains("404") || log.contains("NoSuch"), "{log}");
     }
+}
+
+/// The `s3://bucket/prefix` object store: PUT, GET, HEAD, and NotFound for a missing object.
+#[test]
+fn s3_store_put_get_exists() {
+    use ubiblk::remote::aws::{AwsConfig, Credentials, Secret};
+    use ubiblk::remote::{ObjectStore, S3Store};
+
+    let garage = Garage::start();
+    let cfg = AwsConfig {
+        region: garage.region(),
+        endpoint: Some(garage.endpoint()),
+        credentials: Some(Credentials {
+            key_id: garage.access_key(),
+            secret: Secret::new(garage.secret_key()),
+            token: None,
+            origin: "test".into(),
+        }),
+    };
+    let url = format!("s3://{}/archives/a1", garage.bucket());
+    let store = S3Store::open(&url, &cfg, &Default::default()).unwrap();
+    assert_eq!(store.to_string(), format!("{url}/"));
+    assert!(!store.exists("chunks/0").unwrap());
+    let e = store.get("chunks/0").unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
+    let data = pattern_bytes(1, 3 << 20);
+    store.put("chunks/0", &data).unwrap();
+    assert!(store.exists("chunks/0").unwrap());
+    assert!(store.get("chunks/0").unwrap() == data);
+    // Under the prefix, as the key says.
+    assert!(garage.get("archives/a1/chunks/0").unwrap() == data);
+    assert!(store.get("../x").is_err());
 }

@@ -560,6 +560,35 @@ mod tests {
         assert_eq!(src.retries(), 2);
     }
 
+    /// A server that stops answering: each attempt times out, and the read fails after
+    /// about the retry budget (not never, not at the first timeout).
+    #[test]
+    fn a_silent_server_fails_reads_after_the_budget() {
+        let (url, _) = serve(|req, n| match req.method.as_str() {
+            "HEAD" => head_reply(),
+            _ if n < 2 => partial(req, ETAG),
+            _ => {
+                std::thread::sleep(Duration::from_millis(1500));
+                partial(req, ETAG)
+            }
+        });
+        let opts = RemoteOptions {
+            attempt_timeout: Duration::from_secs(1),
+            retry_budget: Duration::from_secs(2),
+            ..opts()
+        };
+        let src = open(&url, &opts).unwrap();
+        let t0 = std::time::Instant::now();
+        let e = src.read_at(0, &mut [0u8; 10]).unwrap_err();
+        let took = t0.elapsed();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(
+            took >= Duration::from_millis(1900) && took < Duration::from_millis(3000),
+            "{took:?}"
+        );
+        assert!(src.retries() >= 1);
+    }
+
     #[test]
     fn client_errors_are_permanent_and_name_the_status() {
         let (url, count) = serve(|_, _| reply("404 Not Found", &[], b""));

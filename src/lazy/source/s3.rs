@@ -25,5 +25,19 @@ pub fn open_with(url: &str, cfg: &AwsConfig, remote: &RemoteOptions) -> io::Resu
         bucket: Arc::new(S3Bucket::new(bucket, cfg, remote)?),
         key: key.to_string(),
     };
-    RangeSource::open(Box::new(object), format!("s3://{bucket}/{key}"), remote)
+    let who = match &cfg.credentials {
+        Some(c) => format!("access key {} from {}", c.key_id, c.origin),
+        None => "unsigned requests".to_string(),
+    };
+    RangeSource::open(Box::new(object), format!("s3://{bucket}/{key}"), remote).map_err(|e| {
+        if e.kind() == io::ErrorKind::PermissionDenied {
+            // A bare 403 (HEAD has no error body) says nothing about why.
+            io::Error::new(
+                e.kind(),
+                format!("{e} (check the credentials, {who}, and the bucket's permissions)"),
+            )
+        } else {
+            e
+        }
+    })
 }
