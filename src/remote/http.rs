@@ -25,13 +25,19 @@ pub enum Method {
     Put,
 }
 
-impl fmt::Display for Method {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
             Method::Get => "GET",
             Method::Head => "HEAD",
             Method::Put => "PUT",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -95,11 +101,7 @@ impl HttpClient {
         timeout: Duration,
     ) -> Result<Response<Body>, Failure> {
         let mut req = ureq::http::Request::builder()
-            .method(match method {
-                Method::Get => "GET",
-                Method::Head => "HEAD",
-                Method::Put => "PUT",
-            })
+            .method(method.as_str())
             .uri(url);
         for (k, v) in headers {
             req = req.header(*k, *v);

@@ -6,7 +6,6 @@
 //! one, and each attempt's timeout is clamped to what is left of it. Permanent failures (a
 //! 403, an image that changed) end the loop at once: retrying them only delays the error.
 
-use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -102,19 +101,15 @@ impl RetryPolicy {
     }
 
     /// Runs `attempt` (given its timeout) until it succeeds, fails permanently, or the budget
-    /// is spent; returns the last error. `what` names the request in logs (never a secret).
-    pub fn run<T>(
-        &self,
-        what: &dyn fmt::Display,
-        attempt: impl FnMut(Duration) -> Result<T, Failure>,
-    ) -> io::Result<T> {
-        self.run_with(&SystemClock, what, attempt)
+    /// is spent; returns the last error. Errors name their request themselves (without
+    /// secrets): they are logged as they are.
+    pub fn run<T>(&self, attempt: impl FnMut(Duration) -> Result<T, Failure>) -> io::Result<T> {
+        self.run_with(&SystemClock, attempt)
     }
 
     pub fn run_with<T>(
         &self,
         clock: &dyn Clock,
-        what: &dyn fmt::Display,
         mut attempt: impl FnMut(Duration) -> Result<T, Failure>,
     ) -> io::Result<T> {
         let start = clock.now();
@@ -157,14 +152,14 @@ impl RetryPolicy {
                 });
             }
             self.retries.fetch_add(1, Relaxed);
-            self.log_retry(clock, what, &failure.error, wait);
+            self.log_retry(clock, &failure.error, wait);
             clock.sleep(wait);
         }
     }
 
     /// A warning per failed attempt, at most [`crate::ratelog::BURST`] per window: an outage
     /// makes every fetcher fail every few seconds, which must not flood the log.
-    fn log_retry(&self, clock: &dyn Clock, what: &dyn fmt::Display, e: &io::Error, wait: Duration) {
+    fn log_retry(&self, clock: &dyn Clock, e: &io::Error, wait: Duration) {
         let verdict = self.log.lock().unwrap_or_else(|p| p.into_inner()).check(
             "retry",
             Level::Warn,
@@ -175,8 +170,6 @@ impl RetryPolicy {
                 if suppressed > 0 {
                     warn!("{suppressed} more failed attempts of remote requests not logged");
                 }
-                // `e` names the request already.
-                let _ = what;
                 warn!("{e}; retrying in {} ms", wait.as_millis());
             }
             Verdict::StartSuppressing => {
@@ -279,7 +272,7 @@ mod tests {
         let clock = FakeClock::new();
         let p = RetryPolicy::new(Duration::from_secs(10), Duration::from_secs(30));
         let mut n = 0;
-        let r = p.run_with(&clock, &"GET x", |_| {
+        let r = p.run_with(&clock, |_| {
             n += 1;
             if n < 4 {
                 Err(Failure::transient(err("reset")))
@@ -301,7 +294,7 @@ mod tests {
         let clock = FakeClock::new();
         let p = RetryPolicy::new(Duration::from_secs(10), Duration::from_secs(30));
         let mut n = 0;
-        let r: io::Result<()> = p.run_with(&clock, &"GET x", |_| {
+        let r: io::Result<()> = p.run_with(&clock, |_| {
             n += 1;
             Err(Failure::permanent(err("403")))
         });
@@ -315,7 +308,7 @@ mod tests {
         let clock = FakeClock::new();
         let p = RetryPolicy::new(Duration::from_secs(10), Duration::ZERO);
         let mut timeouts = vec![];
-        let r: io::Result<()> = p.run_with(&clock, &"GET x", |t| {
+        let r: io::Result<()> = p.run_with(&clock, |t| {
             timeouts.push(t);
             Err(Failure::transient(err("refused")))
         });
@@ -332,7 +325,7 @@ mod tests {
         let budget = Duration::from_secs(30);
         let p = RetryPolicy::new(Duration::from_secs(10), budget);
         let mut starts = vec![];
-        let r: io::Result<()> = p.run_with(&clock, &"GET x", |t| {
+        let r: io::Result<()> = p.run_with(&clock, |t| {
             starts.push((clock.elapsed(), t));
             assert!(
                 clock.elapsed() + t <= budget,
@@ -355,9 +348,7 @@ mod tests {
     fn fast_failures_back_off_up_to_the_cap() {
         let clock = FakeClock::new();
         let p = RetryPolicy::new(Duration::from_secs(10), Duration::from_secs(60));
-        let r: io::Result<()> = p.run_with(&clock, &"GET x", |_| {
-            Err(Failure::transient(err("refused")))
-        });
+        let r: io::Result<()> = p.run_with(&clock, |_| Err(Failure::transient(err("refused"))));
         assert!(r.is_err());
         let sleeps = clock.sleeps.borrow();
         assert!(sleeps.iter().all(|s| *s <= MAX_WAIT), "{sleeps:?}");
@@ -374,7 +365,7 @@ mod tests {
         let clock = FakeClock::new();
         let p = RetryPolicy::new(Duration::from_secs(10), Duration::from_secs(60));
         let mut n = 0;
-        let r = p.run_with(&clock, &"GET x", |_| {
+        let r = p.run_with(&clock, |_| {
             n += 1;
             match n {
                 1 => Err(Failure {

@@ -103,8 +103,7 @@ impl RangeSource {
 
     /// HEAD: `None` if the server does not allow it (405, 501).
     fn head(&self) -> io::Result<Option<Meta>> {
-        let what = format!("HEAD {}", self.name);
-        self.client.policy.run(&what, |timeout| {
+        self.client.policy.run(|timeout| {
             let url = self.locate.url(Method::Head);
             let mut resp = self.client.send(Method::Head, &url, &[], None, timeout)?;
             match resp.status().as_u16() {
@@ -132,7 +131,7 @@ impl RangeSource {
     /// `Range: bytes=0-0`, checked against what HEAD said when it said something.
     fn probe(&self, head: Option<&Meta>) -> io::Result<Meta> {
         let what = format!("GET {} (first byte)", self.name);
-        self.client.policy.run(&what, |timeout| {
+        self.client.policy.run(|timeout| {
             let url = self.locate.url(Method::Get);
             let mut resp =
                 self.client
@@ -303,10 +302,9 @@ impl StripeSource for RangeSource {
         let avail = self.bytes.saturating_sub(offset).min(buf.len() as u64) as usize;
         let (data, past_end) = buf.split_at_mut(avail);
         if !data.is_empty() {
-            let what = format!("GET {} bytes {offset}+{avail}", self.name);
             self.client
                 .policy
-                .run(&what, |timeout| self.get_range(offset, data, timeout))?;
+                .run(|timeout| self.get_range(offset, data, timeout))?;
         }
         past_end.fill(0);
         Ok(())
