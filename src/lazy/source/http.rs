@@ -101,7 +101,7 @@ impl RangeSource {
         Ok(src)
     }
 
-    /// HEAD: `None` if the server does not allow it (405, 501).
+    /// HEAD: `None` if the server does not allow it (405, 501) or gives no size.
     fn head(&self) -> io::Result<Option<Meta>> {
         self.client.policy.run(|timeout| {
             let url = self.locate.url(Method::Head);
@@ -109,14 +109,9 @@ impl RangeSource {
             match resp.status().as_u16() {
                 200 => {
                     let h = resp.headers();
-                    let size = header(h, "content-length")
-                        .and_then(|v| v.trim().parse().ok())
-                        .ok_or_else(|| {
-                            Failure::permanent(io::Error::other(
-                                "HEAD: the server gives no Content-Length (the image size)",
-                            ))
-                        })?;
-                    Ok(Some(Meta {
+                    // Without a Content-Length the probe's Content-Range gives the size.
+                    let size = header(h, "content-length").and_then(|v| v.trim().parse().ok());
+                    Ok(size.map(|size| Meta {
                         size,
                         etag: header(h, "etag").map(str::to_string),
                         last_modified: header(h, "last-modified").map(str::to_string),
