@@ -1,6 +1,7 @@
 //! Lazy stripe fetch from a base image (docs/lazy-fetch.md), one concern per module:
 //!
-//! - [`source`]: what stripes are copied from ([`StripeSource`]; the image file, [`FileSource`]);
+//! - [`source`]: what stripes are copied from ([`StripeSource`]; the image file, [`FileSource`];
+//!   an HTTP(S) or S3 object read with checked Range GETs, [`RangeSource`]);
 //! - `device`: the layer ([`LazyDevice`]) and its set-up; `channel`: its per-queue channel,
 //!   which parks requests on unfetched stripes and `split`s reads that need no fetch;
 //! - `states` (stripe states), `queue` (the fetcher pool's work and wake-ups), `persist` (the
@@ -25,7 +26,7 @@ mod tests;
 pub use device::{LazyDevice, LazyOptions};
 pub use error::Error;
 pub use metadata::{Metadata, MetadataError};
-pub use source::{FileSource, StripeSource};
+pub use source::{FileSource, RangeSource, StripeSource};
 pub use status::LazyStatus;
 
 pub use crate::block::device_size;
