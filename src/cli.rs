@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use crate::config::{ConfigError, Options};
-use crate::crypto::keys::{KekArgs, KeyError};
+use crate::crypto::keys::{Kek, KekArgs, KeyError};
 use crate::crypto::Xts;
 
 /// Logs to stderr at `default_filter` (e.g. `info`) unless `RUST_LOG` says otherwise. Records
@@ -46,13 +46,32 @@ impl ConfigArgs {
     /// (and, with `--unlink-kek`, deleted) first, before the config: whatever fails after
     /// that, a missing or invalid config included, it is gone.
     pub fn load(&self) -> Result<(Options, Option<Arc<Xts>>), LoadError> {
+        let (opts, keys) = self.load_keys(false)?;
+        Ok((opts, keys.cipher))
+    }
+
+    /// [`ConfigArgs::load`], keeping the KEK too: it also unwraps a disk archive's key (for
+    /// `archive_url`, and for the `archive` tool, which says so with `for_archive`). A KEK
+    /// without `encryption_key` is then accepted when it has that use.
+    pub fn load_keys(&self, for_archive: bool) -> Result<(Options, Keys), LoadError> {
         let kek = self.kek.read()?;
         let opts = Options::load(&self.config)?;
-        let cipher = kek
-            .cipher_for(opts.encryption_key.as_deref())?
-            .map(Arc::new);
-        Ok((opts, cipher))
+        let for_archive = for_archive || opts.archive_url.is_some();
+        let (cipher, kek) = kek.keys_for(opts.encryption_key.as_deref(), for_archive)?;
+        let keys = Keys {
+            cipher: cipher.map(Arc::new),
+            kek: kek.map(Arc::new),
+        };
+        Ok((opts, keys))
     }
+}
+
+/// What [`ConfigArgs::load_keys`] returns besides the config.
+pub struct Keys {
+    /// The data cipher, from `encryption_key`.
+    pub cipher: Option<Arc<Xts>>,
+    /// The parsed `--kek` file.
+    pub kek: Option<Arc<Kek>>,
 }
 
 /// `err` and its sources, joined by ": " (as anyhow's `{:#}`).

@@ -1,6 +1,7 @@
 //! What lazy fetch copies from: the [`StripeSource`] trait, and [`open`], which picks the
 //! implementation the configuration names.
 
+mod archive;
 mod file;
 
 use std::fmt;
@@ -9,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use archive::ArchiveSource;
 pub use file::FileSource;
 
 use super::{Error, LazyOptions};
@@ -132,9 +134,10 @@ pub fn open(opts: &LazyOptions, ring_entries: u32) -> Result<Arc<dyn StripeSourc
             field: "image_url",
             what: "remote sources are not built yet",
         }),
-        SourceSpec::Archive(_) => Err(Error::Unsupported {
-            field: "archive_url",
-            what: "archive sources are not built yet",
-        }),
+        SourceSpec::Archive(url) => Ok(Arc::new(ArchiveSource::open(
+            url,
+            &opts.remote,
+            opts.archive_kek.as_deref(),
+        )?)),
     }
 }
