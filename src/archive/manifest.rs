@@ -83,15 +83,10 @@ impl Manifest {
     pub fn encode(&self, secret: &Secret, kek: &[u8; KEY_LEN]) -> Result<Vec<u8>, ArchiveError> {
         let bad = |e: serde_json::Error| ArchiveError::Manifest(e.to_string());
         let body = RawValue::from_string(serde_json::to_string(self).map_err(bad)?).map_err(bad)?;
-        let wrapped = secret.wrap(kek)?;
-        let b64 = base64::engine::general_purpose::STANDARD;
         let envelope = Envelope {
             format: FORMAT.into(),
             version: VERSION,
-            key: KeyField {
-                nonce: b64.encode(wrapped.nonce),
-                sealed: b64.encode(wrapped.sealed),
-            },
+            key: KeyField::seal(secret, kek)?,
             mac: hex(&mac(&secret.keys(), body.get())),
             body: &body,
         };
@@ -115,26 +110,7 @@ impl Manifest {
                 envelope.format, envelope.version
             )));
         }
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let field = |name: &str, text: &str, len: usize| {
-            b64.decode(text)
-                .ok()
-                .filter(|v| v.len() == len)
-                .ok_or_else(|| {
-                    ArchiveError::Manifest(format!("key.{name} is not base64 of {len} bytes"))
-                })
-        };
-        let mut wrapped = WrappedSecret {
-            nonce: [0; NONCE_LEN],
-            sealed: [0; SEALED_LEN],
-        };
-        wrapped
-            .nonce
-            .copy_from_slice(&field("nonce", &envelope.key.nonce, NONCE_LEN)?);
-        wrapped
-            .sealed
-            .copy_from_slice(&field("sealed", &envelope.key.sealed, SEALED_LEN)?);
-        let secret = Secret::unwrap(&wrapped, kek)?;
+        let secret = envelope.key.unseal(kek)?;
         let want = ChunkName::from_hex(&envelope.mac).ok_or(ArchiveError::ManifestMac)?;
         let mut check = hmac(&secret.keys().mac[..]);
         check.update(MAC_LABEL);
@@ -156,6 +132,50 @@ impl Manifest {
         }
         Ok((manifest, secret))
     }
+}
+
+/// The pending key (`key.json`): the sealed secret of an archive whose first manifest is not
+/// written yet, so that a run interrupted before it can be resumed with the same chunk names.
+/// Only read when there is no manifest. The secret is authenticated by its sealing; the rest
+/// says nothing a store could abuse.
+pub const PENDING_KEY: &str = "key.json";
+const PENDING_FORMAT: &str = "ubiblk-disk-archive-key";
+/// A pending key is about 150 bytes; anything much larger is not one.
+const MAX_PENDING_BYTES: usize = 4096;
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PendingKey {
+    format: String,
+    version: u32,
+    key: KeyField,
+}
+
+/// `key.json` for `secret`, sealed with `kek`.
+pub fn encode_pending(secret: &Secret, kek: &[u8; KEY_LEN]) -> Result<Vec<u8>, ArchiveError> {
+    let pending = PendingKey {
+        format: PENDING_FORMAT.into(),
+        version: VERSION,
+        key: KeyField::seal(secret, kek)?,
+    };
+    serde_json::to_vec(&pending).map_err(|e| ArchiveError::Manifest(e.to_string()))
+}
+
+/// The secret in a `key.json`.
+pub fn decode_pending(bytes: &[u8], kek: &[u8; KEY_LEN]) -> Result<Secret, ArchiveError> {
+    let bad = |what: String| ArchiveError::Manifest(format!("{PENDING_KEY}: {what}"));
+    if bytes.len() > MAX_PENDING_BYTES {
+        return Err(bad(format!("{} bytes, too long", bytes.len())));
+    }
+    let pending: PendingKey =
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("not a pending key: {e}")))?;
+    if pending.format != PENDING_FORMAT || pending.version != VERSION {
+        return Err(bad(format!(
+            "format {:?} version {}, this build reads {PENDING_FORMAT:?} version {VERSION}",
+            pending.format, pending.version
+        )));
+    }
+    pending.key.unseal(kek)
 }
 
 fn check_geometry(disk_bytes: u64, chunk_bytes: u64) -> Result<(), ArchiveError> {
@@ -208,6 +228,42 @@ struct Envelope<'a> {
 struct KeyField {
     nonce: String,
     sealed: String,
+}
+
+impl KeyField {
+    /// `secret` sealed with `kek` (under a fresh nonce), in base64.
+    fn seal(secret: &Secret, kek: &[u8; KEY_LEN]) -> Result<KeyField, ArchiveError> {
+        let wrapped = secret.wrap(kek)?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        Ok(KeyField {
+            nonce: b64.encode(wrapped.nonce),
+            sealed: b64.encode(wrapped.sealed),
+        })
+    }
+
+    /// The secret, unsealed with `kek`.
+    fn unseal(&self, kek: &[u8; KEY_LEN]) -> Result<Secret, ArchiveError> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let field = |name: &str, text: &str, len: usize| {
+            b64.decode(text)
+                .ok()
+                .filter(|v| v.len() == len)
+                .ok_or_else(|| {
+                    ArchiveError::Manifest(format!("key.{name} is not base64 of {len} bytes"))
+                })
+        };
+        let mut wrapped = WrappedSecret {
+            nonce: [0; NONCE_LEN],
+            sealed: [0; SEALED_LEN],
+        };
+        wrapped
+            .nonce
+            .copy_from_slice(&field("nonce", &self.nonce, NONCE_LEN)?);
+        wrapped
+            .sealed
+            .copy_from_slice(&field("sealed", &self.sealed, SEALED_LEN)?);
+        Secret::unwrap(&wrapped, kek)
+    }
 }
 
 impl Serialize for ChunkName {
@@ -353,6 +409,24 @@ mod tests {
             let e = Manifest::decode(junk, &KEK).unwrap_err();
             assert!(matches!(e, ArchiveError::Manifest(_)), "{e}");
         }
+    }
+
+    #[test]
+    fn pending_key_round_trip_and_refusals() {
+        let secret = Secret::generate().unwrap();
+        let bytes = encode_pending(&secret, &KEK).unwrap();
+        let back = decode_pending(&bytes, &KEK).unwrap();
+        assert_eq!(back.keys().name[..], secret.keys().name[..]);
+        assert!(matches!(
+            decode_pending(&bytes, &[0x12; 32]),
+            Err(ArchiveError::WrongKek)
+        ));
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x01;
+            assert!(decode_pending(&bad, &KEK).is_err(), "byte {i}");
+        }
+        assert!(decode_pending(&vec![b' '; 5000], &KEK).is_err());
     }
 
     /// A body that is authentic but inconsistent (only a KEK holder can write one) is still

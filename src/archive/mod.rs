@@ -20,10 +20,10 @@ use std::io;
 
 pub use chunk::{ChunkError, ChunkName, CHUNK_PREFIX};
 pub use disk::{ConfiguredDisk, DiskReader, DEFAULT_CHUNK_BYTES};
-pub use manifest::{Manifest, MANIFEST_KEY};
+pub use manifest::{Manifest, MANIFEST_KEY, PENDING_KEY};
 pub use reader::ArchiveReader;
 pub use secret::kek_key;
-pub use writer::{write_archive, Report, WriteOptions};
+pub use writer::{write_archive, Previous, Report, WriteOptions};
 
 pub use crate::remote::ObjectStore;
 

@@ -3,7 +3,7 @@
 use std::io;
 
 use super::chunk::{self, ChunkName};
-use super::manifest::{Manifest, MANIFEST_KEY};
+use super::manifest::{decode_pending, Manifest, MANIFEST_KEY, PENDING_KEY};
 use super::secret::{Keys, Secret, KEY_LEN};
 use super::{ArchiveError, ObjectStore};
 
@@ -20,17 +20,33 @@ pub(super) fn read_manifest(
     store: &dyn ObjectStore,
     kek: &[u8; KEY_LEN],
 ) -> Result<Option<(Manifest, Secret)>, ArchiveError> {
-    let bytes = match store.get(MANIFEST_KEY) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(ArchiveError::Store {
-                what: format!("cannot read {MANIFEST_KEY} from {store}"),
-                source,
-            })
-        }
-    };
-    Manifest::decode(&bytes, kek).map(Some)
+    match get_optional(store, MANIFEST_KEY)? {
+        Some(bytes) => Manifest::decode(&bytes, kek).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The secret in the pending key at `store` (left by a first archiving that did not finish);
+/// `None` when there is none.
+pub(super) fn read_pending(
+    store: &dyn ObjectStore,
+    kek: &[u8; KEY_LEN],
+) -> Result<Option<Secret>, ArchiveError> {
+    match get_optional(store, PENDING_KEY)? {
+        Some(bytes) => decode_pending(&bytes, kek).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn get_optional(store: &dyn ObjectStore, key: &str) -> Result<Option<Vec<u8>>, ArchiveError> {
+    match store.get(key) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ArchiveError::Store {
+            what: format!("cannot read {key} from {store}"),
+            source,
+        }),
+    }
 }
 
 impl ArchiveReader {

@@ -75,7 +75,7 @@ fn round_trip_stores_distinct_non_zero_chunks_only() {
     assert_eq!((report.chunks, report.zero), (11, 2));
     assert_eq!((report.uploaded, report.reused), (8, 1));
     assert_eq!(report.bytes_in, d.0.len() as u64);
-    assert!(!report.continued);
+    assert_eq!(report.previous, Previous::Nothing);
     assert_eq!(objects(dir.path()).len(), 8);
 
     let r = ArchiveReader::open(store(dir.path()), &KEK).unwrap();
@@ -128,7 +128,7 @@ fn a_second_archive_uploads_only_new_content() {
     let before = objects(dir.path());
     let again = write_archive(&d, &*store(dir.path()), &KEK, &opts()).unwrap();
     assert_eq!((again.uploaded, again.reused, again.zero), (0, 9, 2));
-    assert!(again.continued);
+    assert_eq!(again.previous, Previous::Archive);
     assert_eq!(objects(dir.path()), before);
     // One chunk changed, one zero chunk written: two new objects.
     d.0[3 * CHUNK as usize] ^= 1;
@@ -157,8 +157,11 @@ impl ObjectStore for FailingStore {
         self.inner.get(key)
     }
     fn put(&self, key: &str, data: &[u8]) -> io::Result<()> {
-        if self.ok_puts.fetch_sub(1, SeqCst) == 0 {
-            self.ok_puts.store(0, SeqCst);
+        if self
+            .ok_puts
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_err()
+        {
             return Err(io::Error::other("injected failure"));
         }
         self.inner.put(key, data)
@@ -194,6 +197,39 @@ fn an_interrupted_archive_leaves_the_previous_one_whole_and_is_resumed() {
     assert!(resumed.reused >= 3 && resumed.uploaded <= 7, "{resumed:?}");
     let r = ArchiveReader::open(store(dir.path()), &KEK).unwrap();
     assert_eq!(read_all(&r), second.0);
+}
+
+#[test]
+fn an_interrupted_first_archive_is_resumed_with_its_pending_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = disk();
+    // The pending key and 3 chunks get through.
+    let failing = FailingStore {
+        inner: FileStore::open(dir.path()).unwrap(),
+        ok_puts: AtomicUsize::new(4),
+    };
+    assert!(write_archive(&d, &failing, &KEK, &opts()).is_err());
+    assert!(!dir.path().join(MANIFEST_KEY).exists());
+    let e = ArchiveReader::open(store(dir.path()), &KEK).err().unwrap();
+    assert!(matches!(e, ArchiveError::NoManifest), "{e}");
+    let left = objects(dir.path());
+    assert_eq!(left.len(), 3);
+    let resumed = write_archive(&d, &*store(dir.path()), &KEK, &opts()).unwrap();
+    assert_eq!(resumed.previous, Previous::Interrupted);
+    assert_eq!((resumed.uploaded, resumed.reused), (5, 4), "{resumed:?}");
+    assert!(objects(dir.path()).is_superset(&left));
+    assert_eq!(objects(dir.path()).len(), 8);
+    let r = ArchiveReader::open(store(dir.path()), &KEK).unwrap();
+    assert_eq!(read_all(&r), d.0);
+    // Another KEK does not take over the unfinished archive of this one unasked.
+    let other = tempfile::tempdir().unwrap();
+    let failing = FailingStore {
+        inner: FileStore::open(other.path()).unwrap(),
+        ok_puts: AtomicUsize::new(1),
+    };
+    assert!(write_archive(&d, &failing, &KEK, &opts()).is_err());
+    let e = write_archive(&d, &*store(other.path()), &[0x43; 32], &opts()).unwrap_err();
+    assert!(matches!(e, ArchiveError::Existing(_)), "{e}");
 }
 
 #[test]

@@ -5,7 +5,9 @@
 //! see the previous archive (its objects are never deleted or changed, since a name is a hash
 //! of its content), and an interrupted run leaves that previous archive intact. A second run
 //! to the same place reuses the previous manifest's secret, so unchanged chunks get the same
-//! names and are not uploaded again; neither are chunks whose object an interrupted run left.
+//! names and are not uploaded again; neither are chunks whose object an interrupted run left
+//! (a first run stores the archive's sealed secret as a pending key before any chunk, so that
+//! it can be resumed with the same names).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -16,8 +18,8 @@ use log::{info, warn};
 
 use super::chunk::{self, ChunkName};
 use super::disk::DiskReader;
-use super::manifest::{Manifest, MANIFEST_KEY};
-use super::reader::read_manifest;
+use super::manifest::{encode_pending, Manifest, MANIFEST_KEY, PENDING_KEY};
+use super::reader::{read_manifest, read_pending};
 use super::secret::{Keys, Secret, KEY_LEN};
 use super::{ArchiveError, ObjectStore};
 
@@ -33,6 +35,18 @@ pub struct WriteOptions {
     /// Start a new archive (a new secret) if the destination's manifest cannot be opened with
     /// this KEK, instead of refusing.
     pub new_key: bool,
+}
+
+/// What the destination held when an archiving run started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Previous {
+    /// Nothing (or what it held was replaced, with `new_key`): a new archive.
+    #[default]
+    Nothing,
+    /// An archive, which this run updates: same secret, its chunks not uploaded again.
+    Archive,
+    /// The pending key of a first run that did not finish, which this run resumes.
+    Interrupted,
 }
 
 /// What an archiving run did.
@@ -51,8 +65,8 @@ pub struct Report {
     pub bytes_in: u64,
     /// Bytes of objects written, manifest included.
     pub bytes_out: u64,
-    /// The destination had an archive whose secret this one keeps.
-    pub continued: bool,
+    /// What the destination held.
+    pub previous: Previous,
     pub elapsed: Duration,
 }
 
@@ -65,27 +79,14 @@ pub fn write_archive(
 ) -> Result<Report, ArchiveError> {
     let start = Instant::now();
     let mut manifest = Manifest::new(disk.bytes(), opts.chunk_bytes)?;
-    let (secret, known, continued) = match read_manifest(store, kek) {
-        Ok(Some((old, secret))) => (secret, old.names(), true),
-        Ok(None) => (Secret::generate()?, HashSet::new(), false),
-        // A store that cannot be read is no reason to start over.
-        Err(e @ ArchiveError::Store { .. }) => return Err(e),
-        Err(e) if opts.new_key => {
-            warn!(
-                "{store}: replacing an archive this KEK cannot open ({}): new key, no chunk \
-                 shared with it",
-                crate::cli::error_chain(&e)
-            );
-            (Secret::generate()?, HashSet::new(), false)
-        }
-        Err(e) => return Err(ArchiveError::Existing(Box::new(e))),
-    };
+    let (secret, known, previous) = begin(store, kek, opts.new_key)?;
     let run = Run {
         disk,
         store,
         keys: secret.keys(),
         manifest: &manifest,
         level: opts.level,
+        check_existing: previous != Previous::Nothing,
         next: AtomicUsize::new(0),
         failed: AtomicBool::new(false),
         claimed: Mutex::new(known),
@@ -123,9 +124,52 @@ pub fn write_archive(
         zero: counts.zero.into_inner(),
         bytes_in: counts.bytes_in.into_inner(),
         bytes_out: counts.bytes_out.into_inner() + bytes.len() as u64,
-        continued,
+        previous,
         elapsed: start.elapsed(),
     })
+}
+
+/// The secret to archive with, the names already stored, and what the destination held.
+/// Keeps the secret of the archive there, or of an interrupted first run (its pending key);
+/// else makes a new one and stores it as the pending key before any chunk, so that this run
+/// can be resumed too.
+fn begin(
+    store: &dyn ObjectStore,
+    kek: &[u8; KEY_LEN],
+    new_key: bool,
+) -> Result<(Secret, HashSet<ChunkName>, Previous), ArchiveError> {
+    // A store that cannot be read is no reason to start over; one that holds what this KEK
+    // cannot open is replaced only when asked to.
+    let refused = |e: ArchiveError, what: &str| match e {
+        e @ ArchiveError::Store { .. } => Err(e),
+        e if !new_key => Err(ArchiveError::Existing(Box::new(e))),
+        e => {
+            warn!(
+                "{store}: replacing {what} this KEK cannot open ({}): a new key, no chunk \
+                 shared with it",
+                crate::cli::error_chain(&e)
+            );
+            Ok(())
+        }
+    };
+    match read_manifest(store, kek) {
+        Ok(Some((old, secret))) => return Ok((secret, old.names(), Previous::Archive)),
+        Ok(None) => {}
+        Err(e) => refused(e, "an archive")?,
+    }
+    match read_pending(store, kek) {
+        Ok(Some(secret)) => return Ok((secret, HashSet::new(), Previous::Interrupted)),
+        Ok(None) => {}
+        Err(e) => refused(e, "the pending key of an unfinished archive")?,
+    }
+    let secret = Secret::generate()?;
+    store
+        .put(PENDING_KEY, &encode_pending(&secret, kek)?)
+        .map_err(|source| ArchiveError::Store {
+            what: format!("cannot write {PENDING_KEY} to {store}"),
+            source,
+        })?;
+    Ok((secret, HashSet::new(), Previous::Nothing))
 }
 
 #[derive(Default)]
@@ -144,6 +188,9 @@ struct Run<'a> {
     keys: Keys,
     manifest: &'a Manifest,
     level: i32,
+    /// Whether objects may already exist under this secret's names (written by a run that
+    /// did not finish): with a new secret, none can.
+    check_existing: bool,
     /// The next chunk to take.
     next: AtomicUsize,
     /// Set by the first error: the other threads stop.
@@ -204,7 +251,7 @@ impl Run<'_> {
         };
         // Another chunk with this content is in the previous archive or being stored now,
         // or an interrupted run left its object.
-        if !first || self.store.exists(&key).map_err(store_err("look up"))? {
+        if !first || self.check_existing && self.store.exists(&key).map_err(store_err("look up"))? {
             c.reused.fetch_add(1, Relaxed);
             return Ok(Some(name));
         }

@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::Parser;
 use std::process::ExitCode;
 
-use ubiblk::archive::{kek_key, write_archive, ConfiguredDisk, DiskReader, WriteOptions};
+use ubiblk::archive::{kek_key, write_archive, ConfiguredDisk, DiskReader, Previous, WriteOptions};
 use ubiblk::cli::{self, ConfigArgs};
 use ubiblk::lazy::source::{RemoteOptions, S3Overrides};
 use ubiblk::remote::open_store;
@@ -77,10 +77,10 @@ fn run(args: Args) -> anyhow::Result<()> {
          uploaded: {}\nreused: {}\nzero: {}\nbytes_in: {}\nbytes_out: {}\nseconds: {secs:.3}\n\
          mb_per_sec: {:.1}",
         disk.bytes(),
-        if r.continued {
-            "updating the archive there"
-        } else {
-            "a new archive"
+        match r.previous {
+            Previous::Nothing => "a new archive",
+            Previous::Archive => "updating the archive there",
+            Previous::Interrupted => "resuming an unfinished first archive",
         },
         r.chunks,
         r.chunk_bytes,
