@@ -175,6 +175,50 @@ mod tests {
         assert!(!Path::new(kek).exists());
     }
 
+    /// A KEK that protects a disk archive (the `archive` tool, a config with `archive_url`) is
+    /// kept and accepted without `encryption_key`; with no such use it is still refused.
+    #[test]
+    fn the_kek_is_kept_for_archives() {
+        let dir = tempfile::tempdir().unwrap();
+        let (plain, archived, kek) = (
+            dir.path().join("plain.yaml"),
+            dir.path().join("archived.yaml"),
+            dir.path().join("kek.yaml"),
+        );
+        std::fs::write(&plain, "path: /d\nsocket: /s\n").unwrap();
+        std::fs::write(
+            &archived,
+            "path: /d\nsocket: /s\narchive_url: file:///a\nmetadata_path: /m\n",
+        )
+        .unwrap();
+        let key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [9u8; 32]);
+        let iv = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [1u8; 12]);
+        std::fs::write(
+            &kek,
+            format!("method: aes256-gcm\nkey: {key}\ninit_vector: {iv}\nauth_data: \"\"\n"),
+        )
+        .unwrap();
+        let args = |config: &Path| {
+            Tool::try_parse_from([
+                "tool",
+                "-f",
+                config.to_str().unwrap(),
+                "-k",
+                kek.to_str().unwrap(),
+            ])
+            .unwrap()
+            .config
+        };
+        assert!(matches!(args(&plain).load(), Err(LoadError::Key(_))));
+        let (_, keys) = args(&plain).load_keys(true).unwrap();
+        assert!(keys.cipher.is_none());
+        assert!(matches!(keys.kek.as_deref(), Some(Kek::Aes256Gcm { .. })));
+        assert!(args(&archived).load().is_ok());
+        let (_, keys) = args(&archived).load_keys(false).unwrap();
+        assert!(keys.kek.is_some());
+        assert!(!format!("{:?}", keys.kek).contains(&key[..8]));
+    }
+
     /// `--unlink-kek` removes the KEK whatever fails: the config (missing, not YAML, an invalid
     /// field) or the KEK itself.
     #[test]

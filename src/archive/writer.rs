@@ -32,8 +32,8 @@ pub struct WriteOptions {
     pub level: i32,
     /// Threads reading, sealing and uploading chunks.
     pub jobs: usize,
-    /// Start a new archive (a new secret) if the destination's manifest cannot be opened with
-    /// this KEK, instead of refusing.
+    /// Start a new archive (a new secret) if the destination's manifest or pending key cannot
+    /// be opened with this KEK, instead of refusing.
     pub new_key: bool,
 }
 
