@@ -70,7 +70,7 @@ pub enum ArchiveError {
     Random(String),
     #[error("cannot seal the archive's key")]
     Seal,
-    #[error("an archiving thread panicked")]
+    #[error("a thread reading or writing the archive panicked")]
     Worker,
 }
 

@@ -97,31 +97,72 @@ impl ArchiveReader {
     }
 
     /// Fills `buf` with the disk's bytes at `offset`, zeros past its end. Any range works:
-    /// each chunk it covers is fetched once.
+    /// each chunk it covers is fetched once, several at a time when it covers several (a
+    /// stripe larger than the chunks costs one round trip, not one per chunk).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ArchiveError> {
         let m = &self.manifest;
-        let mut pos = 0;
-        while pos < buf.len() {
-            let at = offset.saturating_add(pos as u64);
+        // The non-zero chunks the range covers, each with its part of `buf`.
+        let mut pieces = Vec::new();
+        let (mut rest, mut at) = (buf, offset);
+        while !rest.is_empty() {
             if at >= m.disk_bytes {
-                buf[pos..].fill(0);
+                rest.fill(0);
                 break;
             }
             // The manifest bounds the chunk count (2^24), so the index fits.
             let index = (at / m.chunk_bytes) as usize;
             let within = (at % m.chunk_bytes) as usize;
             let len = m.chunk_len(index) as usize;
-            let n = (len - within).min(buf.len() - pos);
-            let out = &mut buf[pos..pos + n];
+            let n = (len - within).min(rest.len());
+            let (out, tail) = std::mem::take(&mut rest).split_at_mut(n);
             match m.chunks[index] {
                 None => out.fill(0),
-                Some(name) => {
-                    let plain = self.fetch(index, name, len)?;
-                    out.copy_from_slice(&plain[within..within + n]);
-                }
+                Some(name) => pieces.push(Piece {
+                    index,
+                    name,
+                    len,
+                    within,
+                    out,
+                }),
             }
-            pos += n;
+            rest = tail;
+            at += n as u64;
+        }
+        if let [piece] = pieces.as_mut_slice() {
+            return self.fill(piece);
+        }
+        for batch in pieces.chunks_mut(PARALLEL_FETCHES) {
+            std::thread::scope(|s| {
+                let fetches: Vec<_> = batch
+                    .iter_mut()
+                    .map(|piece| s.spawn(|| self.fill(piece)))
+                    .collect();
+                fetches
+                    .into_iter()
+                    .try_for_each(|f| f.join().unwrap_or(Err(ArchiveError::Worker)))
+            })?;
         }
         Ok(())
     }
+
+    fn fill(&self, piece: &mut Piece) -> Result<(), ArchiveError> {
+        let plain = self.fetch(piece.index, piece.name, piece.len)?;
+        let n = piece.out.len();
+        piece
+            .out
+            .copy_from_slice(&plain[piece.within..piece.within + n]);
+        Ok(())
+    }
+}
+
+/// Chunks fetched at once by one read.
+const PARALLEL_FETCHES: usize = 8;
+
+/// Part of a read: `out` comes from chunk `index` (`len` bytes) from byte `within`.
+struct Piece<'a> {
+    index: usize,
+    name: ChunkName,
+    len: usize,
+    within: usize,
+    out: &'a mut [u8],
 }

@@ -317,6 +317,10 @@ fn damaged_swapped_truncated_or_missing_chunks_are_errors_for_that_chunk_only() 
     std::fs::write(path(0), &bad).unwrap();
     expect_err(0, "authentication failed");
     check_others(&[0]);
+    // A read covering every chunk (fetched several at a time) fails too.
+    let mut all = vec![0u8; d.0.len()];
+    let e = r.read_at(0, &mut all).unwrap_err();
+    assert!(crate::cli::error_chain(&e).contains("chunk 0"), "{e}");
     std::fs::write(path(0), &good[..good.len() - 5]).unwrap();
     expect_err(0, "authentication failed");
     std::fs::write(path(0), &good[..10]).unwrap();
