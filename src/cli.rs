@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use crate::config::{ConfigError, Options};
-use crate::crypto::keys::{KekArgs, KeyError};
+use crate::crypto::keys::{Kek, KekArgs, KeyError};
 use crate::crypto::Xts;
 
 /// Logs to stderr at `default_filter` (e.g. `info`) unless `RUST_LOG` says otherwise. Records
@@ -46,13 +46,32 @@ impl ConfigArgs {
     /// (and, with `--unlink-kek`, deleted) first, before the config: whatever fails after
     /// that, a missing or invalid config included, it is gone.
     pub fn load(&self) -> Result<(Options, Option<Arc<Xts>>), LoadError> {
+        let (opts, keys) = self.load_keys(false)?;
+        Ok((opts, keys.cipher))
+    }
+
+    /// [`ConfigArgs::load`], keeping the KEK too: it also unwraps a disk archive's key (for
+    /// `archive_url`, and for the `archive` tool, which says so with `for_archive`). A KEK
+    /// without `encryption_key` is then accepted when it has that use.
+    pub fn load_keys(&self, for_archive: bool) -> Result<(Options, Keys), LoadError> {
         let kek = self.kek.read()?;
         let opts = Options::load(&self.config)?;
-        let cipher = kek
-            .cipher_for(opts.encryption_key.as_deref())?
-            .map(Arc::new);
-        Ok((opts, cipher))
+        let for_archive = for_archive || opts.archive_url.is_some();
+        let (cipher, kek) = kek.keys_for(opts.encryption_key.as_deref(), for_archive)?;
+        let keys = Keys {
+            cipher: cipher.map(Arc::new),
+            kek: kek.map(Arc::new),
+        };
+        Ok((opts, keys))
     }
+}
+
+/// What [`ConfigArgs::load_keys`] returns besides the config.
+pub struct Keys {
+    /// The data cipher, from `encryption_key`.
+    pub cipher: Option<Arc<Xts>>,
+    /// The parsed `--kek` file.
+    pub kek: Option<Arc<Kek>>,
 }
 
 /// `err` and its sources, joined by ": " (as anyhow's `{:#}`).
@@ -154,6 +173,50 @@ mod tests {
             .unwrap();
         assert!(matches!(e, LoadError::Key(_)), "{e}");
         assert!(!Path::new(kek).exists());
+    }
+
+    /// A KEK that protects a disk archive (the `archive` tool, a config with `archive_url`) is
+    /// kept and accepted without `encryption_key`; with no such use it is still refused.
+    #[test]
+    fn the_kek_is_kept_for_archives() {
+        let dir = tempfile::tempdir().unwrap();
+        let (plain, archived, kek) = (
+            dir.path().join("plain.yaml"),
+            dir.path().join("archived.yaml"),
+            dir.path().join("kek.yaml"),
+        );
+        std::fs::write(&plain, "path: /d\nsocket: /s\n").unwrap();
+        std::fs::write(
+            &archived,
+            "path: /d\nsocket: /s\narchive_url: file:///a\nmetadata_path: /m\n",
+        )
+        .unwrap();
+        let key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [9u8; 32]);
+        let iv = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [1u8; 12]);
+        std::fs::write(
+            &kek,
+            format!("method: aes256-gcm\nkey: {key}\ninit_vector: {iv}\nauth_data: \"\"\n"),
+        )
+        .unwrap();
+        let args = |config: &Path| {
+            Tool::try_parse_from([
+                "tool",
+                "-f",
+                config.to_str().unwrap(),
+                "-k",
+                kek.to_str().unwrap(),
+            ])
+            .unwrap()
+            .config
+        };
+        assert!(matches!(args(&plain).load(), Err(LoadError::Key(_))));
+        let (_, keys) = args(&plain).load_keys(true).unwrap();
+        assert!(keys.cipher.is_none());
+        assert!(matches!(keys.kek.as_deref(), Some(Kek::Aes256Gcm { .. })));
+        assert!(args(&archived).load().is_ok());
+        let (_, keys) = args(&archived).load_keys(false).unwrap();
+        assert!(keys.kek.is_some());
+        assert!(!format!("{:?}", keys.kek).contains(&key[..8]));
     }
 
     /// `--unlink-kek` removes the KEK whatever fails: the config (missing, not YAML, an invalid

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use crate::block::{BlockDevice, CryptDevice, DebugLogDevice, FileDevice};
 use crate::config::{ConfigError, Options, DEVICE_ID_LEN};
+use crate::crypto::keys::Kek;
 use crate::crypto::Xts;
 use crate::lazy::source::{RemoteOptions, S3Overrides, SourceSpec};
 use crate::lazy::{control, LazyDevice, LazyOptions};
@@ -58,6 +59,15 @@ pub enum StackError {
 /// `opts` is validated first: the layers rely on it (`image_path` needs `metadata_path`), and
 /// no two of its files may be one file.
 pub fn open(opts: &Options, cipher: Option<Arc<Xts>>) -> Result<Stack, StackError> {
+    open_with_kek(opts, cipher, None)
+}
+
+/// [`open`], with the KEK that unwraps an `archive_url` archive's key.
+pub fn open_with_kek(
+    opts: &Options,
+    cipher: Option<Arc<Xts>>,
+    kek: Option<Arc<Kek>>,
+) -> Result<Stack, StackError> {
     opts.validate()?;
     opts.check_distinct_files()?;
     let ring_entries = u32::from(opts.queue_size) * 2;
@@ -79,7 +89,8 @@ pub fn open(opts: &Options, cipher: Option<Arc<Xts>>) -> Result<Stack, StackErro
     }
     let mut lazy_device = None;
     let mut control_socket = None;
-    if let Some(lazy) = lazy_options(opts) {
+    if let Some(mut lazy) = lazy_options(opts) {
+        lazy.archive_kek = kek;
         let (layer, control) =
             open_lazy(opts, &lazy, device, cipher, ring_entries).map_err(StackError::Lazy)?;
         device = layer.clone();
@@ -164,6 +175,7 @@ pub fn lazy_options(opts: &Options) -> Option<LazyOptions> {
         copy_on_read: opts.copy_on_read,
         autofetch: opts.autofetch,
         autofetch_mib_per_sec: opts.autofetch_mib_per_sec,
+        archive_kek: None,
     })
 }
 

@@ -28,14 +28,14 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let (opts, cipher) = args.config.load()?;
+    let (opts, keys) = args.config.load_keys(false)?;
     // Registered before anything is created, so that a SIGTERM arriving while we start up (even
     // right after the socket appears) waits for the handler instead of killing us mid-way.
     let signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
     // A socket path that is not ours to take (another kind of file, another backend's socket)
     // is refused before anything is opened or started.
     vhost::check(&opts)?;
-    let mut stack = stack::open(&opts, cipher)?;
+    let mut stack = stack::open_with_kek(&opts, keys.cipher, keys.kek)?;
     // Listening last: once the socket is there, the device (and control socket) are ready.
     let (listener, socket) = vhost::listen(&opts)?;
     let sockets: Vec<Arc<SocketFile>> = std::iter::once(socket)

@@ -46,7 +46,7 @@ impl Drop for KekFile {
     }
 }
 
-/// How the `encryption_key` entries are protected.
+/// How the `encryption_key` entries (and a disk archive's key, src/archive) are protected.
 pub enum Kek {
     /// The entries are the raw keys.
     None,
@@ -55,6 +55,16 @@ pub enum Kek {
         iv: [u8; 12],
         aad: Vec<u8>,
     },
+}
+
+/// Names the method only: the key never appears in a log or an error.
+impl std::fmt::Debug for Kek {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Kek::None => f.write_str("Kek::None"),
+            Kek::Aes256Gcm { .. } => f.write_str("Kek::Aes256Gcm(..)"),
+        }
+    }
 }
 
 fn b64(s: &str) -> Result<Zeroizing<Vec<u8>>, String> {
@@ -193,18 +203,34 @@ impl KekText {
     /// The data cipher for `encryption_key` (None without keys); a KEK without keys to unwrap
     /// is refused rather than silently storing plaintext.
     pub fn cipher_for(&self, encryption_key: Option<&[String]>) -> Result<Option<Xts>, KeyError> {
+        self.keys_for(encryption_key, false)
+            .map(|(cipher, _)| cipher)
+    }
+
+    /// The data cipher and the parsed KEK (`None` without `--kek`). With `for_archive` the KEK
+    /// also protects a disk archive's key (`archive_url`, the `archive` tool), so a KEK without
+    /// `encryption_key` is used rather than refused.
+    pub fn keys_for(
+        &self,
+        encryption_key: Option<&[String]>,
+        for_archive: bool,
+    ) -> Result<(Option<Xts>, Option<Kek>), KeyError> {
         let kek = match &self.0 {
-            Some((path, text)) => Kek::parse(text).map_err(|problem| kek_err(path, problem))?,
-            None => Kek::None,
+            Some((path, text)) => Some(Kek::parse(text).map_err(|problem| kek_err(path, problem))?),
+            None => None,
         };
-        match encryption_key {
-            Some(entries) => kek.cipher(entries).map(Some),
-            None if self.0.is_some() => Err(KeyError::Config(
-                "--kek given but the config has no encryption_key: refusing to store plaintext"
-                    .into(),
-            )),
-            None => Ok(None),
-        }
+        let cipher = match encryption_key {
+            Some(entries) => Some(kek.as_ref().unwrap_or(&Kek::None).cipher(entries)?),
+            None if kek.is_some() && !for_archive => {
+                return Err(KeyError::Config(
+                    "--kek given but the config has no encryption_key: refusing to store \
+                     plaintext"
+                        .into(),
+                ))
+            }
+            None => None,
+        };
+        Ok((cipher, kek))
     }
 }
 

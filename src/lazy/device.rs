@@ -19,6 +19,7 @@ use super::split::SourceEnd;
 use super::states::StripeStates;
 use super::{Error, LazyStatus};
 use crate::block::{BlockDevice, IoChannel, Notifier, SECTOR_SHIFT};
+use crate::crypto::keys::Kek;
 use crate::crypto::Xts;
 
 /// Fetcher threads for a local source: enough to overlap source reads, base writes and syncs
@@ -38,6 +39,8 @@ pub struct LazyOptions {
     pub autofetch: bool,
     /// Background fetch rate limit in MiB/s; `None`: unlimited.
     pub autofetch_mib_per_sec: Option<u32>,
+    /// The KEK (`--kek`), which unwraps an `archive_url` archive's key.
+    pub archive_kek: Option<Arc<Kek>>,
 }
 
 /// Of `fetchers` threads, how many background work (autofetch) may use at once: a quarter
@@ -63,6 +66,7 @@ impl LazyOptions {
             copy_on_read: false,
             autofetch: false,
             autofetch_mib_per_sec: None,
+            archive_kek: None,
         }
     }
 }

@@ -37,12 +37,15 @@ pub enum Error {
     Socket(#[from] SocketError),
     #[error("cannot open the fetchers' channels to the base disk")]
     FetcherChannels(#[source] io::Error),
-    /// A source kind this build cannot open.
-    #[error("{field}: {what}")]
-    Unsupported {
-        field: &'static str,
-        what: &'static str,
+    /// The `archive_url` archive: no usable KEK, or its manifest cannot be read or verified.
+    #[error("archive_url: cannot use the archive {url}")]
+    Archive {
+        url: String,
+        source: crate::archive::ArchiveError,
     },
+    /// The `archive_url` store (the error names the field).
+    #[error(transparent)]
+    ArchiveStore(crate::remote::StoreError),
     /// A background thread (`what`: fetcher, control socket) could not be started.
     #[error("cannot start {what}")]
     Thread {

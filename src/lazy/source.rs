@@ -1,6 +1,7 @@
 //! What lazy fetch copies from: the [`StripeSource`] trait, and [`open`], which picks the
 //! implementation the configuration names.
 
+mod archive;
 mod file;
 mod http;
 mod s3;
@@ -11,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use archive::ArchiveSource;
 pub use file::FileSource;
 pub use http::RangeSource;
 
@@ -143,9 +145,10 @@ pub fn open(opts: &LazyOptions, ring_entries: u32) -> Result<Arc<dyn StripeSourc
             })?;
             Ok(Arc::new(source))
         }
-        SourceSpec::Archive(_) => Err(Error::Unsupported {
-            field: "archive_url",
-            what: "archive sources are not built yet",
-        }),
+        SourceSpec::Archive(url) => Ok(Arc::new(ArchiveSource::open(
+            url,
+            &opts.remote,
+            opts.archive_kek.as_deref(),
+        )?)),
     }
 }
