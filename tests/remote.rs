@@ -319,13 +319,13 @@ fn s3_store_put_get_exists() {
     let store = S3Store::open(&url, &cfg, &Default::default()).unwrap();
     assert_eq!(store.to_string(), format!("{url}/"));
     assert!(!store.exists("chunks/0").unwrap());
-    let e = store.get("chunks/0").unwrap_err();
+    let e = store.get("chunks/0", 1 << 20).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
     let data = pattern_bytes(1, 3 << 20);
     store.put("chunks/0", &data).unwrap();
     assert!(store.exists("chunks/0").unwrap());
-    assert!(store.get("chunks/0").unwrap() == data);
+    assert!(store.get("chunks/0", 1 << 20).unwrap() == data);
     // Under the prefix, as the key says.
     assert!(garage.get("archives/a1/chunks/0").unwrap() == data);
-    assert!(store.get("../x").is_err());
+    assert!(store.get("../x", 1 << 20).is_err());
 }

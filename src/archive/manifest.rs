@@ -141,7 +141,7 @@ impl Manifest {
 pub const PENDING_KEY: &str = "key.json";
 const PENDING_FORMAT: &str = "ubiblk-disk-archive-key";
 /// A pending key is about 150 bytes; anything much larger is not one.
-const MAX_PENDING_BYTES: usize = 4096;
+pub const MAX_PENDING_BYTES: usize = 4096;
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -3,7 +3,9 @@
 use std::io;
 
 use super::chunk::{self, ChunkName};
-use super::manifest::{decode_pending, Manifest, MANIFEST_KEY, PENDING_KEY};
+use super::manifest::{
+    decode_pending, Manifest, MANIFEST_KEY, MAX_MANIFEST_BYTES, MAX_PENDING_BYTES, PENDING_KEY,
+};
 use super::secret::{Keys, Secret, KEY_LEN};
 use super::{ArchiveError, ObjectStore};
 
@@ -20,7 +22,7 @@ pub(super) fn read_manifest(
     store: &dyn ObjectStore,
     kek: &[u8; KEY_LEN],
 ) -> Result<Option<(Manifest, Secret)>, ArchiveError> {
-    match get_optional(store, MANIFEST_KEY)? {
+    match get_optional(store, MANIFEST_KEY, MAX_MANIFEST_BYTES)? {
         Some(bytes) => Manifest::decode(&bytes, kek).map(Some),
         None => Ok(None),
     }
@@ -32,14 +34,18 @@ pub(super) fn read_pending(
     store: &dyn ObjectStore,
     kek: &[u8; KEY_LEN],
 ) -> Result<Option<Secret>, ArchiveError> {
-    match get_optional(store, PENDING_KEY)? {
+    match get_optional(store, PENDING_KEY, MAX_PENDING_BYTES)? {
         Some(bytes) => decode_pending(&bytes, kek).map(Some),
         None => Ok(None),
     }
 }
 
-fn get_optional(store: &dyn ObjectStore, key: &str) -> Result<Option<Vec<u8>>, ArchiveError> {
-    match store.get(key) {
+fn get_optional(
+    store: &dyn ObjectStore,
+    key: &str,
+    max: usize,
+) -> Result<Option<Vec<u8>>, ArchiveError> {
+    match store.get(key, max) {
         Ok(bytes) => Ok(Some(bytes)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(ArchiveError::Store {
@@ -80,7 +86,7 @@ impl ArchiveReader {
     fn fetch(&self, index: usize, name: ChunkName, len: usize) -> Result<Vec<u8>, ArchiveError> {
         let object = self
             .store
-            .get(&name.key())
+            .get(&name.key(), chunk::max_object_len(len))
             .map_err(|source| ArchiveError::Store {
                 what: format!(
                     "chunk {index}: cannot read {} from {}",

@@ -153,8 +153,8 @@ impl std::fmt::Display for FailingStore {
 }
 
 impl ObjectStore for FailingStore {
-    fn get(&self, key: &str) -> io::Result<Vec<u8>> {
-        self.inner.get(key)
+    fn get(&self, key: &str, max: usize) -> io::Result<Vec<u8>> {
+        self.inner.get(key, max)
     }
     fn put(&self, key: &str, data: &[u8]) -> io::Result<()> {
         if self

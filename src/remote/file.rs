@@ -39,8 +39,8 @@ impl fmt::Display for FileStore {
 }
 
 impl ObjectStore for FileStore {
-    fn get(&self, key: &str) -> io::Result<Vec<u8>> {
-        fs::read(self.path(key)?)
+    fn get(&self, key: &str, max: usize) -> io::Result<Vec<u8>> {
+        super::read_bounded(File::open(self.path(key)?)?, max, key)
     }
 
     /// Written to a temporary name, synced, then renamed over the key and the directory
@@ -89,13 +89,15 @@ mod tests {
         assert!(!store.exists("chunks/x").unwrap());
         store.put("chunks/x", b"hello").unwrap();
         assert!(store.exists("chunks/x").unwrap());
-        assert_eq!(store.get("chunks/x").unwrap(), b"hello");
+        assert_eq!(store.get("chunks/x", 5).unwrap(), b"hello");
         store.put("chunks/x", b"again").unwrap();
-        assert_eq!(store.get("chunks/x").unwrap(), b"again");
-        let e = store.get("missing").unwrap_err();
+        assert_eq!(store.get("chunks/x", 5).unwrap(), b"again");
+        let e = store.get("chunks/x", 4).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        let e = store.get("missing", 5).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
         for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "a b", "./x"] {
-            assert!(store.get(bad).is_err(), "{bad:?}");
+            assert!(store.get(bad, 5).is_err(), "{bad:?}");
             assert!(store.put(bad, b"").is_err(), "{bad:?}");
         }
     }

@@ -8,7 +8,7 @@ pub mod retry;
 pub mod s3;
 
 use std::fmt;
-use std::io;
+use std::io::{self, Read as _};
 
 pub use file::FileStore;
 pub use s3::S3Store;
@@ -23,8 +23,10 @@ use crate::lazy::source::RemoteOptions;
 /// transient failures within their [`RemoteOptions`] budget and return the final error.
 /// Errors: [`io::ErrorKind::NotFound`] for a missing object, anything else for the rest.
 pub trait ObjectStore: fmt::Display + Send + Sync {
-    /// The whole object.
-    fn get(&self, key: &str) -> io::Result<Vec<u8>>;
+    /// The whole object, if it is at most `max` bytes: a larger one is an
+    /// [`io::ErrorKind::InvalidData`] error before more than `max + 1` bytes are read (a
+    /// hostile store must not make us allocate what it likes).
+    fn get(&self, key: &str, max: usize) -> io::Result<Vec<u8>>;
 
     /// Stores `data` under `key`, replacing an object of that name; durable when it returns.
     fn put(&self, key: &str, data: &[u8]) -> io::Result<()>;
@@ -69,6 +71,20 @@ pub fn open_store(
         ));
     }
     Err(StoreError::Scheme { field })
+}
+
+/// Reads `reader` to its end into a vector, refusing more than `max` bytes (see
+/// [`ObjectStore::get`]); `what` names the object in the error.
+pub fn read_bounded(reader: impl io::Read, max: usize, what: &str) -> io::Result<Vec<u8>> {
+    let mut data = Vec::new();
+    reader.take(max as u64 + 1).read_to_end(&mut data)?;
+    if data.len() > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{what} is larger than the {max} bytes it may be"),
+        ));
+    }
+    Ok(data)
 }
 
 /// Refuses keys outside the rules of [`ObjectStore`] (a key is never taken from a peer

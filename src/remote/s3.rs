@@ -2,7 +2,7 @@
 //! the [`S3Store`] object store (`s3://bucket/prefix`).
 
 use std::fmt;
-use std::io::{self, Read};
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -191,15 +191,10 @@ impl fmt::Display for S3Store {
 }
 
 impl ObjectStore for S3Store {
-    fn get(&self, key: &str) -> io::Result<Vec<u8>> {
+    fn get(&self, key: &str, max: usize) -> io::Result<Vec<u8>> {
         self.call(Method::Get, key, None, |status, resp| {
-            (status == 200).then(|| {
-                let mut data = Vec::new();
-                resp.body_mut()
-                    .as_reader()
-                    .read_to_end(&mut data)
-                    .map(|_| data)
-            })
+            (status == 200)
+                .then(|| crate::remote::read_bounded(resp.body_mut().as_reader(), max, key))
         })
     }
 
