@@ -445,21 +445,26 @@ from boto3.s3.transfer import TransferConfig
 
 def client():
     e = os.environ
+    kw = dict(
+        s3={"addressing_style": "path"},
+        retries={"max_attempts": 3, "mode": "standard"},
+        connect_timeout=5,
+        read_timeout=120,
+        max_pool_connections=32,
+    )
+    try:
+        # botocore >= 1.36 checksums every upload and download by default: only when required.
+        config = Config(request_checksum_calculation="when_required",
+                        response_checksum_validation="when_required", **kw)
+    except TypeError:  # older botocore (Debian 12's python3-boto3): no such options
+        config = Config(**kw)
     return boto3.session.Session().client(
         "s3",
         endpoint_url=e["UBIBLK_S3_ENDPOINT"],
         region_name=e["UBIBLK_S3_REGION"],
         aws_access_key_id=e["UBIBLK_S3_ACCESS_KEY"],
         aws_secret_access_key=e["UBIBLK_S3_SECRET_KEY"],
-        config=Config(
-            s3={"addressing_style": "path"},
-            retries={"max_attempts": 3, "mode": "standard"},
-            connect_timeout=5,
-            read_timeout=120,
-            max_pool_connections=32,
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        ),
+        config=config,
     )
 
 def main():
