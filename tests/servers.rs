@@ -202,10 +202,12 @@ fn garage_cluster_survives_a_node_down() {
     g.put_bytes("img", &data);
 
     g.kill_node(1);
+    // Before the others notice (their next ping, up to ~10 s), requests may stall, not fail.
     assert!(
         g.get("img").as_deref() == Some(&data[..]),
         "get with node 1 down"
     );
+    g.wait_node_down(1);
     // Writes still reach a quorum (2 of 3).
     g.put_bytes("while-down", b"x");
 

@@ -535,6 +535,8 @@ struct GarageNode {
     s3_port: u16,
     admin_port: u16,
     child: Option<ChildGuard>,
+    /// `ID@127.0.0.1:RPC_PORT` (cluster nodes only).
+    id: String,
 }
 
 /// A Garage S3 server on loopback (one node, or a cluster replicating every object on all
@@ -623,6 +625,7 @@ api_bind_addr = "127.0.0.1:{admin_port}"
                     s3_port,
                     admin_port,
                     child: None,
+                    id: String::new(),
                 });
             }
             match g.try_launch(&bin) {
@@ -669,6 +672,7 @@ api_bind_addr = "127.0.0.1:{admin_port}"
             // `node id -q`: full id @ rpc_public_addr, from the running node.
             let id = self.cli_retry(i, &["node", "id", "-q"])?;
             ids.push(id.trim().to_string());
+            self.nodes[i].id = id.trim().to_string();
         }
         for id in &ids[1..] {
             self.cli_retry(0, &["node", "connect", id])?;
@@ -927,10 +931,34 @@ api_bind_addr = "127.0.0.1:{admin_port}"
         self.boto3_checked(&["delete", GARAGE_BUCKET, key]);
     }
 
-    /// SIGKILLs node `i`.
+    /// SIGKILLs node `i`. The other nodes notice at their next ping (up to ~10 s later); until
+    /// then requests touching node `i` may stall rather than fail ([`Garage::wait_node_down`]
+    /// waits for that).
     pub fn kill_node(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].child.take() {
             c.kill();
+        }
+    }
+
+    /// Waits until a live node lists node `i` among the failed nodes of `garage status`.
+    pub fn wait_node_down(&self, i: usize) {
+        let live = (0..self.nodes.len())
+            .find(|&j| j != i && self.nodes[j].child.is_some())
+            .expect("no live node to ask");
+        let short = self.nodes[i].id.get(..16).unwrap_or("").to_string();
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let out = self.cli(live, &["status"]).unwrap_or_default();
+            if let Some((_, failed)) = out.split_once("FAILED NODES") {
+                if failed.contains(&short) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i} ({short}) not seen down by node {live} after {START_TIMEOUT:?}:\n{out}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -943,7 +971,26 @@ api_bind_addr = "127.0.0.1:{admin_port}"
             .spawn_node(&bin, i, false)
             .unwrap_or_else(|e| panic!("garage node {i} did not restart: {e}"));
         self.nodes[i].child = Some(child);
-        if let Err(e) = self.wait_node(i) {
+        let r = (|| {
+            if !self.single {
+                // The peer list a node saves may be older than its peers: connect it to the
+                // others explicitly instead of waiting for their reconnection back-off.
+                let port = self.nodes[i].rpc_port;
+                try_wait_ready(
+                    self.nodes[i].child.as_mut().unwrap(),
+                    &format!("garage node {i} RPC on 127.0.0.1:{port}"),
+                    &mut || listening(port),
+                )?;
+                for j in 0..self.nodes.len() {
+                    if j != i && self.nodes[j].child.is_some() {
+                        let peer = self.nodes[j].id.clone();
+                        self.cli_retry(i, &["node", "connect", &peer])?;
+                    }
+                }
+            }
+            self.wait_node(i)
+        })();
+        if let Err(e) = r {
             panic!("garage node {i} did not restart: {e}");
         }
     }
