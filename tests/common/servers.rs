@@ -436,8 +436,13 @@ pub fn garage_bin() -> PathBuf {
 /// * `presign BUCKET KEY SECS`: a presigned GET URL
 /// * `list BUCKET PREFIX`: `SIZE KEY` lines
 /// * `delete BUCKET KEY`
+/// * benchmark references, each printing the seconds it measured (after start-up):
+///   `download BUCKET KEY PATH THREADS CHUNK` (TransferManager, ranged GETs of CHUNK bytes,
+///   then fsync), `getranges BUCKET KEY CHUNK INDEX...` (one keep-alive client, one GET of
+///   chunk INDEX per line), `upload-zstd BUCKET KEY PATH` (`zstd -T0 -c PATH` piped into a
+///   multipart upload; prints seconds and the object's size)
 pub const BOTO3_SCRIPT: &str = r#"
-import os, sys, time
+import os, subprocess, sys, time
 import boto3
 import botocore.exceptions
 from botocore.config import Config
@@ -513,6 +518,40 @@ def main():
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for o in page.get("Contents", []):
                 print(o["Size"], o["Key"])
+        return 0
+    # Benchmark references (benches/remote.rs); times are measured here, after start-up.
+    if op == "download":
+        bucket, key, path, threads, chunk = args
+        cfg = TransferConfig(max_concurrency=int(threads), multipart_chunksize=int(chunk),
+                             multipart_threshold=int(chunk))
+        t0 = time.monotonic()
+        s3.download_file(bucket, key, path, Config=cfg)
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        print("%.6f" % (time.monotonic() - t0))
+        return 0
+    if op == "getranges":
+        bucket, key, chunk = args[0], args[1], int(args[2])
+        for i in args[3:]:
+            a = int(i) * chunk
+            t0 = time.monotonic()
+            body = s3.get_object(Bucket=bucket, Key=key,
+                                 Range="bytes=%d-%d" % (a, a + chunk - 1))["Body"].read()
+            dt = time.monotonic() - t0
+            assert len(body) == chunk, (i, len(body))
+            print("%.6f" % dt)
+        return 0
+    if op == "upload-zstd":
+        bucket, key, path = args
+        t0 = time.monotonic()
+        p = subprocess.Popen(["zstd", "-T0", "-q", "-c", path], stdout=subprocess.PIPE)
+        s3.upload_fileobj(p.stdout, bucket, key, Config=TransferConfig(
+            multipart_chunksize=16 << 20, max_concurrency=8))
+        if p.wait() != 0:
+            raise RuntimeError("zstd failed: %d" % p.returncode)
+        dt = time.monotonic() - t0
+        print("%.6f %d" % (dt, s3.head_object(Bucket=bucket, Key=key)["ContentLength"]))
         return 0
     if op == "delete":
         bucket, key = args
