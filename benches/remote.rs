@@ -65,6 +65,7 @@ use base64::Engine;
 use bench::*;
 use common::servers::{Garage, Nginx};
 use common::*;
+use std::cell::RefCell;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -236,6 +237,49 @@ impl Remote<'_> {
             Remote::S3(g) => g.env(),
             Remote::Http(_) => Vec::new(),
         }
+    }
+}
+
+/// Runs `f`; for an nginx source also returns what nginx's access log says about the requests
+/// made meanwhile: "N requests (statuses) on M connections".
+fn http_traffic<T>(remote: &Remote, f: impl FnOnce() -> T) -> (T, Option<String>) {
+    let Remote::Http(n) = remote else {
+        return (f(), None);
+    };
+    let before = n.access_log().len();
+    let v = f();
+    let log = n.access_log();
+    let new = log.get(before..).unwrap_or("");
+    // Lines: CONNECTION REQUEST_ON_CONNECTION STATUS "REQUEST" range="RANGE" BYTES
+    let mut conns = std::collections::BTreeSet::new();
+    let mut statuses = std::collections::BTreeMap::<String, usize>::new();
+    let mut requests = 0;
+    for l in new.lines() {
+        let mut w = l.split(' ');
+        if let (Some(c), Some(_), Some(st)) = (w.next(), w.next(), w.next()) {
+            conns.insert(c.to_string());
+            *statuses.entry(st.to_string()).or_default() += 1;
+            requests += 1;
+        }
+    }
+    let st: Vec<String> = statuses.iter().map(|(k, v)| format!("{v}× {k}")).collect();
+    (
+        v,
+        Some(format!(
+            "{requests} requests ({}) on {} connections",
+            st.join(", "),
+            conns.len()
+        )),
+    )
+}
+
+/// Adds "round R, SIDE: TRAFFIC" to `notes` (and stderr) when there is traffic to tell.
+fn note_traffic(notes: &RefCell<Vec<String>>, round: usize, side: &str, t: Option<String>) {
+    if let Some(t) = t {
+        eprintln!("  {side}: nginx saw {t}");
+        notes
+            .borrow_mut()
+            .push(format!("round {}, {side}: nginx saw {t}", round + 1));
     }
 }
 
@@ -466,18 +510,24 @@ fn hydrate_reference(
 fn part_hydrate(part: &'static str, bins: &Bins, f: &Files, st: &Settings, remote: &Remote) -> Row {
     let mb = st.size as f64 / 1e6;
     let (mut ours_checked, mut ref_checked) = (false, false);
+    let notes = RefCell::new(Vec::new());
     let (ours, reference) = alternate(
         part,
         st.rounds,
-        |_| {
+        |round| {
             let verify = !std::mem::replace(&mut ours_checked, true);
-            hydrate_ours(bins, f, st, remote, verify).map(|s| mb / s)
+            let (r, traffic) = http_traffic(remote, || hydrate_ours(bins, f, st, remote, verify));
+            note_traffic(&notes, round, "ours", traffic);
+            r.map(|s| mb / s)
         },
-        |_| {
+        |round| {
             let verify = !std::mem::replace(&mut ref_checked, true);
-            hydrate_reference(f, st, remote, verify).map(|s| mb / s)
+            let (r, traffic) = http_traffic(remote, || hydrate_reference(f, st, remote, verify));
+            note_traffic(&notes, round, "reference", traffic);
+            r.map(|s| mb / s)
         },
     );
+    let notes = notes.into_inner();
     let (ours_label, ref_label) = match remote {
         Remote::S3(_) => (
             format!(
@@ -512,7 +562,7 @@ fn part_hydrate(part: &'static str, bins: &Bins, f: &Files, st: &Settings, remot
         ref_label,
         ours,
         reference,
-        notes: Vec::new(),
+        notes,
     }
 }
 
@@ -605,12 +655,22 @@ fn demand_reference(st: &Settings, remote: &Remote, round: usize) -> anyhow::Res
 }
 
 fn part_demand(part: &'static str, bins: &Bins, f: &Files, st: &Settings, remote: &Remote) -> Row {
+    let notes = RefCell::new(Vec::new());
     let (ours, reference) = alternate(
         part,
         st.rounds,
-        |round| demand_ours(bins, f, st, remote, round),
-        |round| demand_reference(st, remote, round),
+        |round| {
+            let (r, traffic) = http_traffic(remote, || demand_ours(bins, f, st, remote, round));
+            note_traffic(&notes, round, "ours", traffic);
+            r
+        },
+        |round| {
+            let (r, traffic) = http_traffic(remote, || demand_reference(st, remote, round));
+            note_traffic(&notes, round, "reference", traffic);
+            r
+        },
     );
+    let notes = notes.into_inner();
     let n = demand_stripes(st, 0).len();
     let ref_label = match remote {
         Remote::S3(_) => format!(
@@ -636,7 +696,7 @@ fn part_demand(part: &'static str, bins: &Bins, f: &Files, st: &Settings, remote
         ref_label,
         ours,
         reference,
-        notes: Vec::new(),
+        notes,
     }
 }
 

@@ -127,11 +127,12 @@ pub const NGINX_BIN: &str = "/usr/sbin/nginx";
 /// log, one line per request with the connection number, see [`Nginx::access_log`]) and temp
 /// paths are in its temp dir. Killed on drop.
 pub struct Nginx {
+    // Fields drop in order: the process dies before its directory is removed.
+    child: Option<ChildGuard>,
     dir: tempfile::TempDir,
     root: PathBuf,
     port: u16,
     tls: bool,
-    child: Option<ChildGuard>,
 }
 
 impl Nginx {
@@ -583,8 +584,9 @@ struct GarageNode {
 /// rights on it. Metadata (sqlite) and data live in a temp dir (tmpfs when possible); no
 /// compression. Killed on drop.
 pub struct Garage {
-    dir: tempfile::TempDir,
+    // Fields drop in order: the nodes die before their directory is removed.
     nodes: Vec<GarageNode>,
+    dir: tempfile::TempDir,
     access_key: String,
     secret_key: String,
     /// The single-node layout comes from `server --single-node`; restarts run plain `server`.
@@ -619,8 +621,8 @@ impl Garage {
         assert!(n >= 1, "a Garage cluster needs at least one node");
         let bin = garage_bin();
         let mut g = Garage {
-            dir,
             nodes: Vec::new(),
+            dir,
             access_key: format!("GK{}", random_hex(12)),
             secret_key: random_hex(32),
             single: n == 1,
