@@ -724,7 +724,17 @@ api_bind_addr = "127.0.0.1:{admin_port}"
         self.cli(0, &assign)?;
         self.cli(0, &["layout", "apply", "--version", "1"])?;
         let (ak, sk) = (self.access_key.clone(), self.secret_key.clone());
-        self.cli(0, &["key", "import", "--yes", "-n", "ubiblk", &ak, &sk])?;
+        // Retried while the new layout reaches the other nodes; an attempt that failed late
+        // may have imported the key already.
+        let import = ["key", "import", "--yes", "-n", "ubiblk", &ak, &sk];
+        if let Err(e) = self.cli_retry(0, &import) {
+            if !self
+                .cli(0, &["key", "info", "ubiblk"])
+                .is_ok_and(|o| o.contains(&ak))
+            {
+                return Err(e);
+            }
+        }
         self.cli_retry(0, &["bucket", "create", GARAGE_BUCKET])?;
         self.cli_retry(
             0,
