@@ -739,7 +739,11 @@ fn reads_ours(
     );
     prepare_lazy_disk(bins, f, st, &cfg, &env)?;
     let mut be = start_backend_env(&bins.backend, &cfg, &env)?;
-    let iops = with_backend(&mut be, st.verbose, |_| {
+    let garage_pid = match remote {
+        Remote::S3(g) => g.pid(0),
+        Remote::Http(_) => None,
+    };
+    let iops = with_backend(&mut be, st.verbose, |be| {
         let mut client = connect_client(&f.vhost_sock, 1, 1 << 20, st.size)?;
         let chunk = 64 * 1024;
         for off in (0..st.region).step_by(chunk) {
@@ -757,7 +761,13 @@ fn reads_ours(
             "the region is read, but only {} stripes are fetched",
             s0.fetched
         );
-        let t = Instant::now();
+        let cpu = || {
+            (
+                process_cpu_time(be.guard.pid()),
+                garage_pid.map(process_cpu_time).unwrap_or_default(),
+            )
+        };
+        let (t, cpu0) = (Instant::now(), cpu());
         let w = run_io(
             client.queue(0),
             &read_spec(st, round),
@@ -765,12 +775,19 @@ fn reads_ours(
             st.secs,
             None,
         );
-        let wall = t.elapsed().as_secs_f64();
+        let (wall, cpu1) = (t.elapsed().as_secs_f64(), cpu());
         let s1 = ControlStatus::query(&f.ctl_sock)?;
         let mbs = (s1.fetched - s0.fetched) as f64 * st.stripe as f64 / 1e6 / wall;
+        let cores = (
+            (cpu1.0 - cpu0.0).as_secs_f64() / wall,
+            (cpu1.1 - cpu0.1).as_secs_f64() / wall,
+        );
         eprintln!(
-            "reads round {}: hydrated {mbs:.0} MB/s during the window{}",
+            "reads round {}: hydrated {mbs:.0} MB/s during the window; CPU: backend {:.2}, \
+             Garage {:.2} cores{}",
             round + 1,
+            cores.0,
+            cores.1,
             if s1.complete {
                 " (WARNING: complete inside the window; lower UBIBLK_BENCH_FETCH_MIBS)"
             } else {
@@ -778,8 +795,11 @@ fn reads_ours(
             }
         );
         notes.push(format!(
-            "round {}: {mbs:.0} MB/s hydrated during the window{}",
+            "round {}: {mbs:.0} MB/s hydrated during the window; CPU used meanwhile: backend \
+             {:.2} cores, Garage {:.2} cores{}",
             round + 1,
+            cores.0,
+            cores.1,
             if s1.complete {
                 ", complete inside it"
             } else {

@@ -1046,6 +1046,11 @@ api_bind_addr = "127.0.0.1:{admin_port}"
         }
     }
 
+    /// Process id of node `i`, None while it is killed.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].child.as_ref().map(|c| c.pid())
+    }
+
     /// Log of node `i` (its current run).
     pub fn log(&self, i: usize) -> String {
         self.nodes[i]
