@@ -94,16 +94,44 @@ fn try_wait_ready(
     }
 }
 
+/// `cmd`'s program and arguments for a message, a long inline script shown as `<script>` (and
+/// the environment, which holds the S3 secret, left out).
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| {
+            let a = a.to_string_lossy();
+            if a.len() > 200 {
+                "<script>".to_string()
+            } else {
+                a.into_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A hint for a Python failure that is a missing module.
+fn python_hint(stderr: &str) -> &'static str {
+    if stderr.contains("No module named 'boto3'") {
+        "\n(python3 lacks boto3: `python3 -m pip install boto3` or `apt-get install python3-boto3`; .ci/run installs it)"
+    } else {
+        ""
+    }
+}
+
 fn run_checked(cmd: &mut Command, what: &str) -> Vec<u8> {
     let out = cmd
         .output()
-        .unwrap_or_else(|e| panic!("{what}: cannot run {cmd:?}: {e}"));
+        .unwrap_or_else(|e| panic!("{what}: cannot run {}: {e}", describe(cmd)));
     if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
         panic!(
-            "{what}: {cmd:?} failed ({}):\n{}{}",
+            "{what}: `{}` failed ({}):\n{}{stderr}{}",
+            describe(cmd),
             out.status,
             String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            python_hint(&stderr)
         );
     }
     out.stdout
@@ -760,8 +788,9 @@ api_bind_addr = "127.0.0.1:{admin_port}"
             .map_err(|e| format!("running python3: {e}"))?;
         if !out.status.success() {
             return Err(format!(
-                "the S3 API of node 0 does not serve the bucket: {}\nnode 0 log:\n{}",
+                "the S3 API of node 0 does not serve the bucket: {}{}\nnode 0 log:\n{}",
                 String::from_utf8_lossy(&out.stderr),
+                python_hint(&String::from_utf8_lossy(&out.stderr)),
                 self.nodes[0].child.as_ref().unwrap().log()
             ));
         }
@@ -935,10 +964,11 @@ api_bind_addr = "127.0.0.1:{admin_port}"
         });
         assert!(
             out.status.success(),
-            "boto3 put of {key} ({} bytes) failed ({}):\n{}",
+            "boto3 put of {key} ({} bytes) failed ({}):\n{}{}",
             data.len(),
             out.status,
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stderr),
+            python_hint(&String::from_utf8_lossy(&out.stderr))
         );
     }
 
@@ -952,9 +982,10 @@ api_bind_addr = "127.0.0.1:{admin_port}"
             Some(0) => Some(out.stdout),
             Some(3) => None,
             _ => panic!(
-                "boto3 get of {key} failed ({}):\n{}",
+                "boto3 get of {key} failed ({}):\n{}{}",
                 out.status,
-                String::from_utf8_lossy(&out.stderr)
+                String::from_utf8_lossy(&out.stderr),
+                python_hint(&String::from_utf8_lossy(&out.stderr))
             ),
         }
     }
