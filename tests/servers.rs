@@ -61,6 +61,7 @@ fn nginx_serves_files_and_ranges() {
     assert_eq!(code, 404);
 
     // Two requests on one curl command line share one keep-alive connection.
+    let before = n.access_log().len();
     let out = curl(&[
         "-o",
         "/dev/null",
@@ -72,11 +73,19 @@ fn nginx_serves_files_and_ranges() {
         &n.url("img.raw"),
     ]);
     assert!(out.status.success());
-    let log = n.access_log();
-    let last: Vec<&str> = log.lines().rev().take(2).collect();
+    // nginx logs a request after sending its response: wait for both lines.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let log = loop {
+        let log = n.access_log();
+        if log[before..].lines().count() >= 2 || std::time::Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let new: Vec<&str> = log[before..].lines().collect();
     assert!(
-        last.len() == 2 && last[0].split(' ').next() == last[1].split(' ').next(),
-        "expected the last two requests on one connection; access log:\n{log}"
+        new.len() == 2 && new[0].split(' ').next() == new[1].split(' ').next(),
+        "expected two requests on one connection; access log:\n{log}"
     );
 }
 
