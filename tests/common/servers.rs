@@ -249,7 +249,7 @@ http {{
     listen {listen};
     server_name localhost;
     {ssl}
-    root {root};
+    root "{root}";
     location / {{ }}
   }}
 }}
