@@ -14,8 +14,12 @@
 
 #![allow(dead_code)]
 
-use crate::common::{create_pattern_file, errno_name, Client, ClientOptions, QueueIo};
-use std::path::Path;
+use crate::common::{
+    create_pattern_file, errno_name, Backend, BackendConfig, Client, ClientOptions, ControlStatus,
+    QueueIo, SOCKET_TIMEOUT,
+};
+use anyhow::{anyhow, bail, Context};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
@@ -428,4 +432,165 @@ pub fn run_io(
         elapsed: end.0 - start.0,
         cpu: end.2 - start.2,
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Binaries and backends
+// ---------------------------------------------------------------------------------------------
+
+/// A binary: `$env`, else the path cargo built (`option_env!("CARGO_BIN_EXE_<name>")`, None
+/// when the crate has no such binary); an error when neither exists.
+pub fn bench_bin(env: &str, built: Option<&'static str>, name: &str) -> anyhow::Result<PathBuf> {
+    let p = std::env::var_os(env)
+        .map(PathBuf::from)
+        .or_else(|| built.map(PathBuf::from))
+        .ok_or_else(|| anyhow!("{name} is not a binary of this crate (set {env})"))?;
+    anyhow::ensure!(p.exists(), "{name} binary {} does not exist", p.display());
+    Ok(p)
+}
+
+/// Starts `bin --config <yaml>` with `env` added to its environment (e.g. S3 credentials) and
+/// waits for its vhost-user socket. A stale socket file is removed first.
+pub fn start_backend_env(
+    bin: &Path,
+    cfg: &BackendConfig,
+    env: &[(String, String)],
+) -> anyhow::Result<Backend> {
+    match std::fs::remove_file(&cfg.socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).context("removing a stale socket"),
+    }
+    let mut guard = Backend::spawn_as_is(bin, cfg, &[], |c| {
+        c.envs(env.iter().map(|(k, v)| (k, v)));
+    })?;
+    guard.wait_for_socket(&cfg.socket, SOCKET_TIMEOUT)?;
+    Ok(Backend {
+        guard,
+        config: cfg.clone(),
+        config_path: PathBuf::new(),
+    })
+}
+
+/// `init-metadata -f CONFIG -s SHIFT` with `env` added to its environment.
+pub fn run_init_metadata(
+    bin: &Path,
+    config: &Path,
+    shift: u8,
+    env: &[(String, String)],
+) -> anyhow::Result<()> {
+    let out = Command::new(bin)
+        .arg("-f")
+        .arg(config)
+        .arg("-s")
+        .arg(shift.to_string())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .context("running init-metadata")?;
+    if !out.status.success() {
+        bail!(
+            "init-metadata -f {} -s {shift} failed ({}):\n{}{}",
+            config.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// SIGTERM, then waits (30 s) for a clean exit.
+pub fn stop_backend(be: &mut Backend) -> anyhow::Result<()> {
+    be.guard.signal(libc::SIGTERM);
+    match be.guard.wait_timeout(Duration::from_secs(30)) {
+        Some(st) if st.success() => Ok(()),
+        Some(st) => bail!(
+            "vhost-backend exited with {st} after SIGTERM; log:\n{}",
+            be.log()
+        ),
+        None => bail!(
+            "vhost-backend did not exit within 30 s of SIGTERM; log:\n{}",
+            be.log()
+        ),
+    }
+}
+
+/// Polls `status` on the control socket `ctl` every `poll` until `complete`; fails on fetch
+/// errors, on no progress for `stall`, or when the backend exits. Returns the last status, when
+/// the first reply arrived and when the `complete` reply arrived.
+pub fn wait_fetch_complete(
+    be: &mut Backend,
+    ctl: &Path,
+    poll: Duration,
+    stall: Duration,
+) -> anyhow::Result<(ControlStatus, Instant, Instant)> {
+    let t0 = Instant::now();
+    let mut first: Option<Instant> = None;
+    let mut progress = (Instant::now(), u64::MAX);
+    loop {
+        if let Some(st) = be.guard.try_wait() {
+            bail!(
+                "vhost-backend exited ({st}) during the fetch; log:\n{}",
+                be.log()
+            );
+        }
+        match ControlStatus::query(ctl) {
+            Ok(s) => {
+                let now = Instant::now();
+                first.get_or_insert(now);
+                if s.fetch_errors > 0 {
+                    bail!("fetch errors: {}; log:\n{}", s.raw, be.log());
+                }
+                if s.complete {
+                    return Ok((s, first.unwrap(), now));
+                }
+                if s.fetched != progress.1 {
+                    progress = (now, s.fetched);
+                } else if now - progress.0 > stall {
+                    bail!(
+                        "no fetch progress for {stall:?}: {}; log:\n{}",
+                        s.raw,
+                        be.log()
+                    );
+                }
+            }
+            // The control socket may appear a little after the vhost-user socket.
+            Err(_) if first.is_none() && t0.elapsed() < Duration::from_secs(10) => {}
+            Err(e) => return Err(e.context(format!("backend log:\n{}", be.log()))),
+        }
+        std::thread::sleep(poll);
+    }
+}
+
+/// `cmp a b`; an error names the first difference.
+pub fn cmp_files(a: &Path, b: &Path) -> anyhow::Result<()> {
+    let out = Command::new("cmp")
+        .arg(a)
+        .arg(b)
+        .output()
+        .context("running cmp")?;
+    if !out.status.success() {
+        bail!(
+            "cmp {} {}: {}{}",
+            a.display(),
+            b.display(),
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// `x` rounded, with thousands separators: 1234567.8 -> "1,234,568".
+pub fn fmt_thousands(x: f64) -> String {
+    let s = format!("{:.0}", x);
+    let (sign, digits) = s.split_at(if s.starts_with('-') { 1 } else { 0 });
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    format!("{sign}{out}")
 }

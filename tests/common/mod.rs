@@ -5,10 +5,13 @@
 //! * [`Client`]: a userspace virtio-blk driver (libblkio, `virtio-blk-vhost-user`) connected to
 //!   a vhost-user-blk socket, with synchronous helpers and a low-level submit/reap API
 //!   ([`QueueIo`]) for issuing many requests in flight.
+//! * [`servers`]: real HTTP (nginx) and S3 (Garage) servers for the remote-source tests.
 //!
 //! Include from a bench with `#[path = "../tests/common/mod.rs"] mod common;`.
 
 #![allow(dead_code)]
+
+pub mod servers;
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
