@@ -90,13 +90,22 @@ struct Backend {
 }
 
 impl Backend {
-    fn start(config: &Path, args: &[String], log: &Path, socket: &Path) -> Backend {
+    /// Starts the backend on `config` with `args`, and `env` added to its environment (e.g.
+    /// S3 credentials), logging to `log`; waits for `socket`.
+    fn start(
+        config: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log: &Path,
+        socket: &Path,
+    ) -> Backend {
         let _ = fs::remove_file(socket);
         let logf = fs::File::create(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_vhost-backend"))
             .arg("--config")
             .arg(config)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(logf.try_clone().unwrap())
             .stderr(logf)
@@ -170,6 +179,8 @@ struct GuestTest {
     config_extra: String,
     /// Extra arguments for vhost-backend (e.g. `--kek {dir}/kek.yaml`; `{dir}` expands).
     backend_args: Vec<String>,
+    /// Extra environment for vhost-backend (e.g. S3 credentials).
+    backend_env: Vec<(String, String)>,
     /// Runs after the disk and config are written, before the backend starts
     /// (e.g. init-metadata for lazy fetch, writing a KEK file, filling an image).
     setup: Option<SetupFn>,
@@ -193,6 +204,7 @@ impl Default for GuestTest {
             queues: 2,
             config_extra: String::new(),
             backend_args: Vec::new(),
+            backend_env: Vec::new(),
             setup: None,
             expected_size: None,
             guest_cmdline: Vec::new(),
@@ -294,7 +306,13 @@ impl GuestTest {
         cmdline.extend(self.guest_cmdline.iter().map(|w| expand(w)));
 
         let args: Vec<String> = self.backend_args.iter().map(|a| expand(a)).collect();
-        let backend = Backend::start(&config, &args, &d.join("backend.log"), &socket);
+        let backend = Backend::start(
+            &config,
+            &args,
+            &self.backend_env,
+            &d.join("backend.log"),
+            &socket,
+        );
 
         let script = self.script.unwrap_or_else(|| vm_script("fio-verify.sh"));
         let console_log = d.join("console.log");
@@ -439,23 +457,60 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 /// (zeros past its end).
 #[test]
 fn guest_fio_verify_lazy() {
+    guest_fio_verify_lazy_from(Image::File);
+}
+
+/// [`guest_fio_verify_lazy`] with the image in S3 (a single-node Garage on loopback, the
+/// object uploaded with boto3): every stripe the guest does not write comes over S3 while
+/// autofetch runs under fio; the whole disk is checked against the image at the end.
+#[test]
+fn guest_fio_verify_lazy_s3() {
+    let garage = common::servers::Garage::start();
+    let key = "guest/image.raw";
+    garage.put_bytes(key, &lazy_image(LAZY_IMAGE));
+    guest_fio_verify_lazy_from(Image::S3 {
+        url: garage.url(key),
+        env: garage.env(),
+    });
+}
+
+/// Where [`guest_fio_verify_lazy_from`] keeps the image.
+enum Image {
+    /// `image_path`: a file beside the disk.
+    File,
+    /// `image_url: s3://...`: an object in a Garage bucket (the same bytes), the backend
+    /// given the store's endpoint and credentials through the AWS environment variables.
+    S3 {
+        url: String,
+        env: Vec<(String, String)>,
+    },
+}
+
+/// The lazy guest test's image size: not a multiple of the 1 MiB stripe, not even of 4 KiB.
+const LAZY_IMAGE: u64 = 100 * MIB + 38_400;
+
+fn guest_fio_verify_lazy_from(image_at: Image) {
     const DISK: u64 = 256 * MIB;
     const STRIPE: u64 = MIB; // init-metadata's default shift 11
-    const IMAGE: u64 = 100 * MIB + 38_400;
+    const IMAGE: u64 = LAZY_IMAGE;
     const FIO_SIZE: u64 = 30 * MIB + 256 * 1024;
     const GUEST_END: u64 = 2 * FIO_SIZE; // fio wrote [0, GUEST_END)
     const LAST_BLOCK: u64 = DISK - 4096; // fio-verify.sh's edge block
 
+    let (source_line, env) = match image_at {
+        Image::File => ("image_path: \"{dir}/image.raw\"\n".to_string(), Vec::new()),
+        Image::S3 { url, env } => (format!("image_url: \"{url}\"\n"), env),
+    };
     let out = GuestTest {
         disk_size: DISK,
         queues: 2,
-        config_extra: "image_path: \"{dir}/image.raw\"\n\
-                       metadata_path: \"{dir}/metadata\"\n\
-                       copy_on_read: false\n\
-                       autofetch: true\n\
-                       autofetch_mib_per_sec: 4\n\
-                       control_socket: \"{dir}/control.sock\"\n"
-            .into(),
+        config_extra: source_line
+            + "metadata_path: \"{dir}/metadata\"\n\
+               copy_on_read: false\n\
+               autofetch: true\n\
+               autofetch_mib_per_sec: 4\n\
+               control_socket: \"{dir}/control.sock\"\n",
+        backend_env: env.clone(),
         setup: Some(Box::new(|dir, config| {
             fs::write(dir.join("image.raw"), lazy_image(IMAGE)).unwrap();
             let o = Command::new(env!("CARGO_BIN_EXE_init-metadata"))
@@ -561,6 +616,7 @@ fn guest_fio_verify_lazy() {
     let backend = Backend::start(
         &config2,
         &[],
+        &env,
         &d.join("backend2.log"),
         &d.join("vhost.sock"),
     );

@@ -3,16 +3,13 @@
 //! ("Remote sources") and fails if it breaks.
 
 mod common;
-// TEMPORARY: the private copy of the shared fixtures; becomes `common::servers`.
-#[path = "common/servers_tmp.rs"]
-mod servers;
 
 use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
+use common::servers::{Garage, Nginx};
 use common::*;
-use servers::{Garage, Nginx};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-backend");
 const INIT: &str = env!("CARGO_BIN_EXE_init-metadata");
@@ -324,7 +321,12 @@ fn s3_store_put_get_exists() {
     let data = pattern_bytes(1, 3 << 20);
     store.put("chunks/0", &data).unwrap();
     assert!(store.exists("chunks/0").unwrap());
-    assert!(store.get("chunks/0", 1 << 20).unwrap() == data);
+    assert!(store.get("chunks/0", 3 << 20).unwrap() == data);
+    // An object over the caller's bound is refused at once (not retried for the budget).
+    let t0 = Instant::now();
+    let e = store.get("chunks/0", (3 << 20) - 1).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{e}");
     // Under the prefix, as the key says.
     assert!(garage.get("archives/a1/chunks/0").unwrap() == data);
     assert!(store.get("../x", 1 << 20).is_err());

@@ -176,8 +176,12 @@ impl S3Store {
             let mut resp = self.client.send(method, &url, &[], body, timeout)?;
             let status = resp.status().as_u16();
             match done(status, &mut resp) {
-                // Reading a body that breaks off is a transport failure like any other.
-                Some(r) => r.map_err(Failure::transient),
+                // Reading a body that breaks off is a transport failure like any other; an
+                // object over the caller's bound will be as big on the next attempt.
+                Some(r) => r.map_err(|e| match e.kind() {
+                    io::ErrorKind::InvalidData => Failure::permanent(e),
+                    _ => Failure::transient(e),
+                }),
                 None => Err(status_failure(method, &url, &mut resp)),
             }
         })
