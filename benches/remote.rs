@@ -609,7 +609,14 @@ fn demand_ours(
                 "read at {off}: data differs from the image"
             );
         }
-        let s = ControlStatus::query(&f.ctl_sock)?;
+        // A read is served as soon as its stripe is read from the source; the base disk write
+        // and the metadata update finish after it.
+        let t = Instant::now();
+        let mut s = ControlStatus::query(&f.ctl_sock)?;
+        while s.fetching > 0 && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+            s = ControlStatus::query(&f.ctl_sock)?;
+        }
         anyhow::ensure!(
             s.fetched == stripes.len() as u64,
             "{} reads on distinct unfetched stripes, but {} stripes fetched: {}",

@@ -137,6 +137,16 @@ pub(crate) struct LazyChannel {
     parked: Vec<Parked>,
 }
 
+/// Failed if one of the stripes' fetch failed, else still pending (the stripes are not all
+/// fetched).
+fn stripe_state(shared: &Shared, first: usize, last: usize) -> WaitState {
+    if shared.stripes.any_abandoned(first, last) {
+        WaitState::Failed
+    } else {
+        WaitState::Pending
+    }
+}
+
 /// The stripes `op` touches and whether it modifies them; `None` for operations the layer
 /// passes down untouched (flush, empty, or out of range, which the layer below rejects).
 fn span(op: &IoOp, shared: &Shared) -> Option<(usize, usize, bool)> {
@@ -198,7 +208,7 @@ impl LazyChannel {
     /// persistence) failed.
     fn retry_parked(&mut self) {
         let mut sent = false;
-        for p in std::mem::take(&mut self.parked) {
+        for mut p in std::mem::take(&mut self.parked) {
             let state = match p.wait {
                 Wait::Stripes { first, last, write } => {
                     let stripes = &self.shared.stripes;
@@ -207,10 +217,16 @@ impl LazyChannel {
                             self.shared.mark_written(first, last);
                         }
                         WaitState::Ready
-                    } else if stripes.any_abandoned(first, last) {
-                        WaitState::Failed
+                    } else if !write && first == last {
+                        match self.serve_staged(p, first) {
+                            Ok(()) => continue,
+                            Err(back) => {
+                                p = back;
+                                stripe_state(&self.shared, first, last)
+                            }
+                        }
                     } else {
-                        WaitState::Pending
+                        stripe_state(&self.shared, first, last)
                     }
                 }
                 Wait::Persist(ticket) => self.shared.meta.persisted(ticket),
@@ -234,6 +250,36 @@ impl LazyChannel {
         if sent {
             let _ = self.below.submit();
         }
+    }
+
+    /// Completes parked read `p`, wholly inside `stripe`, from the stripe's staged content
+    /// (see [`Shared::staged`]); gives `p` back if there is none.
+    fn serve_staged(&mut self, p: Parked, stripe: usize) -> Result<(), Parked> {
+        let Some(data) = self.shared.staged(stripe) else {
+            return Err(p);
+        };
+        let (sector, len) = match &p.op {
+            IoOp::Read { sector, buf } => (*sector, buf.len()),
+            IoOp::ReadVec { sector, iov } => (*sector, iov.len()),
+            _ => return Err(p),
+        };
+        let from = ((sector - self.shared.stripes.sectors_of(stripe).0) << SECTOR_SHIFT) as usize;
+        // The request lies inside the stripe and the staged copy is all of it; checked anyway.
+        let Some(src) = data.get(from..from + len) else {
+            return Err(p);
+        };
+        let mut dest = match p.op {
+            IoOp::Read { buf, .. } => Dest::Buf(buf),
+            IoOp::ReadVec { iov, .. } => Dest::Vecs(iov),
+            op => return Err(Parked { op, ..p }),
+        };
+        dest.put(0, len, Some(src));
+        let buf = match dest {
+            Dest::Buf(b) => Some(b),
+            Dest::Vecs(_) => None,
+        };
+        self.below.finish(p.id, Ok(()), buf);
+        Ok(())
     }
 
     /// Serves a read without fetching, through the source's read-through channel.

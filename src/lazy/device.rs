@@ -142,6 +142,7 @@ impl LazyDevice {
             copy_on_read: opts.copy_on_read,
             errors: AtomicU64::new(0),
             last_error: Mutex::default(),
+            staged: Mutex::default(),
         });
         info!(
             "lazy fetch from {source}: {} of {} stripes of {} KiB fetched, copy_on_read {}, \

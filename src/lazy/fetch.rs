@@ -28,6 +28,9 @@ pub(crate) struct Shared {
     pub errors: AtomicU64,
     /// The last failed fetch's error (for `status`).
     pub last_error: Mutex<Option<String>>,
+    /// Stripes a guest waits for whose content is read from the source but not yet durable
+    /// on the base disk (see [`Shared::staged`]); at most one per fetcher.
+    pub staged: Mutex<Vec<(usize, Arc<[u8]>)>>,
 }
 
 impl Shared {
@@ -59,7 +62,22 @@ impl Shared {
         self.meta.persist_written(&self.stripes)
     }
 
+    /// The content of `stripe` if a demand fetch has read it from the source and not yet
+    /// finished: parked reads wholly inside it are served from here at once, instead of
+    /// after the base disk write, its fdatasync and the metadata update (most of a demand
+    /// fetch's latency when the source is near). Only reads: a write still waits for FETCHED,
+    /// so nothing a guest writes can be lost to a fetch that fails later, and a read served
+    /// here returned the source's bytes, which is what the stripe holds until FETCHED.
+    pub fn staged(&self, stripe: usize) -> Option<Arc<[u8]>> {
+        lock(&self.staged)
+            .iter()
+            .find(|(s, _)| *s == stripe)
+            .map(|(_, data)| data.clone())
+    }
+
     fn finish(&self, stripe: usize, background: bool, result: io::Result<()>) {
+        // FETCHED is set (or the fetch failed): reads go to the base disk (or fail) now.
+        lock(&self.staged).retain(|(s, _)| *s != stripe);
         // Off the running count first, so `status` never shows complete with work pending.
         self.queue.finished(background);
         match result {
@@ -100,7 +118,14 @@ pub(crate) fn fetcher(
     while let Some(job) = shared.queue.next_job(&shared.stripes) {
         match job {
             Job::Fetch(stripe, background) => {
-                let result = fetch(&shared, &*base, &mut *channel, &*source, stripe, &mut spare);
+                let result = fetch(
+                    &shared,
+                    &*base,
+                    &mut *channel,
+                    &*source,
+                    (stripe, background),
+                    &mut spare,
+                );
                 shared.finish(stripe, background, result);
             }
             Job::Persist => {
@@ -116,7 +141,7 @@ fn fetch(
     base: &dyn BlockDevice,
     channel: &mut dyn IoChannel,
     source: &dyn StripeSource,
-    stripe: usize,
+    (stripe, background): (usize, bool),
     spare: &mut Option<IoBuf>,
 ) -> io::Result<()> {
     let (first, sectors) = shared.stripes.sectors_of(stripe);
@@ -141,6 +166,11 @@ fn fetch(
         source.read_at(start, &mut buf).map_err(|e| {
             io::Error::new(e.kind(), format!("reading the image at byte {start}: {e}"))
         })?;
+        if !background {
+            // A guest waits: let its reads go before the write and syncs below.
+            lock(&shared.staged).push((stripe, Arc::from(&buf[..])));
+            shared.queue.wake_parked();
+        }
         run_sync(channel, IoOp::Write { sector: first, buf })
     };
     if back.is_some() {

@@ -265,6 +265,8 @@ fn copy_on_read_fetches_and_a_failed_fetch_is_an_error_not_a_hang() {
     let f = fixture(STRIPE * STRIPES, true);
     let mut ch = f.device.new_channel().unwrap();
     assert_eq!(read(&mut *ch, 0, 1024), f.image[..1024]);
+    // The read is answered from the fetched bytes; the fetch becomes durable right after.
+    settle(&f.device);
     assert!(on_disk(&f).is_fetched(0));
     // The image shrinks: stripe 5 cannot be fetched.
     std::fs::OpenOptions::new()
@@ -701,4 +703,95 @@ fn random_requests_match_a_model() {
             }
         }
     }
+}
+
+/// A guest read of an unfetched stripe is answered as soon as the fetcher has the stripe's
+/// bytes, before its slow write to the base disk is done; writes to the stripe (and reads
+/// crossing into another unfetched stripe) still wait for the fetch to be durable.
+#[test]
+fn demand_reads_are_served_before_the_fetch_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    std::fs::write(&base, vec![0; STRIPE * STRIPES]).unwrap();
+    let meta = dir.path().join("meta");
+    Metadata::new((STRIPE * STRIPES / 512) as u64, SHIFT)
+        .unwrap()
+        .write_to(&std::fs::File::create(&meta).unwrap(), None)
+        .unwrap();
+    let gate = Arc::new(Gate {
+        below: (3 * STRIPE / 512) as u64,
+        ..Gate::default()
+    });
+    let inner = Arc::new(Gated {
+        inner: FileDevice::open(&base, false, 64).unwrap(),
+        gate: gate.clone(),
+    });
+    let image: Vec<u8> = (0..STRIPE * STRIPES).map(|i| (i % 251) as u8).collect();
+    let (device, _) = open_memory(inner, image.clone(), &meta, false);
+    let mut ch = device.new_channel().unwrap();
+    let s1 = (STRIPE / 512) as u64;
+    // Parked: a write into stripe 1, and a read across stripes 1 and 2.
+    ch.add(
+        1,
+        IoOp::Write {
+            sector: s1 + 2,
+            buf: buf_of(&[0xee; 512]),
+        },
+    );
+    ch.add(
+        2,
+        IoOp::Read {
+            sector: 2 * s1 - 1,
+            buf: IoBuf::new(1024),
+        },
+    );
+    ch.submit().unwrap();
+    // Served while the fetch's base write hangs at the gate (opened after 1 s,
+    // so that the old behaviour fails instead of hanging).
+    let opened = std::sync::atomic::AtomicBool::new(false);
+    let got = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_secs(1));
+            opened.store(true, SeqCst);
+            gate.open();
+        });
+        let got = read(&mut *ch, s1 + 8, 4096);
+        assert!(
+            !opened.load(SeqCst),
+            "the read waited for the fetch's base write"
+        );
+        assert!(gate.most_held() > 0, "no fetch was held at the gate");
+        got
+    });
+    assert_eq!(got, image[STRIPE + 4096..STRIPE + 8192]);
+    let mut out = Vec::new();
+    while out.len() < 2 {
+        ch.wait().unwrap();
+        ch.poll(&mut out);
+    }
+    assert!(out.iter().all(|c| c.result.is_ok()));
+    let read2 = out
+        .iter()
+        .find(|c| c.id == 2)
+        .unwrap()
+        .buf
+        .as_ref()
+        .unwrap();
+    assert_eq!(&read2[..], &image[2 * STRIPE - 512..2 * STRIPE + 512]);
+    assert_eq!(read(&mut *ch, s1 + 2, 512), vec![0xee; 512]);
+    assert!(on_disk_at(&meta).is_fetched(1) && on_disk_at(&meta).is_fetched(2));
+}
+
+/// Waits (up to 5 s) until no fetch is queued or running.
+fn settle(device: &LazyDevice) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while device.status().fetching > 0 {
+        assert!(Instant::now() < deadline, "fetches still running after 5 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn on_disk_at(meta: &Path) -> Metadata {
+    let file = std::fs::File::open(meta).unwrap();
+    Metadata::read_from(&file, (STRIPE * STRIPES / 512) as u64, None).unwrap()
 }

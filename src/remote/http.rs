@@ -2,13 +2,16 @@
 //! pool, TLS by rustls on ring, the system's roots) plus the rules that turn a transport error
 //! or a status into a retry decision ([`Failure`]).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Read};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use ureq::http::{HeaderMap, Response};
 use ureq::tls::{Certificate, RootCerts, TlsConfig};
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 use ureq::{Agent, Body};
 
 use super::retry::{parse_retry_after, Failure, RetryPolicy};
@@ -74,15 +77,15 @@ impl HttpClient {
             .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .root_certs(system_roots())
             .build();
-        let agent = Agent::config_builder()
+        let config = Agent::config_builder()
             // Statuses are ours to judge (a 412 is not an error like a 503).
             .http_status_as_error(false)
             .tls_config(tls)
             .max_idle_connections(remote.connections.max(1))
             .max_idle_connections_per_host(remote.connections.max(1))
             .user_agent(concat!("ubiblk/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .new_agent();
+            .build();
+        let agent = Agent::with_parts(config, DefaultConnector::new(), CachingResolver::default());
         HttpClient {
             agent,
             policy: RetryPolicy::new(remote.attempt_timeout, remote.retry_budget),
@@ -125,6 +128,43 @@ impl HttpClient {
             }
         };
         result.map_err(|e| transport_failure(method, url, e))
+    }
+}
+
+/// How long a resolved host name is used before it is looked up again.
+const RESOLVE_TTL: Duration = Duration::from_secs(30);
+
+/// Name resolution for the agent. ureq resolves the host of every request, pooled connection
+/// or not, and its default resolver spawns a thread for each lookup that has a timeout (all of
+/// ours): measured, a thread start and exit per stripe fetch, most of a millisecond of a demand
+/// fetch's latency on loopback. Here each host is looked up once per [`RESOLVE_TTL`] (with
+/// the default resolver, timeout included) and served from the cache in between.
+#[derive(Debug, Default)]
+struct CachingResolver {
+    cache: Mutex<HashMap<String, (Instant, ResolvedSocketAddrs)>>,
+}
+
+impl Resolver for CachingResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let key = format!(
+            "{}://{}",
+            uri.scheme_str().unwrap_or_default(),
+            uri.authority().map(|a| a.as_str()).unwrap_or_default()
+        );
+        let cache = || self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, addrs)) = cache().get(&key) {
+            if at.elapsed() < RESOLVE_TTL {
+                return Ok(addrs.clone());
+            }
+        }
+        let addrs = DefaultResolver::default().resolve(uri, config, timeout)?;
+        cache().insert(key, (Instant::now(), addrs.clone()));
+        Ok(addrs)
     }
 }
 
