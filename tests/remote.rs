@@ -298,20 +298,10 @@ fn s3_unknown_bucket_or_key_is_a_startup_error_naming_image_url() {
 /// The `s3://bucket/prefix` object store: PUT, GET, HEAD, and NotFound for a missing object.
 #[test]
 fn s3_store_put_get_exists() {
-    use ubiblk::remote::aws::{AwsConfig, Credentials, Secret};
     use ubiblk::remote::{ObjectStore, S3Store};
 
     let garage = Garage::start();
-    let cfg = AwsConfig {
-        region: garage.region(),
-        endpoint: Some(garage.endpoint()),
-        credentials: Some(Credentials {
-            key_id: garage.access_key(),
-            secret: Secret::new(garage.secret_key()),
-            token: None,
-            origin: "test".into(),
-        }),
-    };
+    let cfg = garage.aws_config();
     let url = format!("s3://{}/archives/a1", garage.bucket());
     let store = S3Store::open(&url, &cfg, &Default::default()).unwrap();
     assert_eq!(store.to_string(), format!("{url}/"));
