@@ -1,10 +1,13 @@
 //! Disk archives end to end: the `archive` tool on plain, encrypted and partly fetched lazy
 //! disks (checked object by object), and a disk moved between two "hosts" through an archive
 //! served with `archive_url`, read through libblkio while it is fetched and compared after.
+//! The tests that do not depend on the store run twice: on `file:///dir` and on `s3://` (a
+//! single-node Garage, tests/common/servers.rs, listed and altered by its boto3 client).
 
 mod common;
 
 use base64::Engine;
+use common::servers::Garage;
 use common::*;
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
@@ -13,7 +16,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 use ubiblk::archive::ArchiveReader;
 use ubiblk::crypto::Xts;
-use ubiblk::remote::FileStore;
+use ubiblk::remote::{FileStore, ObjectStore, S3Store};
 
 const BACKEND: &str = env!("CARGO_BIN_EXE_vhost-backend");
 const INIT: &str = env!("CARGO_BIN_EXE_init-metadata");
@@ -82,14 +85,97 @@ fn file_url(dir: &Path) -> String {
     format!("file://{}", dir.display())
 }
 
-/// Runs `archive -f config [-k kek] --to to extra...`.
-fn run_archive(config: &Path, kek: Option<&Path>, to: &str, extra: &[&str]) -> Output {
+/// Where an archive is written and read: a directory (`file://`), or a prefix in the bucket
+/// of a Garage (`s3://`), whose objects the checks see through the fixture's boto3 client.
+enum Dest<'a> {
+    Dir(PathBuf),
+    S3(&'a Garage, &'static str),
+}
+
+impl Dest<'_> {
+    fn url(&self) -> String {
+        match self {
+            Dest::Dir(dir) => file_url(dir),
+            Dest::S3(g, prefix) => g.url(prefix),
+        }
+    }
+
+    /// The environment of the tool and of the backends: the AWS settings for S3.
+    fn env(&self) -> Vec<(String, String)> {
+        match self {
+            Dest::Dir(_) => Vec::new(),
+            Dest::S3(g, _) => g.env(),
+        }
+    }
+
+    /// The object `name` (`manifest.json`, `chunks/NAME`), None when there is none.
+    fn read(&self, name: &str) -> Option<Vec<u8>> {
+        match self {
+            Dest::Dir(dir) => std::fs::read(dir.join(name)).ok(),
+            Dest::S3(g, prefix) => g.get(&format!("{prefix}/{name}")),
+        }
+    }
+
+    fn write(&self, name: &str, data: &[u8]) {
+        match self {
+            Dest::Dir(dir) => std::fs::write(dir.join(name), data).unwrap(),
+            Dest::S3(g, prefix) => g.put_bytes(&format!("{prefix}/{name}"), data),
+        }
+    }
+
+    fn delete(&self, name: &str) {
+        match self {
+            Dest::Dir(dir) => std::fs::remove_file(dir.join(name)).unwrap(),
+            Dest::S3(g, prefix) => g.delete(&format!("{prefix}/{name}")),
+        }
+    }
+
+    /// The names of the chunk objects (under `chunks/`).
+    fn objects(&self) -> HashSet<String> {
+        match self {
+            Dest::Dir(dir) => std::fs::read_dir(dir.join("chunks"))
+                .map(|d| {
+                    d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            Dest::S3(g, prefix) => {
+                let under = format!("{prefix}/chunks/");
+                g.list(&under)
+                    .into_iter()
+                    .map(|(key, _)| key.strip_prefix(&under).unwrap().to_string())
+                    .collect()
+            }
+        }
+    }
+
+    /// The store, opened by the library (for its archive reader).
+    fn store(&self) -> Box<dyn ObjectStore> {
+        match self {
+            Dest::Dir(dir) => Box::new(FileStore::open(dir).unwrap()),
+            Dest::S3(g, _) => {
+                Box::new(S3Store::open(&self.url(), &g.aws_config(), &Default::default()).unwrap())
+            }
+        }
+    }
+}
+
+/// Runs `archive -f config [-k kek] --to to extra...` with `env` added.
+fn run_archive(
+    config: &Path,
+    kek: Option<&Path>,
+    to: &str,
+    extra: &[&str],
+    env: &[(String, String)],
+) -> Output {
     let mut cmd = Command::new(ARCHIVE);
     cmd.arg("-f").arg(config);
     if let Some(kek) = kek {
         cmd.arg("-k").arg(kek);
     }
-    cmd.args(["--to", to]).args(extra);
+    cmd.args(["--to", to])
+        .args(extra)
+        .envs(env.iter().map(|(k, v)| (k, v)));
     cmd.output().unwrap()
 }
 
@@ -101,8 +187,19 @@ struct Counts {
     zero: u64,
 }
 
-fn archive_ok(config: &Path, kek: &Path, to: &str) -> (Counts, String) {
-    let out = run_archive(config, Some(kek), to, &[]);
+fn archive_ok(config: &Path, kek: &Path, dest: &Dest) -> (Counts, String) {
+    archive_ok_with(config, kek, &dest.url(), &[], &dest.env())
+}
+
+/// [`archive_ok`] to `to` with the flags `extra` and the environment `env`.
+fn archive_ok_with(
+    config: &Path,
+    kek: &Path,
+    to: &str,
+    extra: &[&str],
+    env: &[(String, String)],
+) -> (Counts, String) {
+    let out = run_archive(config, Some(kek), to, extra, env);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -126,18 +223,9 @@ fn archive_ok(config: &Path, kek: &Path, to: &str) -> (Counts, String) {
     (counts, stdout)
 }
 
-fn objects(archive: &Path) -> HashSet<String> {
-    std::fs::read_dir(archive.join("chunks"))
-        .map(|d| {
-            d.map(|e| e.unwrap().file_name().into_string().unwrap())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The manifest's chunk list (`null` or a name).
-fn manifest_chunks(archive: &Path) -> Vec<Option<String>> {
-    let text = std::fs::read(archive.join("manifest.json")).unwrap();
+fn manifest_chunks(dest: &Dest) -> Vec<Option<String>> {
+    let text = dest.read("manifest.json").expect("no manifest.json");
     let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
     v["body"]["chunks"]
         .as_array()
@@ -148,9 +236,8 @@ fn manifest_chunks(archive: &Path) -> Vec<Option<String>> {
 }
 
 /// The archive's content, read with the library's reader.
-fn archive_content(archive: &Path) -> Vec<u8> {
-    let store = Box::new(FileStore::open(archive).unwrap());
-    let r = ArchiveReader::open(store, &KEK).unwrap();
+fn archive_content(dest: &Dest) -> Vec<u8> {
+    let r = ArchiveReader::open(dest.store(), &KEK).unwrap();
     let mut out = vec![0xee; r.manifest().disk_bytes as usize];
     r.read_at(0, &mut out).unwrap();
     out
@@ -211,23 +298,25 @@ fn wait_complete(ctl: &Path, timeout: Duration) {
     }
 }
 
-/// Host B: an empty disk (stale bytes 0x5a) filled from `archive_url`, with 64 KiB stripes
-/// unless `shift` says otherwise, and the `extra` config lines.
+/// Host B: an empty disk (stale bytes 0x5a) filled from `archive_url` (with the
+/// destination's environment), with 64 KiB stripes unless `shift` says otherwise, and the
+/// `extra` config lines.
 struct HostB {
     dir: tempfile::TempDir,
     disk: PathBuf,
     ctl: PathBuf,
     config: BackendConfig,
+    env: Vec<(String, String)>,
 }
 
 impl HostB {
-    fn new(archive: &Path, kek: &Path, shift: u8, extra: &[String]) -> HostB {
+    fn new(archive: &Dest, kek: &Path, shift: u8, extra: &[String]) -> HostB {
         let dir = scratch_dir("ubiblk-arch-b");
         let d = dir.path();
         let (disk, ctl) = (d.join("disk-b.raw"), d.join("ctl.sock"));
         std::fs::write(&disk, vec![0x5a; DISK]).unwrap();
         let mut config = BackendConfig::new(&disk, d.join("vhost.sock"))
-            .extra(format!("archive_url: {}", yaml_str(&file_url(archive))))
+            .extra(format!("archive_url: {}", yaml_str(&archive.url())))
             .extra_path("metadata_path", &d.join("meta"))
             .extra_path("control_socket", &ctl);
         for line in extra {
@@ -248,28 +337,83 @@ impl HostB {
             disk,
             ctl,
             config,
+            env: archive.env(),
         }
     }
 
     fn start(&self, kek: &Path) -> (Backend, Client) {
-        let be = Backend::start_with_args(BACKEND, &self.config, &["--kek", kek.to_str().unwrap()])
-            .unwrap();
+        let args = ["--kek", kek.to_str().unwrap()];
+        let be = Backend::start_with_env(BACKEND, &self.config, &args, &self.env).unwrap();
         let c = Client::connect_queues(&self.config.socket, 1).unwrap();
         (be, c)
     }
 }
 
+/// A plain disk ([`plaintext`]) in `d`, with its config file: (disk, config).
+fn plain_disk(d: &Path, data: &[u8]) -> (PathBuf, PathBuf) {
+    let disk = d.join("disk.raw");
+    std::fs::write(&disk, data).unwrap();
+    let config = write_config(d, "config.yaml", &BackendConfig::new(&disk, d.join("sock")));
+    (disk, config)
+}
+
 #[test]
 fn plain_disk_archive_stores_each_distinct_non_zero_chunk_once_under_keyed_names() {
     let dir = scratch_dir("ubiblk-arch-plain");
-    let d = dir.path();
-    let (disk, arch) = (d.join("disk.raw"), d.join("archive"));
+    archive_twice(dir.path(), &Dest::Dir(dir.path().join("archive")));
+}
+
+/// The archive of a plain disk in an `s3://` prefix: one object per distinct non-zero chunk in
+/// the bucket's listing; after one stripe changed, one new object. The `--s3-endpoint` and
+/// `--s3-region` flags stand in for the environment's.
+#[test]
+fn plain_disk_archive_in_s3_uploads_each_distinct_chunk_once() {
+    let dir = scratch_dir("ubiblk-arch-s3-plain");
+    let garage = Garage::start();
+    let dest = Dest::S3(&garage, "backups/vm1");
+    let (config, kek, data) = archive_twice(dir.path(), &dest);
+    let keys: Vec<String> = garage.list("").into_iter().map(|(k, _)| k).collect();
+    assert!(
+        keys.iter().all(|k| k.starts_with("backups/vm1/")),
+        "objects outside the prefix: {keys:?}"
+    );
+
+    // Endpoint and region from the flags only: nothing new to upload.
+    let env: Vec<(String, String)> = garage
+        .env()
+        .into_iter()
+        .filter(|(k, _)| k != "AWS_ENDPOINT_URL" && k != "AWS_REGION")
+        .collect();
+    let flags = [
+        "--s3-endpoint",
+        &garage.endpoint(),
+        "--s3-region",
+        &garage.region(),
+    ];
+    let (counts, stdout) = archive_ok_with(&config, &kek, &dest.url(), &flags, &env);
+    let want = Counts {
+        uploaded: 0,
+        reused: 6,
+        zero: 2,
+    };
+    assert_eq!(counts, want, "{stdout}");
+    assert_eq!(dest.objects().len(), 6, "{stdout}");
+    assert_same(
+        &archive_content(&dest),
+        &data,
+        "archive after a run with the flags",
+    );
+}
+
+/// Archives [`plaintext`] (a disk in `d`) to `dest`: each distinct non-zero chunk stored once
+/// under a keyed name; then one changed stripe uploads exactly one new object. Returns the
+/// config, the KEK file and the disk's content.
+fn archive_twice(d: &Path, dest: &Dest) -> (PathBuf, PathBuf, Vec<u8>) {
     let mut data = plaintext();
-    std::fs::write(&disk, &data).unwrap();
-    let config = write_config(d, "config.yaml", &BackendConfig::new(&disk, d.join("sock")));
+    let (disk, config) = plain_disk(d, &data);
     let kek = kek_file(d, "aes256-gcm");
 
-    let (counts, stdout) = archive_ok(&config, &kek, &file_url(&arch));
+    let (counts, stdout) = archive_ok(&config, &kek, dest);
     let want = Counts {
         uploaded: 5,
         reused: 1,
@@ -277,16 +421,16 @@ fn plain_disk_archive_stores_each_distinct_non_zero_chunk_once_under_keyed_names
     };
     assert_eq!(counts, want, "{stdout}");
     assert!(stdout.contains("8 chunks of 1048576 bytes"), "{stdout}");
-    let names = objects(&arch);
-    assert_eq!(names.len(), 5);
-    let chunks = manifest_chunks(&arch);
+    let names = dest.objects();
+    assert_eq!(names.len(), 5, "objects: {names:?}");
+    let chunks = manifest_chunks(dest);
     assert_eq!(chunks.len(), 8);
     assert!(chunks[2].is_none() && chunks[5].is_none());
     assert_eq!(chunks[1], chunks[6]);
     let listed: HashSet<String> = chunks.iter().flatten().cloned().collect();
     assert_eq!(listed, names);
     // Names are keyed: no plain hash of any chunk shows up anywhere in the archive.
-    let manifest = std::fs::read_to_string(arch.join("manifest.json")).unwrap();
+    let manifest = String::from_utf8(dest.read("manifest.json").unwrap()).unwrap();
     for chunk in data.chunks(MIB) {
         let plain: String = Sha256::digest(chunk)
             .iter()
@@ -295,14 +439,14 @@ fn plain_disk_archive_stores_each_distinct_non_zero_chunk_once_under_keyed_names
         assert!(!names.contains(&plain));
         assert!(!manifest.contains(&plain[..16]));
     }
-    assert_same(&archive_content(&arch), &data, "archive");
+    assert_same(&archive_content(dest), &data, "archive");
     // The tool left the disk alone.
     assert_same(&std::fs::read(&disk).unwrap(), &data, "disk");
 
     // One changed stripe: exactly one new object.
     data[3 * MIB + 777] ^= 0xff;
     std::fs::write(&disk, &data).unwrap();
-    let (counts, stdout) = archive_ok(&config, &kek, &file_url(&arch));
+    let (counts, stdout) = archive_ok(&config, &kek, dest);
     let want = Counts {
         uploaded: 1,
         reused: 5,
@@ -310,23 +454,22 @@ fn plain_disk_archive_stores_each_distinct_non_zero_chunk_once_under_keyed_names
     };
     assert_eq!(counts, want, "{stdout}");
     assert!(stdout.contains("updating the archive there"), "{stdout}");
-    let after = objects(&arch);
-    assert_eq!(after.len(), 6);
+    let after = dest.objects();
+    assert_eq!(after.len(), 6, "objects after the change: {after:?}");
     assert!(after.is_superset(&names));
-    assert_same(&archive_content(&arch), &data, "archive after the change");
+    assert_same(&archive_content(dest), &data, "archive after the change");
+    (config, kek, data)
 }
 
 #[test]
 fn archives_need_an_aes_gcm_kek_in_the_tool_and_the_backend() {
     let dir = scratch_dir("ubiblk-arch-kek");
     let d = dir.path();
-    let disk = d.join("disk.raw");
-    std::fs::write(&disk, plaintext()).unwrap();
-    let config = write_config(d, "config.yaml", &BackendConfig::new(&disk, d.join("sock")));
+    let (_, config) = plain_disk(d, &plaintext());
     let arch = d.join("archive");
     let none = kek_file(d, "none");
     for kek in [None, Some(none.as_path())] {
-        let out = run_archive(&config, kek, &file_url(&arch), &[]);
+        let out = run_archive(&config, kek, &file_url(&arch), &[], &[]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success());
         assert!(
@@ -335,18 +478,18 @@ fn archives_need_an_aes_gcm_kek_in_the_tool_and_the_backend() {
         );
         assert!(!arch.join("manifest.json").exists());
     }
-    let out = run_archive(&config, None, "ftp://x/y", &[]);
+    let out = run_archive(&config, None, "ftp://x/y", &[], &[]);
     assert!(!out.status.success());
 
     // --unlink-kek: read, used, gone.
     let kek = kek_file(d, "aes256-gcm");
-    let out = run_archive(&config, Some(&kek), &file_url(&arch), &["-u"]);
+    let out = run_archive(&config, Some(&kek), &file_url(&arch), &["-u"], &[]);
     assert!(out.status.success(), "{out:?}");
     assert!(!kek.exists());
 
     // The backend: without a KEK, or with method none, archive_url is refused at start.
     let kek = kek_file(d, "aes256-gcm");
-    let b = HostB::new(&arch, &kek, 7, &[]);
+    let b = HostB::new(&Dest::Dir(arch), &kek, 7, &[]);
     for args in [
         vec![],
         vec!["--kek".to_string(), none.display().to_string()],
@@ -382,8 +525,21 @@ fn archives_need_an_aes_gcm_kek_in_the_tool_and_the_backend() {
 #[test]
 fn moving_an_encrypted_disk_between_hosts() {
     let dir = scratch_dir("ubiblk-arch-move");
-    let d = dir.path();
-    let (disk_a, arch) = (d.join("disk-a.raw"), d.join("archive"));
+    move_between_hosts(dir.path(), &Dest::Dir(dir.path().join("archive")));
+}
+
+/// [`moving_an_encrypted_disk_between_hosts`] through S3: A archives to `s3://`, B starts on
+/// `archive_url: s3://...` with the AWS environment.
+#[test]
+fn moving_an_encrypted_disk_between_hosts_through_s3() {
+    let dir = scratch_dir("ubiblk-arch-s3-move");
+    let garage = Garage::start();
+    move_between_hosts(dir.path(), &Dest::S3(&garage, "moves/vm1"));
+}
+
+/// The move, with host A's files in `d` and the archive in `dest`.
+fn move_between_hosts(d: &Path, dest: &Dest) {
+    let disk_a = d.join("disk-a.raw");
     let kek = kek_file(d, "aes256-gcm");
     let mut want = plaintext();
     let mut raw = want.clone();
@@ -408,10 +564,10 @@ fn moving_an_encrypted_disk_between_hosts() {
     assert_same(&a_plain, &want, "host A's disk");
 
     let config_a_path = write_config(d, "config-a.yaml", &config_a);
-    let (counts, stdout) = archive_ok(&config_a_path, &kek, &file_url(&arch));
+    let (counts, stdout) = archive_ok(&config_a_path, &kek, dest);
     assert_eq!(counts.zero, 1, "{stdout}");
     assert_eq!(counts.uploaded + counts.reused, 7, "{stdout}");
-    assert_same(&archive_content(&arch), &want, "archive");
+    assert_same(&archive_content(dest), &want, "archive");
 
     // Host B: its own keys, 64 KiB stripes (the archive has 1 MiB chunks), slow autofetch.
     let extra = [
@@ -419,7 +575,7 @@ fn moving_an_encrypted_disk_between_hosts() {
         "autofetch: true".to_string(),
         "autofetch_mib_per_sec: 4".to_string(),
     ];
-    let b = HostB::new(&arch, &kek, 7, &extra);
+    let b = HostB::new(dest, &kek, 7, &extra);
     let (be, mut c) = b.start(&kek);
     let first = ControlStatus::query(&b.ctl).unwrap();
     assert!(!first.complete, "{}", first.raw);
@@ -449,24 +605,37 @@ fn moving_an_encrypted_disk_between_hosts() {
 #[test]
 fn damaged_or_missing_chunks_fail_their_stripes_only() {
     let dir = scratch_dir("ubiblk-arch-bad");
-    let d = dir.path();
-    let (disk, arch) = (d.join("disk.raw"), d.join("archive"));
+    damaged_chunks(dir.path(), &Dest::Dir(dir.path().join("archive")));
+}
+
+/// [`damaged_or_missing_chunks_fail_their_stripes_only`] with the objects in S3 (changed and
+/// deleted through boto3).
+#[test]
+fn damaged_or_missing_chunks_in_s3_fail_their_stripes_only() {
+    let dir = scratch_dir("ubiblk-arch-s3-bad");
+    let garage = Garage::start();
+    damaged_chunks(dir.path(), &Dest::S3(&garage, "bad/vm1"));
+}
+
+/// Archives a plain disk in `d` to `dest`, damages chunk 3's object, deletes chunk 4's, and
+/// reads from a host B on the archive.
+fn damaged_chunks(d: &Path, dest: &Dest) {
     let want = plaintext();
-    std::fs::write(&disk, &want).unwrap();
-    let config = write_config(d, "config.yaml", &BackendConfig::new(&disk, d.join("sock")));
+    let (_, config) = plain_disk(d, &want);
     let kek = kek_file(d, "aes256-gcm");
-    archive_ok(&config, &kek, &file_url(&arch));
-    let chunks = manifest_chunks(&arch);
-    let object = |i: usize| arch.join("chunks").join(chunks[i].as_ref().unwrap());
-    let good3 = std::fs::read(object(3)).unwrap();
+    archive_ok(&config, &kek, dest);
+    let chunks = manifest_chunks(dest);
+    let object = |i: usize| format!("chunks/{}", chunks[i].as_ref().unwrap());
+    let good3 = dest.read(&object(3)).unwrap();
     let mut bad = good3.clone();
     bad[100] ^= 0x10;
-    std::fs::write(object(3), &bad).unwrap();
-    let good4 = std::fs::read(object(4)).unwrap();
-    std::fs::remove_file(object(4)).unwrap();
+    dest.write(&object(3), &bad);
+    let good4 = dest.read(&object(4)).unwrap();
+    dest.delete(&object(4));
+    assert!(dest.read(&object(4)).is_none(), "{} still there", object(4));
 
     // A plain host B (no encryption_key: the KEK only opens the archive).
-    let b = HostB::new(&arch, &kek, 7, &[]);
+    let b = HostB::new(dest, &kek, 7, &[]);
     let (be, mut c) = b.start(&kek);
     for i in [3, 4] {
         let e = c.read(0, (i * MIB + 65536) as u64, 4096).unwrap_err();
@@ -490,8 +659,8 @@ fn damaged_or_missing_chunks_fail_their_stripes_only() {
     let status = ControlStatus::query(&b.ctl).unwrap();
     assert!(status.fetch_errors >= 2, "{}", status.raw);
 
-    std::fs::write(object(3), &good3).unwrap();
-    std::fs::write(object(4), &good4).unwrap();
+    dest.write(&object(3), &good3);
+    dest.write(&object(4), &good4);
     for i in [3, 4] {
         let off = i * MIB + 65536;
         let got = c.read(0, off as u64, 4096).unwrap();
@@ -535,7 +704,8 @@ fn partly_fetched_lazy_disk_archives_with_its_image() {
     );
     let kek = kek_file(files.dir.path(), "aes256-gcm");
     let arch = files.dir.path().join("archive");
-    let (counts, stdout) = archive_ok(&files.config_file(), &kek, &file_url(&arch));
+    let arch = Dest::Dir(arch);
+    let (counts, stdout) = archive_ok(&files.config_file(), &kek, &arch);
     assert!(
         stdout.contains("2 of 128 stripes fetched, the others read from"),
         "{stdout}"

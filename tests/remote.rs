@@ -25,15 +25,21 @@ const IMAGE_LEN: usize = 20 * STRIPE as usize + 1234;
 struct Remote {
     files: LazyFiles,
     image: Vec<u8>,
+    disk: u64,
 }
 
 impl Remote {
     fn new(prefix: &str) -> Remote {
-        let image = pattern_bytes(0x7e70_0000, IMAGE_LEN);
-        let files = LazyFiles::new(prefix, DISK, 0xee, &image, &[]);
+        Self::with_size(prefix, DISK, IMAGE_LEN)
+    }
+
+    /// A disk of `disk` bytes (a multiple of [`STRIPE`]) on an image of `image_len` bytes.
+    fn with_size(prefix: &str, disk: u64, image_len: usize) -> Remote {
+        let image = pattern_bytes(0x7e70_0000, image_len);
+        let files = LazyFiles::new(prefix, disk, 0xee, &image, &[]);
         // init-metadata needs only the base disk and the stripe size.
         files.init_metadata(INIT, SHIFT);
-        Remote { files, image }
+        Remote { files, image, disk }
     }
 
     /// The config with `image_url: url` instead of `image_path`.
@@ -68,7 +74,7 @@ impl Remote {
     fn check_all(&self, c: &mut Client) {
         let chunk = 128 << 10;
         let mut off = 0;
-        while off < DISK {
+        while off < self.disk {
             let got = c.read(0, off, chunk).unwrap_or_else(|e| {
                 panic!("read at {off}: {}", errno_name(e));
             });
@@ -80,6 +86,75 @@ impl Remote {
     fn status(&self) -> serde_json::Value {
         let s = ControlStatus::query(&self.files.ctl).unwrap();
         serde_json::from_str(&s.raw).unwrap()
+    }
+
+    /// Polls the status until `done` holds, failing after `timeout` with the status and `log`.
+    fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        log: &dyn Fn() -> String,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let t0 = Instant::now();
+        loop {
+            let s = self.status();
+            if done(&s) {
+                return s;
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "{what}: not after {timeout:?}: {s}\nbackend log:\n{}",
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the control socket says `complete`, then checks the whole disk through
+    /// `c` and the base disk's bytes against the image.
+    fn complete_and_equal(
+        &self,
+        be: &ChildGuard,
+        c: &mut Client,
+        timeout: Duration,
+    ) -> serde_json::Value {
+        let s = self.wait_status("the fetch complete", timeout, &|| be.log(), |s| {
+            s["complete"] == true
+        });
+        self.check_all(c);
+        let base = fs::read(&self.files.base).unwrap();
+        assert!(
+            base == self.expect(0, self.disk as usize),
+            "the base disk differs from the image after the fetch completed"
+        );
+        s
+    }
+}
+
+/// A server that can be taken down (SIGKILL: connections reset, the port refuses) and brought
+/// back on the same port with the same data.
+trait Outage {
+    fn down(&mut self);
+    fn up(&mut self);
+}
+
+impl Outage for Nginx {
+    fn down(&mut self) {
+        self.stop();
+    }
+    fn up(&mut self) {
+        self.restart();
+    }
+}
+
+/// A single-node Garage.
+impl Outage for Garage {
+    fn down(&mut self) {
+        self.kill_node(0);
+    }
+    fn up(&mut self) {
+        self.restart_node(0);
     }
 }
 
@@ -145,15 +220,63 @@ fn outage_fails_unfetched_reads_in_the_budget_and_heals_after() {
     let r = Remote::new("ubiblk-remote-outage");
     let mut nginx = Nginx::start(r.files.dir.path());
     let config = r.config_with(&nginx.url("image.raw"), &["fetch_retry_secs: 2"]);
-    let (be, mut c) = start(&config, &[]);
+    outage(&r, &config, &[], &mut nginx);
+}
+
+/// An S3 server (single-node Garage) killed during an autofetch and restarted: the failed
+/// fetches are counted, no stripe stays failed, and the autofetch completes after the restart
+/// with the disk equal to the image.
+#[test]
+fn s3_outage_during_autofetch_heals_and_the_fetch_completes() {
+    // 128 stripes, 96 of them with image data; autofetch paced at 2 MiB/s (32 stripes/s), so
+    // the kill below lands in the first fraction of the fetch.
+    let r = Remote::with_size(
+        "ubiblk-remote-s3-outage",
+        128 * STRIPE,
+        96 * STRIPE as usize - 777,
+    );
+    let mut garage = Garage::start();
+    garage.put_bytes("image.raw", &r.image);
+    let url = format!("s3://{}/image.raw", garage.bucket());
+    let config = r.config_with(
+        &url,
+        &[
+            "fetch_retry_secs: 2",
+            "autofetch: true",
+            "autofetch_mib_per_sec: 2",
+        ],
+    );
+    let (be, mut c) = outage(&r, &config, &garage.env(), &mut garage);
+    let s = r.complete_and_equal(&be, &mut c, Duration::from_secs(60));
+    assert!(s["fetch_errors"].as_u64().unwrap() >= 1, "{s}");
+}
+
+/// The outage rules on `config`, whose source is served by `server`: stripes 0 to 3 read, then
+/// the server goes down; fetched stripes keep working (reads and writes), the last stripe
+/// with image data (not fetched yet) fails with EIO after about `fetch_retry_secs: 2`, the
+/// failure is counted; the server comes back and the same stripe reads fine. Returns the
+/// backend and the client for more checks.
+fn outage(
+    r: &Remote,
+    config: &BackendConfig,
+    env: &[(String, String)],
+    server: &mut dyn Outage,
+) -> (ChildGuard, Client) {
+    let (be, mut c) = start(config, env);
     for s in 0..4 {
         assert_eq!(
             c.read(0, s * STRIPE, STRIPE as usize).unwrap(),
             r.expect(s * STRIPE, STRIPE as usize)
         );
     }
+    let unfetched = (r.image.len() as u64 - 1) / STRIPE;
 
-    nginx.stop();
+    server.down();
+    let s = r.status();
+    assert_eq!(
+        s["complete"], false,
+        "the fetch finished before the outage: {s}"
+    );
     // Fetched stripes keep working, reads and writes.
     assert_eq!(c.read(0, 0, 4096).unwrap(), r.expect(0, 4096));
     let data = vec![0xa5u8; 8192];
@@ -162,7 +285,7 @@ fn outage_fails_unfetched_reads_in_the_budget_and_heals_after() {
 
     // An unfetched stripe fails with EIO after about the retry budget, not never.
     let t0 = Instant::now();
-    let e = c.read(0, 10 * STRIPE, 4096).unwrap_err();
+    let e = c.read(0, unfetched * STRIPE, 4096).unwrap_err();
     let took = t0.elapsed();
     assert!(
         e.abs() == libc::EIO,
@@ -180,12 +303,16 @@ fn outage_fails_unfetched_reads_in_the_budget_and_heals_after() {
     assert!(s["last_fetch_error"].is_string(), "{s}");
 
     // Back up: the same stripe reads fine (a failure is not remembered).
-    nginx.restart();
+    server.up();
     assert_eq!(
-        c.read(0, 10 * STRIPE, 4096).unwrap(),
-        r.expect(10 * STRIPE, 4096)
+        c.read(0, unfetched * STRIPE, 4096).unwrap(),
+        r.expect(unfetched * STRIPE, 4096)
     );
     assert_eq!(c.read(0, STRIPE + 4096, 8192).unwrap(), data);
+    // The image's bytes back, so the disk equals the image again.
+    c.write(0, STRIPE + 4096, &r.expect(STRIPE + 4096, 8192))
+        .unwrap();
+    (be, c)
 }
 
 #[test]
@@ -298,20 +425,10 @@ fn s3_unknown_bucket_or_key_is_a_startup_error_naming_image_url() {
 /// The `s3://bucket/prefix` object store: PUT, GET, HEAD, and NotFound for a missing object.
 #[test]
 fn s3_store_put_get_exists() {
-    use ubiblk::remote::aws::{AwsConfig, Credentials, Secret};
     use ubiblk::remote::{ObjectStore, S3Store};
 
     let garage = Garage::start();
-    let cfg = AwsConfig {
-        region: garage.region(),
-        endpoint: Some(garage.endpoint()),
-        credentials: Some(Credentials {
-            key_id: garage.access_key(),
-            secret: Secret::new(garage.secret_key()),
-            token: None,
-            origin: "test".into(),
-        }),
-    };
+    let cfg = garage.aws_config();
     let url = format!("s3://{}/archives/a1", garage.bucket());
     let store = S3Store::open(&url, &cfg, &Default::default()).unwrap();
     assert_eq!(store.to_string(), format!("{url}/"));
@@ -330,4 +447,76 @@ fn s3_store_put_get_exists() {
     // Under the prefix, as the key says.
     assert!(garage.get("archives/a1/chunks/0").unwrap() == data);
     assert!(store.get("../x", 1 << 20).is_err());
+}
+
+/// A 3-node Garage cluster (every object on every node) loses a node that is not the
+/// endpoint during an autofetch: the fetch completes with no failed fetch, the disk equals the
+/// image, and while the node is down, stripes already fetched read at once.
+#[test]
+fn s3_cluster_node_lost_during_autofetch_the_fetch_completes() {
+    // 20 MiB of image on a 24 MiB disk (384 stripes), autofetch paced at 8 MiB/s: about 3 s.
+    let r = Remote::with_size(
+        "ubiblk-remote-s3-cluster",
+        384 * STRIPE,
+        320 * STRIPE as usize - 4321,
+    );
+    let mut garage = Garage::cluster(3);
+    garage.put_bytes("image.raw", &r.image);
+    let url = format!("s3://{}/image.raw", garage.bucket());
+    // After the kill, node 0 (the endpoint) may still send reads to node 2 until its pings
+    // notice (~8-10 s, see Garage::kill_node), so one request can stall that long. A 5 s
+    // attempt timeout gives up on a stalled request and retries it, and the 30 s budget
+    // (fetch_retry_secs) covers the detection window three times: no fetch may fail.
+    let config = r.config_with(
+        &url,
+        &[
+            "autofetch: true",
+            "autofetch_mib_per_sec: 8",
+            "fetch_timeout_secs: 5",
+            "fetch_retry_secs: 30",
+        ],
+    );
+    let (be, mut c) = start(&config, &garage.env());
+    // Stripes 0 to 3 fetched (read, so fetched whatever the autofetch's order).
+    for s in 0..4 {
+        assert_eq!(
+            c.read(0, s * STRIPE, STRIPE as usize).unwrap(),
+            r.expect(s * STRIPE, STRIPE as usize),
+            "stripe {s} before the kill"
+        );
+    }
+    r.wait_status(
+        "32 stripes fetched",
+        Duration::from_secs(30),
+        &|| be.log(),
+        |s| s["fetched"].as_u64().unwrap() >= 32,
+    );
+
+    garage.kill_node(2);
+    // The autofetch goes in order: fewer than 320 fetched means image stripes are still to
+    // be read from the cluster.
+    let s = r.status();
+    assert!(
+        s["fetched"].as_u64().unwrap() < 320,
+        "the kill did not land mid-fetch: {s}"
+    );
+    // Fetched stripes are on the base disk: read at once while node 2 is down (and the cluster
+    // has not noticed yet).
+    for s in 0..4 {
+        let t0 = Instant::now();
+        assert_eq!(
+            c.read(0, s * STRIPE, STRIPE as usize).unwrap(),
+            r.expect(s * STRIPE, STRIPE as usize),
+            "stripe {s} with node 2 down"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "a fetched stripe took {:?} with node 2 down",
+            t0.elapsed()
+        );
+    }
+
+    let s = r.complete_and_equal(&be, &mut c, Duration::from_secs(90));
+    assert_eq!(s["fetch_errors"], 0, "a fetch failed: {s}\n{}", be.log());
+    assert!(garage.pid(2).is_none(), "node 2 came back");
 }

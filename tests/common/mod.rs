@@ -360,7 +360,18 @@ impl Backend {
         config: &BackendConfig,
         extra_args: &[&str],
     ) -> anyhow::Result<Backend> {
-        let guard = Self::spawn(bin, config, extra_args)?;
+        Self::start_with_env(bin, config, extra_args, &[])
+    }
+
+    /// Like [`Backend::start_with_args`] with `env` added to the backend's environment (e.g.
+    /// the AWS settings of an S3 source).
+    pub fn start_with_env(
+        bin: impl AsRef<Path>,
+        config: &BackendConfig,
+        extra_args: &[&str],
+        env: &[(String, String)],
+    ) -> anyhow::Result<Backend> {
+        let guard = Self::spawn_with_env(bin, config, extra_args, env)?;
         let mut be = Backend {
             guard,
             config: config.clone(),
@@ -378,12 +389,24 @@ impl Backend {
         config: &BackendConfig,
         extra_args: &[&str],
     ) -> anyhow::Result<ChildGuard> {
+        Self::spawn_with_env(bin, config, extra_args, &[])
+    }
+
+    /// [`Backend::spawn`] with `env` added to the backend's environment.
+    pub fn spawn_with_env(
+        bin: impl AsRef<Path>,
+        config: &BackendConfig,
+        extra_args: &[&str],
+        env: &[(String, String)],
+    ) -> anyhow::Result<ChildGuard> {
         match fs::remove_file(&config.socket) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).context("removing stale socket"),
         }
-        Self::spawn_as_is(bin, config, extra_args, |_| {})
+        Self::spawn_as_is(bin, config, extra_args, |cmd| {
+            cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        })
     }
 
     /// Like [`Backend::spawn`], but leaves whatever is at `config.socket` alone (the backend's

@@ -912,6 +912,21 @@ api_bind_addr = "127.0.0.1:{admin_port}"
         ]
     }
 
+    /// The settings of this crate's S3 client for node 0 (as [`Garage::env`] gives them).
+    pub fn aws_config(&self) -> ubiblk::remote::aws::AwsConfig {
+        use ubiblk::remote::aws::{AwsConfig, Credentials, Secret};
+        AwsConfig {
+            region: self.region(),
+            endpoint: Some(self.endpoint()),
+            credentials: Some(Credentials {
+                key_id: self.access_key(),
+                secret: Secret::new(self.secret_key()),
+                token: None,
+                origin: "test".into(),
+            }),
+        }
+    }
+
     /// A `python3` command running the reference client ([`BOTO3_SCRIPT`]) with `args`,
     /// against node 0.
     pub fn boto3(&self, args: &[&str]) -> Command {
