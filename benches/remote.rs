@@ -25,6 +25,10 @@
 //!   UBIBLK_BENCH_REGION_MB, read through the client with `copy_on_read`) while autofetch
 //!   hydrates the rest from Garage at `autofetch_mib_per_sec`, against the same reads on a
 //!   backend serving the image as a plain local disk. IOPS, target >= 0.85x.
+//! * `reads-loaded`: the same, against the plain disk's reads while a second backend hydrates
+//!   another disk from the same Garage at the same rate: on these 2 cores Garage and the
+//!   fetch work take CPU from the reads whoever serves them, so this is the ceiling, and the
+//!   ratio is what the lazy layer itself costs.
 //! * `archive`: `archive -f CONFIG -k KEK --to s3://BUCKET/archive-N` of a disk that is half
 //!   holes and half compressible data (disk bytes / wall time of the process) against
 //!   `zstd -T0 -c DISK` piped into a boto3 multipart upload (timed together, in Python); and the
@@ -78,6 +82,7 @@ const PARTS: &[&str] = &[
     "demand-s3",
     "demand-http",
     "reads",
+    "reads-loaded",
     "archive",
 ];
 /// How often `status` is asked while waiting for a fetch.
@@ -836,19 +841,90 @@ fn reads_reference(bins: &Bins, f: &Files, st: &Settings, round: usize) -> anyho
     })
 }
 
-fn part_reads(bins: &Bins, f: &Files, st: &Settings, g: &Garage) -> Row {
+/// The ceiling of `reads` on this machine: the same plain-disk reads as the reference, while a
+/// second backend hydrates another disk from the same Garage at the same rate (the servers run
+/// on the same two cores here; in a fleet they are elsewhere). Ours against this is what the
+/// lazy layer itself costs.
+fn reads_reference_loaded(
+    bins: &Bins,
+    f: &Files,
+    st: &Settings,
+    g: &Garage,
+    round: usize,
+) -> anyhow::Result<f64> {
+    let w = &f.work;
+    let n = Files {
+        work: w.clone(),
+        image: f.image.clone(),
+        base: w.join("neighbour-base.raw"),
+        meta: w.join("neighbour-meta"),
+        config: w.join("neighbour-config.yaml"),
+        vhost_sock: w.join("neighbour-vhost.sock"),
+        ctl_sock: w.join("neighbour-ctl.sock"),
+        download: f.download.clone(),
+    };
     let remote = Remote::S3(g);
+    let env = remote.env();
+    let cfg = lazy_config(
+        &n,
+        st,
+        &remote,
+        &[
+            "autofetch: true".into(),
+            format!("autofetch_mib_per_sec: {}", st.fetch_mibs),
+        ],
+    );
+    prepare_lazy_disk(bins, &n, st, &cfg, &env)?;
+    let mut neighbour = start_backend_env(&bins.backend, &cfg, &env)?;
+    let r = with_backend(&mut neighbour, st.verbose, |_| {
+        let t = Instant::now();
+        while ControlStatus::query(&n.ctl_sock)?.fetched == 0 {
+            anyhow::ensure!(t.elapsed() < STALL, "the neighbour does not hydrate");
+            std::thread::sleep(POLL);
+        }
+        let iops = reads_reference(bins, f, st, round)?;
+        let s = ControlStatus::query(&n.ctl_sock)?;
+        anyhow::ensure!(
+            !s.complete,
+            "the neighbour's hydration ended inside the window"
+        );
+        Ok(iops)
+    });
+    cleanup_lazy_disk(&n);
+    r
+}
+
+/// The `reads` row, or with `loaded` the `reads-loaded` row (the reference beside the same
+/// hydration load).
+fn part_reads(bins: &Bins, f: &Files, st: &Settings, g: &Garage, loaded: bool) -> Row {
+    let remote = Remote::S3(g);
+    let part = if loaded { "reads-loaded" } else { "reads" };
     let mut notes = Vec::new();
     let (ours, reference) = alternate(
-        "reads",
+        part,
         st.rounds,
         |round| reads_ours(bins, f, st, &remote, round, &mut notes),
-        |round| reads_reference(bins, f, st, round),
+        |round| match loaded {
+            true => reads_reference_loaded(bins, f, st, g, round),
+            false => reads_reference(bins, f, st, round),
+        },
     );
+    let (against, ref_label) = match loaded {
+        true => (
+            ", against the same load next to a plain disk",
+            format!(
+                "the image as a plain local disk, while a second backend hydrates another disk \
+                 from the same Garage at {} MiB/s",
+                st.fetch_mibs
+            ),
+        ),
+        false => ("", "the image as a plain local disk (no lazy fetch)".into()),
+    };
     Row {
-        part: "reads",
+        part,
         title: format!(
-            "4 KiB random reads, QD32, 1 queue, in the first {} MiB (fetched), while the rest hydrates from Garage",
+            "4 KiB random reads, QD32, 1 queue, in the first {} MiB (fetched), while the rest \
+             hydrates from Garage{against}",
             st.region >> 20
         ),
         unit: "IOPS",
@@ -858,7 +934,7 @@ fn part_reads(bins: &Bins, f: &Files, st: &Settings, g: &Garage) -> Row {
             "lazy disk, `image_url: s3://…`, `autofetch_mib_per_sec: {}`",
             st.fetch_mibs
         ),
-        ref_label: "the image as a plain local disk (no lazy fetch)".into(),
+        ref_label,
         ours,
         reference,
         notes,
@@ -1272,10 +1348,16 @@ fn main() -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let needs_image = PARTS[..5].iter().any(|p| want(p));
-    let needs_garage = ["hydrate-s3", "demand-s3", "reads", "archive"]
-        .iter()
-        .any(|p| want(p));
+    let needs_image = PARTS.iter().any(|p| *p != "archive" && want(p));
+    let needs_garage = [
+        "hydrate-s3",
+        "demand-s3",
+        "reads",
+        "reads-loaded",
+        "archive",
+    ]
+    .iter()
+    .any(|p| want(p));
     let needs_nginx = ["hydrate-http", "demand-http"].iter().any(|p| want(p));
     if needs_image {
         eprintln!("creating {} ({} MiB)...", f.image.display(), size >> 20);
@@ -1318,7 +1400,10 @@ fn main() -> anyhow::Result<()> {
         rows.push(part_demand("demand-http", &bins, &f, &st, &Remote::Http(n)));
     }
     if let (true, Some(g)) = (want("reads"), &garage) {
-        rows.push(part_reads(&bins, &f, &st, g));
+        rows.push(part_reads(&bins, &f, &st, g, false));
+    }
+    if let (true, Some(g)) = (want("reads-loaded"), &garage) {
+        rows.push(part_reads(&bins, &f, &st, g, true));
     }
     if let (true, Some(g)) = (want("archive"), &garage) {
         rows.push(part_archive(&bins, &f, &st, g));

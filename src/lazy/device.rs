@@ -143,6 +143,8 @@ impl LazyDevice {
             errors: AtomicU64::new(0),
             last_error: Mutex::default(),
             staged: Mutex::default(),
+            staged_free: Mutex::default(),
+            bufs: Mutex::default(),
         });
         info!(
             "lazy fetch from {source}: {} of {} stripes of {} KiB fetched, copy_on_read {}, \
