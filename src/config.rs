@@ -564,12 +564,6 @@ impl Options {
             }
         }
         if let Some(path) = &self.control_socket {
-            if !lazy {
-                return Err(field_err(
-                    "control_socket",
-                    "needs image_path, image_url or archive_url (it reports lazy-fetch progress)",
-                ));
-            }
             if path.as_os_str().is_empty() {
                 return Err(field_err("control_socket", "must not be empty"));
             }
@@ -823,7 +817,7 @@ encryption_key:
             ("num_queues: -1", "num_queues"),
             ("queue_size: 70000", "queue_size"),
             ("autofetch: true", "autofetch"),
-            ("control_socket: /tmp/c", "control_socket"),
+            ("control_socket: \"\"", "control_socket"),
             (
                 "image_path: /i\nmetadata_path: /m\nautofetch_mib_per_sec: 5",
                 "autofetch_mib_per_sec",

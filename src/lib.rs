@@ -12,6 +12,7 @@ pub mod archive;
 pub mod block;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod crypto;
 pub mod frontend;
 pub mod lazy;

@@ -13,15 +13,17 @@ use log::info;
 use std::error::Error;
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::block::{BlockDevice, CryptDevice, DebugLogDevice, FileDevice};
+use crate::block::{BlockDevice, CryptDevice, DebugLogDevice, FileDevice, SECTOR_SHIFT};
 use crate::config::{ConfigError, Options, DEVICE_ID_LEN};
+use crate::control::{self, Control, DeviceFacts};
 use crate::crypto::keys::Kek;
 use crate::crypto::Xts;
 use crate::lazy::source::{RemoteOptions, S3Overrides, SourceSpec};
-use crate::lazy::{control, LazyDevice, LazyOptions};
+use crate::lazy::{LazyDevice, LazyOptions};
 use crate::sockpath::SocketFile;
 use crate::vhost::QueueSettings;
 use crate::virtio_blk::{self, ConfigSpace, DeviceInfo, Limits};
@@ -34,6 +36,8 @@ pub struct Stack {
     pub lazy: Option<Arc<LazyDevice>>,
     /// The control socket's file, with `control_socket`: removed when dropped (if still ours).
     pub control_socket: Option<SocketFile>,
+    /// Whether a frontend is connected: the vhost loop sets it, the control socket reports it.
+    pub connected: Arc<AtomicBool>,
     pub info: Arc<DeviceInfo>,
     pub config: ConfigSpace,
     pub settings: QueueSettings,
@@ -49,9 +53,12 @@ pub enum StackError {
     EmptyDisk { path: PathBuf },
     #[error("io_debug_path: cannot open {}", path.display())]
     DebugLog { path: PathBuf, source: io::Error },
-    /// The lazy-fetch layer or its control socket; the error names the field.
+    /// The lazy-fetch layer; the error names the field.
     #[error(transparent)]
     Lazy(Box<dyn Error + Send + Sync>),
+    /// The control socket; the error names the field.
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
 }
 
 /// Opens the layers `opts` asks for, with `cipher` (from `encryption_key`) for the encryption
@@ -87,15 +94,16 @@ pub fn open_with_kek(
         device = Arc::new(CryptDevice::new(device, xts.clone()));
         info!("AES-256-XTS encryption on");
     }
+    let encrypted = cipher.is_some();
     let mut lazy_device = None;
-    let mut control_socket = None;
     if let Some(mut lazy) = lazy_options(opts) {
         lazy.archive_kek = kek;
-        let (layer, control) =
-            open_lazy(opts, &lazy, device, cipher, ring_entries).map_err(StackError::Lazy)?;
+        let layer = Arc::new(
+            LazyDevice::open(device, cipher, &lazy, ring_entries)
+                .map_err(|e| StackError::Lazy(Box::new(e)))?,
+        );
         device = layer.clone();
         lazy_device = Some(layer);
-        control_socket = control;
     }
     if let Some(path) = &opts.io_debug_path {
         let layer = DebugLogDevice::new(device, path).map_err(|source| StackError::DebugLog {
@@ -107,6 +115,24 @@ pub fn open_with_kek(
     }
     let sectors = device.sectors();
     info!("{}: {} sectors", opts.path.display(), sectors);
+    let connected = Arc::new(AtomicBool::new(false));
+    let mut control_socket = None;
+    if let Some(path) = &opts.control_socket {
+        let control = Control {
+            facts: DeviceFacts {
+                device_id: opts.device_id.clone(),
+                size_bytes: sectors << SECTOR_SHIFT,
+                num_queues: opts.num_queues,
+                readonly: opts.readonly,
+                encrypted,
+            },
+            started: Instant::now(),
+            connected: connected.clone(),
+            lazy: lazy_device.clone(),
+        };
+        control_socket = Some(control::serve(path, Arc::new(control))?);
+        info!("control socket: {}", path.display());
+    }
     Ok(Stack {
         info: Arc::new(device_info(opts, sectors, device.iovec_align())),
         config: ConfigSpace {
@@ -123,24 +149,8 @@ pub fn open_with_kek(
         device,
         lazy: lazy_device,
         control_socket,
+        connected,
     })
-}
-
-/// The lazy layer over `base` and its control socket's file.
-fn open_lazy(
-    opts: &Options,
-    lazy: &LazyOptions,
-    base: Arc<dyn BlockDevice>,
-    cipher: Option<Arc<Xts>>,
-    ring_entries: u32,
-) -> Result<(Arc<LazyDevice>, Option<SocketFile>), Box<dyn Error + Send + Sync>> {
-    let device = Arc::new(LazyDevice::open(base, cipher, lazy, ring_entries)?);
-    let mut control_socket = None;
-    if let Some(path) = &opts.control_socket {
-        control_socket = Some(control::serve(path, device.clone())?);
-        info!("control socket: {}", path.display());
-    }
-    Ok((device, control_socket))
 }
 
 /// The lazy layer's options; `None` without a source (`opts` must be valid).

@@ -56,6 +56,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         stack.config,
         stack.settings,
         current,
+        stack.connected,
     );
     // serve returns only on error; the signal thread holds the sockets too, so remove them here.
     for s in &sockets {

@@ -5,7 +5,6 @@ use std::io;
 use std::path::PathBuf;
 
 use super::MetadataError;
-use crate::sockpath::SocketError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -32,9 +31,6 @@ pub enum Error {
         path: PathBuf,
         source: MetadataError,
     },
-    /// `control_socket` could not be claimed (the error names the field).
-    #[error(transparent)]
-    Socket(#[from] SocketError),
     #[error("cannot open the fetchers' channels to the base disk")]
     FetcherChannels(#[source] io::Error),
     /// The `archive_url` archive: no usable KEK, or its manifest cannot be read or verified.
@@ -46,7 +42,7 @@ pub enum Error {
     /// The `archive_url` store (the error names the field).
     #[error(transparent)]
     ArchiveStore(crate::remote::StoreError),
-    /// A background thread (`what`: fetcher, control socket) could not be started.
+    /// A background thread (`what`: a fetcher) could not be started.
     #[error("cannot start {what}")]
     Thread {
         what: &'static str,

@@ -6,10 +6,10 @@
 //!   which parks requests on unfetched stripes and `split`s reads that need no fetch;
 //! - `states` (stripe states), `queue` (the fetcher pool's work and wake-ups), `persist` (the
 //!   metadata file kept in step), composed by `fetch` with the fetcher threads;
-//! - [`metadata`]: the file format; [`control`]: the control socket; `status`: what it reports.
+//! - [`metadata`]: the file format; `status`: the progress the control socket reports.
 
 mod channel;
-pub mod control;
+
 mod device;
 mod error;
 mod fetch;

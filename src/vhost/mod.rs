@@ -553,7 +553,7 @@ fn setup(
 
 /// Serves `device` on `listener` (from [`listen`]) forever: one frontend at a time, a fresh
 /// device state for each. `current` is updated with the backend of the live connection, for
-/// shutdown. Only the first set-up's errors are returned (a config the device refuses); later
+/// shutdown, and `connected` says whether a frontend is connected. Only the first set-up's errors are returned (a config the device refuses); later
 /// a failure to set up or accept a connection (e.g. out of descriptors) is logged once per run
 /// of failures and retried after [`RETRY_DELAY`]: the backend never exits over a connection.
 pub fn serve(
@@ -563,6 +563,7 @@ pub fn serve(
     config: ConfigSpace,
     settings: QueueSettings,
     current: Arc<Mutex<Option<Arc<BlockBackend>>>>,
+    connected: Arc<AtomicBool>,
 ) -> Result<(), ServeError> {
     let mut next = Some(setup(device.as_ref(), &info, &config, &settings)?);
     // Whether the last attempt failed: its error was logged, repeats are not.
@@ -600,7 +601,10 @@ pub fn serve(
             failing = false;
         }
         info!("frontend connected");
-        match daemon.wait() {
+        connected.store(true, Ordering::Relaxed);
+        let ended = daemon.wait();
+        connected.store(false, Ordering::Relaxed);
+        match ended {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(
                 vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
