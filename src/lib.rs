@@ -15,6 +15,7 @@ pub mod config;
 pub mod crypto;
 pub mod frontend;
 pub mod lazy;
+pub mod notify;
 pub mod ratelog;
 pub mod remote;
 pub mod replay;
