@@ -296,8 +296,9 @@ fn yaml_path(yaml: &str, key: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// `systemd-analyze verify` accepts examples/ubiblk@.service without a single complaint (it
-/// exits 0 on unknown keys and bad values too, so its output must be empty). The ExecStart
-/// binary is pointed at the one cargo built, since verify checks that it is executable.
+/// exits 0 on unknown keys and bad values too, so its output must be empty), alone and with the
+/// README's drop-ins. The ExecStart binary is pointed at the one cargo built, since verify
+/// checks that it is executable.
 #[test]
 fn the_example_unit_verifies() {
     let version = Command::new("systemd-analyze").arg("--version").output();
@@ -311,12 +312,49 @@ fn the_example_unit_verifies() {
     ))
     .unwrap();
     assert!(unit.contains("ExecStart=/usr/local/bin/vhost-backend "));
+    let unit = unit.replace("/usr/local/bin/vhost-backend", BIN);
     let dir = scratch_dir("ubiblk-unit");
     let path = dir.path().join("ubiblk@.service");
-    std::fs::write(&path, unit.replace("/usr/local/bin/vhost-backend", BIN)).unwrap();
+    std::fs::write(&path, &unit).unwrap();
+    let (ok, text) = verify(&path);
+    assert!(ok && text.trim().is_empty(), "{text}");
+
+    // With the README's drop-ins (each ```ini block of "Running under systemd") beside it.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("\n## Running under systemd\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("README has no \"Running under systemd\" section");
+    let dropins: Vec<&str> = section
+        .split("```ini\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .collect();
+    assert!(dropins.len() >= 3, "{section}");
+    let dropin_dir = dir.path().join("ubiblk@.service.d");
+    std::fs::create_dir(&dropin_dir).unwrap();
+    for (i, text) in dropins.iter().enumerate() {
+        std::fs::write(dropin_dir.join(format!("{i}.conf")), text).unwrap();
+    }
+    let (ok, text) = verify(&path);
+    assert!(ok && text.trim().is_empty(), "{text}");
+    // The check reads the drop-ins and catches a misspelt directive.
+    std::fs::write(
+        dropin_dir.join("bad.conf"),
+        "[Service]\nLockPersonalty=yes\n",
+    )
+    .unwrap();
+    let (_, text) = verify(&path);
+    assert!(text.contains("LockPersonalty"), "{text}");
+}
+
+/// `systemd-analyze verify --man=no UNIT`: whether it exited 0, and all it printed.
+fn verify(unit: &Path) -> (bool, String) {
     let out = Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
-        .arg(&path)
+        .arg(unit)
         .output()
         .unwrap();
     let text = format!(
@@ -324,18 +362,5 @@ fn the_example_unit_verifies() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "{text}");
-    assert!(text.trim().is_empty(), "{text}");
-
-    // The same check catches a misspelt directive.
-    let misspelt = unit
-        .replace("/usr/local/bin/vhost-backend", BIN)
-        .replace("LockPersonality=", "LockPersonalty=");
-    std::fs::write(&path, misspelt).unwrap();
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("LockPersonalty"));
+    (out.status.success(), text)
 }
