@@ -68,8 +68,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// On SIGTERM/SIGINT: tell the service manager (STOPPING=1), let in-flight I/O finish, sync the disk, remove the sockets (those still
-/// ours), exit.
+/// On SIGTERM/SIGINT: tell the service manager (STOPPING=1), let in-flight I/O finish, sync the
+/// disk, remove the sockets (those still ours), exit.
 fn spawn_signal_handler(
     mut signals: Signals,
     device: Arc<dyn BlockDevice>,
