@@ -16,6 +16,7 @@ pub mod control;
 pub mod crypto;
 pub mod frontend;
 pub mod lazy;
+pub mod notify;
 pub mod ratelog;
 pub mod remote;
 pub mod replay;

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use ubiblk::block::BlockDevice;
 use ubiblk::cli::{self, ConfigArgs};
+use ubiblk::notify;
 use ubiblk::sockpath::SocketFile;
 use ubiblk::stack;
 use ubiblk::vhost::{self, BlockBackend};
@@ -36,8 +37,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     // is refused before anything is opened or started.
     vhost::check(&opts)?;
     let mut stack = stack::open_with_kek(&opts, keys.cipher, keys.kek)?;
-    // Listening last: once the socket is there, the device (and control socket) are ready.
+    // Listening last: once the socket is there, the device (and control socket) are ready, and
+    // so is the service for a `Type=notify` unit (READY=1).
     let (listener, socket) = vhost::listen(&opts)?;
+    notify::ready(&opts.socket);
     let sockets: Vec<Arc<SocketFile>> = std::iter::once(socket)
         .chain(stack.control_socket.take())
         .map(Arc::new)
@@ -66,8 +69,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// On SIGTERM/SIGINT: let in-flight I/O finish, sync the disk, remove the sockets (those still
-/// ours), exit.
+/// On SIGTERM/SIGINT: tell the service manager (STOPPING=1), let in-flight I/O finish, sync the
+/// disk, remove the sockets (those still ours), exit.
 fn spawn_signal_handler(
     mut signals: Signals,
     device: Arc<dyn BlockDevice>,
@@ -79,6 +82,7 @@ fn spawn_signal_handler(
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 info!("signal {sig}: shutting down");
+                notify::stopping();
                 let backend = current.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 if let Some(b) = backend {
                     b.drain_all();
