@@ -535,3 +535,42 @@ fn many_control_clients_do_not_stall_the_data_path() {
     assert_eq!(s["total"]["read"]["ops"], ops);
     assert_eq!(s["total"]["in_flight"], 0);
 }
+
+/// With a source, `metrics` adds the lazy-fetch progress, equal to `status`'s.
+#[test]
+fn metrics_of_a_lazy_disk_include_the_fetch_progress() {
+    const DISK: u64 = 1 << 20;
+    let image: Vec<u8> = (0..DISK).map(|i| (i % 251) as u8).collect();
+    let files = LazyFiles::new("ubiblk-ctl-lazy", DISK, 0, &image, &[]);
+    files.init_metadata(env!("CARGO_BIN_EXE_init-metadata"), 7); // 64 KiB stripes
+    let be = Backend::start(BIN, &files.config).unwrap();
+    let mut c = Client::connect_queues(be.socket(), 1).unwrap();
+    assert_eq!(c.read(0, 0, 4096).unwrap(), image[..4096]);
+    c.write(0, 65536, &[7u8; 65536]).unwrap();
+    let st = ask_json(&files.ctl, "status");
+    let samples = parse_metrics(&metrics(&files.ctl));
+    let num = |k: &str| st[k].as_u64().map(|v| v as f64);
+    assert_eq!(value(&samples, "ubiblk_lazy_stripes", &[]), Some(16.0));
+    assert_eq!(
+        value(&samples, "ubiblk_lazy_stripe_bytes", &[]),
+        Some(65536.0)
+    );
+    for (metric, field) in [
+        ("ubiblk_lazy_fetched_stripes", "fetched"),
+        ("ubiblk_lazy_written_stripes", "written"),
+        ("ubiblk_lazy_fetch_errors_total", "fetch_errors"),
+        ("ubiblk_lazy_fetch_retries_total", "fetch_retries"),
+    ] {
+        assert_eq!(value(&samples, metric, &[]), num(field), "{metric}: {st}");
+    }
+    assert_eq!(
+        value(&samples, "ubiblk_lazy_written_stripes", &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&samples, "ubiblk_lazy_complete", &[]),
+        Some(if st["complete"] == true { 1.0 } else { 0.0 })
+    );
+    let l = [("queue", "0"), ("op", "read")];
+    assert_eq!(value(&samples, "ubiblk_requests_total", &l), Some(1.0));
+}
