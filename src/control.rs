@@ -2,8 +2,10 @@
 //! for any disk.
 //!
 //! `status` answers one line of JSON: the device's facts, whether a frontend is connected, and
-//! with lazy fetch its progress ([`LazyStatus`], flattened in); anything else answers
-//! `{"error":"unknown command",...}`. Connections are served one thread each, at most
+//! with lazy fetch its progress ([`LazyStatus`], flattened in); `stats` one line of JSON with
+//! the request statistics per queue and in total ([`crate::stats`]); `metrics` the same and
+//! `status`'s numbers in the Prometheus text exposition format, several lines ending with a
+//! line `# EOF`; anything else answers `{"error":"unknown command",...}`. Connections are served one thread each, at most
 //! [`MAX_CONNECTIONS`] at once (more are closed unanswered); a client may send several
 //! commands, and one silent for [`IO_TIMEOUT`] is disconnected. The data path never waits for
 //! it: the answers read atomics and short-lived locks the queues do not take.
@@ -20,6 +22,7 @@ use serde::Serialize;
 
 use crate::lazy::{LazyDevice, LazyStatus};
 use crate::sockpath::{self, Perms, SocketError, SocketFile};
+use crate::stats::{DeviceStats, Histogram, OpKind, QueueReport, QueueSnapshot, QUANTILES};
 
 /// Longest command line accepted; longer input closes the connection.
 const MAX_LINE: u64 = 4096;
@@ -33,6 +36,8 @@ pub struct Control {
     pub connected: Arc<AtomicBool>,
     /// The lazy-fetch layer, with a source.
     pub lazy: Option<Arc<LazyDevice>>,
+    /// The queues' request statistics.
+    pub stats: Arc<DeviceStats>,
 }
 
 /// What the config and the opened stack say about the device.
@@ -171,7 +176,24 @@ impl Drop for Slot {
 }
 
 /// The commands, for the error reply to an unknown one.
-const COMMANDS: &[&str] = &["status"];
+const COMMANDS: &[&str] = &["status", "stats", "metrics"];
+
+/// The `stats` reply.
+#[derive(Serialize)]
+struct StatsReply<'a> {
+    device_id: &'a str,
+    uptime_secs: u64,
+    queues: Vec<QueueReport>,
+    total: QueueReport,
+}
+
+/// The reply to a command given an argument it does not take.
+#[derive(Serialize)]
+struct BadArgument<'a> {
+    error: &'static str,
+    command: &'a str,
+    argument: &'a str,
+}
 
 #[derive(Serialize)]
 struct Unknown<'a> {
@@ -186,6 +208,13 @@ impl Control {
         let line = line.trim();
         let (command, _arg) = line.split_once(' ').unwrap_or((line, ""));
         let reply = match command {
+            "stats" | "metrics" if !_arg.trim().is_empty() => serde_json::to_string(&BadArgument {
+                error: "this command takes no argument",
+                command,
+                argument: _arg.trim(),
+            }),
+            "stats" => serde_json::to_string(&self.stats()),
+            "metrics" => return self.metrics(),
             "status" => serde_json::to_string(&self.status()),
             _ => serde_json::to_string(&Unknown {
                 error: "unknown command",
@@ -195,6 +224,171 @@ impl Control {
         };
         // Serializing numbers, flags and strings cannot fail; say so if it ever does.
         reply.unwrap_or_else(|e| format!("{{\"error\":\"cannot encode the reply: {e}\"}}"))
+    }
+
+    fn stats(&self) -> StatsReply<'_> {
+        let snap = self.stats.snapshot();
+        StatsReply {
+            device_id: &self.facts.device_id,
+            uptime_secs: self.started.elapsed().as_secs(),
+            queues: (snap.queues.iter().enumerate())
+                .map(|(i, q)| q.report(Some(i)))
+                .collect(),
+            total: snap.total.report(None),
+        }
+    }
+
+    /// The Prometheus text exposition (format 0.0.4), ending with a line `# EOF` (a comment to
+    /// parsers) so that a client reading the socket knows where the reply ends.
+    fn metrics(&self) -> String {
+        let mut m = Metrics::new(&self.facts.device_id);
+        let status = self.status();
+        m.family("ubiblk_up", "gauge", "1 while the backend answers.");
+        m.sample("ubiblk_up", &[], 1);
+        m.family(
+            "ubiblk_connected",
+            "gauge",
+            "Whether a frontend (VMM) is connected.",
+        );
+        m.sample("ubiblk_connected", &[], u64::from(status.connected));
+        m.family(
+            "ubiblk_uptime_seconds",
+            "gauge",
+            "Seconds since the backend started.",
+        );
+        m.sample("ubiblk_uptime_seconds", &[], status.uptime_secs);
+        m.family(
+            "ubiblk_size_bytes",
+            "gauge",
+            "Size of the disk the guest sees.",
+        );
+        m.sample("ubiblk_size_bytes", &[], self.facts.size_bytes);
+
+        let snap = self.stats.snapshot();
+        let per_op =
+            |m: &mut Metrics, name: &str, value: &dyn Fn(&QueueSnapshot, OpKind) -> u64| {
+                for (q, qs) in snap.queues.iter().enumerate() {
+                    let q = q.to_string();
+                    for kind in OpKind::ALL {
+                        m.sample(name, &[("queue", &q), ("op", kind.name())], value(qs, kind));
+                    }
+                }
+            };
+        m.family(
+            "ubiblk_requests_total",
+            "counter",
+            "Requests completed (used entries published), by queue and operation.",
+        );
+        per_op(&mut m, "ubiblk_requests_total", &|q, k| q.kind(k).ops());
+        m.family(
+            "ubiblk_bytes_total",
+            "counter",
+            "Bytes of successful requests: data read or written, range discarded or zeroed.",
+        );
+        per_op(&mut m, "ubiblk_bytes_total", &|q, k| q.kind(k).bytes);
+        m.family(
+            "ubiblk_errors_total",
+            "counter",
+            "Requests completed with a status other than OK.",
+        );
+        per_op(&mut m, "ubiblk_errors_total", &|q, k| q.kind(k).errors);
+        m.family(
+            "ubiblk_in_flight",
+            "gauge",
+            "Requests taken off the avail ring and not completed yet.",
+        );
+        for (q, qs) in snap.queues.iter().enumerate() {
+            m.sample(
+                "ubiblk_in_flight",
+                &[("queue", &q.to_string())],
+                qs.in_flight,
+            );
+        }
+        m.family(
+            "ubiblk_request_latency_seconds",
+            "summary",
+            "Time from taking a request off the avail ring to publishing its used entry \
+             (quantiles: upper bounds of log-linear buckets at most 12.5% wide).",
+        );
+        for (q, qs) in snap.queues.iter().enumerate() {
+            let q = q.to_string();
+            for kind in OpKind::ALL {
+                let k = qs.kind(kind);
+                m.summary(
+                    "ubiblk_request_latency_seconds",
+                    &[("queue", &q), ("op", kind.name())],
+                    &k.hist,
+                    k.latency_sum_ns,
+                );
+            }
+        }
+        m.family(
+            "ubiblk_device_request_latency_seconds",
+            "summary",
+            "ubiblk_request_latency_seconds over every queue of the device.",
+        );
+        for kind in OpKind::ALL {
+            let k = snap.total.kind(kind);
+            m.summary(
+                "ubiblk_device_request_latency_seconds",
+                &[("op", kind.name())],
+                &k.hist,
+                k.latency_sum_ns,
+            );
+        }
+
+        if let Some(l) = &status.lazy {
+            let gauges: [(&str, &str, u64); 6] = [
+                (
+                    "ubiblk_lazy_stripes",
+                    "Stripes of the disk.",
+                    l.stripes as u64,
+                ),
+                (
+                    "ubiblk_lazy_stripe_bytes",
+                    "Bytes per stripe.",
+                    l.stripe_bytes,
+                ),
+                (
+                    "ubiblk_lazy_fetched_stripes",
+                    "Stripes fetched from the source.",
+                    l.fetched as u64,
+                ),
+                (
+                    "ubiblk_lazy_written_stripes",
+                    "Stripes written whole by the guest before being fetched.",
+                    l.written as u64,
+                ),
+                (
+                    "ubiblk_lazy_fetching_stripes",
+                    "Stripes queued for or being fetched.",
+                    l.fetching as u64,
+                ),
+                (
+                    "ubiblk_lazy_complete",
+                    "1 once every stripe is fetched (the disk no longer needs the source).",
+                    u64::from(l.complete),
+                ),
+            ];
+            for (name, help, v) in gauges {
+                m.family(name, "gauge", help);
+                m.sample(name, &[], v);
+            }
+            m.family(
+                "ubiblk_lazy_fetch_errors_total",
+                "counter",
+                "Stripe fetches that failed.",
+            );
+            m.sample("ubiblk_lazy_fetch_errors_total", &[], l.fetch_errors);
+            m.family(
+                "ubiblk_lazy_fetch_retries_total",
+                "counter",
+                "Remote attempts that failed and were retried.",
+            );
+            m.sample("ubiblk_lazy_fetch_retries_total", &[], l.fetch_retries);
+        }
+        m.out.push_str("# EOF");
+        m.out
     }
 
     fn status(&self) -> Status<'_> {
@@ -207,6 +401,78 @@ impl Control {
     }
 }
 
+/// Builds a Prometheus text exposition; every sample is labelled with the device id.
+struct Metrics {
+    out: String,
+    /// `device_id="..."`, escaped.
+    device: String,
+}
+
+impl Metrics {
+    fn new(device_id: &str) -> Self {
+        Metrics {
+            out: String::with_capacity(16 << 10),
+            device: format!("device_id=\"{}\"", escape_label(device_id)),
+        }
+    }
+
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        use std::fmt::Write as _;
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn labels(&self, labels: &[(&str, &str)]) -> String {
+        let mut s = self.device.clone();
+        for (k, v) in labels {
+            s.push_str(&format!(",{k}=\"{}\"", escape_label(v)));
+        }
+        s
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        let l = self.labels(labels);
+        self.out.push_str(&format!("{name}{{{l}}} {value}\n"));
+    }
+
+    /// A summary's quantiles (`NaN` without observations), `_sum` and `_count`, in seconds.
+    fn summary(&mut self, name: &str, labels: &[(&str, &str)], h: &Histogram, sum_ns: u64) {
+        let l = self.labels(labels);
+        for (per_10k, q) in QUANTILES {
+            let v = h.quantile_ns(per_10k).map_or("NaN".to_string(), seconds);
+            self.out
+                .push_str(&format!("{name}{{{l},quantile=\"{q}\"}} {v}\n"));
+        }
+        self.out
+            .push_str(&format!("{name}_sum{{{l}}} {}\n", seconds(sum_ns)));
+        self.out
+            .push_str(&format!("{name}_count{{{l}}} {}\n", h.count()));
+    }
+}
+
+/// Nanoseconds as seconds, exactly (no float rounding): `1536` is `0.000001536`.
+fn seconds(ns: u64) -> String {
+    let frac = ns % 1_000_000_000;
+    if frac == 0 {
+        return (ns / 1_000_000_000).to_string();
+    }
+    let s = format!("{}.{frac:09}", ns / 1_000_000_000);
+    s.trim_end_matches('0').to_string()
+}
+
+/// A label value escaped per the text format: backslash, double quote and line feed.
+fn escape_label(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
 fn handle(stream: UnixStream, control: &Control) {
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
@@ -215,16 +481,17 @@ fn handle(stream: UnixStream, control: &Control) {
     };
     let mut reader = BufReader::new(stream);
     loop {
-        let mut line = String::new();
-        match (&mut reader).take(MAX_LINE).read_line(&mut line) {
+        let mut bytes = Vec::new();
+        match (&mut reader).take(MAX_LINE).read_until(b'\n', &mut bytes) {
             Ok(0) | Err(_) => return,
-            Ok(_) if !line.ends_with('\n') && line.len() as u64 >= MAX_LINE => return,
+            Ok(_) if !bytes.ends_with(b"\n") && bytes.len() as u64 >= MAX_LINE => return,
             Ok(_) => {}
         }
-        if line.trim().is_empty() {
-            continue;
-        }
-        let reply = control.answer(&line);
+        let reply = match std::str::from_utf8(&bytes) {
+            Ok(line) if line.trim().is_empty() => continue,
+            Ok(line) => control.answer(line),
+            Err(_) => "{\"error\":\"command is not UTF-8\"}".to_string(),
+        };
         if out.write_all((reply + "\n").as_bytes()).is_err() {
             return;
         }
@@ -247,6 +514,7 @@ mod tests {
             started: Instant::now(),
             connected: Arc::new(AtomicBool::new(false)),
             lazy: None,
+            stats: Arc::new(DeviceStats::new(2)),
         }
     }
 
@@ -265,6 +533,56 @@ mod tests {
         assert_eq!(v["error"], "unknown command");
         assert_eq!(v["command"], "bogus\" x");
         assert!(v["commands"].as_array().unwrap().contains(&"status".into()));
+    }
+
+    #[test]
+    fn stats_and_metrics_report_the_recorded_requests() {
+        let mut c = control();
+        c.facts.device_id = "a\"b\\c\nd".into();
+        let q1 = c.stats.queue(1).unwrap();
+        q1.started(3);
+        q1.finished(OpKind::Read, true, 4096, Duration::from_nanos(1500));
+        q1.finished(OpKind::Write, false, 512, Duration::from_micros(100));
+        let v: serde_json::Value = serde_json::from_str(&c.answer("stats")).unwrap();
+        assert_eq!(v["device_id"], "a\"b\\c\nd");
+        assert_eq!(v["queues"][1]["queue"], 1);
+        assert_eq!(v["queues"][1]["in_flight"], 1);
+        assert_eq!(v["queues"][1]["read"]["bytes"], 4096);
+        assert_eq!(v["queues"][1]["read"]["latency_us"]["p50"], 1.536);
+        assert_eq!(v["queues"][1]["write"]["errors"], 1);
+        assert_eq!(v["queues"][0]["ops"], 0);
+        assert_eq!(v["total"]["ops"], 2);
+        assert!(v["total"].get("queue").is_none());
+        assert!(v["total"]["flush"]["latency_us"]["p99"].is_null());
+
+        let m = c.answer("metrics");
+        assert!(m.ends_with("\n# EOF"), "{m}");
+        let dev = "device_id=\"a\\\"b\\\\c\\nd\"";
+        for line in [
+            format!("ubiblk_up{{{dev}}} 1"),
+            format!("ubiblk_requests_total{{{dev},queue=\"1\",op=\"read\"}} 1"),
+            format!("ubiblk_bytes_total{{{dev},queue=\"1\",op=\"write\"}} 0"),
+            format!("ubiblk_errors_total{{{dev},queue=\"1\",op=\"write\"}} 1"),
+            format!("ubiblk_in_flight{{{dev},queue=\"1\"}} 1"),
+            format!(
+                "ubiblk_request_latency_seconds{{{dev},queue=\"1\",op=\"read\",quantile=\"0.5\"}} \
+                 0.000001536"
+            ),
+            format!("ubiblk_request_latency_seconds_sum{{{dev},queue=\"1\",op=\"read\"}} 0.0000015"),
+            format!("ubiblk_request_latency_seconds_count{{{dev},queue=\"0\",op=\"read\"}} 0"),
+            format!(
+                "ubiblk_request_latency_seconds{{{dev},queue=\"0\",op=\"read\",quantile=\"0.99\"}} NaN"
+            ),
+            "# TYPE ubiblk_requests_total counter".to_string(),
+        ] {
+            assert!(m.lines().any(|l| l == line), "{line} missing from\n{m}");
+        }
+        assert_eq!(seconds(2_000_000_000), "2");
+        assert_eq!(seconds(137_438_953_472), "137.438953472");
+
+        let e: serde_json::Value = serde_json::from_str(&c.answer("stats now")).unwrap();
+        assert_eq!(e["error"], "this command takes no argument");
+        assert_eq!(e["argument"], "now");
     }
 
     #[test]

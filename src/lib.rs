@@ -22,6 +22,7 @@ pub mod remote;
 pub mod replay;
 pub mod sockpath;
 pub mod stack;
+pub mod stats;
 pub mod vhost;
 pub mod virtio_blk;
 mod yaml;

@@ -25,6 +25,7 @@ use crate::crypto::Xts;
 use crate::lazy::source::{RemoteOptions, S3Overrides, SourceSpec};
 use crate::lazy::{LazyDevice, LazyOptions};
 use crate::sockpath::SocketFile;
+use crate::stats::DeviceStats;
 use crate::vhost::QueueSettings;
 use crate::virtio_blk::{self, ConfigSpace, DeviceInfo, Limits};
 
@@ -38,6 +39,8 @@ pub struct Stack {
     pub control_socket: Option<SocketFile>,
     /// Whether a frontend is connected: the vhost loop sets it, the control socket reports it.
     pub connected: Arc<AtomicBool>,
+    /// Per-queue request statistics: the queue workers record, the control socket reports.
+    pub stats: Arc<DeviceStats>,
     pub info: Arc<DeviceInfo>,
     pub config: ConfigSpace,
     pub settings: QueueSettings,
@@ -116,6 +119,7 @@ pub fn open_with_kek(
     let sectors = device.sectors();
     info!("{}: {} sectors", opts.path.display(), sectors);
     let connected = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(DeviceStats::new(opts.num_queues));
     let mut control_socket = None;
     if let Some(path) = &opts.control_socket {
         let control = Control {
@@ -129,6 +133,7 @@ pub fn open_with_kek(
             started: Instant::now(),
             connected: connected.clone(),
             lazy: lazy_device.clone(),
+            stats: stats.clone(),
         };
         control_socket = Some(control::serve(path, Arc::new(control))?);
         info!("control socket: {}", path.display());
@@ -150,6 +155,7 @@ pub fn open_with_kek(
         lazy: lazy_device,
         control_socket,
         connected,
+        stats,
     })
 }
 

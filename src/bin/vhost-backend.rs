@@ -60,6 +60,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         stack.settings,
         current,
         stack.connected,
+        stack.stats,
     );
     // serve returns only on error; the signal thread holds the sockets too, so remove them here.
     for s in &sockets {

@@ -26,6 +26,7 @@ use vmm_sys_util::event::{
 use crate::block::BlockDevice;
 use crate::config::{ConfigError, Options};
 use crate::sockpath::{self, Perms, SocketError, SocketFile};
+use crate::stats::{DeviceStats, QueueStats};
 use crate::virtio_blk::{self, ConfigSpace, DeviceInfo, Finished, QueueWorker, Request};
 use poll::AdaptivePoll;
 
@@ -47,6 +48,9 @@ pub struct BlockBackend {
     info: Arc<DeviceInfo>,
     config: ConfigSpace,
     workers: Vec<Mutex<QueueWorker>>,
+    /// The device's statistics (shared with the control socket and later connections); queue
+    /// `q`'s are written only under `workers[q]`'s lock.
+    stats: Arc<DeviceStats>,
     /// Each queue's polling policy; used only by the queue's own thread.
     polls: Vec<Mutex<AdaptivePoll>>,
     /// Each queue's ring, remembered from its first event so requests drained outside the
@@ -76,6 +80,28 @@ impl BlockBackend {
         config: ConfigSpace,
         settings: QueueSettings,
     ) -> io::Result<Self> {
+        let stats = Arc::new(DeviceStats::new(settings.num_queues));
+        Self::with_stats(device, info, config, settings, stats)
+    }
+
+    /// [`BlockBackend::new`] recording into `stats`, which must have a slot for every queue.
+    pub fn with_stats(
+        device: &dyn BlockDevice,
+        info: Arc<DeviceInfo>,
+        config: ConfigSpace,
+        settings: QueueSettings,
+        stats: Arc<DeviceStats>,
+    ) -> io::Result<Self> {
+        if stats.num_queues() < usize::from(settings.num_queues) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "statistics for {} queues, not the {} served",
+                    stats.num_queues(),
+                    settings.num_queues
+                ),
+            ));
+        }
         if settings.num_queues > crate::config::MAX_NUM_QUEUES {
             // queues_per_thread() gives each thread its queue as a bit of a u64.
             return Err(io::Error::new(
@@ -106,6 +132,7 @@ impl BlockBackend {
             info,
             config,
             workers,
+            stats,
             mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
             event_idx: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -129,6 +156,13 @@ impl BlockBackend {
             .unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Queue `q`'s statistics (`with_stats` checked there is a slot for every queue).
+    fn queue_stats(&self, q: usize) -> &QueueStats {
+        static UNUSED: std::sync::LazyLock<QueueStats> =
+            std::sync::LazyLock::new(QueueStats::default);
+        self.stats.queue(q).unwrap_or(&UNUSED)
+    }
+
     fn memory(&self) -> Memory {
         self.mem.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -141,11 +175,14 @@ impl BlockBackend {
         vring: &VringRwLock,
         mem: &Memory,
         worker: &mut QueueWorker,
+        stats: &QueueStats,
         done: &mut Vec<Finished>,
     ) -> (bool, bool) {
         // An owned snapshot: requests keep it to pin guest buffers the device is using.
         let guard = mem.memory().into_inner();
         let mut found = false;
+        // Read once per batch, when the first chain is popped (not on every empty poll).
+        let mut now = None;
         loop {
             let chain = {
                 let mut state = vring.get_mut();
@@ -165,9 +202,11 @@ impl BlockBackend {
                 }
             };
             found = true;
+            let started = *now.get_or_insert_with(Instant::now);
+            stats.started(1);
             let head = chain.head_index();
             let parsed = Request::parse(chain, &*guard, &self.info.limits);
-            if let Some(f) = worker.start(&guard, head, parsed) {
+            if let Some(f) = worker.start_at(&guard, head, parsed, started) {
                 done.push(f);
             }
         }
@@ -183,16 +222,18 @@ impl BlockBackend {
         }
     }
 
-    /// Puts finished requests on the used ring and notifies the guest if it wants it.
-    fn complete(&self, vring: &VringRwLock, done: &mut Vec<Finished>) {
+    /// Puts finished requests on the used ring, records them in `stats` (call with the queue's
+    /// worker locked) and notifies the guest if it wants it.
+    fn complete(&self, vring: &VringRwLock, stats: &QueueStats, done: &mut Vec<Finished>) {
         if done.is_empty() {
             return;
         }
-        for f in done.drain(..) {
+        for f in done.iter() {
             if let Err(e) = vring.add_used(f.head, f.len) {
                 self.warn_ring_op(format_args!("add_used failed: {e}"));
             }
         }
+        record(stats, done);
         let notify = if self.event_idx.load(Ordering::Relaxed) {
             vring.needs_notification().unwrap_or(true)
         } else {
@@ -210,6 +251,7 @@ impl BlockBackend {
     fn process(&self, queue: usize, vring: &VringRwLock, woken_by_completion: bool) {
         let mem = self.memory();
         let mut worker = self.worker(queue);
+        let stats = self.queue_stats(queue);
         let mut poll = self.polls[queue].lock().unwrap_or_else(|p| p.into_inner());
         if woken_by_completion {
             worker.ack_completion_fd();
@@ -230,11 +272,12 @@ impl BlockBackend {
                 let _ = vring.disable_notification();
                 notifications_on = false;
             }
-            let (started, corrupt) = self.start_available(vring, &mem, &mut worker, &mut done);
+            let (started, corrupt) =
+                self.start_available(vring, &mem, &mut worker, stats, &mut done);
             worker.submit();
             worker.reap(&*mem.memory(), &mut done);
             let progressed = started || !done.is_empty();
-            self.complete(vring, &mut done);
+            self.complete(vring, stats, &mut done);
             if corrupt || (rechecking && !progressed) {
                 // The avail index says there is work but no chain can be popped: a corrupt
                 // ring (e.g. an index more than a ring ahead). Do not spin on it; the next
@@ -290,9 +333,13 @@ impl BlockBackend {
     fn drain(&self, q: usize) {
         let mem = self.memory();
         let mut done = Vec::new();
-        self.worker(q).drain(&*mem.memory(), &mut done);
-        if let Some(vring) = self.vrings[q].get() {
-            self.complete(vring, &mut done);
+        // Held until the completions are recorded: the queue's statistics have one writer.
+        let mut worker = self.worker(q);
+        worker.drain(&*mem.memory(), &mut done);
+        let stats = self.queue_stats(q);
+        match self.vrings[q].get() {
+            Some(vring) => self.complete(vring, stats, &mut done),
+            None => record(stats, &mut done),
         }
     }
 
@@ -439,6 +486,23 @@ impl VhostUserBackend for BlockBackend {
     }
 }
 
+/// Records finished requests (their used entries just published, or never to be) and empties
+/// `done`: one clock read for the batch.
+fn record(stats: &QueueStats, done: &mut Vec<Finished>) {
+    if done.is_empty() {
+        return;
+    }
+    let now = Instant::now();
+    for f in done.drain(..) {
+        stats.finished(
+            f.kind,
+            f.ok,
+            f.bytes,
+            now.saturating_duration_since(f.started),
+        );
+    }
+}
+
 /// Refuses a memory table whose regions reach past the end of the regular file behind them
 /// (a memfd, a hugetlbfs or shm file): touching such a page raises SIGBUS, which would kill the
 /// backend. Other kinds of descriptor (e.g. /dev/zero) do not fault that way.
@@ -531,10 +595,17 @@ fn setup(
     info: &Arc<DeviceInfo>,
     config: &ConfigSpace,
     settings: &QueueSettings,
+    stats: &Arc<DeviceStats>,
 ) -> Result<(Arc<BlockBackend>, Daemon), ServeError> {
     let backend = Arc::new(
-        BlockBackend::new(device, info.clone(), config.clone(), settings.clone())
-            .map_err(ServeError::Channel)?,
+        BlockBackend::with_stats(
+            device,
+            info.clone(),
+            config.clone(),
+            settings.clone(),
+            stats.clone(),
+        )
+        .map_err(ServeError::Channel)?,
     );
     let daemon = VhostUserDaemon::new(
         "ubiblk".to_string(),
@@ -553,9 +624,11 @@ fn setup(
 
 /// Serves `device` on `listener` (from [`listen`]) forever: one frontend at a time, a fresh
 /// device state for each. `current` is updated with the backend of the live connection, for
-/// shutdown, and `connected` says whether a frontend is connected. Only the first set-up's errors are returned (a config the device refuses); later
+/// shutdown, and `connected` says whether a frontend is connected; every connection's queues
+/// record into `stats`. Only the first set-up's errors are returned (a config the device refuses); later
 /// a failure to set up or accept a connection (e.g. out of descriptors) is logged once per run
 /// of failures and retried after [`RETRY_DELAY`]: the backend never exits over a connection.
+#[allow(clippy::too_many_arguments)]
 pub fn serve(
     mut listener: Listener,
     device: Arc<dyn BlockDevice>,
@@ -564,14 +637,15 @@ pub fn serve(
     settings: QueueSettings,
     current: Arc<Mutex<Option<Arc<BlockBackend>>>>,
     connected: Arc<AtomicBool>,
+    stats: Arc<DeviceStats>,
 ) -> Result<(), ServeError> {
-    let mut next = Some(setup(device.as_ref(), &info, &config, &settings)?);
+    let mut next = Some(setup(device.as_ref(), &info, &config, &settings, &stats)?);
     // Whether the last attempt failed: its error was logged, repeats are not.
     let mut failing = false;
     loop {
         let (backend, mut daemon) = match next.take() {
             Some(ready) => ready,
-            None => match setup(device.as_ref(), &info, &config, &settings) {
+            None => match setup(device.as_ref(), &info, &config, &settings, &stats) {
                 Ok(ready) => ready,
                 Err(e) => {
                     if !failing {

@@ -384,16 +384,22 @@ fn rig_on(dev: &dyn crate::block::BlockDevice, readonly: bool, skip_sync: bool) 
 impl Rig {
     /// Runs one chain to completion; returns (status byte, used length).
     fn run(&mut self, descs: &[RawDescriptor]) -> (u8, u32) {
+        let f = self.finish(descs, std::time::Instant::now());
+        let status: u8 = self.mem.read_obj(GuestAddress(STATUS)).unwrap();
+        (status, f.len)
+    }
+
+    /// Runs one chain taken off the ring at `started` to completion; returns its entry.
+    fn finish(&mut self, descs: &[RawDescriptor], started: std::time::Instant) -> Finished {
         self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
         let parsed = parse(&self.mem, descs);
         let mut out = Vec::new();
-        if let Some(f) = self.worker.start(&self.mem, 0, parsed) {
+        if let Some(f) = self.worker.start_at(&self.mem, 0, parsed, started) {
             out.push(f);
         }
         self.worker.drain(&*self.mem, &mut out);
         assert_eq!(out.len(), 1);
-        let status: u8 = self.mem.read_obj(GuestAddress(STATUS)).unwrap();
-        (status, out[0].len)
+        out[0]
     }
 }
 
@@ -677,4 +683,47 @@ fn features_follow_readonly() {
     ] {
         assert_ne!(rw & 1 << bit, 0);
     }
+}
+
+/// What each finished request tells the statistics: its kind, status and bytes, and when it
+/// was taken off the ring.
+#[test]
+fn finished_requests_carry_kind_status_bytes_and_start() {
+    use crate::stats::OpKind;
+    let t0 = std::time::Instant::now();
+    let mut r = rig(false, false);
+    let kinds = |f: Finished| (f.kind, f.ok, f.bytes, f.started == t0);
+    header(&r.mem, VIRTIO_BLK_T_OUT, 0);
+    let f = r.finish(&[d(HDR, 16, 0), d(DATA, 8192, 0), d(STATUS, 1, W)], t0);
+    assert_eq!(kinds(f), (OpKind::Write, true, 8192, true));
+    header(&r.mem, VIRTIO_BLK_T_IN, 0);
+    let f = r.finish(&[d(HDR, 16, 0), d(DATA, 4096, W), d(STATUS, 1, W)], t0);
+    assert_eq!(kinds(f), (OpKind::Read, true, 4096, true));
+    header(&r.mem, VIRTIO_BLK_T_FLUSH, 0);
+    let f = r.finish(&[d(HDR, 16, 0), d(STATUS, 1, W)], t0);
+    assert_eq!(kinds(f), (OpKind::Flush, true, 0, true));
+    let segs = 0x60_0000;
+    discard_seg(&r.mem, segs, 1, 2, 0);
+    discard_seg(&r.mem, segs + 16, 8, 4, 0);
+    header(&r.mem, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    let f = r.finish(&[d(HDR, 16, 0), d(segs, 32, 0), d(STATUS, 1, W)], t0);
+    assert_eq!(kinds(f), (OpKind::WriteZeroes, true, 6 * 512, true));
+    header(&r.mem, VIRTIO_BLK_T_DISCARD, 0);
+    let f = r.finish(&[d(HDR, 16, 0), d(segs, 16, 0), d(STATUS, 1, W)], t0);
+    assert_eq!(kinds(f), (OpKind::Discard, true, 2 * 512, true));
+    header(&r.mem, VIRTIO_BLK_T_GET_ID, 0);
+    let f = r.finish(&[d(HDR, 16, 0), d(DATA, 20, W), d(STATUS, 1, W)], t0);
+    assert_eq!(kinds(f), (OpKind::Other, true, 0, true));
+    // A chain that does not parse, and a read past the end: errors, no bytes.
+    header(&r.mem, 77, 0);
+    let f = r.finish(&[d(HDR, 16, 0), d(STATUS, 1, W)], t0);
+    assert_eq!(kinds(f), (OpKind::Other, false, 0, true));
+    header(&r.mem, VIRTIO_BLK_T_IN, SECTORS);
+    let f = r.finish(&[d(HDR, 16, 0), d(DATA, 512, W), d(STATUS, 1, W)], t0);
+    assert_eq!(kinds(f), (OpKind::Other, false, 0, true));
+    // Refused by a read-only device: counted as the kind it is.
+    let mut ro = rig(true, false);
+    header(&ro.mem, VIRTIO_BLK_T_OUT, 0);
+    let f = ro.finish(&[d(HDR, 16, 0), d(DATA, 512, 0), d(STATUS, 1, W)], t0);
+    assert_eq!(kinds(f), (OpKind::Write, false, 512, true));
 }

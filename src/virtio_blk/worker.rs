@@ -3,11 +3,13 @@
 
 use log::{debug, warn};
 use std::sync::Arc;
+use std::time::Instant;
 use virtio_bindings::virtio_blk::*;
 use vm_memory::{Bytes, GuestMemory, Permissions};
 
 use super::request::{gather, scatter, Op, ParseError, Region, Request};
-use crate::block::{BufPool, Completion, IoChannel, IoOp, IoVecs, Slab};
+use crate::block::{BufPool, Completion, IoChannel, IoOp, IoVecs, Slab, SECTOR_SHIFT};
+use crate::stats::OpKind;
 
 /// Device-wide facts every queue needs.
 #[derive(Debug, Clone)]
@@ -21,11 +23,19 @@ pub struct DeviceInfo {
     pub device_id: [u8; VIRTIO_BLK_ID_BYTES as usize],
 }
 
-/// A request whose used-ring entry is ready: descriptor head and bytes written.
+/// A request whose used-ring entry is ready: descriptor head and bytes written, and what the
+/// statistics record once the entry is published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Finished {
     pub head: u16,
     pub len: u32,
+    pub kind: OpKind,
+    /// Whether the status is OK.
+    pub ok: bool,
+    /// Data moved (reads, writes) or range covered (discard, write-zeroes).
+    pub bytes: u64,
+    /// When the request was taken off the avail ring.
+    pub started: Instant,
 }
 
 struct InFlight {
@@ -33,6 +43,7 @@ struct InFlight {
     req: Request,
     pending: u32,
     failed: bool,
+    started: Instant,
 }
 
 /// State of one virtqueue's worker: its device channel and the requests it has started.
@@ -103,6 +114,17 @@ impl QueueWorker {
         head: u16,
         parsed: Result<Request, ParseError>,
     ) -> Option<Finished> {
+        self.start_at(mem, head, parsed, Instant::now())
+    }
+
+    /// [`QueueWorker::start`] of a request taken off the avail ring at `started`.
+    pub fn start_at<M: GuestMemory + Send + Sync + 'static>(
+        &mut self,
+        mem: &Arc<M>,
+        head: u16,
+        parsed: Result<Request, ParseError>,
+        started: Instant,
+    ) -> Option<Finished> {
         let req = match parsed {
             Ok(r) => r,
             Err(e) => {
@@ -111,21 +133,30 @@ impl QueueWorker {
                     Some(addr) if mem.as_ref().write_obj(e.code, addr).is_ok() => 1,
                     _ => 0,
                 };
-                return Some(Finished { head, len });
+                return Some(Finished {
+                    head,
+                    len,
+                    kind: OpKind::Other,
+                    ok: false,
+                    bytes: 0,
+                    started,
+                });
             }
         };
         let ops = match self.build_ops(mem, &req) {
             Ok(ops) => ops,
-            Err(code) => return Some(complete(mem.as_ref(), head, &req, code)),
+            Err(code) => return Some(complete(mem.as_ref(), head, &req, code, started)),
         };
         if ops.is_empty() {
-            return Some(complete(mem.as_ref(), head, &req, VIRTIO_BLK_S_OK as u8));
+            let ok = VIRTIO_BLK_S_OK as u8;
+            return Some(complete(mem.as_ref(), head, &req, ok, started));
         }
         let slot = InFlight {
             head,
             req,
             pending: ops.len() as u32,
             failed: false,
+            started,
         };
         let idx = self.slots.insert(slot);
         for op in ops {
@@ -250,7 +281,13 @@ impl QueueWorker {
                     } else {
                         VIRTIO_BLK_S_OK
                     };
-                    out.push(complete(mem, slot.head, &slot.req, code as u8));
+                    out.push(complete(
+                        mem,
+                        slot.head,
+                        &slot.req,
+                        code as u8,
+                        slot.started,
+                    ));
                 }
             }
         }
@@ -356,14 +393,44 @@ fn guest_iovecs<M: GuestMemory + Send + Sync + 'static>(
 }
 
 /// Writes the status byte and returns the used-ring entry.
-fn complete<M: GuestMemory>(mem: &M, head: u16, req: &Request, code: u8) -> Finished {
-    if mem.write_obj(code, req.status).is_err() {
-        return Finished { head, len: 0 };
-    }
-    let len = if code == VIRTIO_BLK_S_OK as u8 {
-        req.used_len()
-    } else {
-        1
+fn complete<M: GuestMemory>(
+    mem: &M,
+    head: u16,
+    req: &Request,
+    code: u8,
+    started: Instant,
+) -> Finished {
+    let (kind, bytes) = accounting(req);
+    let ok = code == VIRTIO_BLK_S_OK as u8;
+    let mut f = Finished {
+        head,
+        len: 0,
+        kind,
+        ok: false,
+        bytes,
+        started,
     };
-    Finished { head, len }
+    if mem.write_obj(code, req.status).is_err() {
+        return f;
+    }
+    f.ok = ok;
+    f.len = if ok { req.used_len() } else { 1 };
+    f
+}
+
+/// What the statistics count a request as: its kind and its bytes (data moved, or the range a
+/// discard or write-zeroes covers).
+fn accounting(req: &Request) -> (OpKind, u64) {
+    let ranges = |r: &[super::request::SectorRange]| {
+        r.iter()
+            .fold(0u64, |a, r| a.saturating_add(r.sectors << SECTOR_SHIFT))
+    };
+    match &req.op {
+        Op::Read { .. } => (OpKind::Read, u64::from(req.data_len)),
+        Op::Write { .. } => (OpKind::Write, u64::from(req.data_len)),
+        Op::Flush => (OpKind::Flush, 0),
+        Op::GetId => (OpKind::Other, 0),
+        Op::Discard(r) => (OpKind::Discard, ranges(r)),
+        Op::WriteZeroes(r) => (OpKind::WriteZeroes, ranges(r)),
+    }
 }
