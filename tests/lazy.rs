@@ -83,6 +83,20 @@ impl Lazy {
             assert_same(&got, self.expect(off, len), off);
             off += len as u64;
         }
+        self.settle();
+    }
+
+    /// Waits until no fetch is queued or running: a read of one unfetched stripe is answered
+    /// as soon as the stripe is read from the image, before it is on the base disk.
+    fn settle(&self) {
+        let t0 = Instant::now();
+        while self.status().fetching > 0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "fetches still running"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     fn metadata(&self, xts: Option<&Xts>) -> Metadata {
