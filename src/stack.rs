@@ -6,8 +6,13 @@
 //! 2. [`CryptDevice`], with `encryption_key`: nothing below it sees plaintext.
 //! 3. [`LazyDevice`], with `image_path`: above encryption, so stripes fetched from the image
 //!    are encrypted on their way to the base disk, and its metadata file uses the same key.
-//! 4. [`DebugLogDevice`], with `io_debug_path`: outermost, so it records what the guest reads
-//!    and writes (plaintext, also on encrypted disks), which replays onto a plain copy.
+//! 4. [`DebugLogDevice`], with `io_debug_path`: it records what the guest reads and writes
+//!    (plaintext, also on encrypted disks), which replays onto a plain copy.
+//! 5. [`QosDevice`], always (`qos:` sets its limits, the control socket's `set-qos` changes
+//!    them; without limits it passes requests straight down): outermost, so the limits apply
+//!    to guest requests as the guest sent them, before lazy fetch splits reads or encryption
+//!    splits write-zeroes, and held requests are not yet in the debug log, which records them
+//!    when they run.
 
 use log::info;
 use std::error::Error;
@@ -17,7 +22,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::block::{BlockDevice, CryptDevice, DebugLogDevice, FileDevice, SECTOR_SHIFT};
+use crate::block::{
+    BlockDevice, CryptDevice, DebugLogDevice, FileDevice, Qos, QosDevice, SECTOR_SHIFT,
+};
 use crate::config::{ConfigError, Options, DEVICE_ID_LEN};
 use crate::control::{self, Control, DeviceFacts};
 use crate::crypto::keys::Kek;
@@ -34,6 +41,8 @@ pub struct Stack {
     pub device: Arc<dyn BlockDevice>,
     /// The lazy-fetch layer, with `image_path` (for its progress).
     pub lazy: Option<Arc<LazyDevice>>,
+    /// The QoS limits (the outermost layer's), shared with the control socket.
+    pub qos: Arc<Qos>,
     /// The control socket's file, with `control_socket`: removed when dropped (if still ours).
     pub control_socket: Option<SocketFile>,
     /// Whether a frontend is connected: the vhost loop sets it, the control socket reports it.
@@ -53,6 +62,8 @@ pub enum StackError {
     EmptyDisk { path: PathBuf },
     #[error("io_debug_path: cannot open {}", path.display())]
     DebugLog { path: PathBuf, source: io::Error },
+    #[error("qos: cannot start the QoS timer thread")]
+    QosTimer(#[source] io::Error),
     /// The lazy-fetch layer; the error names the field.
     #[error(transparent)]
     Lazy(Box<dyn Error + Send + Sync>),
@@ -113,6 +124,16 @@ pub fn open_with_kek(
         device = Arc::new(layer);
         info!("I/O debug log: {}", path.display());
     }
+    let qos = Qos::new(opts.qos.unwrap_or_default()).map_err(StackError::QosTimer)?;
+    device = Arc::new(QosDevice::new(device, qos.clone()));
+    if let Some(limits) = &opts.qos {
+        if !limits.is_unlimited() {
+            info!(
+                "QoS limits: {}",
+                serde_json::to_string(limits).unwrap_or_default()
+            );
+        }
+    }
     let sectors = device.sectors();
     info!("{}: {} sectors", opts.path.display(), sectors);
     let connected = Arc::new(AtomicBool::new(false));
@@ -129,6 +150,7 @@ pub fn open_with_kek(
             started: Instant::now(),
             connected: connected.clone(),
             lazy: lazy_device.clone(),
+            qos: qos.clone(),
         };
         control_socket = Some(control::serve(path, Arc::new(control))?);
         info!("control socket: {}", path.display());
@@ -148,6 +170,7 @@ pub fn open_with_kek(
         },
         device,
         lazy: lazy_device,
+        qos,
         control_socket,
         connected,
     })
