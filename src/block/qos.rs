@@ -38,9 +38,6 @@ const NS: u128 = 1_000_000_000;
 /// of a millisecond through at once (the rate is the same; only the wake-ups are fewer).
 const MIN_WAIT: Duration = Duration::from_millis(1);
 
-/// Longest sleep of [`IoChannel::wait`] before it looks at the limits again.
-const MAX_SLEEP: Duration = Duration::from_millis(50);
-
 /// One leaky bucket (QEMU's `LeakyBucket`). Levels are in billionths of a unit, so a
 /// nanosecond's leak is exactly `avg` of them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -440,8 +437,8 @@ impl QosChannel {
     }
 
     /// Sends down the held requests the buckets let through; if some still wait, asks the
-    /// timer for a wake-up when the first may go and returns how long that is.
-    fn release(&mut self) -> Option<Duration> {
+    /// timer for a wake-up when the first may go.
+    fn release(&mut self) {
         let now = Instant::now();
         let mut wait = u64::MAX;
         {
@@ -465,12 +462,26 @@ impl QosChannel {
         }
         self.first = 1 - self.first;
         if self.held() == 0 {
-            return None;
+            return;
         }
         let wait = Duration::from_nanos(wait).max(MIN_WAIT);
         let notifier = self.below.notifier().clone();
         self.qos.timer.wake_at(self.id, now + wait, &notifier);
-        Some(wait)
+    }
+
+    /// Sends every held request down now, counting them in the buckets.
+    fn release_all(&mut self) {
+        let mut st = self.qos.lock();
+        let clock = self.qos.clock(Instant::now());
+        st.buckets.advance(clock);
+        for (q, held) in self.held.iter_mut().enumerate() {
+            for h in held.drain(..) {
+                for (i, is_bytes) in counted(q == 1) {
+                    st.buckets.b[i].account(if is_bytes { h.bytes } else { 1 });
+                }
+                self.below.add(h.id, h.op);
+            }
+        }
     }
 }
 
@@ -497,20 +508,15 @@ impl IoChannel for QosChannel {
         self.below.poll(out)
     }
 
+    /// Only the drain path waits (GET_VRING_BASE, shutdown; the queue loop sleeps on the
+    /// notifier): like QEMU, which lifts throttling while a disk drains, held requests go down
+    /// at once (still counted in the buckets), so a stopping VMM never waits for the limits.
     fn wait(&mut self) -> io::Result<()> {
-        loop {
-            if self.held() == 0 || self.below.in_flight() > 0 {
-                return self.below.wait();
-            }
-            // Only held requests: sleep until the first may go.
-            let sleep = self.release();
+        if self.held() > 0 {
+            self.release_all();
             self.below.submit()?;
-            if self.below.in_flight() == 0 {
-                if let Some(d) = sleep {
-                    std::thread::sleep(d.min(MAX_SLEEP));
-                }
-            }
         }
+        self.below.wait()
     }
 
     fn in_flight(&self) -> usize {
@@ -713,8 +719,30 @@ mod tests {
         assert_eq!(ch.in_flight(), 0);
     }
 
+    /// Polls `ch` whenever its notifier says so until `n` operations are done; panics if
+    /// that takes `limit`.
+    fn collect(ch: &mut dyn IoChannel, n: usize, limit: Duration) -> Vec<Completion> {
+        let t0 = Instant::now();
+        let notifier = ch.notifier().clone();
+        let mut done = Vec::new();
+        loop {
+            ch.submit().unwrap();
+            ch.poll(&mut done);
+            if done.len() >= n {
+                return done;
+            }
+            let left = limit.saturating_sub(t0.elapsed());
+            assert!(
+                notifier.wait(left),
+                "{} of {n} done in {limit:?}",
+                done.len()
+            );
+            notifier.ack();
+        }
+    }
+
     #[test]
-    fn set_releases_held_requests_at_once_and_wait_sleeps_until_due() {
+    fn set_releases_held_requests_at_once_and_draining_does_not_wait() {
         let mem = MemDevice::new(1 << 14);
         let qos = Qos::new(limits(r#"{"iops_total":1}"#)).unwrap();
         let dev = QosDevice::new(Arc::new(mem), qos.clone());
@@ -722,19 +750,16 @@ mod tests {
         for i in 0..5 {
             ch.add(i, read(i));
         }
-        ch.submit().unwrap();
-        let mut early = Vec::new();
-        ch.poll(&mut early);
-        assert_eq!(ch.in_flight() + early.len(), 5);
-        assert!(early.len() <= 1);
-        // One a second: without a change, the last would be seconds away.
+        // One goes; at one a second, the last would be 4 s away.
+        let first = collect(ch.as_mut(), 1, Duration::from_secs(5));
+        assert_eq!(ch.in_flight(), 4);
         let t0 = Instant::now();
         let set = qos.set(limits(r#"{"iops_total":0,"bps_read":1000000}"#));
         assert_eq!(set.unwrap().iops_total, None);
-        let done = finish_all(ch.as_mut());
-        assert_eq!(done.len() + early.len(), 5);
+        let rest = collect(ch.as_mut(), 4, Duration::from_secs(5));
+        assert_eq!(first.len() + rest.len(), 5);
         assert!(
-            t0.elapsed() < Duration::from_millis(500),
+            t0.elapsed() < Duration::from_millis(300),
             "{:?}",
             t0.elapsed()
         );
@@ -746,6 +771,30 @@ mod tests {
         });
         assert_eq!(e.unwrap_err().field, "bps_read_max");
         assert_eq!(qos.limits().bps_read_max, None);
+
+        // Draining (wait) lets held requests go at once, and counts them.
+        qos.set(limits(r#"{"iops_total":1}"#)).unwrap();
+        for i in 0..5 {
+            ch.add(10 + i, read(i));
+        }
+        let t0 = Instant::now();
+        assert_eq!(finish_all(ch.as_mut()).len(), 5);
+        assert!(
+            t0.elapsed() < Duration::from_millis(300),
+            "{:?}",
+            t0.elapsed()
+        );
+        // ... so the next one waits for them.
+        ch.add(20, read(0));
+        let (t0, mut done) = (Instant::now(), Vec::new());
+        while t0.elapsed() < Duration::from_millis(300) {
+            ch.submit().unwrap();
+            ch.poll(&mut done);
+            ch.notifier().wait(Duration::from_millis(50));
+            ch.notifier().ack();
+        }
+        assert!(done.is_empty());
+        assert_eq!(ch.in_flight(), 1);
     }
 
     #[test]
