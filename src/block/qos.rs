@@ -797,6 +797,93 @@ mod tests {
         assert_eq!(ch.in_flight(), 1);
     }
 
+    /// Finishes everything at the next poll, doing nothing: what is left is the layers' cost.
+    struct Null;
+    struct NullChannel(Vec<Completion>, Notifier);
+
+    impl BlockDevice for Null {
+        fn sectors(&self) -> u64 {
+            1 << 20
+        }
+        fn new_channel_with(&self, notifier: Notifier) -> io::Result<Box<dyn IoChannel>> {
+            Ok(Box::new(NullChannel(Vec::new(), notifier)))
+        }
+        fn sync(&self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl IoChannel for NullChannel {
+        fn add(&mut self, id: u64, op: IoOp) {
+            let buf = match op {
+                IoOp::Read { buf, .. } | IoOp::Write { buf, .. } => Some(buf),
+                _ => None,
+            };
+            self.0.push(Completion {
+                id,
+                result: Ok(()),
+                buf,
+            });
+        }
+        fn submit(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn poll(&mut self, out: &mut Vec<Completion>) {
+            out.append(&mut self.0);
+        }
+        fn wait(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn in_flight(&self) -> usize {
+            self.0.len()
+        }
+        fn notifier(&self) -> &Notifier {
+            &self.1
+        }
+    }
+
+    /// ns per request of 32 reads added, submitted and polled at a time on `ch`.
+    fn ns_per_request(ch: &mut dyn IoChannel, rounds: usize) -> f64 {
+        let mut bufs: Vec<IoBuf> = (0..32).map(|_| IoBuf::new(4096)).collect();
+        let mut done = Vec::with_capacity(32);
+        let t0 = Instant::now();
+        for _ in 0..rounds {
+            for (i, buf) in bufs.drain(..).enumerate() {
+                ch.add(i as u64, IoOp::Read { sector: 8, buf });
+            }
+            ch.submit().unwrap();
+            ch.poll(&mut done);
+            bufs.extend(done.drain(..).filter_map(|c| c.buf));
+        }
+        t0.elapsed().as_nanos() as f64 / (rounds * 32) as f64
+    }
+
+    /// The unlimited layer's cost per request over a device that does nothing (run with
+    /// `cargo test --release --lib -- --ignored --nocapture unlimited_cost`).
+    #[test]
+    #[ignore]
+    fn unlimited_cost() {
+        let qos = Qos::new(QosLimits::default()).unwrap();
+        let layered = QosDevice::new(Arc::new(Null), qos);
+        let (mut bare, mut over) = (Vec::new(), Vec::new());
+        for _ in 0..7 {
+            bare.push(ns_per_request(
+                Null.new_channel().unwrap().as_mut(),
+                100_000,
+            ));
+            over.push(ns_per_request(
+                layered.new_channel().unwrap().as_mut(),
+                100_000,
+            ));
+        }
+        bare.sort_by(f64::total_cmp);
+        over.sort_by(f64::total_cmp);
+        eprintln!(
+            "per request: bare {:.1} ns, with the unlimited QoS layer {:.1} ns (medians of 7)",
+            bare[3], over[3]
+        );
+    }
+
     #[test]
     fn unlimited_passes_straight_down() {
         let mem = MemDevice::new(1 << 14);
