@@ -279,7 +279,8 @@ mod tests {
         assert!(stack.lazy.is_none());
         let sectors = (DISK / SECTOR_SIZE) as u64;
         assert_eq!(stack.device.sectors(), sectors);
-        // The file is outermost: guest buffers may go to the kernel as they are.
+        // Only the (unlimited) QoS layer above the file, which passes guest buffers through:
+        // they may go to the kernel as they are.
         assert_eq!(stack.info.iovec_align, Some(4096));
         let limits = &stack.info.limits;
         assert_eq!((limits.sectors, limits.max_data_len), (sectors, 8 * 4096));
@@ -344,6 +345,55 @@ mod tests {
             hex(&image[64 * 512..65 * 512])
         );
         assert_eq!(log, want_log);
+    }
+
+    /// QoS outermost: held writes have not reached the debug log below it; limits from the
+    /// config are in force, and guest buffers still go to the file directly.
+    #[test]
+    fn qos_is_outermost_with_the_configured_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let opts = options(
+            dir.path(),
+            &format!("io_debug_path: {d}/io.log\nqos: {{iops_write: 1}}\n"),
+        );
+        let stack = open(&opts, None).unwrap();
+        assert_eq!(stack.qos.limits().iops_write, Some(1));
+        assert_eq!(stack.qos.limits().iops_total, None);
+        let mut ch = stack.device.new_channel().unwrap();
+        for i in 0..3u64 {
+            let mut buf = IoBuf::new(512);
+            buf.fill(i as u8 + 1);
+            ch.add(i, IoOp::Write { sector: i, buf });
+        }
+        ch.submit().unwrap();
+        // The first write goes (the bucket starts empty), the others wait a second each.
+        let mut done = Vec::new();
+        let t0 = Instant::now();
+        while done.is_empty() && t0.elapsed() < Duration::from_secs(5) {
+            ch.notifier().wait(Duration::from_millis(50));
+            ch.submit().unwrap();
+            ch.poll(&mut done);
+        }
+        assert_eq!(done.len(), 1);
+        let log = std::fs::read_to_string(dir.path().join("io.log")).unwrap();
+        assert_eq!(log.matches("WRITE").count(), 1, "{log}");
+        // Lifting the limits lets them go at once.
+        stack.qos.set(Default::default()).unwrap();
+        while done.len() < 3 && t0.elapsed() < Duration::from_secs(5) {
+            ch.notifier().wait(Duration::from_millis(50));
+            ch.notifier().ack();
+            ch.submit().unwrap();
+            ch.poll(&mut done);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_millis(900),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!(done.len(), 3);
+        let log = std::fs::read_to_string(dir.path().join("io.log")).unwrap();
+        assert_eq!(log.matches("WRITE").count(), 3, "{log}");
     }
 
     #[test]
