@@ -71,7 +71,10 @@ impl Bucket {
             (u128::from(self.avg) * NS / 10, 0)
         } else {
             (
-                u128::from(self.max) * u128::from(self.length) * NS,
+                // Validated limits stay far below u128; saturate rather than trust that.
+                u128::from(self.max)
+                    .saturating_mul(u128::from(self.length))
+                    .saturating_mul(NS),
                 u128::from(self.max) * NS / 10,
             )
         }
@@ -111,9 +114,10 @@ impl Bucket {
         if self.avg == 0 {
             return;
         }
-        self.level += u128::from(units) * NS;
+        let cost = u128::from(units) * NS;
+        self.level = self.level.saturating_add(cost);
         if self.length > 1 {
-            self.burst_level += u128::from(units) * NS;
+            self.burst_level = self.burst_level.saturating_add(cost);
         }
     }
 }
