@@ -189,12 +189,22 @@ fn set_qos_moves_the_rate_within_a_second() {
     let after = windows(&times, at + 0.25, 4.0);
     eprintln!("before {before:.0?}\nafter {after:.0?} (changed at {at:.3} s)");
     assert!(within(median(&before), 5000.0, 0.05), "{before:.0?}");
-    assert!(within(median(&after), 10000.0, 0.05), "{after:.0?}");
-    // Every window from a quarter of a second after the change on is at the new rate.
-    assert!(
-        after.iter().all(|&r| within(r, 10000.0, 0.1)),
-        "{after:.0?}"
+    // From the first whole window after the change on, the new rate: within the first second
+    // and after it. (Pooled over windows: a stall of the client or the backend shifts requests
+    // into the next window, as the bucket lets up to a tenth of a second catch up.)
+    let (soon, later) = (
+        rate(&times, at + 0.25, at + 1.0),
+        rate(&times, at + 1.0, 4.0),
     );
+    assert!(
+        within(soon, 10000.0, 0.05),
+        "{soon:.0} IOPS within a second"
+    );
+    assert!(
+        within(later, 10000.0, 0.05),
+        "{later:.0} IOPS after a second"
+    );
+    assert!(within(median(&after), 10000.0, 0.05), "{after:.0?}");
     let qos = json(&control_command(&ctl, "qos").unwrap());
     assert_eq!(qos["iops_total"], 10000);
     assert!(qos["bps_total"].is_null());
