@@ -6,10 +6,11 @@
 //! `{"error":"unknown command",...}`. `qos` answers the I/O limits in force (every field of
 //! `qos:`, `null` when not limited); `set-qos {JSON}` replaces them all with the object's
 //! (fields left out: no limit), checked as the config's are, and answers the new limits; a
-//! problem answers `{"error":...}` naming it, and nothing changes. Connections are served one thread each, at most
-//! [`MAX_CONNECTIONS`] at once (more are closed unanswered); a client may send several
-//! commands, and one silent for [`IO_TIMEOUT`] is disconnected. The data path never waits for
-//! it: the answers read atomics and short-lived locks the queues do not take.
+//! problem answers `{"error":...}` naming it, and nothing changes. Connections are served one
+//! thread each, at most [`MAX_CONNECTIONS`] at once (more are closed unanswered); a client may
+//! send several commands, and one silent for [`IO_TIMEOUT`] is disconnected. The data path
+//! never waits for it: the answers read atomics and short-lived locks the queues do not take
+//! (`set-qos` takes the limits' lock, which queues take while something is limited).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
