@@ -5,10 +5,15 @@
 //! with lazy fetch its progress ([`LazyStatus`], flattened in); `stats` one line of JSON with
 //! the request statistics per queue and in total ([`crate::stats`]); `metrics` the same and
 //! `status`'s numbers in the Prometheus text exposition format, several lines ending with a
-//! line `# EOF`; anything else answers `{"error":"unknown command",...}`. Connections are served one thread each, at most
-//! [`MAX_CONNECTIONS`] at once (more are closed unanswered); a client may send several
-//! commands, and one silent for [`IO_TIMEOUT`] is disconnected. The data path never waits for
-//! it: the answers read atomics and short-lived locks the queues do not take.
+//! line `# EOF`; `qos` the I/O limits in force (every field of `qos:`, `null` when not
+//! limited); `set-qos {JSON}` replaces them all with the object's (fields left out: no limit),
+//! checked as the config's are, and answers the new limits (a problem answers `{"error":...}`
+//! naming it, and nothing changes); anything else answers `{"error":"unknown command",...}`.
+//! Connections are served one thread each, at most [`MAX_CONNECTIONS`] at once (more are
+//! closed unanswered); a client may send several commands, and one silent for [`IO_TIMEOUT`] is
+//! disconnected. The data path never waits for it: the answers read atomics and short-lived
+//! locks the queues do not take (`set-qos` takes the limits' lock, which queues take while
+//! something is limited).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -20,6 +25,8 @@ use std::time::{Duration, Instant};
 use log::warn;
 use serde::Serialize;
 
+use crate::block::Qos;
+use crate::config::{QosLimits, QOS_FIELDS};
 use crate::lazy::{LazyDevice, LazyStatus};
 use crate::sockpath::{self, Perms, SocketError, SocketFile};
 use crate::stats::{DeviceStats, Histogram, OpKind, QueueReport, QueueSnapshot, QUANTILES};
@@ -38,6 +45,8 @@ pub struct Control {
     pub lazy: Option<Arc<LazyDevice>>,
     /// The queues' request statistics.
     pub stats: Arc<DeviceStats>,
+    /// The disk's I/O limits (`qos`, `set-qos`).
+    pub qos: Arc<Qos>,
 }
 
 /// What the config and the opened stack say about the device.
@@ -176,7 +185,7 @@ impl Drop for Slot {
 }
 
 /// The commands, for the error reply to an unknown one.
-const COMMANDS: &[&str] = &["status", "stats", "metrics"];
+const COMMANDS: &[&str] = &["status", "stats", "metrics", "qos", "set-qos"];
 
 /// The `stats` reply.
 #[derive(Serialize)]
@@ -202,20 +211,66 @@ struct Unknown<'a> {
     commands: &'static [&'static str],
 }
 
+#[derive(Serialize)]
+struct Failed {
+    error: String,
+    command: &'static str,
+    usage: &'static str,
+}
+
+const SET_QOS_USAGE: &str =
+    "set-qos {\"iops_total\":5000,...}: every field of qos: (null or left out: no limit)";
+
+/// The limits `set-qos` was given: a JSON object of `qos` fields, each a non-negative integer
+/// or null. The error names the problem (and the field).
+fn parse_qos(arg: &str) -> Result<QosLimits, String> {
+    if arg.is_empty() {
+        return Err("missing the limits (a JSON object)".into());
+    }
+    let value: serde_json::Value =
+        serde_json::from_str(arg).map_err(|e| format!("invalid JSON: {e}"))?;
+    let serde_json::Value::Object(map) = &value else {
+        return Err("the limits must be a JSON object".into());
+    };
+    for (key, v) in map {
+        if !QOS_FIELDS.contains(&key.as_str()) {
+            let key: String = key.chars().take(64).collect();
+            return Err(format!("unknown field {key:?}"));
+        }
+        if !(v.is_null() || v.is_u64()) {
+            return Err(format!("{key}: must be a non-negative integer or null"));
+        }
+    }
+    serde_json::from_value(value).map_err(|e| format!("invalid limits: {e}"))
+}
+
 impl Control {
     /// The answer to one command line (without its newline).
     pub fn answer(&self, line: &str) -> String {
         let line = line.trim();
-        let (command, _arg) = line.split_once(' ').unwrap_or((line, ""));
+        let (command, arg) = line.split_once(' ').unwrap_or((line, ""));
         let reply = match command {
-            "stats" | "metrics" if !_arg.trim().is_empty() => serde_json::to_string(&BadArgument {
-                error: "this command takes no argument",
-                command,
-                argument: _arg.trim(),
-            }),
+            "stats" | "metrics" | "qos" if !arg.trim().is_empty() => {
+                serde_json::to_string(&BadArgument {
+                    error: "this command takes no argument",
+                    command,
+                    argument: arg.trim(),
+                })
+            }
             "stats" => serde_json::to_string(&self.stats()),
             "metrics" => return self.metrics(),
             "status" => serde_json::to_string(&self.status()),
+            "qos" => serde_json::to_string(&self.qos.limits()),
+            "set-qos" => match parse_qos(arg.trim())
+                .and_then(|l| self.qos.set(l).map_err(|e| e.to_string()))
+            {
+                Ok(limits) => serde_json::to_string(&limits),
+                Err(error) => serde_json::to_string(&Failed {
+                    error,
+                    command: "set-qos",
+                    usage: SET_QOS_USAGE,
+                }),
+            },
             _ => serde_json::to_string(&Unknown {
                 error: "unknown command",
                 command: line,
@@ -515,7 +570,81 @@ mod tests {
             connected: Arc::new(AtomicBool::new(false)),
             lazy: None,
             stats: Arc::new(DeviceStats::new(2)),
+            qos: Qos::new(QosLimits::default()).unwrap(),
         }
+    }
+
+    fn json(s: &str) -> serde_json::Value {
+        serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn qos_prints_and_set_qos_replaces_the_limits() {
+        let c = control();
+        let v = json(&c.answer("qos\n"));
+        let map = v.as_object().unwrap();
+        assert_eq!(map.len(), QOS_FIELDS.len());
+        assert!(map.values().all(|v| v.is_null()));
+        let v = json(
+            &c.answer("set-qos {\"iops_total\":5000,\"iops_total_max\":6000,\"bps_read\":0}\n"),
+        );
+        assert_eq!(v["iops_total"], 5000);
+        assert_eq!(v["iops_total_max"], 6000);
+        // 0 is no limit, as in QEMU.
+        assert!(v["bps_read"].is_null());
+        assert_eq!(json(&c.answer("qos")), v);
+        // Everything is replaced: what is left out is no longer limited.
+        let v = json(&c.answer("set-qos {\"bps_write\":1048576, \"iops_total\":null}"));
+        assert!(v["iops_total"].is_null() && v["iops_total_max"].is_null());
+        assert_eq!(v["bps_write"], 1048576);
+        assert_eq!(c.qos.limits().bps_write, Some(1 << 20));
+    }
+
+    #[test]
+    fn bad_set_qos_input_names_the_problem_and_changes_nothing() {
+        let c = control();
+        c.answer("set-qos {\"iops_read\":100}");
+        for (arg, want) in [
+            ("", "missing the limits"),
+            ("{", "invalid JSON"),
+            ("[1]", "must be a JSON object"),
+            ("{\"iops_totl\":1}", "unknown field \"iops_totl\""),
+            (
+                "{\"iops_total\":-1}",
+                "iops_total: must be a non-negative integer",
+            ),
+            (
+                "{\"iops_total\":1.5}",
+                "iops_total: must be a non-negative integer",
+            ),
+            (
+                "{\"iops_total\":\"5\"}",
+                "iops_total: must be a non-negative integer",
+            ),
+            ("{\"iops_total_max\":5}", "iops_total_max: needs iops_total"),
+            (
+                "{\"iops_total\":5,\"iops_total_max\":4}",
+                "iops_total_max: must not be lower",
+            ),
+            (
+                "{\"iops_total\":5,\"iops_read\":4}",
+                "iops_total: cannot be combined with iops_read",
+            ),
+            ("{\"bps_write\":100}", "bps_write: must be at least 512"),
+            (
+                "{\"iops_write\":5,\"iops_write_max_length\":4}",
+                "iops_write_max_length: needs iops_write_max",
+            ),
+        ] {
+            let v = json(&c.answer(&format!("set-qos {arg}")));
+            let e = v["error"].as_str().unwrap();
+            assert!(e.contains(want), "{arg}: {e}");
+            assert_eq!(v["command"], "set-qos");
+        }
+        assert_eq!(json(&c.answer("qos"))["iops_read"], 100);
+        let v = json(&c.answer("qos extra"));
+        assert_eq!(v["error"], "this command takes no argument");
+        assert_eq!(v["argument"], "extra");
     }
 
     #[test]

@@ -6,8 +6,13 @@
 //! 2. [`CryptDevice`], with `encryption_key`: nothing below it sees plaintext.
 //! 3. [`LazyDevice`], with `image_path`: above encryption, so stripes fetched from the image
 //!    are encrypted on their way to the base disk, and its metadata file uses the same key.
-//! 4. [`DebugLogDevice`], with `io_debug_path`: outermost, so it records what the guest reads
-//!    and writes (plaintext, also on encrypted disks), which replays onto a plain copy.
+//! 4. [`DebugLogDevice`], with `io_debug_path`: it records what the guest reads and writes
+//!    (plaintext, also on encrypted disks), which replays onto a plain copy.
+//! 5. [`QosDevice`], always (`qos:` sets its limits, the control socket's `set-qos` changes
+//!    them; without limits it passes requests straight down): outermost, so the limits apply
+//!    to guest requests as the guest sent them, before lazy fetch splits reads or encryption
+//!    splits write-zeroes, and held requests are not yet in the debug log, which records them
+//!    when they run.
 
 use log::info;
 use std::error::Error;
@@ -17,7 +22,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::block::{BlockDevice, CryptDevice, DebugLogDevice, FileDevice, SECTOR_SHIFT};
+use crate::block::{
+    BlockDevice, CryptDevice, DebugLogDevice, FileDevice, Qos, QosDevice, SECTOR_SHIFT,
+};
 use crate::config::{ConfigError, Options, DEVICE_ID_LEN};
 use crate::control::{self, Control, DeviceFacts};
 use crate::crypto::keys::Kek;
@@ -35,6 +42,8 @@ pub struct Stack {
     pub device: Arc<dyn BlockDevice>,
     /// The lazy-fetch layer, with `image_path` (for its progress).
     pub lazy: Option<Arc<LazyDevice>>,
+    /// The QoS limits (the outermost layer's), shared with the control socket.
+    pub qos: Arc<Qos>,
     /// The control socket's file, with `control_socket`: removed when dropped (if still ours).
     pub control_socket: Option<SocketFile>,
     /// Whether a frontend is connected: the vhost loop sets it, the control socket reports it.
@@ -56,6 +65,8 @@ pub enum StackError {
     EmptyDisk { path: PathBuf },
     #[error("io_debug_path: cannot open {}", path.display())]
     DebugLog { path: PathBuf, source: io::Error },
+    #[error("qos: cannot start the QoS timer thread")]
+    QosTimer(#[source] io::Error),
     /// The lazy-fetch layer; the error names the field.
     #[error(transparent)]
     Lazy(Box<dyn Error + Send + Sync>),
@@ -116,6 +127,16 @@ pub fn open_with_kek(
         device = Arc::new(layer);
         info!("I/O debug log: {}", path.display());
     }
+    let qos = Qos::new(opts.qos.unwrap_or_default()).map_err(StackError::QosTimer)?;
+    device = Arc::new(QosDevice::new(device, qos.clone()));
+    if let Some(limits) = &opts.qos {
+        if !limits.is_unlimited() {
+            info!(
+                "QoS limits: {}",
+                serde_json::to_string(limits).unwrap_or_default()
+            );
+        }
+    }
     let sectors = device.sectors();
     info!("{}: {} sectors", opts.path.display(), sectors);
     let connected = Arc::new(AtomicBool::new(false));
@@ -134,6 +155,7 @@ pub fn open_with_kek(
             connected: connected.clone(),
             lazy: lazy_device.clone(),
             stats: stats.clone(),
+            qos: qos.clone(),
         };
         control_socket = Some(control::serve(path, Arc::new(control))?);
         info!("control socket: {}", path.display());
@@ -153,6 +175,7 @@ pub fn open_with_kek(
         },
         device,
         lazy: lazy_device,
+        qos,
         control_socket,
         connected,
         stats,
@@ -262,7 +285,8 @@ mod tests {
         assert!(stack.lazy.is_none());
         let sectors = (DISK / SECTOR_SIZE) as u64;
         assert_eq!(stack.device.sectors(), sectors);
-        // The file is outermost: guest buffers may go to the kernel as they are.
+        // Only the (unlimited) QoS layer above the file, which passes guest buffers through:
+        // they may go to the kernel as they are.
         assert_eq!(stack.info.iovec_align, Some(4096));
         let limits = &stack.info.limits;
         assert_eq!((limits.sectors, limits.max_data_len), (sectors, 8 * 4096));
@@ -327,6 +351,55 @@ mod tests {
             hex(&image[64 * 512..65 * 512])
         );
         assert_eq!(log, want_log);
+    }
+
+    /// QoS outermost: held writes have not reached the debug log below it; limits from the
+    /// config are in force, and guest buffers still go to the file directly.
+    #[test]
+    fn qos_is_outermost_with_the_configured_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let opts = options(
+            dir.path(),
+            &format!("io_debug_path: {d}/io.log\nqos: {{iops_write: 1}}\n"),
+        );
+        let stack = open(&opts, None).unwrap();
+        assert_eq!(stack.qos.limits().iops_write, Some(1));
+        assert_eq!(stack.qos.limits().iops_total, None);
+        let mut ch = stack.device.new_channel().unwrap();
+        for i in 0..3u64 {
+            let mut buf = IoBuf::new(512);
+            buf.fill(i as u8 + 1);
+            ch.add(i, IoOp::Write { sector: i, buf });
+        }
+        ch.submit().unwrap();
+        // The first write goes (the bucket starts empty), the others wait a second each.
+        let mut done = Vec::new();
+        let t0 = Instant::now();
+        while done.is_empty() && t0.elapsed() < Duration::from_secs(5) {
+            ch.notifier().wait(Duration::from_millis(50));
+            ch.submit().unwrap();
+            ch.poll(&mut done);
+        }
+        assert_eq!(done.len(), 1);
+        let log = std::fs::read_to_string(dir.path().join("io.log")).unwrap();
+        assert_eq!(log.matches("WRITE").count(), 1, "{log}");
+        // Lifting the limits lets them go at once.
+        stack.qos.set(Default::default()).unwrap();
+        while done.len() < 3 && t0.elapsed() < Duration::from_secs(5) {
+            ch.notifier().wait(Duration::from_millis(50));
+            ch.notifier().ack();
+            ch.submit().unwrap();
+            ch.poll(&mut done);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_millis(900),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!(done.len(), 3);
+        let log = std::fs::read_to_string(dir.path().join("io.log")).unwrap();
+        assert_eq!(log.matches("WRITE").count(), 3, "{log}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod debuglog;
 mod file;
 mod layer;
 mod notifier;
+mod qos;
 mod slab;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -26,6 +27,7 @@ pub use debuglog::DebugLogDevice;
 pub use file::{check_disk_kind, device_size, FileDevice};
 pub use layer::{Below, Layer, LayerChannel};
 pub use notifier::Notifier;
+pub use qos::{Qos, QosDevice};
 pub use slab::Slab;
 
 use std::any::Any;

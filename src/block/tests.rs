@@ -4,7 +4,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::testing::{check_stack, MemDevice};
-use super::{BlockDevice, CryptDevice, DebugLogDevice, FileDevice};
+use super::{BlockDevice, CryptDevice, DebugLogDevice, FileDevice, Qos, QosDevice};
+use crate::config::QosLimits;
 use crate::crypto::Xts;
 use crate::lazy::source::SourceSpec;
 use crate::lazy::{LazyDevice, LazyOptions, Metadata};
@@ -69,5 +70,28 @@ fn lazy_over_file() {
             .unwrap();
         let opts = LazyOptions::new(SourceSpec::File(image), meta);
         Arc::new(LazyDevice::open(file(d), None, &opts, 64).unwrap())
+    });
+}
+
+/// Limits low enough that the suite's batches of 96 requests wait (40 go at once, the rest at
+/// 400 a second, released through the notifier), high enough to keep it quick.
+fn qos_limits() -> QosLimits {
+    serde_json::from_str(r#"{"iops_read":400,"iops_write":400,"bps_total":1073741824}"#).unwrap()
+}
+
+#[test]
+fn qos_over_file() {
+    check_stack(true, |d| {
+        Arc::new(QosDevice::new(file(d), Qos::new(qos_limits()).unwrap()))
+    });
+}
+
+#[test]
+fn qos_over_debuglog_over_crypt_over_mem_device() {
+    let mem = Arc::new(MemDevice::new((DISK / 512) as u64));
+    check_stack(false, |d| {
+        let crypt = Arc::new(CryptDevice::new(mem, xts()));
+        let log = Arc::new(DebugLogDevice::new(crypt, &d.join("io.log")).unwrap());
+        Arc::new(QosDevice::new(log, Qos::new(qos_limits()).unwrap()))
     });
 }

@@ -505,6 +505,23 @@ impl ControlStatus {
     }
 }
 
+/// Sends one command line on a fresh connection to the control socket `sock` and returns the
+/// one-line reply, trimmed.
+pub fn control_command(sock: &Path, line: &str) -> anyhow::Result<String> {
+    use std::io::BufRead;
+    let mut s = std::os::unix::net::UnixStream::connect(sock)
+        .with_context(|| format!("connecting to control socket {}", sock.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("{line}\n").as_bytes())
+        .with_context(|| format!("sending {line:?} on the control socket"))?;
+    let mut reply = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut reply)
+        .context("reading the reply")?;
+    anyhow::ensure!(reply.ends_with('\n'), "reply is not one line: {reply:?}");
+    Ok(reply.trim().to_string())
+}
+
 // ---------------------------------------------------------------------------------------------
 // qemu-storage-daemon
 // ---------------------------------------------------------------------------------------------
