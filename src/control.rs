@@ -46,7 +46,7 @@ pub struct Control {
     /// The queues' request statistics.
     pub stats: Arc<DeviceStats>,
     /// The disk's I/O limits (`qos`, `set-qos`).
-    pub qos: Arc<Qos>,
+    pub qos: Option<Arc<Qos>>,
 }
 
 /// What the config and the opened stack say about the device.
@@ -223,6 +223,10 @@ const SET_QOS_USAGE: &str =
 
 /// The limits `set-qos` was given: a JSON object of `qos` fields, each a non-negative integer
 /// or null. The error names the problem (and the field).
+/// `set-qos` on a disk started without `qos:`.
+const NO_QOS_LAYER: &str = "this disk was started without a `qos:` section, so it has no \
+     limiter to change: add `qos: {}` (no limits yet) to its config to change limits live";
+
 fn parse_qos(arg: &str) -> Result<QosLimits, String> {
     if arg.is_empty() {
         return Err("missing the limits (a JSON object)".into());
@@ -260,10 +264,13 @@ impl Control {
             "stats" => serde_json::to_string(&self.stats()),
             "metrics" => return self.metrics(),
             "status" => serde_json::to_string(&self.status()),
-            "qos" => serde_json::to_string(&self.qos.limits()),
-            "set-qos" => match parse_qos(arg.trim())
-                .and_then(|l| self.qos.set(l).map_err(|e| e.to_string()))
-            {
+            "qos" => {
+                serde_json::to_string(&self.qos.as_ref().map(|q| q.limits()).unwrap_or_default())
+            }
+            "set-qos" => match parse_qos(arg.trim()).and_then(|l| {
+                let q = self.qos.as_ref().ok_or(NO_QOS_LAYER)?;
+                q.set(l).map_err(|e| e.to_string())
+            }) {
                 Ok(limits) => serde_json::to_string(&limits),
                 Err(error) => serde_json::to_string(&Failed {
                     error,
@@ -570,7 +577,7 @@ mod tests {
             connected: Arc::new(AtomicBool::new(false)),
             lazy: None,
             stats: Arc::new(DeviceStats::new(2)),
-            qos: Qos::new(QosLimits::default()).unwrap(),
+            qos: Some(Qos::new(QosLimits::default()).unwrap()),
         }
     }
 
@@ -597,7 +604,20 @@ mod tests {
         let v = json(&c.answer("set-qos {\"bps_write\":1048576, \"iops_total\":null}"));
         assert!(v["iops_total"].is_null() && v["iops_total_max"].is_null());
         assert_eq!(v["bps_write"], 1048576);
-        assert_eq!(c.qos.limits().bps_write, Some(1 << 20));
+        assert_eq!(c.qos.as_ref().unwrap().limits().bps_write, Some(1 << 20));
+    }
+
+    #[test]
+    fn set_qos_on_a_disk_without_the_layer_says_how_to_get_one() {
+        let c = Control {
+            qos: None,
+            ..control()
+        };
+        let v = json(&c.answer("qos"));
+        assert!(v.as_object().unwrap().values().all(|v| v.is_null()), "{v}");
+        let v = json(&c.answer("set-qos {\"iops_total\":100}"));
+        let e = v["error"].as_str().unwrap();
+        assert!(e.contains("qos: {}"), "{e}");
     }
 
     #[test]
