@@ -56,15 +56,6 @@ const POLL: Duration = Duration::from_millis(20);
 /// A fetch making no progress for this long is a failure.
 const STALL: Duration = Duration::from_secs(30);
 
-fn bin(env: &str, built: Option<&'static str>, name: &str) -> anyhow::Result<PathBuf> {
-    let p = std::env::var_os(env)
-        .map(PathBuf::from)
-        .or_else(|| built.map(PathBuf::from))
-        .ok_or_else(|| anyhow!("{name} not built"))?;
-    anyhow::ensure!(p.exists(), "{name} binary {} does not exist", p.display());
-    Ok(p)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Backends
 // ---------------------------------------------------------------------------------------------
@@ -141,85 +132,6 @@ fn prepare_lazy_disk(
     Ok(())
 }
 
-/// SIGTERM, then waits for a clean exit.
-fn stop(be: &mut Backend) -> anyhow::Result<()> {
-    be.guard.signal(libc::SIGTERM);
-    match be.guard.wait_timeout(Duration::from_secs(30)) {
-        Some(st) if st.success() => Ok(()),
-        Some(st) => bail!(
-            "vhost-backend exited with {st} after SIGTERM; log:\n{}",
-            be.log()
-        ),
-        None => bail!(
-            "vhost-backend did not exit within 30 s of SIGTERM; log:\n{}",
-            be.log()
-        ),
-    }
-}
-
-/// Polls `status` every [`POLL`] until `complete`. Returns the last status, when the first
-/// reply arrived and when the `complete` reply arrived.
-fn wait_complete(
-    be: &mut Backend,
-    ctl: &Path,
-) -> anyhow::Result<(ControlStatus, Instant, Instant)> {
-    let t0 = Instant::now();
-    let mut first: Option<Instant> = None;
-    let mut progress = (Instant::now(), u64::MAX);
-    loop {
-        if let Some(st) = be.guard.try_wait() {
-            bail!(
-                "vhost-backend exited ({st}) during the fetch; log:\n{}",
-                be.log()
-            );
-        }
-        match ControlStatus::query(ctl) {
-            Ok(s) => {
-                let now = Instant::now();
-                first.get_or_insert(now);
-                if s.fetch_errors > 0 {
-                    bail!("fetch errors: {}; log:\n{}", s.raw, be.log());
-                }
-                if s.complete {
-                    return Ok((s, first.unwrap(), now));
-                }
-                if s.fetched != progress.1 {
-                    progress = (now, s.fetched);
-                } else if now - progress.0 > STALL {
-                    bail!(
-                        "no fetch progress for {STALL:?}: {}; log:\n{}",
-                        s.raw,
-                        be.log()
-                    );
-                }
-            }
-            // The control socket may appear a little after the vhost-user socket.
-            Err(_) if first.is_none() && t0.elapsed() < Duration::from_secs(10) => {}
-            Err(e) => return Err(e.context(format!("backend log:\n{}", be.log()))),
-        }
-        std::thread::sleep(POLL);
-    }
-}
-
-/// `cmp a b`; an error names the first difference.
-fn cmp_files(a: &Path, b: &Path) -> anyhow::Result<()> {
-    let out = Command::new("cmp")
-        .arg(a)
-        .arg(b)
-        .output()
-        .context("running cmp")?;
-    if !out.status.success() {
-        bail!(
-            "cmp {} {}: {}{}",
-            a.display(),
-            b.display(),
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------------------
 // Part 1: whole-image copy
 // ---------------------------------------------------------------------------------------------
@@ -264,7 +176,7 @@ fn time_autofetch(
     unsafe { libc::sync() };
     let t0 = Instant::now();
     let mut be = Backend::start(&bins.backend, &cfg)?;
-    let (status, first, done) = wait_complete(&mut be, &f.ctl_sock)?;
+    let (status, first, done) = wait_fetch_complete(&mut be, &f.ctl_sock, POLL, STALL)?;
     let backend_cpu = process_cpu_time(be.guard.pid()).as_secs_f64();
     let stripes = st.size.div_ceil(512 << st.shift);
     if status.stripes != stripes || status.fetched != stripes {
@@ -279,7 +191,7 @@ fn time_autofetch(
             status.raw
         );
     }
-    stop(&mut be)?;
+    stop_backend(&mut be)?;
     if st.verbose {
         eprintln!("--- vhost-backend log ---\n{}", be.log());
     }
@@ -431,7 +343,7 @@ fn reads_plain(bins: &Bins, f: &Files, st: &Settings, round: usize) -> anyhow::R
     if r.is_err() || st.verbose {
         eprintln!("--- vhost-backend (plain) log ---\n{}", be.log());
     }
-    stop(&mut be)?;
+    stop_backend(&mut be)?;
     r
 }
 
@@ -485,7 +397,7 @@ fn reads_lazy(
             &read_spec(st, round),
             st,
         )?;
-        let (done, _, _) = wait_complete(&mut be, &f.ctl_sock)?;
+        let (done, _, _) = wait_fetch_complete(&mut be, &f.ctl_sock, POLL, STALL)?;
         anyhow::ensure!(
             done.fetched == done.stripes,
             "complete, but not all stripes fetched: {}",
@@ -497,7 +409,7 @@ fn reads_lazy(
     if r.is_err() || st.verbose {
         eprintln!("--- vhost-backend (lazy) log ---\n{}", be.log());
     }
-    stop(&mut be)?;
+    stop_backend(&mut be)?;
     if r.is_ok() && verify {
         cmp_files(&f.image, &f.base).context(
             "base disk fetched by copy_on_read + rate-limited autofetch differs from the image",
@@ -565,19 +477,6 @@ fn part_reads(bins: &Bins, f: &Files, st: &Settings) -> anyhow::Result<ReadResul
 // Main
 // ---------------------------------------------------------------------------------------------
 
-fn fmt_thousands(x: f64) -> String {
-    let s = format!("{:.0}", x);
-    let (sign, digits) = s.split_at(if s.starts_with('-') { 1 } else { 0 });
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    format!("{sign}{out}")
-}
-
 fn main() -> anyhow::Result<()> {
     let size = (env_f64("UBIBLK_BENCH_SIZE_MB", 1024.0) as u64) << 20;
     let dir = PathBuf::from(std::env::var("UBIBLK_BENCH_DIR").unwrap_or("/dev/shm".into()));
@@ -610,12 +509,12 @@ fn main() -> anyhow::Result<()> {
     let want = |p: &str| parts.is_empty() || parts.iter().any(|x| x == p);
 
     let bins = Bins {
-        backend: bin(
+        backend: bench_bin(
             "UBIBLK_BACKEND_BIN",
             option_env!("CARGO_BIN_EXE_vhost-backend"),
             "vhost-backend",
         )?,
-        init_metadata: bin(
+        init_metadata: bench_bin(
             "UBIBLK_INIT_METADATA_BIN",
             option_env!("CARGO_BIN_EXE_init-metadata"),
             "init-metadata",
