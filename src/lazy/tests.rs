@@ -386,6 +386,29 @@ impl IoChannel for GatedChannel {
     }
 }
 
+/// A zeroed base disk in `dir` whose writes to stripes 0..=2 wait at the returned gate, and
+/// fresh metadata beside it (with `fetched` marked fetched).
+fn gated_base(dir: &Path, fetched: Option<usize>) -> (Arc<Gated>, Arc<Gate>, PathBuf) {
+    let base = dir.join("base");
+    std::fs::write(&base, vec![0; STRIPE * STRIPES]).unwrap();
+    let mut md = Metadata::new((STRIPE * STRIPES / 512) as u64, SHIFT).unwrap();
+    if let Some(s) = fetched {
+        md.set_fetched(s);
+    }
+    let meta = dir.join("meta");
+    md.write_to(&std::fs::File::create(&meta).unwrap(), None)
+        .unwrap();
+    let gate = Arc::new(Gate {
+        below: (3 * STRIPE / 512) as u64,
+        ..Gate::default()
+    });
+    let inner = Arc::new(Gated {
+        inner: FileDevice::open(&base, false, 64).unwrap(),
+        gate: gate.clone(),
+    });
+    (inner, gate, meta)
+}
+
 fn thread_cpu() -> Duration {
     // SAFETY: libc::rusage is plain integers (timevals and longs), for which all-zero bytes are
     // a valid value; getrusage(2) fills that struct, ours and writable for the call.
@@ -404,22 +427,8 @@ use std::time::{Duration, Instant};
 fn slow_fetches_run_concurrently_without_blocking_fetched_stripes_or_spinning() {
     let f = fixture(STRIPE * STRIPES, false);
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base");
-    std::fs::write(&base, vec![0; STRIPE * STRIPES]).unwrap();
-    let mut md = Metadata::new((STRIPE * STRIPES / 512) as u64, SHIFT).unwrap();
-    md.set_fetched(7);
-    let meta = dir.path().join("meta");
-    md.write_to(&std::fs::File::create(&meta).unwrap(), None)
-        .unwrap();
     // Writes to stripes 0..=2 (the fetches) hang until the gate opens.
-    let gate = Arc::new(Gate {
-        below: (3 * STRIPE / 512) as u64,
-        ..Gate::default()
-    });
-    let inner = Arc::new(Gated {
-        inner: FileDevice::open(&base, false, 64).unwrap(),
-        gate: gate.clone(),
-    });
+    let (inner, gate, meta) = gated_base(dir.path(), Some(7));
     let device = open(inner, &f.image_path, &meta, false);
     let mut ch = device.new_channel().unwrap();
     for s in 0..3u64 {
@@ -707,21 +716,7 @@ fn random_requests_match_a_model() {
 #[test]
 fn demand_reads_are_served_before_the_fetch_is_durable() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base");
-    std::fs::write(&base, vec![0; STRIPE * STRIPES]).unwrap();
-    let meta = dir.path().join("meta");
-    Metadata::new((STRIPE * STRIPES / 512) as u64, SHIFT)
-        .unwrap()
-        .write_to(&std::fs::File::create(&meta).unwrap(), None)
-        .unwrap();
-    let gate = Arc::new(Gate {
-        below: (3 * STRIPE / 512) as u64,
-        ..Gate::default()
-    });
-    let inner = Arc::new(Gated {
-        inner: FileDevice::open(&base, false, 64).unwrap(),
-        gate: gate.clone(),
-    });
+    let (inner, gate, meta) = gated_base(dir.path(), None);
     let image: Vec<u8> = (0..STRIPE * STRIPES).map(|i| (i % 251) as u8).collect();
     let (device, _) = open_memory(inner, image.clone(), &meta, false);
     let mut ch = device.new_channel().unwrap();
