@@ -540,18 +540,6 @@ mod tests {
 
     const MS: u64 = 1_000_000;
 
-    /// CPU time of the calling thread.
-    fn thread_cpu() -> Duration {
-        // SAFETY: libc::rusage is plain integers, for which all-zero bytes are a valid value;
-        // getrusage(2) fills that struct, ours and writable for the call.
-        let ru = unsafe {
-            let mut ru: libc::rusage = std::mem::zeroed();
-            libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
-            ru
-        };
-        let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-        tv(ru.ru_utime) + tv(ru.ru_stime)
-    }
     const SEC: u64 = 1_000_000_000;
 
     fn limits(json: &str) -> QosLimits {
@@ -695,7 +683,7 @@ mod tests {
         ch.submit().unwrap();
         let mut done = Vec::new();
         let notifier = ch.notifier().clone();
-        let cpu0 = thread_cpu();
+        let cpu0 = crate::block::testing::thread_cpu();
         let mut reads_done = None;
         while done.len() < 60 {
             assert!(notifier.wait(Duration::from_secs(5)), "no wake-up");
@@ -712,7 +700,7 @@ mod tests {
             "{reads_done:?}"
         );
         let took = t0.elapsed();
-        let cpu = thread_cpu() - cpu0;
+        let cpu = crate::block::testing::thread_cpu() - cpu0;
         // 29 writes after the first 11 take ~290 ms.
         assert!(took >= Duration::from_millis(270), "{took:?}");
         assert!(took < Duration::from_secs(1), "{took:?}");

@@ -577,3 +577,16 @@ fn check_many_in_flight(ch: &mut dyn IoChannel) {
         assert!(c.buf.as_deref() == Some(&pattern(4096, i as u8)[..]));
     }
 }
+
+/// CPU time of the calling thread (tests that a waiting channel does not spin).
+pub fn thread_cpu() -> std::time::Duration {
+    // SAFETY: libc::rusage is plain integers (timevals and longs), for which all-zero bytes are
+    // a valid value; getrusage(2) fills that struct, ours and writable for the call.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| std::time::Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
