@@ -344,7 +344,16 @@ impl IoChannel for LazyChannel {
             return self.pass(id, op);
         }
         if write || self.shared.copy_on_read || self.image.is_none() {
-            return self.park(id, op, Wait::Stripes { first, last, write });
+            let wait = Wait::Stripes { first, last, write };
+            if !write && first == last {
+                // Staged before this read arrived: no later wake-up would bring it back.
+                let p = Parked { id, op, wait };
+                return match self.serve_staged(p, first) {
+                    Ok(()) => (),
+                    Err(p) => self.park(p.id, p.op, p.wait),
+                };
+            }
+            return self.park(id, op, wait);
         }
         match op {
             IoOp::Read { sector, buf } => self.read_split(id, sector, Dest::Buf(buf)),

@@ -409,18 +409,6 @@ fn gated_base(dir: &Path, fetched: Option<usize>) -> (Arc<Gated>, Arc<Gate>, Pat
     (inner, gate, meta)
 }
 
-fn thread_cpu() -> Duration {
-    // SAFETY: libc::rusage is plain integers (timevals and longs), for which all-zero bytes are
-    // a valid value; getrusage(2) fills that struct, ours and writable for the call.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
-        ru
-    };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
-}
-
 use std::time::{Duration, Instant};
 
 #[test]
@@ -468,13 +456,13 @@ fn slow_fetches_run_concurrently_without_blocking_fetched_stripes_or_spinning() 
     let mut done = Vec::new();
     ch.poll(&mut done);
     assert!(done.is_empty());
-    let (cpu0, t0) = (thread_cpu(), Instant::now());
+    let (cpu0, t0) = (crate::block::testing::thread_cpu(), Instant::now());
     while t0.elapsed() < Duration::from_millis(300) {
         ch.wait().unwrap();
         ch.poll(&mut done);
     }
     assert!(done.is_empty());
-    let cpu = thread_cpu() - cpu0;
+    let cpu = crate::block::testing::thread_cpu() - cpu0;
     assert!(
         cpu < Duration::from_millis(60),
         "waiting used {cpu:?} of CPU"
@@ -737,6 +725,15 @@ fn demand_reads_are_served_before_the_fetch_is_durable() {
         },
     );
     ch.submit().unwrap();
+    // Stripe 1 staged, and the channel has seen that wake-up: the read below arrives after it
+    // and must still be served from the staged copy (no later wake-up comes while the gate
+    // holds the fetches).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while device.shared.staged(1).is_none() {
+        assert!(Instant::now() < deadline, "stripe 1 was never staged");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    ch.poll(&mut Vec::new());
     // Served while the fetch's base write hangs at the gate (opened after 1 s,
     // so that the old behaviour fails instead of hanging).
     let opened = std::sync::atomic::AtomicBool::new(false);
