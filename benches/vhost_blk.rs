@@ -218,6 +218,8 @@ const ROWS: &[Row] = &[
     Row::new("randwrite-4k-qd32-2q", true, true, 4096, 32, 2),
     Row::new("seqread-64k-qd8-1q", false, false, 65536, 8, 1),
     Row::new("seqread-64k-qd8-2q", false, false, 65536, 8, 2),
+    Row::new("randread-64k-qd8-1q", false, true, 65536, 8, 1),
+    Row::new("seqwrite-1m-qd4-1q", true, false, 1 << 20, 4, 1),
     // A busy host: two CPU-bound neighbours on the two cores.
     Row::new("randread-4k-qd32-2q-hogs2", false, true, 4096, 32, 2).hogs(2),
     Row::new("randwrite-4k-qd32-2q-hogs2", true, true, 4096, 32, 2).hogs(2),

@@ -3,11 +3,12 @@
 //! Writes are encrypted in their (already private) bounce buffer before they go down; reads
 //! are decrypted when they come back up. Nothing the layer below stores is plaintext.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 
 use super::{
-    Below, BlockDevice, BufPool, Completion, IoChannel, IoOp, IoVecs, Layer, LayerChannel,
+    Below, BlockDevice, BufPool, Completion, IoBuf, IoChannel, IoOp, IoVecs, Layer, LayerChannel,
     Notifier, Slab, SECTOR_SHIFT, SECTOR_SIZE,
 };
 use crate::crypto::Xts;
@@ -37,8 +38,14 @@ impl BlockDevice for CryptDevice {
     fn new_channel_with(&self, notifier: Notifier) -> io::Result<Box<dyn IoChannel>> {
         let crypt = Crypt {
             xts: self.xts.clone(),
+            direct_align: self.inner.iovec_align(),
             ops: Slab::default(),
             pool: BufPool::default(),
+            unsubmitted: 0,
+            held: VecDeque::new(),
+            decrypted: 0,
+            signalled: false,
+            notifier: notifier.clone(),
         };
         let below = self.inner.new_channel_with(notifier)?;
         Ok(Box::new(LayerChannel::new(crypt, below)))
@@ -76,11 +83,26 @@ fn transform_vecs(xts: &Xts, sector: u64, iov: &IoVecs, buf: &mut [u8], to_buf: 
     }
 }
 
+/// Decrypts caller vectors in place; they start at `sector` and hold whole sectors.
+fn decrypt_vecs(xts: &Xts, sector: u64, iov: &IoVecs) {
+    let mut at = sector;
+    for v in iov.as_slice() {
+        let p = v.iov_base.cast::<u8>();
+        // SAFETY: IoVecs guarantees its vectors are valid for `iov_len` bytes while it lives;
+        // source and destination are the same vector, which apply allows. The caller (guest)
+        // may write it concurrently: only its own read result is then garbage.
+        unsafe { xts.apply(at, p, p, v.iov_len, false) };
+        at += (v.iov_len / SECTOR_SIZE) as u64;
+    }
+}
+
 enum Kind {
     /// Decrypt the data, which starts at this sector, on the way up.
     Read(u64),
     /// Decrypt our buffer into the caller's memory on the way up; the buffer is ours.
     ReadVec(u64, IoVecs),
+    /// The device read the ciphertext straight into the caller's memory: decrypt it there.
+    ReadInPlace(u64, IoVecs),
     /// The buffer below is ours (the caller's data, encrypted): recycle it.
     WriteVec,
     /// The buffers below are ours (encrypted zeros): recycle them.
@@ -97,16 +119,115 @@ struct Op {
     result: Result<(), i32>,
 }
 
+/// Bytes encrypted into writes not yet submitted below after which they are submitted at
+/// once: the device then works on them while the next ones are encrypted, instead of idling
+/// until the whole batch is (four 1 MiB writes take ~0.8 ms to encrypt).
+const SUBMIT_AFTER: usize = 128 << 10;
+
+/// Bytes of reads decrypted per poll, at least one read. Completions beyond it are held back
+/// for the next poll, so that the first reads of a batch reach the guest without waiting for
+/// the whole batch to be decrypted (eight 64 KiB reads take ~100 µs).
+const DECRYPT_PER_POLL: usize = 128 << 10;
+
 /// The encryption layer's side of a channel.
 struct Crypt {
     xts: Arc<Xts>,
+    /// The alignment caller vectors need to go straight to the device below, if it takes them.
+    direct_align: Option<usize>,
     ops: Slab<Op>,
     pool: BufPool,
+    /// Bytes of encrypted writes added below since the last submit.
+    unsubmitted: usize,
+    /// Reads reaped from below and not yet decrypted (over this poll's budget), oldest first.
+    held: VecDeque<Completion>,
+    /// Bytes decrypted in this poll.
+    decrypted: usize,
+    /// Whether this poll has signalled the notifier for the held reads already.
+    signalled: bool,
+    notifier: Notifier,
 }
 
 impl Crypt {
     fn track(&mut self, op: Op) -> u64 {
         self.ops.insert(op) as u64
+    }
+
+    /// Sends an encrypted write down; submits what is queued once enough has piled up.
+    fn write_down(&mut self, below: &mut Below, key: u64, sector: u64, buf: IoBuf) {
+        self.unsubmitted += buf.len();
+        below.add(key, IoOp::Write { sector, buf });
+        if self.unsubmitted >= SUBMIT_AFTER {
+            self.unsubmitted = 0;
+            // A failure here is seen again, and reported, by the caller's own submit.
+            let _ = below.submit();
+        }
+    }
+
+    /// The bytes `c` leaves to decrypt: a successful read's length, else 0.
+    fn to_decrypt(&self, c: &Completion) -> usize {
+        match self.ops.get(c.id as usize) {
+            Some(op) if c.result.is_ok() && op.result.is_ok() => match &op.kind {
+                Kind::Read(_) | Kind::ReadVec(..) => c.buf.as_ref().map_or(0, |b| b.len()),
+                Kind::ReadInPlace(_, iov) => iov.len(),
+                _ => 0,
+            },
+            _ => 0,
+        }
+    }
+
+    /// Whether the device below can read straight into `iov`.
+    fn direct(&self, iov: &IoVecs) -> bool {
+        self.direct_align.is_some_and(|a| {
+            iov.as_slice()
+                .iter()
+                .all(|v| (v.iov_base as usize).is_multiple_of(a) && v.iov_len.is_multiple_of(a))
+        })
+    }
+
+    /// Holds `c` back for the next poll, which the notifier makes happen.
+    fn hold(&mut self, c: Completion) {
+        self.held.push_back(c);
+        if !self.signalled {
+            self.signalled = true;
+            self.notifier.notify();
+        }
+    }
+
+    /// Accounts one completion from below, decrypting a read's data.
+    fn finish_part(&mut self, c: Completion, out: &mut Vec<Completion>) {
+        let key = c.id as usize;
+        let Some(op) = self.ops.get_mut(key) else {
+            return;
+        };
+        if c.result.is_err() {
+            op.result = c.result;
+        }
+        op.parts -= 1;
+        let mut buf = c.buf;
+        match (&op.kind, buf.as_mut()) {
+            (Kind::Read(sector), Some(b)) if op.result.is_ok() => self.xts.decrypt(*sector, b),
+            (Kind::ReadVec(sector, iov), Some(b)) if op.result.is_ok() => {
+                transform_vecs(&self.xts, *sector, iov, b, false);
+            }
+            (Kind::ReadInPlace(sector, iov), None) if op.result.is_ok() => {
+                decrypt_vecs(&self.xts, *sector, iov);
+            }
+            _ => {}
+        }
+        if matches!(op.kind, Kind::Zeroes | Kind::WriteVec | Kind::ReadVec(..)) {
+            if let Some(b) = buf.take() {
+                self.pool.put(b);
+            }
+        }
+        if op.parts == 0 {
+            if let Some(op) = self.ops.remove(key) {
+                out.push(Completion {
+                    id: op.id,
+                    result: op.result,
+                    buf,
+                });
+            }
+        }
     }
 }
 
@@ -127,7 +248,7 @@ impl Layer for Crypt {
             IoOp::Write { sector, mut buf } => {
                 self.xts.encrypt(sector, &mut buf);
                 let key = self.track(tracked);
-                below.add(key, IoOp::Write { sector, buf });
+                self.write_down(below, key, sector, buf);
             }
             IoOp::WriteZeroes { sector, sectors } => {
                 // A hole below would read back as decrypted garbage: store encrypted zeros.
@@ -141,7 +262,7 @@ impl Layer for Crypt {
                     let mut buf = self.pool.get((n << SECTOR_SHIFT) as usize);
                     buf.fill(0);
                     self.xts.encrypt(at, &mut buf);
-                    below.add(key, IoOp::Write { sector: at, buf });
+                    self.write_down(below, key, at, buf);
                     at += n;
                 }
                 if sectors == 0 {
@@ -157,11 +278,20 @@ impl Layer for Crypt {
                 transform_vecs(&self.xts, sector, &iov, &mut buf, true);
                 tracked.kind = Kind::WriteVec;
                 let key = self.track(tracked);
-                below.add(key, IoOp::Write { sector, buf });
+                self.write_down(below, key, sector, buf);
             }
             IoOp::ReadVec { sector, iov } => {
                 if iov.as_slice().iter().any(|v| v.iov_len % SECTOR_SIZE != 0) {
                     return below.finish(id, Err(libc::EINVAL), None);
+                }
+                if self.direct(&iov) {
+                    // Read the ciphertext into the caller's memory and decrypt it there: no
+                    // bounce buffer, and the cipher reads and writes the same cache lines. The
+                    // caller sees ciphertext there only until the read completes.
+                    tracked.kind = Kind::ReadInPlace(sector, iov.duplicate());
+                    let key = self.track(tracked);
+                    below.add(key, IoOp::ReadVec { sector, iov });
+                    return;
                 }
                 let buf = self.pool.get(iov.len());
                 tracked.kind = Kind::ReadVec(sector, iov);
@@ -177,35 +307,35 @@ impl Layer for Crypt {
     }
 
     fn reap(&mut self, c: Completion, out: &mut Vec<Completion>) {
-        let key = c.id as usize;
-        let Some(op) = self.ops.get_mut(key) else {
-            return;
-        };
-        if c.result.is_err() {
-            op.result = c.result;
+        let n = self.to_decrypt(&c);
+        if n > 0 && self.decrypted >= DECRYPT_PER_POLL {
+            return self.hold(c);
         }
-        op.parts -= 1;
-        let mut buf = c.buf;
-        match (&op.kind, buf.as_mut()) {
-            (Kind::Read(sector), Some(b)) if op.result.is_ok() => self.xts.decrypt(*sector, b),
-            (Kind::ReadVec(sector, iov), Some(b)) if op.result.is_ok() => {
-                transform_vecs(&self.xts, *sector, iov, b, false);
-            }
-            _ => {}
+        self.decrypted += n;
+        self.finish_part(c, out);
+    }
+
+    fn submitted(&mut self) {
+        self.unsubmitted = 0;
+    }
+
+    fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    fn resume(&mut self, out: &mut Vec<Completion>) {
+        self.decrypted = 0;
+        self.signalled = false;
+        while self.decrypted < DECRYPT_PER_POLL {
+            let Some(c) = self.held.pop_front() else {
+                return;
+            };
+            self.decrypted += self.to_decrypt(&c);
+            self.finish_part(c, out);
         }
-        if matches!(op.kind, Kind::Zeroes | Kind::WriteVec | Kind::ReadVec(..)) {
-            if let Some(b) = buf.take() {
-                self.pool.put(b);
-            }
-        }
-        if op.parts == 0 {
-            if let Some(op) = self.ops.remove(key) {
-                out.push(Completion {
-                    id: op.id,
-                    result: op.result,
-                    buf,
-                });
-            }
+        if !self.held.is_empty() {
+            self.signalled = true;
+            self.notifier.notify();
         }
     }
 }
@@ -359,6 +489,135 @@ mod tests {
         assert_eq!(r, Err(libc::EINVAL));
         assert_eq!(mem.seen().len(), seen);
         assert!(mem.contents()[4 * 512..7 * 512] == stored);
+        assert_eq!(ch.in_flight(), 0);
+    }
+
+    /// Polls `ch` after giving `mem`'s thread time to finish everything submitted.
+    fn settle_and_poll(ch: &mut dyn IoChannel) -> Vec<Completion> {
+        std::thread::sleep(Duration::from_millis(100));
+        let mut done = Vec::new();
+        ch.poll(&mut done);
+        done
+    }
+
+    #[test]
+    fn aligned_read_vectors_are_read_and_decrypted_in_place() {
+        let (mem, dev) = crypt_over_mem(64);
+        let mut ch = dev.new_channel().unwrap();
+        let plain = pattern(8192, 5);
+        let write = IoOp::Write {
+            sector: 8,
+            buf: pattern(8192, 5),
+        };
+        assert_eq!(run_sync(ch.as_mut(), write).0, Ok(()));
+        let mut back = IoBuf::new(16384);
+        let vecs = |back: &mut IoBuf, pieces: &[(usize, usize)]| {
+            let iov = pieces
+                .iter()
+                .map(|&(at, len)| libc::iovec {
+                    iov_base: back[at..].as_mut_ptr().cast(),
+                    iov_len: len,
+                })
+                .collect();
+            // SAFETY: `back` outlives each synchronous operation below.
+            unsafe { IoVecs::new(iov, Arc::new(())) }
+        };
+        // Aligned for the device below (MemDevice: 512): the device reads the ciphertext
+        // into the vectors, which are then decrypted where they are.
+        let iov = vecs(&mut back, &[(0, 3072), (8192, 5120)]);
+        let (r, _) = run_sync(ch.as_mut(), IoOp::ReadVec { sector: 8, iov });
+        assert_eq!(r, Ok(()));
+        assert!(back[..3072] == plain[..3072] && back[8192..13312] == plain[3072..]);
+        assert_eq!(
+            mem.seen().last().map(|s| (s.kind, s.sector, s.sectors)),
+            Some((Kind::ReadVec, 8, 16))
+        );
+        // Not aligned: through a buffer of ours, as before.
+        let mut back = IoBuf::new(16384);
+        let iov = vecs(&mut back, &[(7, 8192)]);
+        let (r, _) = run_sync(ch.as_mut(), IoOp::ReadVec { sector: 8, iov });
+        assert_eq!(r, Ok(()));
+        assert!(back[7..8199] == plain[..]);
+        assert_eq!(
+            mem.seen().last().map(|s| (s.kind, s.sector, s.sectors)),
+            Some((Kind::Read, 8, 16))
+        );
+        // A failed in-place read is not decrypted (the caller gets an error, not garbage work).
+        mem.on(|s| s.sector == 40, Fault::Fail(libc::EIO));
+        let iov = vecs(&mut back, &[(0, 4096)]);
+        let (r, _) = run_sync(ch.as_mut(), IoOp::ReadVec { sector: 40, iov });
+        assert_eq!(r, Err(libc::EIO));
+    }
+
+    #[test]
+    fn a_batch_of_reads_is_decrypted_a_budget_at_a_time() {
+        let len = 64 << 10;
+        let per_poll = DECRYPT_PER_POLL / len;
+        let (_mem, dev) = crypt_over_mem(1024);
+        let notifier = Notifier::new().unwrap();
+        let mut ch = dev.new_channel_with(notifier.clone()).unwrap();
+        let n = 2 * per_poll + 1;
+        for i in 0..n {
+            let buf = IoBuf::new(len);
+            ch.add(
+                i as u64,
+                IoOp::Read {
+                    sector: (i * len / 512) as u64,
+                    buf,
+                },
+            );
+        }
+        ch.submit().unwrap();
+        // Everything has finished below; one poll decrypts and returns a budget's worth, the
+        // rest is held (still in flight) and the notifier says to poll again.
+        let done = settle_and_poll(ch.as_mut());
+        assert_eq!(done.len(), per_poll);
+        assert_eq!(ch.in_flight(), n - per_poll);
+        assert!(notifier.wait(Duration::ZERO));
+        notifier.ack();
+        let t0 = std::time::Instant::now();
+        ch.wait().unwrap();
+        assert!(
+            t0.elapsed() < Duration::from_millis(50),
+            "wait blocked with reads held"
+        );
+        let mut done = Vec::new();
+        ch.poll(&mut done);
+        assert_eq!(done.len(), per_poll);
+        assert!(notifier.wait(Duration::ZERO));
+        ch.poll(&mut done);
+        assert_eq!(done.len(), n - per_poll);
+        assert_eq!(ch.in_flight(), 0);
+        // Every read came back exactly once.
+        let mut ids: Vec<u64> = done.iter().map(|c| c.id).collect();
+        ids.sort();
+        assert_eq!(ids, (per_poll as u64..n as u64).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn encrypted_writes_are_submitted_as_they_pile_up() {
+        let len = 64 << 10;
+        let (_mem, dev) = crypt_over_mem(1024);
+        let mut ch = dev.new_channel().unwrap();
+        let write = |i: usize| IoOp::Write {
+            sector: (i * len / 512) as u64,
+            buf: pattern(len, i as u8),
+        };
+        // Below SUBMIT_AFTER nothing starts before the caller's submit.
+        let early = SUBMIT_AFTER / len;
+        for i in 0..early - 1 {
+            ch.add(i as u64, write(i));
+        }
+        assert!(settle_and_poll(ch.as_mut()).is_empty());
+        ch.submit().unwrap();
+        assert_eq!(settle_and_poll(ch.as_mut()).len(), early - 1);
+        // The count starts again at the caller's submit; reaching it submits at once.
+        for i in 0..early + 1 {
+            ch.add(i as u64, write(i));
+        }
+        assert_eq!(settle_and_poll(ch.as_mut()).len(), early);
+        ch.submit().unwrap();
+        assert_eq!(settle_and_poll(ch.as_mut()).len(), 1);
         assert_eq!(ch.in_flight(), 0);
     }
 }

@@ -84,6 +84,16 @@ pub trait Layer: Send {
     fn add(&mut self, below: &mut Below, id: u64, op: IoOp);
     /// Accounts one completion from below; pushes the operations it finishes onto `out`.
     fn reap(&mut self, c: Completion, out: &mut Vec<Completion>);
+    /// Told when the channel submits what was added, so a layer can count what is pending.
+    fn submitted(&mut self) {}
+    /// Operations reaped from below whose completion the layer holds back, work left to do
+    /// (they count as in flight, and `wait` does not block while there are any). A layer
+    /// holding some back must make sure the caller polls again: signal the notifier.
+    fn held(&self) -> usize {
+        0
+    }
+    /// Continues held-back work at the start of every poll, before new completions from below.
+    fn resume(&mut self, _out: &mut Vec<Completion>) {}
 }
 
 /// A layer's channel: `L` over the channel below.
@@ -107,20 +117,25 @@ impl<L: Layer> IoChannel for LayerChannel<L> {
     }
 
     fn submit(&mut self) -> io::Result<()> {
+        self.layer.submitted();
         self.below.submit()
     }
 
     fn poll(&mut self, out: &mut Vec<Completion>) {
         let layer = &mut self.layer;
+        layer.resume(out);
         self.below.poll(out, |c, out| layer.reap(c, out));
     }
 
     fn wait(&mut self) -> io::Result<()> {
+        if self.layer.held() > 0 {
+            return Ok(());
+        }
         self.below.wait()
     }
 
     fn in_flight(&self) -> usize {
-        self.below.in_flight()
+        self.below.in_flight() + self.layer.held()
     }
 
     fn notifier(&self) -> &Notifier {

@@ -101,6 +101,16 @@ impl IoVecs {
         self.len
     }
 
+    /// The same vectors, keeping the same memory mapped: for a layer that hands the vectors
+    /// down and works on the memory itself once the device below is done with it.
+    pub fn duplicate(&self) -> IoVecs {
+        IoVecs {
+            iov: self.iov.clone(),
+            len: self.len,
+            _owner: self._owner.clone(),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -31,6 +31,10 @@ impl<T> Slab<T> {
         }
     }
 
+    pub fn get(&self, key: usize) -> Option<&T> {
+        self.entries.get(key).and_then(Option::as_ref)
+    }
+
     pub fn get_mut(&mut self, key: usize) -> Option<&mut T> {
         self.entries.get_mut(key).and_then(Option::as_mut)
     }
