@@ -223,3 +223,30 @@ fn cpus_pin_each_queue_worker_to_its_cpu() {
         }
     }
 }
+
+#[test]
+fn track_written_false_still_sets_the_written_bit() {
+    // Ours always tracks WRITTEN (docs/migration-v0.2.md); v0.2 would leave it unset here.
+    let shift = 7;
+    let stripe = 512u64 << shift;
+    let image = pattern_bytes(0, 4 * stripe as usize);
+    let l = LazyFiles::new(
+        "ubiblk-cfg",
+        4 * stripe,
+        0,
+        &image,
+        &["track_written: false"],
+    );
+    l.init_metadata(env!("CARGO_BIN_EXE_init-metadata"), shift);
+    let be = Backend::start(BACKEND, &l.config).unwrap();
+    let mut c = Client::connect_queues(&l.config.socket, 1).unwrap();
+    c.write(0, 2 * stripe, &[7; 4096]).unwrap();
+    c.flush(0).unwrap();
+    let f = std::fs::File::open(&l.meta).unwrap();
+    let md = ubiblk::lazy::Metadata::read_from(&f, 4 * stripe / 512, None).unwrap();
+    assert!(md.is_fetched(2) && md.is_written(2), "{:?}", md.stripes);
+    assert_eq!(md.written_count(), 1);
+    assert!(be
+        .log()
+        .contains("config field `track_written` has no effect"));
+}
