@@ -8,7 +8,9 @@
 //!   UBIBLK_BENCH_WARMUP_SECS   unmeasured warm-up per run (default 0.5)
 //!   UBIBLK_BENCH_ROUNDS        runs per (row, backend); rounds alternate backends (default 5)
 //!   UBIBLK_BENCH_ROWS          comma-separated substrings selecting rows (also positional argv)
-//!   UBIBLK_BENCH_BACKENDS      comma-separated backend names to run (default: all available)
+//!   UBIBLK_BENCH_BACKENDS      comma-separated backend names to run (default: all available;
+//!                              e.g. "ours,ours-wt" with UBIBLK_BENCH_BASELINE=ours for the cost
+//!                              of write_through)
 //!   UBIBLK_BENCH_BASELINE      backend used as ratio denominator (default "qsd")
 //!   UBIBLK_BENCH_SIZE_MB       disk size (default 1024)
 //!   UBIBLK_BENCH_DIR           where the disk file lives (default /dev/shm)
@@ -88,6 +90,9 @@ fn backends() -> Vec<BackendSpec> {
         // Not run by default: ours with AES-256-XTS (raw keys).
         ours("ours-enc", &[ENC_KEYS]),
         ours("ours-enc-nopoll", &[ENC_KEYS, "poll_queue_timeout_us: 0"]),
+        // Not run by default: ours with `write_through: true` (every write RWF_DSYNC); its cost
+        // shows against "ours" on a disk file on a real device (UBIBLK_BENCH_DIR), not tmpfs.
+        ours("ours-wt", &["write_through: true"]),
         // Not run by default (select with UBIBLK_BENCH_BACKENDS=...,qsd-iothread):
         qsd(
             "qsd-iothread",

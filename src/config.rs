@@ -53,7 +53,21 @@ pub const FIELDS: &[&str] = &[
     "s3_region",
     "s3_profile",
     "qos",
+    "cpus",
+    "write_through",
+    "track_written",
+    "direct_io",
 ];
+
+/// Fields the reference had at some point that are refused, and why: an unknown-field error
+/// naming one of them says so.
+const REFUSED_LEGACY_FIELDS: &[(&str, &str)] = &[(
+    "sync_io",
+    "a pre-v0.2 development name of write_through; use `write_through: true`",
+)];
+
+/// Most CPUs a `cpus` entry can name (the size of a `cpu_set_t`).
+pub const MAX_CPUS: usize = libc::CPU_SETSIZE as usize;
 
 /// The fields of `qos:` (QEMU's throttle options in snake_case), in [`QosLimits`] order.
 pub const QOS_FIELDS: &[&str] = &[
@@ -227,6 +241,22 @@ pub struct Options {
     /// socket's `set-qos` changes them live.
     #[serde(default)]
     pub qos: Option<QosLimits>,
+    /// The reference's v0.2: pin queue `i`'s worker thread to CPU `cpus[i]` (one entry per
+    /// queue; [`Options::check_cpus`] checks them against the process's allowed CPUs).
+    #[serde(default)]
+    pub cpus: Option<Vec<usize>>,
+    /// The reference's v0.2: report a write-through cache (config space `writeback` = 0) and
+    /// make every write durable when it completes (RWF_DSYNC); FLUSH then costs nothing.
+    #[serde(default)]
+    pub write_through: bool,
+    /// The reference's v0.2 sets the metadata's WRITTEN bit only with `track_written: true`;
+    /// ours always sets it (it costs nothing on the write path and readers ignore it), so the
+    /// value is accepted and has no effect.
+    #[serde(default)]
+    pub track_written: Option<bool>,
+    /// The reference's v0.1 (`O_DIRECT` on or off); ignored, with a warning.
+    #[serde(default)]
+    pub direct_io: Option<bool>,
 }
 
 /// `qos:`: per-disk I/O limits with QEMU's names and meaning (docs/throttle.txt in QEMU). Each
@@ -688,9 +718,13 @@ impl Options {
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let opts: Options = serde_yaml_ng::from_str(text).map_err(|e| {
             let names: Vec<&str> = FIELDS.iter().chain(QOS_PATHS).copied().collect();
+            let mut message = crate::yaml::describe(&e, &names);
+            if let Some((name, why)) = refused_legacy_field(&e) {
+                message = format!("{message}; `{name}` is a legacy field: {why}");
+            }
             ConfigError::Parse {
                 path: PathBuf::new(),
-                message: crate::yaml::describe(&e, &names),
+                message,
             }
         })?;
         opts.validate()?;
@@ -759,6 +793,24 @@ impl Options {
             ));
         }
         self.validate_lazy()?;
+        if let Some(cpus) = &self.cpus {
+            if cpus.len() != usize::from(self.num_queues) {
+                return Err(field_err(
+                    "cpus",
+                    format!(
+                        "has {} entries, must have one per queue (num_queues: {})",
+                        cpus.len(),
+                        self.num_queues
+                    ),
+                ));
+            }
+            if let Some(cpu) = cpus.iter().find(|&&c| c >= MAX_CPUS) {
+                return Err(field_err(
+                    "cpus",
+                    format!("CPU {cpu} is out of range (at most {})", MAX_CPUS - 1),
+                ));
+            }
+        }
         if let Some(qos) = &self.qos {
             qos.validate().map_err(ConfigError::Qos)?;
         }
@@ -771,6 +823,59 @@ impl Options {
                     format!("must hold exactly two base64 strings, found {}", keys.len()),
                 ));
             }
+        }
+        Ok(())
+    }
+}
+
+/// The refused legacy field an unknown-field error names, with why it is refused.
+fn refused_legacy_field(e: &serde_yaml_ng::Error) -> Option<(&'static str, &'static str)> {
+    let text = e.to_string();
+    let name = text.strip_prefix("unknown field `")?.split('`').next()?;
+    REFUSED_LEGACY_FIELDS
+        .iter()
+        .copied()
+        .find(|&(legacy, _)| legacy == name)
+}
+
+impl Options {
+    /// The legacy fields this config sets that have no effect, with why: the backend warns
+    /// about each once at start-up.
+    pub fn ignored_fields(&self) -> Vec<(&'static str, &'static str)> {
+        [
+            (
+                self.direct_io.is_some(),
+                "direct_io",
+                "a v0.1 field; the disk is always opened with O_DIRECT where the file system \
+                 allows it",
+            ),
+            (
+                self.track_written == Some(false),
+                "track_written",
+                "WRITTEN bits are always tracked (readers of the metadata ignore them)",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(set, field, why)| set.then_some((field, why)))
+        .collect()
+    }
+
+    /// Checks that every `cpus` entry is a CPU this process may run on (its affinity mask at
+    /// start-up), so that a typo is an error at start-up rather than a failed pin later.
+    pub fn check_cpus(&self) -> Result<(), ConfigError> {
+        let Some(cpus) = &self.cpus else {
+            return Ok(());
+        };
+        let allowed = crate::affinity::allowed_cpus()
+            .map_err(|e| field_err("cpus", format!("cannot read this process's CPUs: {e}")))?;
+        if let Some(cpu) = cpus.iter().find(|c| !allowed.contains(c)) {
+            return Err(field_err(
+                "cpus",
+                format!(
+                    "CPU {cpu} is not one this process may run on ({})",
+                    crate::affinity::format_list(&allowed)
+                ),
+            ));
         }
         Ok(())
     }
@@ -1103,6 +1208,52 @@ encryption_key:
     fn unknown_field_is_named() {
         let e = err_of(&format!("{MIN}num_queus: 2\n"));
         assert!(e.contains("num_queus"), "{e}");
+    }
+
+    #[test]
+    fn v02_and_legacy_fields_are_accepted() {
+        let o = Options::parse(MIN).unwrap();
+        assert!(o.cpus.is_none() && !o.write_through && o.track_written.is_none());
+        assert!(o.ignored_fields().is_empty());
+        let o = Options::parse(&format!(
+            "{MIN}num_queues: 2\ncpus: [1, 0]\nwrite_through: true\ntrack_written: false\n\
+             direct_io: true\n"
+        ))
+        .unwrap();
+        assert_eq!(o.cpus, Some(vec![1, 0]));
+        assert!(o.write_through);
+        let ignored: Vec<&str> = o.ignored_fields().iter().map(|(f, _)| *f).collect();
+        assert_eq!(ignored, ["direct_io", "track_written"]);
+        let o = Options::parse(&format!("{MIN}track_written: true\n")).unwrap();
+        assert!(o.ignored_fields().is_empty());
+    }
+
+    #[test]
+    fn cpus_needs_one_cpu_per_queue() {
+        for (extra, want) in [
+            ("num_queues: 2\ncpus: [0]", "one per queue (num_queues: 2)"),
+            ("cpus: [0, 1]", "one per queue (num_queues: 1)"),
+            ("cpus: [4096]", "out of range"),
+            ("cpus: [-1]", "cpus"),
+        ] {
+            let e = err_of(&format!("{MIN}{extra}\n"));
+            assert!(e.contains("cpus") && e.contains(want), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn refused_legacy_field_says_so_and_typos_do_not() {
+        let e = err_of(&format!("{MIN}sync_io: true\n"));
+        assert!(e.contains("unknown field `sync_io`"), "{e}");
+        assert!(
+            e.contains("legacy field") && e.contains("write_through"),
+            "{e}"
+        );
+        let e = err_of(&format!("{MIN}direct_iox: true\n"));
+        assert!(
+            e.contains("unknown field `direct_iox`") && !e.contains("legacy"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`cli`]: start-up shared by the binaries.
 //! - [`sockpath`]: claiming and releasing the unix socket paths the backend listens on.
 
+pub mod affinity;
 pub mod archive;
 pub mod block;
 pub mod cli;

@@ -91,13 +91,14 @@ pub fn open_with_kek(
 ) -> Result<Stack, StackError> {
     opts.validate()?;
     opts.check_distinct_files()?;
+    opts.check_cpus()?;
     let ring_entries = u32::from(opts.queue_size) * 2;
-    let file = FileDevice::open(&opts.path, opts.readonly, ring_entries).map_err(|source| {
-        StackError::Open {
+    let file = FileDevice::open(&opts.path, opts.readonly, ring_entries)
+        .map_err(|source| StackError::Open {
             path: opts.path.clone(),
             source,
-        }
-    })?;
+        })?
+        .write_through(opts.write_through);
     if file.sectors() == 0 {
         return Err(StackError::EmptyDisk {
             path: opts.path.clone(),
@@ -169,11 +170,13 @@ pub fn open_with_kek(
             size_max: opts.seg_size_max,
             seg_max: opts.seg_count_max,
             num_queues: opts.num_queues,
+            writeback: !opts.write_through,
         },
         settings: QueueSettings {
             num_queues: opts.num_queues,
             queue_size: opts.queue_size,
             poll_timeout: Duration::from_micros(opts.poll_queue_timeout_us),
+            cpus: opts.cpus.clone(),
         },
         device,
         lazy: lazy_device,

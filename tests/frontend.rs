@@ -438,3 +438,161 @@ fn library_single_reads_and_out_of_range_requests() {
     let first = fe.read_sectors(0, 4096, t).unwrap();
     assert_eq!(first, pattern_bytes(0, 4096));
 }
+
+/// A vhost-user-blk backend that serves IN requests from memory correctly but reports a used
+/// length of 0 for every request, as the reference v0.2 backend does (a spec violation Linux
+/// guests tolerate). Test-only: the production backend has no way to lie.
+mod zero_len {
+    use std::io;
+    use std::path::Path;
+    use std::sync::{Arc, RwLock};
+
+    use ubiblk::virtio_blk::{self, ConfigSpace};
+    use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+    use vhost::vhost_user::Listener;
+    use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_IN};
+    use virtio_queue::QueueT;
+    use vm_memory::{Address, Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+    use vmm_sys_util::epoll::EventSet;
+
+    struct Backend {
+        disk: Vec<u8>,
+        mem: RwLock<GuestMemoryAtomic<GuestMemoryMmap>>,
+    }
+
+    impl VhostUserBackend for Backend {
+        type Bitmap = ();
+        type Vring = VringRwLock;
+
+        fn num_queues(&self) -> usize {
+            1
+        }
+        fn max_queue_size(&self) -> usize {
+            256
+        }
+        fn features(&self) -> u64 {
+            virtio_blk::features(true) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        }
+        fn protocol_features(&self) -> VhostUserProtocolFeatures {
+            VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK
+        }
+        fn set_event_idx(&self, _enabled: bool) {}
+        fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+            ConfigSpace {
+                capacity: self.disk.len() as u64 / 512,
+                size_max: 65536,
+                seg_max: 4,
+                num_queues: 1,
+                writeback: true,
+            }
+            .read(offset, size)
+        }
+        fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+            *self.mem.write().unwrap() = mem;
+            Ok(())
+        }
+        fn handle_event(
+            &self,
+            _device_event: u16,
+            _evset: EventSet,
+            vrings: &[VringRwLock],
+            _thread_id: usize,
+        ) -> io::Result<()> {
+            let vring = &vrings[0];
+            let mem = self.mem.read().unwrap().memory().into_inner();
+            loop {
+                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                let descs: Vec<_> = chain.collect();
+                let (hdr, status) = (descs[0], descs[descs.len() - 1]);
+                let kind: u32 = mem.read_obj(hdr.addr()).unwrap();
+                let sector: u64 = mem.read_obj(hdr.addr().unchecked_add(8)).unwrap();
+                let mut code = VIRTIO_BLK_S_OK as u8;
+                if kind == VIRTIO_BLK_T_IN {
+                    let mut at = sector as usize * 512;
+                    for d in &descs[1..descs.len() - 1] {
+                        let len = d.len() as usize;
+                        mem.write_slice(&self.disk[at..at + len], d.addr()).unwrap();
+                        at += len;
+                    }
+                } else {
+                    code = VIRTIO_BLK_S_UNSUPP as u8;
+                }
+                mem.write_obj(code, status.addr()).unwrap();
+                // The lie under test: 0 instead of the data length + 1.
+                vring.add_used(head, 0).unwrap();
+            }
+            vring.signal_used_queue()
+        }
+    }
+
+    /// Serves `disk` (a multiple of 512 bytes) on `sock` to one frontend connection.
+    pub fn serve(disk: Vec<u8>, sock: &Path) {
+        let mut listener = Listener::new(sock, true).unwrap();
+        let backend = Arc::new(Backend {
+            disk,
+            mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
+        });
+        let mut daemon = VhostUserDaemon::new(
+            "zero-len".to_string(),
+            backend,
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .unwrap();
+        // Never joined: its worker thread stays in epoll until the test process exits.
+        std::thread::spawn(move || {
+            if daemon.start(&mut listener).is_ok() {
+                let _ = daemon.wait();
+            }
+            std::mem::forget(daemon);
+        });
+    }
+}
+
+#[test]
+fn copy_accepts_a_used_length_of_0_with_one_warning_unless_strict() {
+    let s = setup(ODD_SIZE);
+    let disk = read_file(&s.img).unwrap();
+    let out = s.path("out.raw");
+    let sock = s.path("zero.sock");
+    zero_len::serve(disk.clone(), &sock);
+    let o = frontend(&["-s", &sock.to_string_lossy(), "-o", &out.to_string_lossy()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_same_file(&out, &disk);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(stderr.matches("used length 0").count(), 1, "{}", text(&o));
+    assert!(stderr.contains("--strict"), "{}", text(&o));
+
+    let sock = s.path("zero-strict.sock");
+    zero_len::serve(disk.clone(), &sock);
+    let strict_out = s.path("strict.raw");
+    let o = frontend(&[
+        "-s",
+        &sock.to_string_lossy(),
+        "-o",
+        &strict_out.to_string_lossy(),
+        "--strict",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("used length 0") && stderr.contains("expected"),
+        "{}",
+        text(&o)
+    );
+
+    // Ours reports the right length: --strict passes, and nothing is warned about.
+    let be = Backend::start(BACKEND, &BackendConfig::new(&s.img, &s.sock)).unwrap();
+    let o = frontend(&[
+        "-s",
+        &be.socket().to_string_lossy(),
+        "-o",
+        &out.to_string_lossy(),
+        "--strict",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(o.stderr.is_empty(), "{}", text(&o));
+    assert_same_file(&out, &disk);
+}

@@ -292,8 +292,71 @@ fn image_shorter_than_the_disk_and_not_stripe_aligned() {
             // followed by zeros.
             assert_eq!(std::fs::read(&l.base).unwrap(), l.model);
         } else {
-            assert_eq!(std::fs::read(&l.base).unwrap(), vec![0xaa; DISK as usize]);
+            // Only init-metadata wrote the base disk: zeros in the stripes wholly past the
+            // image (3 and up), which it marked fetched.
+            let mut want = vec![0xaa; 3 * STRIPE as usize];
+            want.resize(DISK as usize, 0);
+            assert_eq!(std::fs::read(&l.base).unwrap(), want);
         }
+    }
+}
+
+/// The disk as the reference v0.2 backend serves it from these files: a stripe the metadata
+/// calls fetched, or wholly past the image (`i >= ceil(image_sectors / stripe_sectors)`: its
+/// init-metadata marks those fetched and never fetches them), comes from the base disk
+/// (decrypted with `xts`); any other from the image, zeros past its end.
+fn as_the_reference_reads(l: &Lazy, xts: Option<&Xts>) -> Vec<u8> {
+    let md = l.metadata(xts);
+    let image = std::fs::read(&l.image).unwrap();
+    let past = (image.len() as u64 / 512).div_ceil(STRIPE / 512);
+    let mut base = std::fs::read(&l.base).unwrap();
+    if let Some(x) = xts {
+        x.decrypt(0, &mut base);
+    }
+    let mut out = vec![0u8; DISK as usize];
+    for s in 0..DISK / STRIPE {
+        let r = (s * STRIPE) as usize..((s + 1) * STRIPE) as usize;
+        if md.is_fetched(s as usize) || s >= past {
+            out[r.clone()].copy_from_slice(&base[r]);
+        } else if r.start < image.len() {
+            let end = r.end.min(image.len());
+            out[r.start..end].copy_from_slice(&image[r.start..end]);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_partly_fetched_disk_reads_the_same_where_past_image_stripes_count_as_fetched() {
+    // 10.5 stripes of image on a 64-stripe disk whose base holds stale bytes.
+    let image_len = (21 * STRIPE / 2) as usize;
+    let (k1, k2) = ([0x21u8; 32], [0x43u8; 32]);
+    use base64::Engine;
+    let b64 = |k: &[u8]| base64::engine::general_purpose::STANDARD.encode(k);
+    let keys = format!("encryption_key: [\"{}\", \"{}\"]", b64(&k1), b64(&k2));
+    let xts = Xts::new(&k1, &k2);
+    for encrypted in [false, true] {
+        let mut extra = vec!["copy_on_read: false"];
+        if encrypted {
+            extra.push(&keys);
+        }
+        let xts = encrypted.then_some(&xts);
+        let mut l = Lazy::new(image_len, 0xee, &extra);
+        let (mut be, mut c) = l.start();
+        // Fetches stripe 1; writes into stripe 40, past the image.
+        l.write(&mut c, STRIPE + 512, &pattern_bytes(3, 4096));
+        l.write(&mut c, 40 * STRIPE + 1024, &pattern_bytes(4, 8192));
+        c.flush(0).unwrap();
+        l.check_all(&mut c, 65536);
+        drop(c);
+        be.guard.signal(libc::SIGTERM);
+        assert!(be.guard.wait_timeout(Duration::from_secs(10)).is_some());
+        let md = l.metadata(xts);
+        assert!(md.is_fetched(1) && !md.is_fetched(0) && !md.is_fetched(10));
+        assert_same(&as_the_reference_reads(&l, xts), &l.model, 0);
+        // Ours reads the same after a restart: zeros, not stale bytes, past the image.
+        let (_be, mut c) = l.start();
+        l.check_all(&mut c, 65536);
     }
 }
 

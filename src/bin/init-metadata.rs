@@ -1,19 +1,28 @@
-//! init-metadata: writes a fresh lazy-fetch metadata file (nothing fetched) at the config's
-//! `metadata_path`, in the layout of docs/formats.md, encrypted when the config has `encryption_key`.
+//! init-metadata: writes a fresh lazy-fetch metadata file at the config's `metadata_path`, in
+//! the layout of docs/formats.md, encrypted when the config has `encryption_key`. Nothing is
+//! fetched, except that with `image_path` the stripes wholly past the image's end are zeroed on
+//! the base disk and marked fetched, as the reference marks them (docs/migration-v0.2.md).
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use log::warn;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use ubiblk::block::{check_disk_kind, BlockDevice, CryptDevice, FileDevice};
 use ubiblk::cli::{self, ConfigArgs};
+use ubiblk::config::Options;
+use ubiblk::crypto::Xts;
 use ubiblk::lazy::metadata::{DEFAULT_SHIFT, MAX_SHIFT, MIN_SHIFT};
-use ubiblk::lazy::{device_size, metadata_tool_files, Metadata};
+use ubiblk::lazy::{device_size, metadata_tool_files, zero_past_image, Metadata};
 
 /// Initialise the metadata file used by lazy stripe fetch: a header and one byte per stripe of
-/// the base disk (`path`), all stripes unfetched. Overwrites any existing metadata.
+/// the base disk (`path`), all stripes unfetched except those wholly past the end of
+/// `image_path`, which are zeroed on the base disk and marked fetched. Overwrites any existing
+/// metadata.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -51,7 +60,27 @@ fn run(args: Args) -> anyhow::Result<()> {
             device_size(&disk)?
         );
     }
-    let md = Metadata::new(disk_sectors, args.shift)?;
+    let mut md = Metadata::new(disk_sectors, args.shift)?;
+    let mut past_image = 0;
+    if let Some(image) = &opts.image_path {
+        // Checked before opening: opening a FIFO would wait for a writer.
+        let image_bytes = std::fs::metadata(image)
+            .and_then(|m| check_disk_kind(&m))
+            .and_then(|()| File::open(image))
+            .and_then(|f| device_size(&f));
+        match image_bytes {
+            Ok(image_bytes) => {
+                past_image = zero_past_image_on(&opts, xts.as_ref(), &mut md, image_bytes)?
+            }
+            // Not fatal: the metadata is still valid for ours, which zero-fills those stripes
+            // when it fetches them; the backend needs the image anyway.
+            Err(e) => warn!(
+                "image_path: cannot get the size of {} ({e}); stripes past the image's end are \
+                 left unfetched (the reference v0.2 cannot serve them until they are fetched)",
+                image.display()
+            ),
+        }
+    }
     let file = open_target(meta_path, md.file_len())?;
     md.write_to(&file, xts.as_deref())
         .with_context(|| format!("metadata_path: {}", meta_path.display()))?;
@@ -59,15 +88,41 @@ fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("metadata_path: cannot fsync {}", meta_path.display()))?;
     sync_parent(meta_path);
     println!(
-        "{}: {} stripes of {} bytes for {} ({disk_sectors} sectors), {} bytes{}",
+        "{}: {} stripes of {} bytes for {} ({disk_sectors} sectors), {} bytes{}{}",
         meta_path.display(),
         md.stripe_count(),
         md.stripe_bytes(),
         opts.path.display(),
         md.file_len(),
-        if xts.is_some() { ", encrypted" } else { "" }
+        if xts.is_some() { ", encrypted" } else { "" },
+        match past_image {
+            0 => String::new(),
+            n => format!("; {n} stripes past the image's end zeroed and marked fetched"),
+        }
     );
     Ok(())
+}
+
+/// Zeroes the stripes past the image's end on the base disk (through the encryption layer with
+/// a key) and marks them fetched in `md`; how many.
+fn zero_past_image_on(
+    opts: &Options,
+    xts: Option<&Arc<Xts>>,
+    md: &mut Metadata,
+    image_bytes: u64,
+) -> anyhow::Result<usize> {
+    let file = FileDevice::open(&opts.path, false, 64)
+        .with_context(|| format!("path: cannot open {} to zero it", opts.path.display()))?;
+    let mut base: Arc<dyn BlockDevice> = Arc::new(file);
+    if let Some(x) = xts {
+        base = Arc::new(CryptDevice::new(base, x.clone()));
+    }
+    zero_past_image(md, base.as_ref(), image_bytes).with_context(|| {
+        format!(
+            "path: cannot zero the stripes past the image's end on {}",
+            opts.path.display()
+        )
+    })
 }
 
 /// A regular file is created or truncated; a block device is written in place and must be

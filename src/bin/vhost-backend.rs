@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use log::{error, info};
+use log::{error, info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::process::ExitCode;
@@ -30,6 +30,12 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let (opts, keys) = args.config.load_keys(false)?;
+    for (field, why) in opts.ignored_fields() {
+        warn!("config field `{field}` has no effect: {why}");
+    }
+    if opts.write_through {
+        info!("write-through: every write is durable when it completes");
+    }
     // Registered before anything is created, so that a SIGTERM arriving while we start up (even
     // right after the socket appears) waits for the handler instead of killing us mid-way.
     let signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;

@@ -38,6 +38,10 @@ struct Args {
     /// Seconds to wait for the socket and for each completion.
     #[arg(long = "timeout", value_name = "SECS", default_value_t = 30)]
     timeout: u64,
+    /// Refuse a used length of 0 for a read (the reference v0.2 backend reports 0 for every
+    /// request, which Linux guests tolerate; by default it is accepted with one warning).
+    #[arg(long = "strict")]
+    strict: bool,
 }
 
 fn main() -> ExitCode {
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
         depth: args.depth,
         request_size: args.request_size,
         timeout: Duration::from_secs(args.timeout),
+        strict: args.strict,
     };
     let res = frontend::run(
         &args.socket,

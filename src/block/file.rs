@@ -17,6 +17,8 @@ pub struct FileDevice {
     file: Arc<File>,
     sectors: u64,
     ring_entries: u32,
+    /// `write_through`: every write durable when it completes (see [`FileDevice::write_through`]).
+    write_through: bool,
 }
 
 impl FileDevice {
@@ -47,7 +49,16 @@ impl FileDevice {
             file: Arc::new(file),
             sectors: bytes >> SECTOR_SHIFT,
             ring_entries: ring_entries.clamp(8, 4096).next_power_of_two(),
+            write_through: false,
         })
+    }
+
+    /// With `on`, every write is durable when it completes: writes carry RWF_DSYNC (FUA on a
+    /// device that has it), a discard or write-zeroes is followed by an fdatasync before it
+    /// completes, and FLUSH completes at once (there is nothing left to flush).
+    pub fn write_through(mut self, on: bool) -> Self {
+        self.write_through = on;
+        self
     }
 }
 
@@ -91,11 +102,9 @@ impl BlockDevice for FileDevice {
     }
 
     fn new_channel_with(&self, notifier: Notifier) -> io::Result<Box<dyn IoChannel>> {
-        Ok(Box::new(UringChannel::new(
-            self.file.clone(),
-            self.ring_entries,
-            notifier,
-        )?))
+        let mut channel = UringChannel::new(self.file.clone(), self.ring_entries, notifier)?;
+        channel.write_through = self.write_through;
+        Ok(Box::new(channel))
     }
 
     fn sync(&self) -> io::Result<()> {
@@ -108,6 +117,12 @@ impl BlockDevice for FileDevice {
     }
 }
 
+fn datasync(fd: types::Fd) -> squeue::Entry {
+    opcode::Fsync::new(fd)
+        .flags(types::FsyncFlags::DATASYNC)
+        .build()
+}
+
 /// An operation the kernel is working on: what to give back and what length to expect.
 struct Slot {
     id: u64,
@@ -115,6 +130,8 @@ struct Slot {
     /// Caller memory in use by the kernel; dropped once the operation is reaped.
     _iov: Option<IoVecs>,
     expect: Option<usize>,
+    /// Write-through: an fdatasync to run once this operation succeeds, before it completes.
+    then_sync: bool,
 }
 
 pub struct UringChannel {
@@ -124,6 +141,8 @@ pub struct UringChannel {
     slots: Slab<Slot>,
     /// Built entries waiting for room in the submission queue.
     backlog: std::collections::VecDeque<squeue::Entry>,
+    /// See [`FileDevice::write_through`].
+    write_through: bool,
 }
 
 impl UringChannel {
@@ -144,6 +163,7 @@ impl UringChannel {
             notifier,
             slots: Slab::default(),
             backlog: Default::default(),
+            write_through: false,
         })
     }
 
@@ -165,6 +185,13 @@ impl IoChannel for UringChannel {
     fn add(&mut self, id: u64, op: IoOp) {
         let fd = types::Fd(self.file.as_raw_fd());
         let mut iov_keep = None;
+        let write_flags = if self.write_through {
+            libc::RWF_DSYNC
+        } else {
+            0
+        };
+        let then_sync =
+            self.write_through && matches!(op, IoOp::Discard { .. } | IoOp::WriteZeroes { .. });
         let (entry, buf, expect) = match op {
             IoOp::Read { sector, mut buf } => {
                 let len = buf.len();
@@ -177,6 +204,7 @@ impl IoChannel for UringChannel {
                 let len = buf.len();
                 let e = opcode::Write::new(fd, buf.as_ptr(), len as u32)
                     .offset(sector << SECTOR_SHIFT)
+                    .rw_flags(write_flags)
                     .build();
                 (e, Some(buf), Some(len))
             }
@@ -193,17 +221,15 @@ impl IoChannel for UringChannel {
                 let v = iov.as_slice();
                 let e = opcode::Writev::new(fd, v.as_ptr(), v.len() as u32)
                     .offset(sector << SECTOR_SHIFT)
+                    .rw_flags(write_flags)
                     .build();
                 let len = iov.len();
                 iov_keep = Some(iov);
                 (e, None, Some(len))
             }
-            IoOp::Flush => {
-                let e = opcode::Fsync::new(fd)
-                    .flags(types::FsyncFlags::DATASYNC)
-                    .build();
-                (e, None, None)
-            }
+            // Write-through: every completed write is already durable.
+            IoOp::Flush if self.write_through => (opcode::Nop::new().build(), None, None),
+            IoOp::Flush => (datasync(fd), None, None),
             IoOp::Discard { sector, sectors } | IoOp::WriteZeroes { sector, sectors } => {
                 // A punched hole reads back as zeros on files and block devices alike.
                 let e = opcode::Fallocate::new(fd, sectors << SECTOR_SHIFT)
@@ -218,6 +244,7 @@ impl IoChannel for UringChannel {
             buf,
             _iov: iov_keep,
             expect,
+            then_sync,
         });
         self.backlog.push_back(entry.user_data(key as u64));
     }
@@ -253,13 +280,23 @@ impl IoChannel for UringChannel {
             // Completions are waiting as task work: an io_uring_enter runs it.
             let _ = self.ring.submit();
         }
+        let fd = types::Fd(self.file.as_raw_fd());
+        let mut syncs = Vec::new();
         let cq = self.ring.completion();
         for cqe in cq {
             let key = cqe.user_data() as usize;
+            let res = cqe.result();
+            if res >= 0 {
+                if let Some(slot) = self.slots.get_mut(key).filter(|s| s.then_sync) {
+                    // Done, but not durable yet: the same slot completes with the fdatasync.
+                    slot.then_sync = false;
+                    syncs.push(datasync(fd).user_data(key as u64));
+                    continue;
+                }
+            }
             let Some(slot) = self.slots.remove(key) else {
                 continue;
             };
-            let res = cqe.result();
             let result = if res < 0 {
                 Err(-res)
             } else if slot.expect.is_some_and(|n| n != res as usize) {
@@ -274,6 +311,7 @@ impl IoChannel for UringChannel {
                 buf: slot.buf,
             });
         }
+        self.backlog.extend(syncs);
         if !self.backlog.is_empty() {
             let _ = self.submit();
         }
@@ -366,6 +404,57 @@ mod tests {
         run_sync(ch.as_mut(), IoOp::Flush).0.unwrap();
         let on_disk = std::fs::read(f.path()).unwrap();
         assert_eq!(&on_disk[4096..4096 + 8192], &expect[..]);
+    }
+
+    #[test]
+    fn write_through_writes_zeroes_and_flushes_complete_once_each() {
+        let (f, d) = device(1 << 20);
+        let d = d.write_through(true);
+        let mut ch = d.new_channel().unwrap();
+        let data = filled(65536, 9);
+        run_sync(
+            ch.as_mut(),
+            IoOp::Write {
+                sector: 0,
+                buf: data,
+            },
+        )
+        .0
+        .unwrap();
+        // Several at once: each completes once, with its own id, after its fdatasync.
+        for id in 0..4u64 {
+            let (sector, sectors) = (id * 16, 8);
+            ch.add(id, IoOp::WriteZeroes { sector, sectors });
+        }
+        ch.add(4, IoOp::Flush);
+        ch.add(
+            5,
+            IoOp::Discard {
+                sector: 64,
+                sectors: 8,
+            },
+        );
+        let mut done = Vec::new();
+        while done.len() < 6 {
+            ch.submit().unwrap();
+            ch.wait().unwrap();
+            ch.poll(&mut done);
+        }
+        let mut ids: Vec<u64> = done.iter().map(|c| c.id).collect();
+        ids.sort();
+        assert_eq!(ids, [0, 1, 2, 3, 4, 5]);
+        assert!(done.iter().all(|c| c.result.is_ok()));
+        assert_eq!(ch.in_flight(), 0);
+        let on_disk = std::fs::read(f.path()).unwrap();
+        let want = filled(65536, 9);
+        for s in 0..128usize {
+            let zeroed = s < 72 && s % 16 < 8;
+            let got = &on_disk[s * 512..(s + 1) * 512];
+            match zeroed {
+                true => assert!(got.iter().all(|&b| b == 0), "sector {s}"),
+                false => assert_eq!(got, &want[s * 512..(s + 1) * 512], "sector {s}"),
+            }
+        }
     }
 
     #[test]

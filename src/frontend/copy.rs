@@ -1,5 +1,6 @@
 //! Stage 4's data pass: the whole disk read into a file, every request slot kept busy.
 
+use log::warn;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
@@ -19,13 +20,15 @@ pub(super) struct Copied {
 
 /// Reads sectors `0..capacity` through `ring` into `out` (sized to `capacity` sectors first);
 /// `progress` gets the number of bytes copied so far after each completion. Every completion
-/// is checked: its descriptor, status byte and used length.
+/// is checked: its descriptor, status byte and used length (which may be 0 unless `strict`:
+/// see [`super::BlkFrontend::set_strict`]).
 pub(super) fn copy(
     ring: &mut Ring,
     mem: &SharedMemory,
     capacity: u64,
     out: &File,
     timeout: Duration,
+    strict: bool,
     progress: &mut impl FnMut(u64),
 ) -> Result<Copied> {
     let total_bytes = capacity
@@ -45,6 +48,7 @@ pub(super) fn copy(
     let mut requests = 0u64;
     let mut copied = 0u64;
     let mut buf = vec![0u8; g.chunk as usize];
+    let mut warned_zero_len = false;
 
     while next_sector < capacity || in_flight > 0 {
         // Fill every free slot.
@@ -78,13 +82,25 @@ pub(super) fn copy(
                 })?;
             in_flight -= 1;
             ring.check_status(mem, slot, sector, len, None)?;
-            ensure!(
-                used_len == len + 1,
-                Backend,
-                "backend reported used length {used_len} for a {len}-byte read at sector \
-                 {sector} (expected {})",
-                len + 1
-            );
+            if used_len == 0 && !strict {
+                if !warned_zero_len {
+                    warn!(
+                        "backend reported used length 0 for a {len}-byte read at sector \
+                         {sector} (expected {}); trusting the status byte and the request's \
+                         length for this and later reads (--strict refuses it)",
+                        len + 1
+                    );
+                    warned_zero_len = true;
+                }
+            } else {
+                ensure!(
+                    used_len == len + 1,
+                    Backend,
+                    "backend reported used length {used_len} for a {len}-byte read at sector \
+                     {sector} (expected {})",
+                    len + 1
+                );
+            }
             let data = &mut buf[..len as usize];
             mem.mem
                 .read_slice(data, ring.data_addr(slot))

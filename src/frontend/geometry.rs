@@ -16,6 +16,8 @@ pub struct IoOptions {
     pub request_size: u32,
     /// How long to wait for any completion before giving up.
     pub timeout: Duration,
+    /// Refuse a read's used length of 0 (see [`crate::frontend::BlkFrontend::set_strict`]).
+    pub strict: bool,
 }
 
 impl Default for IoOptions {
@@ -25,6 +27,7 @@ impl Default for IoOptions {
             depth: 16,
             request_size: 64 * 1024,
             timeout: Duration::from_secs(30),
+            strict: false,
         }
     }
 }

@@ -32,6 +32,7 @@ pub fn run(
     };
     let mut report = Report::default();
     let mut fe = BlkFrontend::connect(socket, opts.timeout)?;
+    fe.set_strict(opts.strict);
     print(&format!("connected to {}\n", socket.display()));
 
     let s = fe.setup().map_err(in_stage(Stage::Setup))?;

@@ -30,6 +30,7 @@ pub struct BlkFrontend {
     config: Option<BlkConfig>,
     memory: Option<SharedMemory>,
     ring: Option<Ring>,
+    strict: bool,
 }
 
 impl BlkFrontend {
@@ -62,6 +63,7 @@ impl BlkFrontend {
             config: None,
             memory: None,
             ring: None,
+            strict: false,
         })
     }
 
@@ -282,6 +284,14 @@ impl BlkFrontend {
 
     /// Stage 4: reads the whole disk (`capacity` sectors, from stage 1) into `out`.
     /// `progress` is called with the number of bytes copied so far after each completion.
+    /// With `strict`, the copy refuses a used length of 0, which some backends (the reference
+    /// v0.2 among them) report for every request, against the spec; Linux guests ignore it.
+    /// Without it (the default) such a read is trusted to have filled its buffer, checked by
+    /// its status byte, and one warning per copy says so.
+    pub fn set_strict(&mut self, strict: bool) {
+        self.strict = strict;
+    }
+
     pub fn copy_disk(
         &mut self,
         out: &File,
@@ -302,7 +312,15 @@ impl BlkFrontend {
             .as_mut()
             .ok_or(Error::Order("copy needs the virtqueue stage first"))?;
         let start = Instant::now();
-        let copied = copy::copy(ring, mem, capacity, out, timeout, &mut progress)?;
+        let copied = copy::copy(
+            ring,
+            mem,
+            capacity,
+            out,
+            timeout,
+            self.strict,
+            &mut progress,
+        )?;
         // Stop the ring the way a VMM does (the backend finishes what it has and reports where
         // it stopped), then check it consumed exactly what we made available.
         let base = self

@@ -52,6 +52,44 @@ pub fn open_base_disk(path: &Path) -> Result<(std::fs::File, u64), Error> {
     Ok((disk, bytes / crate::block::SECTOR_SIZE as u64))
 }
 
+/// The first stripe wholly past the end of an image of `image_bytes` bytes (the stripe count
+/// when the image covers the disk).
+pub fn first_stripe_past_image(md: &Metadata, image_bytes: u64) -> usize {
+    let first = image_bytes.div_ceil(md.stripe_bytes());
+    usize::try_from(first).map_or(md.stripe_count(), |f| f.min(md.stripe_count()))
+}
+
+/// Makes the stripes wholly past the image's end fetched in `md`, as the reference's
+/// init-metadata does, but only once they hold zeros: they are zeroed on `base` (a punched
+/// hole; encrypted zeros through an encryption layer) and `base` is synced first, so the base
+/// disk's old bytes never show through, whichever implementation serves the disk next. The
+/// caller writes `md`. Returns how many stripes were marked.
+pub fn zero_past_image(
+    md: &mut Metadata,
+    base: &dyn crate::block::BlockDevice,
+    image_bytes: u64,
+) -> std::io::Result<usize> {
+    let first = first_stripe_past_image(md, image_bytes);
+    let count = md.stripe_count() - first;
+    if count == 0 {
+        return Ok(0);
+    }
+    let sector = first as u64 * md.stripe_sectors();
+    let sectors = base.sectors().saturating_sub(sector);
+    if sectors > 0 {
+        let mut channel = base.new_channel()?;
+        let op = crate::block::IoOp::WriteZeroes { sector, sectors };
+        crate::block::run_sync(channel.as_mut(), op)
+            .0
+            .map_err(std::io::Error::from_raw_os_error)?;
+        base.sync()?;
+    }
+    for i in first..md.stripe_count() {
+        md.set_fetched(i);
+    }
+    Ok(count)
+}
+
 /// What the metadata tools (`tool`: init-metadata, dump-metadata) start from: the config's
 /// `metadata_path`, which they require, and the base disk (`path`) with its size in sectors, as
 /// [`open_base_disk`] returns it.

@@ -40,6 +40,8 @@ pub struct QueueSettings {
     pub num_queues: u16,
     pub queue_size: u16,
     pub poll_timeout: Duration,
+    /// `cpus`: the CPU each queue's worker thread is pinned to.
+    pub cpus: Option<Vec<usize>>,
 }
 
 /// The device as seen by one frontend connection.
@@ -53,6 +55,8 @@ pub struct BlockBackend {
     stats: Arc<DeviceStats>,
     /// Each queue's polling policy; used only by the queue's own thread.
     polls: Vec<Mutex<AdaptivePoll>>,
+    /// Whether each queue's worker thread (new with each connection) has been pinned.
+    pinned: Vec<AtomicBool>,
     /// Each queue's ring, remembered from its first event so requests drained outside the
     /// worker thread (stop, shutdown) can still be completed to the guest.
     vrings: Vec<OnceLock<VringRwLock>>,
@@ -128,6 +132,9 @@ impl BlockBackend {
         Ok(BlockBackend {
             vrings,
             polls,
+            pinned: (0..settings.num_queues)
+                .map(|_| AtomicBool::new(false))
+                .collect(),
             settings,
             info,
             config,
@@ -329,6 +336,27 @@ impl BlockBackend {
         poll.sleeping(Instant::now());
     }
 
+    /// With `cpus`, pins the calling thread, queue `q`'s worker, to its CPU on its first event:
+    /// vhost-user-backend starts the thread, and the first event (the guest's first kick, or
+    /// a completion) comes before it handles any request. A failure is logged, not fatal: the
+    /// CPUs were checked at start-up, and an unpinned queue still works.
+    fn pin_once(&self, q: usize) {
+        let Some(cpu) = self.settings.cpus.as_ref().and_then(|c| c.get(q).copied()) else {
+            return;
+        };
+        if self
+            .pinned
+            .get(q)
+            .is_none_or(|p| p.swap(true, Ordering::Relaxed))
+        {
+            return;
+        }
+        match crate::affinity::pin_current_thread(cpu) {
+            Ok(()) => info!("queue {q}: worker thread pinned to CPU {cpu}"),
+            Err(e) => error!("queue {q}: cannot pin the worker thread to CPU {cpu}: {e}"),
+        }
+    }
+
     /// Waits for queue `q`'s requests in flight and completes them to the guest.
     fn drain(&self, q: usize) {
         let mem = self.memory();
@@ -414,8 +442,9 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
-        // Only `writeback` is writable (CONFIG_WCE); the device always honours FLUSH, so
-        // write-through and write-back behave the same.
+        // Only `writeback` is writable (CONFIG_WCE). The mode is the config's: a write is
+        // ignored, and a driver reading `writeback` back (Linux does) keeps using the mode
+        // the device has, so its FLUSHes match what the device needs.
         Ok(())
     }
 
@@ -475,6 +504,7 @@ impl VhostUserBackend for BlockBackend {
         let Some(vring) = vrings.first() else {
             return Ok(());
         };
+        self.pin_once(thread_id);
         let completion = u64::from(device_event) == self.completion_token();
         if completion || device_event == 0 {
             if let Some(slot) = self.vrings.get(thread_id) {

@@ -44,11 +44,13 @@ fn rig(event_idx: bool, poll_us: u64) -> Rig {
         size_max: 65536,
         seg_max: 4,
         num_queues: 1,
+        writeback: true,
     };
     let settings = QueueSettings {
         num_queues: 1,
         queue_size: SIZE,
         poll_timeout: Duration::from_micros(poll_us),
+        cpus: None,
     };
     let backend = Arc::new(BlockBackend::new(&dev, info, config, settings).unwrap());
 

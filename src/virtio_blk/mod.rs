@@ -46,6 +46,8 @@ pub struct ConfigSpace {
     pub size_max: u32,
     pub seg_max: u32,
     pub num_queues: u16,
+    /// The `writeback` byte: false with `write_through` (every write durable on completion).
+    pub writeback: bool,
 }
 
 impl ConfigSpace {
@@ -61,7 +63,7 @@ impl ConfigSpace {
         b.push(0); // 25 alignment_offset
         b.extend_from_slice(&1u16.to_le_bytes()); // 26 min_io_size (in blocks)
         b.extend_from_slice(&8u32.to_le_bytes()); // 28 opt_io_size (4 KiB)
-        b.push(1); // 32 writeback
+        b.push(self.writeback.into()); // 32 writeback
         b.push(0); // 33 unused
         b.extend_from_slice(&self.num_queues.to_le_bytes()); // 34 num_queues
         b.extend_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes()); // 36 max_discard_sectors

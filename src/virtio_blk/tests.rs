@@ -653,6 +653,7 @@ fn config_space_at_both_offsets() {
         size_max: 65536,
         seg_max: 4,
         num_queues: 3,
+        writeback: true,
     };
     let a = c.read(0, 60);
     let b = c.read(0x100, 60);
@@ -665,6 +666,11 @@ fn config_space_at_both_offsets() {
     assert_eq!(&a[34..36], &3u16.to_le_bytes());
     assert_eq!(c.read(0x100 + 34, 2), vec![3, 0]);
     assert_eq!(c.read(0x200, 4), vec![0; 4]);
+    let wt = ConfigSpace {
+        writeback: false,
+        ..c
+    };
+    assert_eq!(wt.read(0x100 + 32, 1), vec![0]);
 }
 
 #[test]
