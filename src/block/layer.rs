@@ -86,14 +86,20 @@ pub trait Layer: Send {
     fn reap(&mut self, c: Completion, out: &mut Vec<Completion>);
     /// Told when the channel submits what was added, so a layer can count what is pending.
     fn submitted(&mut self) {}
-    /// Operations reaped from below whose completion the layer holds back, work left to do
-    /// (they count as in flight, and `wait` does not block while there are any). A layer
-    /// holding some back must make sure the caller polls again: signal the notifier.
-    fn held(&self) -> usize {
-        0
+    /// Operations added and not yet returned by poll. The default suits a layer that sends
+    /// every operation down at once; a layer that keeps work of its own counts it itself.
+    fn in_flight(&self, below: &Below) -> usize {
+        below.in_flight()
     }
-    /// Continues held-back work at the start of every poll, before new completions from below.
-    fn resume(&mut self, _out: &mut Vec<Completion>) {}
+    /// Whether the layer has work it can do at once (held-back completions, operations waiting
+    /// for room): `wait` then returns without blocking, and the next poll does it. A layer that
+    /// has such work outside a poll must signal the notifier, so that the caller polls again.
+    fn has_work(&self) -> bool {
+        false
+    }
+    /// Does the layer's own pending work at the start of every poll, before the completions
+    /// from below are reaped.
+    fn resume(&mut self, _below: &mut Below, _out: &mut Vec<Completion>) {}
 }
 
 /// A layer's channel: `L` over the channel below.
@@ -123,19 +129,19 @@ impl<L: Layer> IoChannel for LayerChannel<L> {
 
     fn poll(&mut self, out: &mut Vec<Completion>) {
         let layer = &mut self.layer;
-        layer.resume(out);
+        layer.resume(&mut self.below, out);
         self.below.poll(out, |c, out| layer.reap(c, out));
     }
 
     fn wait(&mut self) -> io::Result<()> {
-        if self.layer.held() > 0 {
+        if self.layer.has_work() {
             return Ok(());
         }
         self.below.wait()
     }
 
     fn in_flight(&self) -> usize {
-        self.below.in_flight() + self.layer.held()
+        self.layer.in_flight(&self.below)
     }
 
     fn notifier(&self) -> &Notifier {
