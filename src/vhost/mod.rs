@@ -194,6 +194,11 @@ impl BlockBackend {
         // Read once per batch, when the first chain is popped (not on every empty poll).
         let mut now = None;
         let mut track = self.track(queue);
+        if track.needs_recovery() {
+            // The region was not read yet (see `resume`): popping now would take chains the
+            // old process had taken already.
+            return (false, false);
+        }
         loop {
             let chain = {
                 let mut state = vring.get_mut();

@@ -336,3 +336,6 @@ pub fn private_connection() -> io::Result<(Listener, UnixStream)> {
     let (listener, stream) = made?;
     Ok((Listener::from(listener), stream))
 }
+
+#[cfg(test)]
+mod tests;
