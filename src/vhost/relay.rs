@@ -169,6 +169,7 @@ impl Relay {
                     inflight,
                     inflight_acked: false,
                     tracking: false,
+                    warned: false,
                 };
                 if let Err(e) = state.forward_requests(&frontend, &daemon, &to_frontend) {
                     log::debug!("relay: frontend connection: {e}");
@@ -212,6 +213,8 @@ struct RequestState {
     inflight_acked: bool,
     /// A region was set on this connection: kicks and calls are nudged as they pass.
     tracking: bool,
+    /// A refused inflight message was logged at warn.
+    warned: bool,
 }
 
 impl RequestState {
@@ -250,47 +253,46 @@ impl RequestState {
     fn inflight_message(&mut self, mut m: Message) -> Option<Message> {
         let request = m.request();
         let need_reply = m.flags() & FLAG_NEED_REPLY != 0;
-        let msg = VhostUserInflight::from_slice(&m.body).copied();
-        let result = match (msg, request) {
-            (_, _) if !self.inflight_acked => Err(invalid("INFLIGHT_SHMFD was not negotiated")),
-            (None, _) => Err(invalid("malformed message")),
-            (Some(msg), GET_INFLIGHT_FD) => {
-                return Some(match self.inflight.get_inflight_fd(&msg) {
-                    Ok((reply, file)) => {
-                        Message::reply(request, reply.as_slice(), vec![OwnedFd::from(file)])
-                    }
-                    Err(e) => {
-                        warn!("GET_INFLIGHT_FD refused: {e}");
-                        // A zero size tells the frontend there is no region.
-                        let none = VhostUserInflight::new(0, 0, msg.num_queues, msg.queue_size);
-                        Message::reply(request, none.as_slice(), Vec::new())
-                    }
-                });
-            }
-            (Some(msg), _) => match m.fds.len() {
-                1 => {
-                    let file = File::from(m.fds.remove(0));
-                    self.inflight.set_inflight_fd(&msg, file)
-                }
-                n => Err(invalid(&format!("{n} descriptors instead of 1"))),
-            },
+        let msg = if !self.inflight_acked {
+            Err(invalid("INFLIGHT_SHMFD was not negotiated"))
+        } else {
+            VhostUserInflight::from_slice(&m.body)
+                .copied()
+                .ok_or_else(|| invalid("malformed message"))
         };
+        if request == GET_INFLIGHT_FD {
+            // Always a reply: the frontend waits for one. A zero size means no region.
+            let (info, fds) = match msg.and_then(|msg| self.inflight.get_inflight_fd(&msg)) {
+                Ok((info, file)) => (info, vec![OwnedFd::from(file)]),
+                Err(e) => {
+                    self.warn(format_args!("GET_INFLIGHT_FD refused: {e}"));
+                    (VhostUserInflight::default(), Vec::new())
+                }
+            };
+            return Some(Message::reply(request, info.as_slice(), fds));
+        }
+        let result = msg.and_then(|msg| match m.fds.len() {
+            1 => {
+                let file = File::from(m.fds.remove(0));
+                self.inflight.set_inflight_fd(&msg, file)
+            }
+            n => Err(invalid(&format!("{n} descriptors instead of 1"))),
+        });
         match &result {
             Ok(()) => self.tracking = true,
-            Err(e) => warn!("SET_INFLIGHT_FD refused: {e}"),
+            Err(e) => self.warn(format_args!("SET_INFLIGHT_FD refused: {e}")),
         }
-        if request == GET_INFLIGHT_FD {
-            // Not negotiated or malformed: still a reply, the frontend waits for one.
-            let none = VhostUserInflight::default();
-            return Some(Message::reply(request, none.as_slice(), Vec::new()));
+        let nack = u64::from(result.is_err()).to_le_bytes();
+        need_reply.then(|| Message::reply(request, &nack, Vec::new()))
+    }
+
+    /// A frontend can send bad messages in a loop: warn once per connection, then at debug.
+    fn warn(&mut self, what: std::fmt::Arguments) {
+        if std::mem::replace(&mut self.warned, true) {
+            log::debug!("{what}");
+        } else {
+            warn!("{what}");
         }
-        need_reply.then(|| {
-            Message::reply(
-                request,
-                &u64::from(result.is_err()).to_le_bytes(),
-                Vec::new(),
-            )
-        })
     }
 }
 
