@@ -17,7 +17,6 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -312,31 +311,104 @@ fn nudge(m: &Message) {
     }
 }
 
-/// A listener only this process can reach, with a connection to it already queued: for
-/// `VhostUserDaemon::start`, whose other end the relay drives. The socket lives in a fresh
-/// 0700 directory and both are removed as soon as the connection is made.
+/// A listener with a connection from this process already queued, for
+/// `VhostUserDaemon::start` (which takes only a listener), whose other end the relay drives.
+///
+/// No file is involved (an abstract socket with a random name), so it works whatever the
+/// file system lets the backend write. Abstract sockets can be connected to by anyone in the
+/// network namespace, so the listener is made with a backlog of 0, which queues one
+/// connection: if ours is queued, the daemon's accept can only take ours; if someone else's
+/// got there first, ours fails at once and a new name is tried.
 pub fn private_connection() -> io::Result<(Listener, UnixStream)> {
-    use std::os::unix::fs::DirBuilderExt;
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let base = std::env::temp_dir();
-    let dir: PathBuf = loop {
-        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = base.join(format!("ubiblk-relay-{}-{n}-{nanos}", std::process::id()));
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => break dir,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+    for _ in 0..16 {
+        let mut name = [0u8; 16];
+        getrandom::fill(&mut name).map_err(io::Error::other)?;
+        let name = format!("ubiblk-relay-{}", u128::from_ne_bytes(name));
+        let listener = match bind_abstract(name.as_bytes()) {
+            Ok(l) => l,
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
             Err(e) => return Err(e),
+        };
+        if let Some(stream) = connect_alone(name.as_bytes())? {
+            return Ok((Listener::from(listener), stream));
         }
+    }
+    Err(io::Error::other(
+        "another process keeps connecting to the relay's private sockets",
+    ))
+}
+
+/// The abstract address `name`.
+fn abstract_addr(name: &[u8]) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    if name.len() + 1 > addr.sun_path.len() {
+        return Err(invalid("abstract socket name too long"));
+    }
+    // sun_path[0] stays 0: the abstract namespace.
+    for (dst, &b) in addr.sun_path[1..].iter_mut().zip(name) {
+        *dst = b as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + 1 + name.len();
+    Ok((addr, len as libc::socklen_t))
+}
+
+fn socket(flags: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the result is checked and then owned.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | flags, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor socket(2) just returned, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Listens on the abstract address `name` with a backlog of 0 (one queued connection).
+fn bind_abstract(name: &[u8]) -> io::Result<UnixListener> {
+    let fd = socket(libc::SOCK_CLOEXEC)?;
+    let (addr, len) = abstract_addr(name)?;
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes for the duration of the call.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
     };
-    let path = dir.join("s");
-    let made = UnixListener::bind(&path).and_then(|l| Ok((l, UnixStream::connect(&path)?)));
-    let _ = std::fs::remove_file(&path);
-    let _ = std::fs::remove_dir(&dir);
-    let (listener, stream) = made?;
-    Ok((Listener::from(listener), stream))
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: plain listen(2) on a socket we own.
+    if unsafe { libc::listen(fd.as_raw_fd(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(UnixListener::from(fd))
+}
+
+/// Connects to the abstract address `name` without waiting: `None` if the listener's one
+/// queued connection is someone else's.
+fn connect_alone(name: &[u8]) -> io::Result<Option<UnixStream>> {
+    let fd = socket(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)?;
+    let (addr, len) = abstract_addr(name)?;
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes for the duration of the call.
+    let r = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::WouldBlock => Ok(None),
+            _ => Err(e),
+        };
+    }
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(Some(stream))
 }
 
 #[cfg(test)]

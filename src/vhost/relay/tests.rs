@@ -2,6 +2,7 @@
 //! messages answered locally, and hostile messages refused without taking the process down.
 
 use super::*;
+use std::os::linux::net::SocketAddrExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -222,18 +223,22 @@ fn hostile_inflight_messages_get_errors_not_a_crash() {
 }
 
 #[test]
-fn the_private_connection_is_connected_and_leaves_no_file() {
-    let (listener, _client) = private_connection().unwrap();
-    let l = listener;
-    assert!(l.accept().unwrap().is_some());
-    let leftovers = std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("ubiblk-relay-{}-", std::process::id()))
-        })
-        .count();
-    assert_eq!(leftovers, 0);
+fn the_private_connection_is_the_one_accepted() {
+    let (listener, mut ours) = private_connection().unwrap();
+    let mut accepted = listener.accept().unwrap().unwrap();
+    accepted.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    ours.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"x");
+}
+
+#[test]
+fn an_intruder_queued_first_is_noticed() {
+    let name = b"ubiblk-relay-test-intruder";
+    let listener = bind_abstract(name).unwrap();
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name).unwrap();
+    let _intruder = UnixStream::connect_addr(&addr).unwrap();
+    // Ours would not be the one accepted: refused at once, not queued behind it.
+    assert!(connect_alone(name).unwrap().is_none());
+    drop(listener);
 }
