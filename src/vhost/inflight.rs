@@ -314,10 +314,11 @@ impl QueueRegion<'_> {
 }
 
 /// What a queue must do after a restart: resubmit `resubmit` (oldest first) and take new
-/// chains from the avail ring at `next_avail`.
+/// chains from the avail ring at `next_avail` (None: where the frontend's SET_VRING_BASE
+/// said, as for a fresh region nothing was taken under).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recovery {
-    pub next_avail: u16,
+    pub next_avail: Option<u16>,
     pub resubmit: Vec<u16>,
 }
 
@@ -403,7 +404,7 @@ impl QueueTrack {
             part.store16(OFF_VERSION, VERSION);
             self.counter = 0;
             return Some(Recovery {
-                next_avail: used_idx,
+                next_avail: None,
                 resubmit: Vec::new(),
             });
         }
@@ -425,7 +426,7 @@ impl QueueTrack {
             .filter(|&h| h < ring_size)
             .collect();
         Some(Recovery {
-            next_avail: used_idx.wrapping_add(in_use),
+            next_avail: Some(used_idx.wrapping_add(in_use)),
             resubmit,
         })
     }

@@ -82,10 +82,14 @@ impl BlockBackend {
             return;
         };
         drop(track);
+        let Some(next_avail) = recovery.next_avail else {
+            // A fresh region: nothing was taken under it.
+            return;
+        };
         {
             let mut state = vring.get_mut();
             let q = state.get_queue_mut();
-            q.set_next_avail(recovery.next_avail);
+            q.set_next_avail(next_avail);
             q.set_next_used(used);
         }
         if recovery.resubmit.is_empty() {
@@ -93,9 +97,8 @@ impl BlockBackend {
         }
         info!(
             "queue {queue}: resubmitting {} requests in flight before the restart; the avail \
-             ring resumes at {}",
+             ring resumes at {next_avail}",
             recovery.resubmit.len(),
-            recovery.next_avail
         );
         let now = Instant::now();
         for head in recovery.resubmit {
