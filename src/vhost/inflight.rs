@@ -135,6 +135,15 @@ impl Region {
             // Only a regular file (memfd, shm) has a size that says which pages exist.
             return Err(bad("the fd is not a memfd or regular file".into()));
         }
+        // A file that can shrink under the mapping would fault (SIGBUS) on the next store:
+        // only a memfd sealed against shrinking (as `create` makes them) is taken.
+        // SAFETY: plain fcntl on a descriptor `file` keeps open.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(bad(
+                "the file is not a memfd sealed against shrinking".into()
+            ));
+        }
         let end = offset.checked_add(needed);
         if end.is_none_or(|end| end > meta.len()) {
             return Err(bad(format!("the file holds only {:#x} bytes", meta.len())));

@@ -337,6 +337,22 @@ fn heads_outside_the_region_are_not_tracked_nor_resubmitted() {
     assert_eq!(t2.recover(0, 2).unwrap().resubmit, Vec::<u16>::new());
 }
 
+/// A memfd of `len` bytes, sealed against shrinking if `sealed`.
+fn memfd(len: u64, sealed: bool) -> File {
+    // SAFETY: a valid C string; the result is checked and then owned.
+    let fd = unsafe { libc::memfd_create(c"test".as_ptr(), libc::MFD_ALLOW_SEALING) };
+    assert!(fd >= 0);
+    // SAFETY: a descriptor memfd_create just returned.
+    let f = unsafe { <File as FromRawFd>::from_raw_fd(fd) };
+    f.set_len(len).unwrap();
+    if sealed {
+        // SAFETY: plain fcntl on our descriptor.
+        let r = unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+        assert_eq!(r, 0);
+    }
+    f
+}
+
 #[test]
 fn hostile_geometry_and_sizes_are_errors() {
     assert!(Region::create(0, 8).is_err());
@@ -353,10 +369,15 @@ fn hostile_geometry_and_sizes_are_errors() {
     // Offsets past the end, overflowing, or misaligned.
     assert!(Region::map(&file, size, size, 2, 8).is_err());
     assert!(Region::map(&file, size, u64::MAX - 8, 2, 8).is_err());
-    let big = tempfile::tempfile().unwrap();
-    big.set_len(2 * size + 8).unwrap();
+    let big = memfd(2 * size + 8, true);
     assert!(Region::map(&big, size, 3, 2, 8).is_err());
     assert!(Region::map(&big, size, 8, 2, 8).is_ok());
+    // A file the frontend could shrink under the mapping (SIGBUS): a plain file, an unsealed
+    // memfd.
+    let plain = tempfile::tempfile().unwrap();
+    plain.set_len(size).unwrap();
+    assert!(Region::map(&plain, size, 0, 2, 8).is_err());
+    assert!(Region::map(&memfd(size, false), size, 0, 2, 8).is_err());
     // Not a file at all.
     let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
     let sock = File::from(std::os::fd::OwnedFd::from(a));
