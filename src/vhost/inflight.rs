@@ -370,7 +370,9 @@ impl QueueTrack {
         };
         let counter = self.counter;
         if part.set_inflight(head, Some(counter)) {
-            self.counter += 1;
+            // Wrapping: after a restart the counter continues from the region's, which the
+            // frontend could have set to anything.
+            self.counter = counter.wrapping_add(1);
         } else {
             self.warn_untracked(head);
         }
