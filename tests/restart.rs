@@ -95,9 +95,10 @@ struct Rig {
     gate: Arc<AtomicBool>,
 }
 
-fn rig(prefix: &str) -> Rig {
+/// The lazy disk, `extra` config lines added (for init-metadata too).
+fn rig(prefix: &str, extra: &[&str]) -> Rig {
     let image = Arc::new(pattern_bytes(0x5eed_0000, DISK as usize));
-    let files = LazyFiles::new(prefix, DISK, 0xee, &image, &[]);
+    let files = LazyFiles::new(prefix, DISK, 0xee, &image, extra);
     files.init_metadata(INIT, SHIFT);
     let gate = Arc::new(AtomicBool::new(false));
     let url = gated_server(image.clone(), gate.clone());
@@ -171,7 +172,23 @@ fn expect(image: &[u8], sector: u64) -> &[u8] {
 
 #[test]
 fn a_request_parked_across_a_kill_completes_exactly_once() {
-    let r = rig("restart-hole");
+    parked_across_a_kill("restart-hole", &[]);
+}
+
+/// The same on an encrypted lazy disk (AES-XTS between the image and the base disk).
+#[test]
+fn a_request_parked_across_a_kill_completes_exactly_once_encrypted() {
+    parked_across_a_kill(
+        "restart-hole-enc",
+        &[
+            "encryption_key: [\"ERERERERERERERERERERERERERERERERERERERERERE=\", \
+           \"fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn4=\"]",
+        ],
+    );
+}
+
+fn parked_across_a_kill(prefix: &str, extra: &[&str]) {
+    let r = rig(prefix, extra);
     let mut be = Backend::start(BIN, &r.config).unwrap();
     let (fe, region) = park_one(&be, true);
     let (info, file) = region.unwrap();
@@ -220,7 +237,7 @@ fn a_request_parked_across_a_kill_completes_exactly_once() {
 /// the rewound ring makes the new backend complete slot 4 a second time and never slot 0.
 #[test]
 fn without_inflight_tracking_the_rewind_completes_a_request_twice() {
-    let r = rig("restart-rewind");
+    let r = rig("restart-rewind", &[]);
     let mut be = Backend::start(BIN, &r.config).unwrap();
     let (fe, region) = park_one(&be, false);
     assert!(region.is_none());
