@@ -53,6 +53,22 @@ impl Ring {
         }
     }
 
+    pub(super) fn eventfds(&self) -> (&EventFd, &EventFd) {
+        (&self.kick, &self.call)
+    }
+
+    /// The used index as the backend left it in memory (not what was consumed of it).
+    pub(super) fn used_idx_in_memory(&self, mem: &SharedMemory) -> Result<u16> {
+        let idx: u16 = mem
+            .mem
+            .load(
+                GuestAddress(GUEST_BASE + self.layout.used + 2),
+                Ordering::Acquire,
+            )
+            .map_err(mem_err("reading the used index"))?;
+        Ok(u16::from_le(idx))
+    }
+
     fn desc_addr(&self, i: u16) -> GuestAddress {
         GuestAddress(GUEST_BASE + self.layout.desc + DESC_SIZE * u64::from(i))
     }

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
@@ -31,6 +32,8 @@ pub struct BlkFrontend {
     memory: Option<SharedMemory>,
     ring: Option<Ring>,
     strict: bool,
+    /// Ack INFLIGHT_SHMFD in [`BlkFrontend::setup`] (see [`BlkFrontend::with_inflight`]).
+    want_inflight: bool,
 }
 
 impl BlkFrontend {
@@ -64,7 +67,27 @@ impl BlkFrontend {
             memory: None,
             ring: None,
             strict: false,
+            want_inflight: false,
         })
+    }
+
+    /// Also negotiates INFLIGHT_SHMFD in [`BlkFrontend::setup`], when the backend offers it.
+    pub fn with_inflight(mut self) -> BlkFrontend {
+        self.want_inflight = true;
+        self
+    }
+
+    /// Like a VMM whose backend went away: a new connection to `socket` (a new backend)
+    /// keeping this session's memory, queue 0 and what the guest did with it. Bring it up
+    /// with [`BlkFrontend::setup`], [`BlkFrontend::set_inflight`] and
+    /// [`BlkFrontend::resume_virtqueue`].
+    pub fn reconnect(self, socket: &Path, timeout: Duration) -> Result<BlkFrontend> {
+        let mut next = BlkFrontend::connect(socket, timeout)?;
+        next.want_inflight = self.want_inflight;
+        next.config = self.config;
+        next.memory = self.memory;
+        next.ring = self.ring;
+        Ok(next)
     }
 
     /// The underlying rust-vmm frontend, for messages this type does not wrap.
@@ -101,7 +124,11 @@ impl BlkFrontend {
             .map_err(request_err("GET_PROTOCOL_FEATURES"))?;
         // Keep the raw bits, including any the vhost crate does not know.
         let proto_offered_bits = proto_offered.bits();
-        let proto_acked = proto_offered & wanted_protocol_features();
+        let mut wanted = wanted_protocol_features();
+        if self.want_inflight {
+            wanted |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
+        let proto_acked = proto_offered & wanted;
         self.fe
             .set_protocol_features(proto_acked)
             .map_err(request_err("SET_PROTOCOL_FEATURES"))?;
@@ -196,24 +223,7 @@ impl BlkFrontend {
         };
         let kick = EventFd::new(EFD_NONBLOCK).map_err(io_err("kick eventfd"))?;
         let call = EventFd::new(EFD_NONBLOCK).map_err(io_err("call eventfd"))?;
-        self.fe
-            .set_vring_num(0, q)
-            .map_err(request_err("SET_VRING_NUM"))?;
-        self.fe
-            .set_vring_addr(0, &config)
-            .map_err(request_err("SET_VRING_ADDR"))?;
-        self.fe
-            .set_vring_base(0, 0)
-            .map_err(request_err("SET_VRING_BASE"))?;
-        self.fe
-            .set_vring_call(0, &call)
-            .map_err(request_err("SET_VRING_CALL"))?;
-        self.fe
-            .set_vring_kick(0, &kick)
-            .map_err(request_err("SET_VRING_KICK"))?;
-        self.fe
-            .set_vring_enable(0, true)
-            .map_err(request_err("SET_VRING_ENABLE"))?;
+        hand_over_ring(&mut self.fe, &config, 0, &kick, &call)?;
         self.ring = Some(Ring::new(g.clone(), layout.clone(), kick, call));
         Ok(VirtqueueInfo {
             index: 0,
@@ -222,6 +232,119 @@ impl BlkFrontend {
             avail: base + layout.avail,
             used: base + layout.used,
         })
+    }
+
+    /// GET_INFLIGHT_FD for `num_queues` queues of `queue_size`: the region's description and
+    /// file, to hand to this backend and to the next ones with [`BlkFrontend::set_inflight`].
+    pub fn get_inflight(
+        &mut self,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<(VhostUserInflight, File)> {
+        self.fe
+            .get_inflight_fd(&VhostUserInflight::new(0, 0, num_queues, queue_size))
+            .map_err(request_err("GET_INFLIGHT_FD"))
+    }
+
+    /// SET_INFLIGHT_FD: the region from [`BlkFrontend::get_inflight`] (of this or an earlier
+    /// backend). A VMM sends it before the rings, as here.
+    pub fn set_inflight(&mut self, info: &VhostUserInflight, file: &File) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        self.fe
+            .set_inflight_fd(info, file.as_raw_fd())
+            .map_err(request_err("SET_INFLIGHT_FD"))
+    }
+
+    /// After [`BlkFrontend::reconnect`] and [`BlkFrontend::setup`]: hands the same memory and
+    /// queue 0 to the new backend as QEMU does when its backend died: the avail ring rewound
+    /// to the used index the old backend left (SET_VRING_BASE), nothing else changed. Returns
+    /// that base.
+    pub fn resume_virtqueue(&mut self) -> Result<u16> {
+        let (Some(mem), Some(ring)) = (self.memory.as_ref(), self.ring.as_ref()) else {
+            return Err(Error::Order("resuming needs a virtqueue to resume"));
+        };
+        self.fe
+            .set_mem_table(&[mem.info])
+            .map_err(request_err("SET_MEM_TABLE"))?;
+        let base = GUEST_BASE;
+        let layout = &ring.layout;
+        let q = ring.geometry.queue_size;
+        let config = VringConfigData {
+            queue_max_size: q,
+            queue_size: q,
+            flags: 0,
+            desc_table_addr: mem.user_addr(base + layout.desc)?,
+            used_ring_addr: mem.user_addr(base + layout.used)?,
+            avail_ring_addr: mem.user_addr(base + layout.avail)?,
+            log_addr: None,
+        };
+        let used = ring.used_idx_in_memory(mem)?;
+        let (kick, call) = ring.eventfds();
+        hand_over_ring(&mut self.fe, &config, used, kick, call)?;
+        Ok(used)
+    }
+
+    /// Makes a read of `len` bytes at `sector` available in request slot `slot` (after stage
+    /// 3) and kicks; [`BlkFrontend::wait_completions`] reports it. For tests that keep several
+    /// requests in flight and see in which order they complete.
+    pub fn submit_read_in_slot(&mut self, slot: u16, sector: u64, len: u32) -> Result<()> {
+        let (Some(mem), Some(ring)) = (self.memory.as_ref(), self.ring.as_mut()) else {
+            return Err(Error::Order("reads need the virtqueue stage first"));
+        };
+        ensure!(
+            slot < ring.geometry.slots && len > 0 && len <= ring.geometry.chunk,
+            Options,
+            "slot {slot} or length {len} out of the geometry"
+        );
+        ring.submit_read(mem, slot, sector, len)?;
+        ring.notify(mem)
+    }
+
+    /// Waits up to `timeout` for completions (with `in_flight` requests outstanding) and
+    /// returns each as (slot, used length); an entry that is not the head of a request slot
+    /// is an error.
+    pub fn wait_completions(
+        &mut self,
+        in_flight: usize,
+        timeout: Duration,
+    ) -> Result<Vec<(u16, u32)>> {
+        let (Some(mem), Some(ring)) = (self.memory.as_ref(), self.ring.as_mut()) else {
+            return Err(Error::Order("completions need the virtqueue stage first"));
+        };
+        let done = ring.wait_used(mem, in_flight, timeout)?;
+        done.into_iter()
+            .map(|(id, len)| Ok((ring.slot_of(id)?, len)))
+            .collect()
+    }
+
+    /// The data of the read in `slot` (of `len` bytes at `sector`), once completed: its status
+    /// must be OK.
+    pub fn slot_data(&self, slot: u16, sector: u64, len: u32) -> Result<Vec<u8>> {
+        let (Some(mem), Some(ring)) = (self.memory.as_ref(), self.ring.as_ref()) else {
+            return Err(Error::Order("reads need the virtqueue stage first"));
+        };
+        ring.check_status(mem, slot, sector, len, None)?;
+        let mut data = vec![0u8; len as usize];
+        mem.mem
+            .read_slice(&mut data, ring.data_addr(slot))
+            .map_err(mem_err("reading request data"))?;
+        Ok(data)
+    }
+
+    /// The avail index this session published and the used index in memory, for queue 0.
+    pub fn ring_indexes(&self) -> Result<(u16, u16)> {
+        let (Some(mem), Some(ring)) = (self.memory.as_ref(), self.ring.as_ref()) else {
+            return Err(Error::Order("indexes need the virtqueue stage first"));
+        };
+        Ok((ring.avail_idx, ring.used_idx_in_memory(mem)?))
+    }
+
+    /// GET_VRING_BASE on queue 0: stops it (the backend finishes what it has) and returns where
+    /// it stopped on the avail ring.
+    pub fn stop_queue(&mut self) -> Result<u32> {
+        self.fe
+            .get_vring_base(0)
+            .map_err(request_err("GET_VRING_BASE"))
     }
 
     /// For tests of a hostile guest, after stage 3: sets queue 0's avail index to `idx` (e.g.
@@ -346,4 +469,26 @@ impl BlkFrontend {
             vring_base: Some(base),
         })
     }
+}
+
+/// SET_VRING_NUM/ADDR/BASE/CALL/KICK and SET_VRING_ENABLE for queue 0.
+fn hand_over_ring(
+    fe: &mut Frontend,
+    config: &VringConfigData,
+    base: u16,
+    kick: &EventFd,
+    call: &EventFd,
+) -> Result<()> {
+    fe.set_vring_num(0, config.queue_size)
+        .map_err(request_err("SET_VRING_NUM"))?;
+    fe.set_vring_addr(0, config)
+        .map_err(request_err("SET_VRING_ADDR"))?;
+    fe.set_vring_base(0, base)
+        .map_err(request_err("SET_VRING_BASE"))?;
+    fe.set_vring_call(0, call)
+        .map_err(request_err("SET_VRING_CALL"))?;
+    fe.set_vring_kick(0, kick)
+        .map_err(request_err("SET_VRING_KICK"))?;
+    fe.set_vring_enable(0, true)
+        .map_err(request_err("SET_VRING_ENABLE"))
 }

@@ -30,7 +30,10 @@ use crate::stats::{DeviceStats, QueueStats};
 use crate::virtio_blk::{self, ConfigSpace, DeviceInfo, Finished, QueueWorker, Request};
 use poll::AdaptivePoll;
 
+mod inflight;
 mod poll;
+mod relay;
+mod resume;
 
 type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -57,6 +60,8 @@ pub struct BlockBackend {
     polls: Vec<Mutex<AdaptivePoll>>,
     /// Whether each queue's worker thread (new with each connection) has been pinned.
     pinned: Vec<AtomicBool>,
+    /// Each queue's inflight tracking (a no-op until the frontend sets a region).
+    tracks: Vec<Mutex<inflight::QueueTrack>>,
     /// Each queue's ring, remembered from its first event so requests drained outside the
     /// worker thread (stop, shutdown) can still be completed to the guest.
     vrings: Vec<OnceLock<VringRwLock>>,
@@ -129,12 +134,16 @@ impl BlockBackend {
         let polls = (0..settings.num_queues)
             .map(|_| Mutex::new(AdaptivePoll::new(settings.poll_timeout)))
             .collect();
+        let tracks = (0..settings.num_queues)
+            .map(|_| Mutex::new(inflight::QueueTrack::default()))
+            .collect();
         Ok(BlockBackend {
             vrings,
             polls,
             pinned: (0..settings.num_queues)
                 .map(|_| AtomicBool::new(false))
                 .collect(),
+            tracks,
             settings,
             info,
             config,
@@ -179,6 +188,7 @@ impl BlockBackend {
     /// ring's worth of chains (or cannot be read), which no amount of polling will fix.
     fn start_available(
         &self,
+        queue: usize,
         vring: &VringRwLock,
         mem: &Memory,
         worker: &mut QueueWorker,
@@ -190,6 +200,12 @@ impl BlockBackend {
         let mut found = false;
         // Read once per batch, when the first chain is popped (not on every empty poll).
         let mut now = None;
+        let mut track = self.track(queue);
+        if track.needs_recovery() {
+            // The region was not read yet (see `resume`): popping now would take chains the
+            // old process had taken already.
+            return (false, false);
+        }
         loop {
             let chain = {
                 let mut state = vring.get_mut();
@@ -212,6 +228,8 @@ impl BlockBackend {
             let started = *now.get_or_insert_with(Instant::now);
             stats.started(1);
             let head = chain.head_index();
+            // In the region before the request can complete (see `inflight`).
+            track.take(head);
             let parsed = Request::parse(chain, &*guard, &self.info.limits);
             if let Some(f) = worker.start_at(&guard, head, parsed, started) {
                 done.push(f);
@@ -231,13 +249,28 @@ impl BlockBackend {
 
     /// Puts finished requests on the used ring, records them in `stats` (call with the queue's
     /// worker locked) and notifies the guest if it wants it.
-    fn complete(&self, vring: &VringRwLock, stats: &QueueStats, done: &mut Vec<Finished>) {
+    fn complete(
+        &self,
+        queue: usize,
+        vring: &VringRwLock,
+        stats: &QueueStats,
+        done: &mut Vec<Finished>,
+    ) {
         if done.is_empty() {
             return;
         }
-        for f in done.iter() {
-            if let Err(e) = vring.add_used(f.head, f.len) {
-                self.warn_ring_op(format_args!("add_used failed: {e}"));
+        {
+            let mut track = self.track(queue);
+            let mut state = vring.get_mut();
+            for f in done.iter() {
+                // One used entry at a time, each recorded in the inflight region.
+                let published = track.publish(f.head, || {
+                    state.add_used(f.head, f.len)?;
+                    Ok::<_, virtio_queue::Error>(state.get_queue().next_used())
+                });
+                if let Err(e) = published {
+                    self.warn_ring_op(format_args!("add_used failed: {e}"));
+                }
             }
         }
         record(stats, done);
@@ -266,6 +299,9 @@ impl BlockBackend {
         let mut now = Instant::now();
         poll.woke(now);
         let mut done = Vec::new();
+        if vring.get_ref().get_queue().ready() {
+            self.resume(queue, vring, &mem, &mut worker, stats, &mut done);
+        }
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut last_activity = now;
         let mut notifications_on = true;
@@ -280,11 +316,11 @@ impl BlockBackend {
                 notifications_on = false;
             }
             let (started, corrupt) =
-                self.start_available(vring, &mem, &mut worker, stats, &mut done);
+                self.start_available(queue, vring, &mem, &mut worker, stats, &mut done);
             worker.submit();
             worker.reap(&*mem.memory(), &mut done);
             let progressed = started || !done.is_empty();
-            self.complete(vring, stats, &mut done);
+            self.complete(queue, vring, stats, &mut done);
             if corrupt || (rechecking && !progressed) {
                 // The avail index says there is work but no chain can be popped: a corrupt
                 // ring (e.g. an index more than a ring ahead). Do not spin on it; the next
@@ -366,7 +402,7 @@ impl BlockBackend {
         worker.drain(&*mem.memory(), &mut done);
         let stats = self.queue_stats(q);
         match self.vrings[q].get() {
-            Some(vring) => self.complete(vring, stats, &mut done),
+            Some(vring) => self.complete(q, vring, stats, &mut done),
             None => record(stats, &mut done),
         }
     }
@@ -431,6 +467,8 @@ impl VhostUserBackend for BlockBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            // Answered by the relay (see `relay`), not by vhost-user-backend.
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -652,6 +690,25 @@ fn setup(
     Ok((backend, daemon))
 }
 
+/// Accepts the next frontend on `listener` and connects it to `daemon` through a
+/// [`relay::Relay`] that answers the inflight messages with `backend`.
+fn accept(
+    listener: &mut Listener,
+    daemon: &mut Daemon,
+    backend: &Arc<BlockBackend>,
+) -> io::Result<relay::Relay> {
+    let frontend = loop {
+        if let Some(s) = listener.accept().map_err(io::Error::other)? {
+            break s;
+        }
+    };
+    let (mut private, ours) = relay::private_connection()?;
+    daemon
+        .start(&mut private)
+        .map_err(|e| io::Error::other(format!("{e:?}")))?;
+    relay::Relay::start(frontend, ours, backend.clone())
+}
+
 /// Serves `device` on `listener` (from [`listen`]) forever: one frontend at a time, a fresh
 /// device state for each. `current` is updated with the backend of the live connection, for
 /// shutdown, and `connected` says whether a frontend is connected; every connection's queues
@@ -692,14 +749,17 @@ pub fn serve(
         };
         let handlers = daemon.get_epoll_handlers();
         *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(backend.clone());
-        if let Err(e) = daemon.start(&mut listener) {
-            if !failing {
-                error!("accepting a frontend failed (retrying every {RETRY_DELAY:?}): {e:?}");
-                failing = true;
+        let relay = match accept(&mut listener, &mut daemon, &backend) {
+            Ok(relay) => relay,
+            Err(e) => {
+                if !failing {
+                    error!("accepting a frontend failed (retrying every {RETRY_DELAY:?}): {e}");
+                    failing = true;
+                }
+                std::thread::sleep(RETRY_DELAY);
+                continue;
             }
-            std::thread::sleep(RETRY_DELAY);
-            continue;
-        }
+        };
         if failing {
             info!("serving connections again");
             failing = false;
@@ -708,6 +768,7 @@ pub fn serve(
         connected.store(true, Ordering::Relaxed);
         let ended = daemon.wait();
         connected.store(false, Ordering::Relaxed);
+        relay.join();
         match ended {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(

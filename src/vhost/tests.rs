@@ -165,3 +165,41 @@ fn a_memory_region_past_the_end_of_its_file_is_refused() {
     r.backend.update_memory(good).unwrap();
     assert_eq!(r.backend.memory().memory().num_regions(), 1);
 }
+
+/// A region from the frontend that marks in flight a head whose chain is garbage (never made
+/// available), ahead of a real one: after SET_INFLIGHT_FD the queue resubmits both in counter
+/// order, fails the garbage one, serves the real one, and a ring that then claims fewer chains
+/// than the region does is treated as corrupt, not spun on.
+#[test]
+fn a_region_with_garbage_heads_fails_requests_not_the_backend() {
+    use super::inflight::{QueueTrack, Region};
+    use super::relay::InflightHandler;
+    use vhost::vhost_user::message::VhostUserInflight;
+
+    let r = rig(false, 0);
+    let (info, file) = r
+        .backend
+        .get_inflight_fd(&VhostUserInflight::new(0, 0, 1, SIZE))
+        .unwrap();
+    // What a dead process (or a hostile frontend) left: head 7 (zeroed descriptors), then 0.
+    let region = Region::map(&file, info.mmap_size, 0, 1, SIZE).unwrap();
+    let mut dead = QueueTrack::default();
+    dead.attach(Some(Arc::new(region)), 0);
+    dead.recover(0, SIZE);
+    dead.take(7);
+    dead.take(0);
+    drop(dead);
+    r.backend.set_inflight_fd(&info, file).unwrap();
+
+    process_with_deadline(&r);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while used_idx(&r) < 2 && Instant::now() < deadline {
+        process_with_deadline(&r);
+    }
+    assert_eq!(used_idx(&r), 2);
+    let m = r.mem.memory();
+    let id = |i: u64| -> u32 { m.read_obj(r.used.unchecked_add(4 + 8 * i)).unwrap() };
+    assert_eq!((id(0), id(1)), (7, 0), "resubmitted oldest first");
+    let status: u8 = m.read_obj(GuestAddress(0x30_0000)).unwrap();
+    assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+}

@@ -16,6 +16,8 @@
 #                  (e.g. "ubiblk.size=268435456 ubiblk.queues=2")
 #   GUEST_MEM (1G), GUEST_CPUS (2), GUEST_APPEND (default "quiet"), GUEST_CONSOLE_LOG (path:
 #   keep a copy of the console), QEMU (qemu-system-x86_64 binary)
+#   CHARDEV_OPTS   appended to the disk's -chardev, e.g. ",reconnect-ms=500" (QEMU >= 9.2) so
+#                  that QEMU reconnects when the backend restarts
 #   USE_KVM=1      use KVM when /dev/kvm is usable.  Default is TCG: the Debian 6.1 kernel hangs
 #                  early in boot under KVM on the project's machines.  NO_KVM=1 forces TCG too.
 #
@@ -64,7 +66,7 @@ timeout -k 5 "$limit" "$qemu" -accel "$accel" -cpu "$cpu" -smp "$cpus" -m "$mem"
   -object memory-backend-memfd,id=mem,size="$mem",share=on -machine q35,memory-backend=mem \
   -kernel "$guest/vmlinuz" -initrd "$work/initrd" \
   -append "console=ttyS0 ${GUEST_APPEND-quiet} panic=-1 mitigations=off ${GUEST_CMDLINE:-}" \
-  -chardev socket,id=c0,path="$sock" \
+  -chardev socket,id=c0,path="$sock"${CHARDEV_OPTS:-} \
   -device vhost-user-blk-pci,chardev=c0,num-queues="$nq" \
   -display none -no-reboot -nodefaults -serial stdio -monitor none </dev/null 2>&1 |
   tee "$work/console" | tr -d '\r'
