@@ -407,7 +407,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::block::testing::{finish_all, pattern, Fault, Kind, MemDevice, Seen};
+    use crate::block::testing::{finish_all, pattern, vecs, Fault, Kind, MemDevice, Seen};
     use crate::block::{run_sync, IoBuf};
 
     const CHUNK: u64 = (ZERO_CHUNK >> SECTOR_SHIFT) as u64;
@@ -515,17 +515,6 @@ mod tests {
         let (mem, dev) = crypt_over_mem(64);
         let mut ch = dev.new_channel().unwrap();
         let mut data = pattern(8192, 3);
-        let vecs = |data: &mut IoBuf, pieces: &[(usize, usize)]| {
-            let iov = pieces
-                .iter()
-                .map(|&(at, len)| libc::iovec {
-                    iov_base: data[at..].as_mut_ptr().cast(),
-                    iov_len: len,
-                })
-                .collect();
-            // SAFETY: `data` outlives each synchronous operation below.
-            unsafe { IoVecs::new(iov, Arc::new(())) }
-        };
         // Odd addresses are fine for the cipher; each piece is whole sectors.
         let iov = vecs(&mut data, &[(1, 512), (2049, 1024)]);
         let (r, _) = run_sync(ch.as_mut(), IoOp::WriteVec { sector: 4, iov });
@@ -573,17 +562,6 @@ mod tests {
         };
         assert_eq!(run_sync(ch.as_mut(), write).0, Ok(()));
         let mut back = IoBuf::new(16384);
-        let vecs = |back: &mut IoBuf, pieces: &[(usize, usize)]| {
-            let iov = pieces
-                .iter()
-                .map(|&(at, len)| libc::iovec {
-                    iov_base: back[at..].as_mut_ptr().cast(),
-                    iov_len: len,
-                })
-                .collect();
-            // SAFETY: `back` outlives each synchronous operation below.
-            unsafe { IoVecs::new(iov, Arc::new(())) }
-        };
         // Aligned for the device below (MemDevice: 512): the device reads the ciphertext
         // into the vectors, which are then decrypted where they are.
         let iov = vecs(&mut back, &[(0, 3072), (8192, 5120)]);

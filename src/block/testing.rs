@@ -395,8 +395,9 @@ fn read(ch: &mut dyn IoChannel, sector: u64, len: usize) -> IoBuf {
     buf.expect("a read gives its buffer back")
 }
 
-/// Vectors over `mem` at `(offset, len)` pieces.
-fn vecs(mem: &mut IoBuf, pieces: &[(usize, usize)]) -> IoVecs {
+/// Vectors over `mem` at `(offset, len)` pieces. Callers keep `mem` alive and untouched until
+/// every operation using them has completed.
+pub fn vecs(mem: &mut IoBuf, pieces: &[(usize, usize)]) -> IoVecs {
     let iov = pieces
         .iter()
         .map(|&(at, len)| libc::iovec {

@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::FromRawFd;
 
-use vhost::VhostUserMemoryRegionInfo;
+use vhost::{VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use super::error::{io_err, Error, Result};
@@ -83,6 +83,19 @@ impl SharedMemory {
         let mem = GuestMemoryMmap::from_regions(vec![region])
             .map_err(|e| Error::Memory(format!("building guest memory: {e:?}")))?;
         Ok(SharedMemory { mem, info })
+    }
+
+    /// SET_VRING_ADDR's data for a queue of `queue_size` laid out as `layout` at [`GUEST_BASE`].
+    pub(super) fn vring_config(&self, layout: &Layout, queue_size: u16) -> Result<VringConfigData> {
+        Ok(VringConfigData {
+            queue_max_size: queue_size,
+            queue_size,
+            flags: 0,
+            desc_table_addr: self.user_addr(GUEST_BASE + layout.desc)?,
+            used_ring_addr: self.user_addr(GUEST_BASE + layout.used)?,
+            avail_ring_addr: self.user_addr(GUEST_BASE + layout.avail)?,
+            log_addr: None,
+        })
     }
 
     /// The address of guest address `gpa` in this process (what SET_VRING_ADDR wants).

@@ -212,15 +212,7 @@ impl BlkFrontend {
             .write_slice(&zeroes, GuestAddress(base + layout.desc))
             .map_err(mem_err("clearing the rings"))?;
         let q = g.queue_size;
-        let config = VringConfigData {
-            queue_max_size: q,
-            queue_size: q,
-            flags: 0,
-            desc_table_addr: mem.user_addr(base + layout.desc)?,
-            used_ring_addr: mem.user_addr(base + layout.used)?,
-            avail_ring_addr: mem.user_addr(base + layout.avail)?,
-            log_addr: None,
-        };
+        let config = mem.vring_config(&layout, q)?;
         let kick = EventFd::new(EFD_NONBLOCK).map_err(io_err("kick eventfd"))?;
         let call = EventFd::new(EFD_NONBLOCK).map_err(io_err("call eventfd"))?;
         hand_over_ring(&mut self.fe, &config, 0, &kick, &call)?;
@@ -266,18 +258,7 @@ impl BlkFrontend {
         self.fe
             .set_mem_table(&[mem.info])
             .map_err(request_err("SET_MEM_TABLE"))?;
-        let base = GUEST_BASE;
-        let layout = &ring.layout;
-        let q = ring.geometry.queue_size;
-        let config = VringConfigData {
-            queue_max_size: q,
-            queue_size: q,
-            flags: 0,
-            desc_table_addr: mem.user_addr(base + layout.desc)?,
-            used_ring_addr: mem.user_addr(base + layout.used)?,
-            avail_ring_addr: mem.user_addr(base + layout.avail)?,
-            log_addr: None,
-        };
+        let config = mem.vring_config(&ring.layout, ring.geometry.queue_size)?;
         let used = ring.used_idx_in_memory(mem)?;
         let (kick, call) = ring.eventfds();
         hand_over_ring(&mut self.fe, &config, used, kick, call)?;
