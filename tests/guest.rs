@@ -933,10 +933,13 @@ fn guest_fio_verify_across_backend_sigterm_restarts() {
 /// resumes the fetch from the metadata as well as the guest's requests.
 #[test]
 fn guest_fio_verify_across_backend_kills_lazy_encrypted() {
+    // Throttled like the plain kill test: the fetches alone stop parking requests once fio's
+    // stripes are fetched.
     let extra = "image_path: \"{dir}/image.raw\"\n\
                  metadata_path: \"{dir}/metadata\"\n\
                  autofetch: true\n\
                  autofetch_mib_per_sec: 4\n\
+                 qos:\n  iops_total: 400\n\
                  encryption_key:\n  \
                  - \"ERERERERERERERERERERERERERERERERERERERERERE=\"\n  \
                  - \"fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn4=\"\n";
