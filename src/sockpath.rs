@@ -418,7 +418,7 @@ fn group_id(group: &SocketGroup) -> Result<u32, SocketError> {
 }
 
 /// A new unix stream socket, close-on-exec.
-fn new_socket(nonblocking: bool) -> io::Result<OwnedFd> {
+pub(crate) fn new_socket(nonblocking: bool) -> io::Result<OwnedFd> {
     let mut kind = libc::SOCK_STREAM | libc::SOCK_CLOEXEC;
     if nonblocking {
         kind |= libc::SOCK_NONBLOCK;
@@ -435,21 +435,44 @@ fn new_socket(nonblocking: bool) -> io::Result<OwnedFd> {
 /// `path` as a socket address (at most 107 bytes, no NUL).
 fn address(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
     let bytes = path.as_os_str().as_bytes();
-    // SAFETY: `sockaddr_un` is plain data (integers and a byte array); all zeros is valid.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+    if bytes.is_empty() || bytes.len() >= SUN_PATH_LEN || bytes.contains(&0) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "not a unix socket path (empty, longer than 107 bytes or holding a NUL byte)",
         ));
     }
-    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+    // The path and its terminating NUL.
+    Ok(sockaddr(bytes, 0, 1))
+}
+
+/// The abstract socket address `name` (at most 107 bytes): a NUL, then the name, counted
+/// exactly (abstract names are not NUL-terminated).
+fn abstract_address(name: &[u8]) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    if name.len() >= SUN_PATH_LEN {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "abstract socket name longer than 107 bytes",
+        ));
+    }
+    Ok(sockaddr(name, 1, 0))
+}
+
+/// `sun_path`'s size (108 bytes on Linux).
+const SUN_PATH_LEN: usize =
+    std::mem::size_of::<libc::sockaddr_un>() - std::mem::offset_of!(libc::sockaddr_un, sun_path);
+
+/// A unix address holding `bytes` from `sun_path[at]`, its length counting `extra` bytes more
+/// (callers check that it all fits in `sun_path`).
+fn sockaddr(bytes: &[u8], at: usize, extra: usize) -> (libc::sockaddr_un, libc::socklen_t) {
+    // SAFETY: `sockaddr_un` is plain data (integers and a byte array); all zeros is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path[at..].iter_mut().zip(bytes) {
         *dst = *src as libc::c_char;
     }
-    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + at + bytes.len() + extra;
     // Bounded by size_of::<sockaddr_un>() (110 bytes), so the cast is exact.
-    Ok((addr, len as libc::socklen_t))
+    (addr, len as libc::socklen_t)
 }
 
 /// The signature bind(2) and connect(2) share.
@@ -457,16 +480,29 @@ type AddressCall =
     unsafe extern "C" fn(libc::c_int, *const libc::sockaddr, libc::socklen_t) -> libc::c_int;
 
 fn bind(fd: &OwnedFd, path: &Path) -> io::Result<()> {
-    with_address(fd, path, libc::bind)
+    with_address(fd, address(path)?, libc::bind)
 }
 
 fn connect(fd: &OwnedFd, path: &Path) -> io::Result<()> {
-    with_address(fd, path, libc::connect)
+    with_address(fd, address(path)?, libc::connect)
 }
 
-/// `call` (bind or connect) on `fd` with `path` as the address.
-fn with_address(fd: &OwnedFd, path: &Path, call: AddressCall) -> io::Result<()> {
-    let (addr, len) = address(path)?;
+/// Binds `fd` to the abstract socket address `name`.
+pub(crate) fn bind_abstract(fd: &OwnedFd, name: &[u8]) -> io::Result<()> {
+    with_address(fd, abstract_address(name)?, libc::bind)
+}
+
+/// Connects `fd` to the abstract socket address `name`.
+pub(crate) fn connect_abstract(fd: &OwnedFd, name: &[u8]) -> io::Result<()> {
+    with_address(fd, abstract_address(name)?, libc::connect)
+}
+
+/// `call` (bind or connect) on `fd` with the address `(addr, len)`.
+fn with_address(
+    fd: &OwnedFd,
+    (addr, len): (libc::sockaddr_un, libc::socklen_t),
+    call: AddressCall,
+) -> io::Result<()> {
     // SAFETY: `call` is bind(2) or connect(2): `fd` is an open socket we own, and `addr` is a
     // valid sockaddr_un of at least `len` bytes, only read during the call.
     let rc = unsafe {

@@ -29,6 +29,8 @@ use vhost::vhost_user::Listener;
 use vm_memory::ByteValued;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use crate::sockpath;
+
 const HEADER_LEN: usize = 12;
 const SET_PROTOCOL_FEATURES: u32 = 16;
 const SET_VRING_KICK: u32 = 12;
@@ -338,47 +340,10 @@ pub fn private_connection() -> io::Result<(Listener, UnixStream)> {
     ))
 }
 
-/// The abstract address `name`.
-fn abstract_addr(name: &[u8]) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
-    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    if name.len() + 1 > addr.sun_path.len() {
-        return Err(invalid("abstract socket name too long"));
-    }
-    // sun_path[0] stays 0: the abstract namespace.
-    for (dst, &b) in addr.sun_path[1..].iter_mut().zip(name) {
-        *dst = b as libc::c_char;
-    }
-    let len = std::mem::size_of::<libc::sa_family_t>() + 1 + name.len();
-    Ok((addr, len as libc::socklen_t))
-}
-
-fn socket(flags: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the result is checked and then owned.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | flags, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a descriptor socket(2) just returned, owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// Listens on the abstract address `name` with a backlog of 0 (one queued connection).
 fn bind_abstract(name: &[u8]) -> io::Result<UnixListener> {
-    let fd = socket(libc::SOCK_CLOEXEC)?;
-    let (addr, len) = abstract_addr(name)?;
-    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes for the duration of the call.
-    let r = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast(),
-            len,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = sockpath::new_socket(false)?;
+    sockpath::bind_abstract(&fd, name)?;
     // SAFETY: plain listen(2) on a socket we own.
     if unsafe { libc::listen(fd.as_raw_fd(), 0) } < 0 {
         return Err(io::Error::last_os_error());
@@ -389,22 +354,11 @@ fn bind_abstract(name: &[u8]) -> io::Result<UnixListener> {
 /// Connects to the abstract address `name` without waiting: `None` if the listener's one
 /// queued connection is someone else's.
 fn connect_alone(name: &[u8]) -> io::Result<Option<UnixStream>> {
-    let fd = socket(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)?;
-    let (addr, len) = abstract_addr(name)?;
-    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes for the duration of the call.
-    let r = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast(),
-            len,
-        )
-    };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        return match e.kind() {
-            io::ErrorKind::WouldBlock => Ok(None),
-            _ => Err(e),
-        };
+    let fd = sockpath::new_socket(true)?;
+    match sockpath::connect_abstract(&fd, name) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+        Err(e) => return Err(e),
     }
     let stream = UnixStream::from(fd);
     stream.set_nonblocking(false)?;
