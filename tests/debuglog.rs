@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
-use ubiblk::replay::{format_record, Item, LogReader, OpKind, Record};
+use ubiblk::block::debuglog::format::{format_record, Item, LogReader, OpKind, Record};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-backend");
 const REPLAY: &str = env!("CARGO_BIN_EXE_replay-log");

@@ -6,11 +6,11 @@
 //! - `chunk`: chunk names (keyed hashes of the content) and sealing/opening chunk objects;
 //! - `manifest`: the authenticated manifest (geometry, chunk names, sealed secret);
 //! - `reader`: reading an archive back ([`ArchiveReader`], used by the `archive_url` stripe
-//!   source); `writer`: archiving a disk ([`write_archive`]); `disk`: a configured disk's
-//!   plaintext, as the `archive` tool reads it ([`ConfiguredDisk`]).
+//!   source);
+//! - `writer`: archiving a disk ([`write_archive`]) read through a [`DiskReader`] (the
+//!   `archive` tool's is `crate::tools::archive_disk`).
 
 mod chunk;
-mod disk;
 mod manifest;
 mod reader;
 mod secret;
@@ -19,11 +19,10 @@ mod writer;
 use std::io;
 
 pub use chunk::{ChunkError, ChunkName, CHUNK_PREFIX};
-pub use disk::{ConfiguredDisk, DiskReader, DEFAULT_CHUNK_BYTES};
 pub use manifest::{Manifest, MANIFEST_KEY, PENDING_KEY};
 pub use reader::ArchiveReader;
 pub use secret::kek_key;
-pub use writer::{write_archive, Previous, Report, WriteOptions};
+pub use writer::{write_archive, DiskReader, Previous, Report, WriteOptions, DEFAULT_CHUNK_BYTES};
 
 pub use crate::remote::ObjectStore;
 
@@ -82,7 +81,7 @@ impl ArchiveError {
             ArchiveError::Store { source, .. } => source.kind(),
             _ => io::ErrorKind::InvalidData,
         };
-        io::Error::new(kind, crate::cli::error_chain(&self))
+        io::Error::new(kind, crate::sys::error_chain(&self))
     }
 }
 

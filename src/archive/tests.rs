@@ -186,7 +186,7 @@ fn an_interrupted_archive_leaves_the_previous_one_whole_and_is_resumed() {
     };
     let e = write_archive(&second, &failing, &KEK, &opts()).unwrap_err();
     assert!(
-        crate::cli::error_chain(&e).contains("injected failure"),
+        crate::sys::error_chain(&e).contains("injected failure"),
         "{e}"
     );
     // Readers still see the first archive, whole.
@@ -244,7 +244,7 @@ fn wrong_kek_is_refused_by_the_reader_and_the_writer() {
     assert!(matches!(e, ArchiveError::WrongKek), "{e}");
     let e = write_archive(&d, &*store(dir.path()), &other, &opts()).unwrap_err();
     assert!(matches!(e, ArchiveError::Existing(_)), "{e}");
-    assert!(crate::cli::error_chain(&e).contains("another KEK"), "{e}");
+    assert!(crate::sys::error_chain(&e).contains("another KEK"), "{e}");
     // --new-key: a new archive under the other KEK, which the first KEK no longer opens.
     let new = WriteOptions {
         new_key: true,
@@ -303,7 +303,7 @@ fn damaged_swapped_truncated_or_missing_chunks_are_errors_for_that_chunk_only() 
     };
     let expect_err = |i: usize, want: &str| {
         let e = r.read_chunk(i).unwrap_err();
-        let text = crate::cli::error_chain(&e);
+        let text = crate::sys::error_chain(&e);
         assert!(text.contains(&format!("chunk {i}")), "{text}");
         assert!(text.contains(want), "chunk {i}: {text}");
         let mut buf = vec![0u8; 1024];
@@ -320,7 +320,7 @@ fn damaged_swapped_truncated_or_missing_chunks_are_errors_for_that_chunk_only() 
     // A read covering every chunk (fetched several at a time) fails too.
     let mut all = vec![0u8; d.0.len()];
     let e = r.read_at(0, &mut all).unwrap_err();
-    assert!(crate::cli::error_chain(&e).contains("chunk 0"), "{e}");
+    assert!(crate::sys::error_chain(&e).contains("chunk 0"), "{e}");
     std::fs::write(path(0), &good[..good.len() - 5]).unwrap();
     expect_err(0, "authentication failed");
     std::fs::write(path(0), &good[..10]).unwrap();

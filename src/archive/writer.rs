@@ -10,6 +10,7 @@
 //! it can be resumed with the same names).
 
 use std::collections::HashSet;
+use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -17,11 +18,21 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 
 use super::chunk::{self, ChunkName};
-use super::disk::DiskReader;
 use super::manifest::{encode_pending, Manifest, MANIFEST_KEY, PENDING_KEY};
 use super::reader::{read_manifest, read_pending};
 use super::secret::{Keys, Secret, KEY_LEN};
 use super::{ArchiveError, ObjectStore};
+
+/// Chunk size of an archive of a disk without lazy fetch (a lazy disk's is its stripe size).
+pub const DEFAULT_CHUNK_BYTES: u64 = 1 << 20;
+
+/// A disk's plaintext, read-only, readable from several threads at once.
+pub trait DiskReader: Sync {
+    /// Size in bytes, a multiple of 512.
+    fn bytes(&self) -> u64;
+    /// Fills `buf` (a whole number of sectors, at a sector boundary) from `offset`.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
 
 /// How to archive.
 #[derive(Clone, Debug)]
@@ -147,7 +158,7 @@ fn begin(
             warn!(
                 "{store}: replacing {what} this KEK cannot open ({}): a new key, no chunk \
                  shared with it",
-                crate::cli::error_chain(&e)
+                crate::sys::error_chain(&e)
             );
             Ok(())
         }

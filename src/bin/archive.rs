@@ -5,10 +5,11 @@ use anyhow::Context;
 use clap::Parser;
 use std::process::ExitCode;
 
-use ubiblk::archive::{kek_key, write_archive, ConfiguredDisk, DiskReader, Previous, WriteOptions};
-use ubiblk::cli::{self, ConfigArgs};
-use ubiblk::lazy::source::{RemoteOptions, S3Overrides};
+use ubiblk::archive::{kek_key, write_archive, DiskReader, Previous, WriteOptions};
 use ubiblk::remote::open_store;
+use ubiblk::remote::{RemoteOptions, S3Overrides};
+use ubiblk::service::cli::{self, ConfigArgs};
+use ubiblk::tools::archive_disk::ConfiguredDisk;
 
 /// Archive a disk: a manifest plus one compressed, encrypted object per distinct non-zero
 /// chunk, under a key wrapped by the KEK (required, method aes256-gcm). Archiving again to

@@ -6,9 +6,9 @@ use clap::Parser;
 use std::fs::File;
 use std::process::ExitCode;
 
-use ubiblk::cli::{self, ConfigArgs};
 use ubiblk::lazy::metadata::{VERSION_MAJOR, VERSION_MINOR};
 use ubiblk::lazy::{metadata_tool_files, Metadata};
+use ubiblk::service::cli::{self, ConfigArgs};
 
 /// Print the lazy-fetch metadata of a disk: the config gives `metadata_path`, the base disk
 /// (`path`, whose size fixes the stripe count) and the keys when the metadata is encrypted.

@@ -13,11 +13,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use ubiblk::block::{check_disk_kind, BlockDevice, CryptDevice, FileDevice};
-use ubiblk::cli::{self, ConfigArgs};
 use ubiblk::config::Options;
 use ubiblk::crypto::Xts;
 use ubiblk::lazy::metadata::{DEFAULT_SHIFT, MAX_SHIFT, MIN_SHIFT};
 use ubiblk::lazy::{device_size, metadata_tool_files, zero_past_image, Metadata};
+use ubiblk::service::cli::{self, ConfigArgs};
 
 /// Initialise the metadata file used by lazy stripe fetch: a header and one byte per stripe of
 /// the base disk (`path`), all stripes unfetched except those wholly past the end of

@@ -7,8 +7,8 @@ use std::io::BufReader;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ubiblk::cli;
-use ubiblk::replay::{replay, Event, LogError};
+use ubiblk::service::cli;
+use ubiblk::tools::replay::{replay, Event, LogError};
 
 /// Replay the READ and WRITE records of an I/O debug log onto a disk image: every WRITE is
 /// applied at sector*512, every READ is compared with the disk's current content.

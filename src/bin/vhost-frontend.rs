@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ubiblk::cli;
 use ubiblk::frontend::{self, IoOptions, Stage};
+use ubiblk::service::cli;
 
 /// Connect to a vhost-user-blk backend as a VMM would, run the stages up to --stage and print
 /// what each one negotiated. Stages: 0 setup, 1 config, 2 memory, 3 virtqueue, 4 copy (read the

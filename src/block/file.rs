@@ -73,7 +73,7 @@ pub fn check_disk_kind(meta: &std::fs::Metadata) -> io::Result<()> {
         io::ErrorKind::InvalidInput,
         format!(
             "{}, not a regular file or block device",
-            crate::sockpath::kind_of(&kind)
+            crate::sys::socket::kind_of(&kind)
         ),
     ))
 }

@@ -10,7 +10,7 @@
 
 mod buf;
 mod crypt;
-mod debuglog;
+pub mod debuglog;
 mod file;
 mod layer;
 mod notifier;
@@ -27,6 +27,9 @@ pub use debuglog::DebugLogDevice;
 pub use file::{check_disk_kind, device_size, FileDevice};
 pub use layer::{Below, Layer, LayerChannel};
 pub use notifier::Notifier;
+pub use qos::limits::{
+    QosGroup, QosInvalid, QosKind, QosLimits, QOS_FIELDS, QOS_MAX_LENGTH, QOS_PATHS, QOS_VALUE_MAX,
+};
 pub use qos::{Qos, QosDevice};
 pub use slab::Slab;
 
@@ -34,8 +37,7 @@ use std::any::Any;
 use std::io;
 use std::sync::Arc;
 
-pub const SECTOR_SIZE: usize = 512;
-pub const SECTOR_SHIFT: u32 = 9;
+pub use crate::{SECTOR_SHIFT, SECTOR_SIZE};
 
 /// One operation on a channel. Data operations own their buffer while in flight and give it
 /// back in the [`Completion`].

@@ -4,8 +4,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::testing::{check_stack, MemDevice};
+use super::QosLimits;
 use super::{BlockDevice, CryptDevice, DebugLogDevice, FileDevice, Qos, QosDevice};
-use crate::config::QosLimits;
 use crate::crypto::Xts;
 use crate::lazy::source::SourceSpec;
 use crate::lazy::{LazyDevice, LazyOptions, Metadata};

@@ -78,8 +78,12 @@ impl Kek {
     /// Parses the KEK YAML. Errors never repeat what the file holds (it is key material),
     /// only the field, the kind of problem and where.
     pub fn parse(text: &[u8]) -> Result<Kek, String> {
-        let file: KekFile = serde_yaml_ng::from_slice(text)
-            .map_err(|e| format!("not a KEK file: {}", crate::yaml::describe(&e, KEK_FIELDS)))?;
+        let file: KekFile = serde_yaml_ng::from_slice(text).map_err(|e| {
+            format!(
+                "not a KEK file: {}",
+                crate::sys::yaml::describe(&e, KEK_FIELDS)
+            )
+        })?;
         match file.method.as_str() {
             "none" => Ok(Kek::None),
             "aes256-gcm" => {
@@ -261,7 +265,7 @@ fn read_kek(path: &Path, unlink: bool) -> Result<Zeroizing<Vec<u8>>, KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::yaml::{assert_no_key, TEST_KEYS};
+    use crate::sys::yaml::{assert_no_key, TEST_KEYS};
 
     /// Seals `key` the way a KEK-wrapped entry is made (independently of unwrap_entry).
     fn wrap(kek: &[u8; 32], iv: &[u8; 12], aad: &[u8], key: &[u8]) -> String {

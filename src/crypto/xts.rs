@@ -11,7 +11,7 @@
 use aes::cipher::{Array, BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
 use aes::Aes256;
 
-use crate::block::SECTOR_SIZE;
+use crate::SECTOR_SIZE;
 
 const BLOCK: usize = 16;
 const BLOCKS_PER_SECTOR: usize = SECTOR_SIZE / BLOCK;

@@ -14,13 +14,14 @@ use super::fetch::{fetcher, Shared};
 use super::metadata::{Metadata, WRITTEN};
 use super::persist::{MetaFile, MetaStore};
 use super::queue::{lock, FetchQueue, Waker};
-use super::source::{self, RemoteOptions, SourceSpec, StripeSource};
+use super::source::{self, SourceSpec, StripeSource};
 use super::split::SourceEnd;
 use super::states::StripeStates;
 use super::{Error, LazyStatus};
 use crate::block::{BlockDevice, IoChannel, Notifier, SECTOR_SHIFT};
 use crate::crypto::keys::Kek;
 use crate::crypto::Xts;
+use crate::remote::RemoteOptions;
 
 /// Fetcher threads for a local source: enough to overlap source reads, base writes and syncs
 /// of several stripes.

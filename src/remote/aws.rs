@@ -23,7 +23,7 @@ use std::path::PathBuf;
 
 use zeroize::Zeroizing;
 
-use crate::lazy::source::S3Overrides;
+use crate::remote::S3Overrides;
 
 /// The environment lookups go through.
 pub trait Env {

@@ -15,7 +15,7 @@ use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 use ureq::{Agent, Body};
 
 use super::retry::{parse_retry_after, Failure, RetryPolicy};
-use crate::lazy::source::RemoteOptions;
+use crate::remote::RemoteOptions;
 
 /// Error bodies are read (for S3's error code, and so the connection can be reused) up to
 /// this size; a larger one is dropped with its connection.

@@ -4,6 +4,7 @@
 pub mod aws;
 mod file;
 pub mod http;
+mod options;
 pub mod retry;
 pub mod s3;
 
@@ -11,9 +12,11 @@ use std::fmt;
 use std::io::{self, Read as _};
 
 pub use file::FileStore;
+pub use options::{
+    RemoteOptions, S3Overrides, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_FETCH_CONNECTIONS,
+    DEFAULT_RETRY_BUDGET,
+};
 pub use s3::S3Store;
-
-use crate::lazy::source::RemoteOptions;
 
 /// A flat namespace of immutable objects under one prefix (a directory, a bucket prefix).
 ///

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{warn, Level};
 
-use crate::ratelog::{RateLimiter, Verdict};
+use crate::sys::ratelog::{RateLimiter, Verdict};
 
 /// The first wait's upper bound; it doubles per failed attempt up to [`MAX_WAIT`].
 pub const FIRST_WAIT: Duration = Duration::from_millis(100);
@@ -89,8 +89,8 @@ impl RetryPolicy {
             budget,
             retries: AtomicU64::new(0),
             log: Mutex::new(RateLimiter::new(
-                crate::ratelog::BURST,
-                crate::ratelog::WINDOW,
+                crate::sys::ratelog::BURST,
+                crate::sys::ratelog::WINDOW,
             )),
         }
     }
@@ -157,7 +157,7 @@ impl RetryPolicy {
         }
     }
 
-    /// A warning per failed attempt, at most [`crate::ratelog::BURST`] per window: an outage
+    /// A warning per failed attempt, at most [`crate::sys::ratelog::BURST`] per window: an outage
     /// makes every fetcher fail every few seconds, which must not flood the log.
     fn log_retry(&self, clock: &dyn Clock, e: &io::Error, wait: Duration) {
         let verdict = self.log.lock().unwrap_or_else(|p| p.into_inner()).check(

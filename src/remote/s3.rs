@@ -14,7 +14,7 @@ use super::aws::AwsConfig;
 use super::http::{status_failure, HttpClient, Locate, Method};
 use super::retry::Failure;
 use super::{check_key, ObjectStore};
-use crate::lazy::source::RemoteOptions;
+use crate::remote::RemoteOptions;
 
 /// Lifetime of a presigned URL. Each attempt signs anew, so this only has to outlast one
 /// attempt (and a client clock a little off).

@@ -11,8 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{
     Address, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
@@ -24,9 +23,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::block::BlockDevice;
-use crate::config::{ConfigError, Options};
-use crate::sockpath::{self, Perms, SocketError, SocketFile};
-use crate::stats::{DeviceStats, QueueStats};
+use crate::virtio_blk::stats::{DeviceStats, QueueStats};
 use crate::virtio_blk::{self, ConfigSpace, DeviceInfo, Finished, QueueWorker, Request};
 use poll::AdaptivePoll;
 
@@ -34,6 +31,14 @@ mod inflight;
 mod poll;
 mod relay;
 mod resume;
+mod serve;
+
+pub use serve::{serve, Connection, Disk, ServeError};
+
+/// Most virtqueues. Each queue has its own worker thread, and vhost-user-backend gives each
+/// thread its queues as a bit mask in a u64: queue 64 and up cannot be assigned (they used to
+/// alias queues 0..).
+pub const MAX_NUM_QUEUES: u16 = 64;
 
 type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -111,14 +116,13 @@ impl BlockBackend {
                 ),
             ));
         }
-        if settings.num_queues > crate::config::MAX_NUM_QUEUES {
+        if settings.num_queues > MAX_NUM_QUEUES {
             // queues_per_thread() gives each thread its queue as a bit of a u64.
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
                     "num_queues: {} is more than the {} queues a backend serves",
-                    settings.num_queues,
-                    crate::config::MAX_NUM_QUEUES
+                    settings.num_queues, MAX_NUM_QUEUES
                 ),
             ));
         }
@@ -387,7 +391,7 @@ impl BlockBackend {
         {
             return;
         }
-        match crate::affinity::pin_current_thread(cpu) {
+        match crate::sys::affinity::pin_current_thread(cpu) {
             Ok(()) => info!("queue {q}: worker thread pinned to CPU {cpu}"),
             Err(e) => error!("queue {q}: cannot pin the worker thread to CPU {cpu}: {e}"),
         }
@@ -603,190 +607,3 @@ fn check_regions(mem: &GuestMemoryMmap) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// `socket` (or `socket_group`) could not be claimed: see [`crate::sockpath`].
-    #[error(transparent)]
-    Socket(#[from] SocketError),
-    /// A queue's channel to the device could not be opened.
-    #[error(transparent)]
-    Channel(io::Error),
-    /// The daemon's error, formatted: it can hold a thread's panic payload, which is not Sync.
-    #[error("cannot create vhost-user daemon: {0}")]
-    Daemon(String),
-    #[error("cannot watch io completions")]
-    Watch(#[source] io::Error),
-}
-
-/// Checks, changing nothing, that [`listen`] could claim `opts.socket` (see
-/// [`crate::sockpath::check`]): a refused path is reported before anything is opened.
-pub fn check(opts: &Options) -> Result<(), ServeError> {
-    sockpath::check("socket", &opts.socket, &perms(opts)?)?;
-    Ok(())
-}
-
-fn perms(opts: &Options) -> Result<Perms, ConfigError> {
-    Ok(Perms {
-        mode: opts.socket_mode()?,
-        group: opts.socket_group()?,
-    })
-}
-
-/// Claims `opts.socket` with `socket_mode` and `socket_group` and listens on it (the rules are
-/// in [`crate::sockpath`]): a path holding another kind of file, or a socket another process
-/// listens on, is refused. The [`SocketFile`] removes the socket when dropped, if it is still
-/// ours.
-pub fn listen(opts: &Options) -> Result<(Listener, SocketFile), ServeError> {
-    let perms = perms(opts)?;
-    let (listener, file) = sockpath::listen("socket", &opts.socket, &perms)?;
-    info!(
-        "listening on {} (mode {:04o})",
-        opts.socket.display(),
-        perms.mode
-    );
-    // From a std listener the vhost crate's Listener records no path, so it never unlinks.
-    Ok((Listener::from(listener), file))
-}
-
-/// Pause before retrying after setting up or accepting a connection failed (e.g. EMFILE, which
-/// persists until a descriptor is freed: retrying at once would spin and flood the log).
-const RETRY_DELAY: Duration = Duration::from_millis(100);
-
-type Daemon = VhostUserDaemon<Arc<BlockBackend>>;
-
-/// A fresh backend and daemon for the next connection, the completion notifiers registered.
-fn setup(
-    device: &dyn BlockDevice,
-    info: &Arc<DeviceInfo>,
-    config: &ConfigSpace,
-    settings: &QueueSettings,
-    stats: &Arc<DeviceStats>,
-) -> Result<(Arc<BlockBackend>, Daemon), ServeError> {
-    let backend = Arc::new(
-        BlockBackend::with_stats(
-            device,
-            info.clone(),
-            config.clone(),
-            settings.clone(),
-            stats.clone(),
-        )
-        .map_err(ServeError::Channel)?,
-    );
-    let daemon = VhostUserDaemon::new(
-        "ubiblk".to_string(),
-        backend.clone(),
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-    )
-    .map_err(|e| ServeError::Daemon(format!("{e:?}")))?;
-    for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-        let fd = backend.worker(q).channel().notifier().as_raw_fd();
-        handler
-            .register_listener(fd, EventSet::IN, backend.completion_token())
-            .map_err(ServeError::Watch)?;
-    }
-    Ok((backend, daemon))
-}
-
-/// Accepts the next frontend on `listener` and connects it to `daemon` through a
-/// [`relay::Relay`] that answers the inflight messages with `backend`.
-fn accept(
-    listener: &mut Listener,
-    daemon: &mut Daemon,
-    backend: &Arc<BlockBackend>,
-) -> io::Result<relay::Relay> {
-    let frontend = loop {
-        if let Some(s) = listener.accept().map_err(io::Error::other)? {
-            break s;
-        }
-    };
-    let (mut private, ours) = relay::private_connection()?;
-    daemon
-        .start(&mut private)
-        .map_err(|e| io::Error::other(format!("{e:?}")))?;
-    relay::Relay::start(frontend, ours, backend.clone())
-}
-
-/// Serves `device` on `listener` (from [`listen`]) forever: one frontend at a time, a fresh
-/// device state for each. `current` is updated with the backend of the live connection, for
-/// shutdown, and `connected` says whether a frontend is connected; every connection's queues
-/// record into `stats`. Only the first set-up's errors are returned (a config the device refuses); later
-/// a failure to set up or accept a connection (e.g. out of descriptors) is logged once per run
-/// of failures and retried after [`RETRY_DELAY`]: the backend never exits over a connection.
-#[allow(clippy::too_many_arguments)]
-pub fn serve(
-    mut listener: Listener,
-    device: Arc<dyn BlockDevice>,
-    info: Arc<DeviceInfo>,
-    config: ConfigSpace,
-    settings: QueueSettings,
-    current: Arc<Mutex<Option<Arc<BlockBackend>>>>,
-    connected: Arc<AtomicBool>,
-    stats: Arc<DeviceStats>,
-) -> Result<(), ServeError> {
-    let mut next = Some(setup(device.as_ref(), &info, &config, &settings, &stats)?);
-    // Whether the last attempt failed: its error was logged, repeats are not.
-    let mut failing = false;
-    loop {
-        let (backend, mut daemon) = match next.take() {
-            Some(ready) => ready,
-            None => match setup(device.as_ref(), &info, &config, &settings, &stats) {
-                Ok(ready) => ready,
-                Err(e) => {
-                    if !failing {
-                        error!(
-                            "setting up the next connection failed (retrying every \
-                             {RETRY_DELAY:?}): {e}"
-                        );
-                        failing = true;
-                    }
-                    std::thread::sleep(RETRY_DELAY);
-                    continue;
-                }
-            },
-        };
-        let handlers = daemon.get_epoll_handlers();
-        *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(backend.clone());
-        let relay = match accept(&mut listener, &mut daemon, &backend) {
-            Ok(relay) => relay,
-            Err(e) => {
-                if !failing {
-                    error!("accepting a frontend failed (retrying every {RETRY_DELAY:?}): {e}");
-                    failing = true;
-                }
-                std::thread::sleep(RETRY_DELAY);
-                continue;
-            }
-        };
-        if failing {
-            info!("serving connections again");
-            failing = false;
-        }
-        info!("frontend connected");
-        connected.store(true, Ordering::Relaxed);
-        let ended = daemon.wait();
-        connected.store(false, Ordering::Relaxed);
-        relay.join();
-        match ended {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => info!("frontend disconnected"),
-            Err(e) => warn!("frontend connection ended: {e:?}"),
-        }
-        for h in &handlers {
-            h.send_exit_event();
-        }
-        drop(handlers);
-        // Dropping the daemon joins the worker threads; then nothing races the drain.
-        drop(daemon);
-        backend.close_leaked_exit_fds();
-        backend.drain_all();
-        backend.log_poll_stats();
-        if let Err(e) = device.sync() {
-            error!("sync after disconnect failed: {e}");
-        }
-    }
-}

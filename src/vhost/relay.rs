@@ -29,7 +29,7 @@ use vhost::vhost_user::Listener;
 use vm_memory::ByteValued;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::sockpath;
+use crate::sys::socket;
 
 const HEADER_LEN: usize = 12;
 const SET_PROTOCOL_FEATURES: u32 = 16;
@@ -342,8 +342,8 @@ pub fn private_connection() -> io::Result<(Listener, UnixStream)> {
 
 /// Listens on the abstract address `name` with a backlog of 0 (one queued connection).
 fn bind_abstract(name: &[u8]) -> io::Result<UnixListener> {
-    let fd = sockpath::new_socket(false)?;
-    sockpath::bind_abstract(&fd, name)?;
+    let fd = socket::new_socket(false)?;
+    socket::bind_abstract(&fd, name)?;
     // SAFETY: plain listen(2) on a socket we own.
     if unsafe { libc::listen(fd.as_raw_fd(), 0) } < 0 {
         return Err(io::Error::last_os_error());
@@ -354,8 +354,8 @@ fn bind_abstract(name: &[u8]) -> io::Result<UnixListener> {
 /// Connects to the abstract address `name` without waiting: `None` if the listener's one
 /// queued connection is someone else's.
 fn connect_alone(name: &[u8]) -> io::Result<Option<UnixStream>> {
-    let fd = sockpath::new_socket(true)?;
-    match sockpath::connect_abstract(&fd, name) {
+    let fd = socket::new_socket(true)?;
+    match socket::connect_abstract(&fd, name) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
         Err(e) => return Err(e),

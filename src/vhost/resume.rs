@@ -16,7 +16,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace};
 use super::inflight::{chain_descriptors, QueueTrack, Region};
 use super::relay::InflightHandler;
 use super::{BlockBackend, Memory};
-use crate::stats::QueueStats;
+use crate::virtio_blk::stats::QueueStats;
 use crate::virtio_blk::{Finished, QueueWorker, Request};
 
 impl BlockBackend {

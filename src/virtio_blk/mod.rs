@@ -1,6 +1,7 @@
 //! virtio-blk: feature bits, config space, request parsing and the per-queue worker.
 
 pub mod request;
+pub mod stats;
 pub mod worker;
 
 pub use request::{Limits, Request};

@@ -695,7 +695,7 @@ fn features_follow_readonly() {
 /// was taken off the ring.
 #[test]
 fn finished_requests_carry_kind_status_bytes_and_start() {
-    use crate::stats::OpKind;
+    use crate::virtio_blk::stats::OpKind;
     let t0 = std::time::Instant::now();
     let mut r = rig(false, false);
     let kinds = |f: Finished| (f.kind, f.ok, f.bytes, f.started == t0);

@@ -9,7 +9,7 @@ use vm_memory::{Bytes, GuestMemory, Permissions};
 
 use super::request::{gather, scatter, Op, ParseError, Region, Request};
 use crate::block::{BufPool, Completion, IoChannel, IoOp, IoVecs, Slab, SECTOR_SHIFT};
-use crate::stats::OpKind;
+use crate::virtio_blk::stats::OpKind;
 
 /// Device-wide facts every queue needs.
 #[derive(Debug, Clone)]

@@ -5,11 +5,12 @@
 use std::fmt;
 use std::io;
 
-use super::{RemoteOptions, StripeSource};
+use super::StripeSource;
 use crate::archive::{kek_key, ArchiveReader};
 use crate::crypto::keys::Kek;
 use crate::lazy::Error;
 use crate::remote::open_store;
+use crate::remote::RemoteOptions;
 
 /// No read-through: a guest read of an unfetched stripe waits for its fetch (a chunk is
 /// fetched and opened whole, so reading it per request would cost as much as fetching).

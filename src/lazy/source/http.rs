@@ -14,9 +14,9 @@ use std::io::{self, Read};
 use log::{info, warn};
 
 use super::StripeSource;
-use crate::lazy::source::RemoteOptions;
 use crate::remote::http::{header, redact, status_failure, FixedUrl, HttpClient, Locate, Method};
 use crate::remote::retry::Failure;
+use crate::remote::RemoteOptions;
 
 /// What the reads are conditional on.
 #[derive(Debug, Clone, PartialEq, Eq)]

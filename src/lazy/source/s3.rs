@@ -5,9 +5,9 @@ use std::io;
 use std::sync::Arc;
 
 use super::http::RangeSource;
-use crate::lazy::source::RemoteOptions;
 use crate::remote::aws::{self, AwsConfig};
 use crate::remote::s3::{parse_url, S3Bucket, S3Object};
+use crate::remote::RemoteOptions;
 
 /// Opens `url` with the AWS settings of the process's environment and files under the
 /// configuration's `s3_*` overrides.

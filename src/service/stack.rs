@@ -26,14 +26,13 @@ use crate::block::{
     BlockDevice, CryptDevice, DebugLogDevice, FileDevice, Qos, QosDevice, SECTOR_SHIFT,
 };
 use crate::config::{ConfigError, Options, DEVICE_ID_LEN};
-use crate::control::{self, Control, DeviceFacts};
 use crate::crypto::keys::Kek;
 use crate::crypto::Xts;
-use crate::lazy::source::{RemoteOptions, S3Overrides, SourceSpec};
-use crate::lazy::{LazyDevice, LazyOptions};
-use crate::sockpath::SocketFile;
-use crate::stats::DeviceStats;
+use crate::lazy::LazyDevice;
+use crate::service::control::{self, Control, DeviceFacts};
+use crate::sys::socket::SocketFile;
 use crate::vhost::QueueSettings;
+use crate::virtio_blk::stats::DeviceStats;
 use crate::virtio_blk::{self, ConfigSpace, DeviceInfo, Limits};
 
 /// An opened stack and what the VMM is told about it.
@@ -111,7 +110,7 @@ pub fn open_with_kek(
     }
     let encrypted = cipher.is_some();
     let mut lazy_device = None;
-    if let Some(mut lazy) = lazy_options(opts) {
+    if let Some(mut lazy) = opts.lazy_options() {
         lazy.archive_kek = kek;
         let layer = Arc::new(
             LazyDevice::open(device, cipher, &lazy, ring_entries)
@@ -184,42 +183,6 @@ pub fn open_with_kek(
         control_socket,
         connected,
         stats,
-    })
-}
-
-/// The lazy layer's options; `None` without a source (`opts` must be valid).
-pub fn lazy_options(opts: &Options) -> Option<LazyOptions> {
-    let source = if let Some(path) = &opts.image_path {
-        SourceSpec::File(path.clone())
-    } else if let Some(url) = &opts.image_url {
-        SourceSpec::Url(url.clone())
-    } else {
-        SourceSpec::Archive(opts.archive_url.clone()?)
-    };
-    let defaults = RemoteOptions::default();
-    let secs =
-        |v: Option<u32>, default: Duration| v.map_or(default, |s| Duration::from_secs(s.into()));
-    Some(LazyOptions {
-        source,
-        fetchers: opts.fetch_connections.map(usize::from),
-        remote: RemoteOptions {
-            connections: opts
-                .fetch_connections
-                .map_or(defaults.connections, usize::from),
-            attempt_timeout: secs(opts.fetch_timeout_secs, defaults.attempt_timeout),
-            retry_budget: secs(opts.fetch_retry_secs, defaults.retry_budget),
-            s3: S3Overrides {
-                endpoint: opts.s3_endpoint.clone(),
-                region: opts.s3_region.clone(),
-                profile: opts.s3_profile.clone(),
-            },
-        },
-        // Validation guarantees metadata_path with a source.
-        metadata_path: opts.metadata_path.clone()?,
-        copy_on_read: opts.copy_on_read,
-        autofetch: opts.autofetch,
-        autofetch_mib_per_sec: opts.autofetch_mib_per_sec,
-        archive_kek: None,
     })
 }
 
@@ -464,7 +427,7 @@ mod tests {
         );
         opts.path = PathBuf::from("/dev/null");
         let e = open(&opts, None).err().unwrap();
-        let text = crate::cli::error_chain(&e);
+        let text = crate::sys::error_chain(&e);
         assert_eq!(
             text,
             "path: cannot open /dev/null: a character device, not a regular file or block device"

@@ -27,8 +27,6 @@ use std::time::Duration;
 
 use log::{info, warn};
 
-use crate::config::SocketGroup;
-
 /// The mode of a socket without `socket_mode`: only the backend's user may connect.
 pub const PRIVATE_MODE: u32 = 0o600;
 
@@ -36,6 +34,13 @@ pub const PRIVATE_MODE: u32 = 0o600;
 const ATTEMPTS: usize = 3;
 /// How long a socket refusing connections is given to start listening before it is stale.
 const STALE_PAUSE: Duration = Duration::from_millis(20);
+
+/// `socket_group`, resolved from its text: a gid, or a name looked up when the socket is made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketGroup {
+    Id(u32),
+    Name(String),
+}
 
 /// Who may connect to a socket.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,27 +9,16 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::ArchiveError;
-use crate::block::SECTOR_SIZE;
+use crate::archive::{ArchiveError, DiskReader, DEFAULT_CHUNK_BYTES};
 use crate::config::Options;
 use crate::crypto::keys::Kek;
 use crate::crypto::Xts;
 use crate::lazy::metadata::FETCHED;
 use crate::lazy::{self, Metadata, StripeSource};
-
-/// Chunk size of an archive of a disk without lazy fetch (a lazy disk's is its stripe size).
-pub const DEFAULT_CHUNK_BYTES: u64 = 1 << 20;
+use crate::SECTOR_SIZE;
 
 /// Ring size of a local source's read-through channels (opened, never used here).
 const RING_ENTRIES: u32 = 64;
-
-/// A disk's plaintext, read-only, readable from several threads at once.
-pub trait DiskReader: Sync {
-    /// Size in bytes, a multiple of 512.
-    fn bytes(&self) -> u64;
-    /// Fills `buf` (a whole number of sectors, at a sector boundary) from `offset`.
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
-}
 
 /// The disk a backend config describes.
 pub struct ConfiguredDisk {
@@ -68,7 +57,7 @@ impl ConfiguredDisk {
                 .into(),
             ));
         }
-        let lazy = match crate::stack::lazy_options(opts) {
+        let lazy = match opts.lazy_options() {
             None => None,
             Some(mut lazy_opts) => {
                 lazy_opts.archive_kek = kek;

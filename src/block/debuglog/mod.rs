@@ -3,7 +3,7 @@
 //!
 //! # Format
 //!
-//! (Written by [`crate::replay::format_record`], parsed by [`crate::replay::LogReader`].)
+//! (Written by [`format::format_record`], parsed by [`format::LogReader`].)
 //!
 //! Plain ASCII, one record per operation, four lines each:
 //!
@@ -38,6 +38,8 @@
 //! completes, so it survives a crash of the backend; the file is fsynced by [`BlockDevice::sync`]
 //! (at shutdown), not on every guest FLUSH.
 
+pub mod format;
+
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -49,7 +51,7 @@ use super::{
     Below, BlockDevice, Completion, IoBuf, IoChannel, IoOp, Layer, LayerChannel, Notifier, Slab,
     SECTOR_SIZE,
 };
-use crate::replay::{format_record, OpKind};
+use format::{format_record, OpKind};
 
 /// The shared log file.
 struct LogFile {

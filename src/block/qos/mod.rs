@@ -23,6 +23,8 @@
 //!
 //! Without limits, `add` costs one relaxed atomic load before passing the request down.
 
+pub mod limits;
+
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,7 +32,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::{BlockDevice, Completion, IoChannel, IoOp, Notifier};
-use crate::config::{QosInvalid, QosKind, QosLimits};
+use limits::{QosInvalid, QosKind, QosLimits};
 
 const NS: u128 = 1_000_000_000;
 

@@ -9,16 +9,21 @@ use std::sync::Arc;
 use crate::config::{ConfigError, Options};
 use crate::crypto::keys::{Kek, KekArgs, KeyError};
 use crate::crypto::Xts;
+pub use crate::sys::error_chain;
 
 /// Logs to stderr at `default_filter` (e.g. `info`) unless `RUST_LOG` says otherwise. Records
 /// from the rust-vmm crates, which a guest can trigger at will, are rate-limited
-/// ([`crate::ratelog`]); a second call does nothing.
+/// ([`crate::sys::ratelog`]); a second call does nothing.
 pub fn init_logging(default_filter: &str) {
     let logger =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
             .build();
     let max = logger.filter();
-    if log::set_boxed_logger(Box::new(crate::ratelog::RateLimitedLogger::new(logger))).is_ok() {
+    if log::set_boxed_logger(Box::new(crate::sys::ratelog::RateLimitedLogger::new(
+        logger,
+    )))
+    .is_ok()
+    {
         log::set_max_level(max);
     }
 }
@@ -72,18 +77,6 @@ pub struct Keys {
     pub cipher: Option<Arc<Xts>>,
     /// The parsed `--kek` file.
     pub kek: Option<Arc<Kek>>,
-}
-
-/// `err` and its sources, joined by ": " (as anyhow's `{:#}`).
-pub fn error_chain(err: &(dyn Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
 
 /// What a tool's `main` returns for `result`: its status on success; on error, the error chain

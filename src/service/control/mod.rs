@@ -1,0 +1,71 @@
+//! The control socket (`control_socket`): a unix stream socket taking one command per line,
+//! for any disk.
+//!
+//! `status` answers one line of JSON: the device's facts, whether a frontend is connected, and
+//! with lazy fetch its progress ([`LazyStatus`], flattened in); `stats` one line of JSON with
+//! the request statistics per queue and in total ([`crate::virtio_blk::stats`]); `metrics` the same and
+//! `status`'s numbers in the Prometheus text exposition format, several lines ending with a
+//! line `# EOF`; `qos` the I/O limits in force (every field of `qos:`, `null` when not
+//! limited); `set-qos {JSON}` replaces them all with the object's (fields left out: no limit),
+//! checked as the config's are, and answers the new limits (a problem answers `{"error":...}`
+//! naming it, and nothing changes); anything else answers `{"error":"unknown command",...}`.
+//! Connections are served one thread each, at most [`MAX_CONNECTIONS`] at once (more are
+//! closed unanswered); a client may send several commands, and one silent for [`IO_TIMEOUT`] is
+//! disconnected. The data path never waits for it: the answers read atomics and short-lived
+//! locks the queues do not take (`set-qos` takes the limits' lock, which queues take while
+//! something is limited).
+
+mod commands;
+mod metrics;
+mod server;
+
+pub use server::{serve, IO_TIMEOUT, MAX_CONNECTIONS};
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::block::Qos;
+use crate::lazy::LazyDevice;
+use crate::sys::socket::SocketError;
+use crate::virtio_blk::stats::DeviceStats;
+
+/// What the control socket reports on and acts upon: one disk's backend.
+pub struct Control {
+    pub facts: DeviceFacts,
+    /// When the backend started (for `uptime_secs`).
+    pub started: Instant,
+    /// Whether a frontend (VMM) is connected; the vhost loop keeps it current.
+    pub connected: Arc<AtomicBool>,
+    /// The lazy-fetch layer, with a source.
+    pub lazy: Option<Arc<LazyDevice>>,
+    /// The queues' request statistics.
+    pub stats: Arc<DeviceStats>,
+    /// The disk's I/O limits (`qos`, `set-qos`).
+    pub qos: Option<Arc<Qos>>,
+}
+
+/// What the config and the opened stack say about the device.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceFacts {
+    pub device_id: String,
+    /// The size the guest sees, in bytes.
+    pub size_bytes: u64,
+    pub num_queues: u16,
+    pub readonly: bool,
+    pub encrypted: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// `control_socket` could not be claimed (the error names the field).
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    #[error("cannot start the control socket thread")]
+    Thread(#[source] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,147 @@
+//! The backend daemon around the data path: what `vhost-backend` runs.
+//!
+//! - [`stack`]: the layers a config asks for, assembled into the device the VMM is shown.
+//! - [`control`]: the control socket (`status`, `stats`, `metrics`, `qos`, `set-qos`).
+//! - [`sdnotify`]: service-manager notifications (`READY=1`, `STOPPING=1`).
+//! - [`cli`]: start-up shared by the binaries (logging, config and KEK flags, exit status).
+//! - [`run`]: the daemon itself: claim the socket, open the stack, serve until a signal.
+
+pub mod cli;
+pub mod control;
+pub mod sdnotify;
+pub mod stack;
+
+use std::io;
+use std::sync::Arc;
+
+use ::vhost::vhost_user::Listener;
+use log::{error, info};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::block::BlockDevice;
+use crate::config::{ConfigError, Options};
+use crate::sys::socket::{self, Perms, SocketError, SocketFile};
+use crate::vhost::{self, Connection, ServeError};
+use cli::Keys;
+use stack::StackError;
+
+/// Why the daemon could not start, or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `socket` (or `socket_group`) could not be claimed: see [`crate::sys::socket`].
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    #[error(transparent)]
+    Stack(#[from] StackError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error("cannot install signal handlers")]
+    Signals(#[source] io::Error),
+    #[error("cannot start signal thread")]
+    SignalThread(#[source] io::Error),
+}
+
+/// Serves the disk `opts` describes (with `keys`, from [`cli::ConfigArgs::load_keys`]) until
+/// SIGTERM or SIGINT, which end the process (see [`spawn_signal_handler`]). Returns only on
+/// error.
+pub fn run(opts: &Options, keys: Keys) -> Result<(), DaemonError> {
+    // Registered before anything is created, so that a SIGTERM arriving while we start up (even
+    // right after the socket appears) waits for the handler instead of killing us mid-way.
+    let signals = Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
+    // A socket path that is not ours to take (another kind of file, another backend's socket)
+    // is refused before anything is opened or started.
+    check(opts)?;
+    let mut stack = stack::open_with_kek(opts, keys.cipher, keys.kek)?;
+    // Listening last: once the socket is there, the device (and control socket) are ready, and
+    // so is the service for a `Type=notify` unit (READY=1).
+    let (listener, socket) = listen(opts)?;
+    sdnotify::ready(&opts.socket);
+    let sockets: Vec<Arc<SocketFile>> = std::iter::once(socket)
+        .chain(stack.control_socket.take())
+        .map(Arc::new)
+        .collect();
+    let conn = Connection {
+        current: Arc::default(),
+        connected: stack.connected.clone(),
+    };
+    spawn_signal_handler(signals, stack.device.clone(), conn.clone(), sockets.clone())?;
+    let disk = vhost::Disk {
+        device: stack.device,
+        info: stack.info,
+        config: stack.config,
+        settings: stack.settings,
+        stats: stack.stats,
+    };
+    let served = vhost::serve(listener, &disk, &conn);
+    // serve returns only on error; the signal thread holds the sockets too, so remove them here.
+    for s in &sockets {
+        s.remove();
+    }
+    served?;
+    Ok(())
+}
+
+/// Checks, changing nothing, that [`listen`] could claim `opts.socket` (see
+/// [`crate::sys::socket::check`]): a refused path is reported before anything is opened.
+pub fn check(opts: &Options) -> Result<(), DaemonError> {
+    socket::check("socket", &opts.socket, &perms(opts)?)?;
+    Ok(())
+}
+
+fn perms(opts: &Options) -> Result<Perms, ConfigError> {
+    Ok(Perms {
+        mode: opts.socket_mode()?,
+        group: opts.socket_group()?,
+    })
+}
+
+/// Claims `opts.socket` with `socket_mode` and `socket_group` and listens on it (the rules are
+/// in [`crate::sys::socket`]): a path holding another kind of file, or a socket another process
+/// listens on, is refused. The [`SocketFile`] removes the socket when dropped, if it is still
+/// ours.
+pub fn listen(opts: &Options) -> Result<(Listener, SocketFile), DaemonError> {
+    let perms = perms(opts)?;
+    let (listener, file) = socket::listen("socket", &opts.socket, &perms)?;
+    info!(
+        "listening on {} (mode {:04o})",
+        opts.socket.display(),
+        perms.mode
+    );
+    // From a std listener the vhost crate's Listener records no path, so it never unlinks.
+    Ok((Listener::from(listener), file))
+}
+
+/// On SIGTERM/SIGINT: tell the service manager (STOPPING=1), let in-flight I/O finish, sync the
+/// disk, remove the sockets (those still ours), exit.
+fn spawn_signal_handler(
+    mut signals: Signals,
+    device: Arc<dyn BlockDevice>,
+    conn: Connection,
+    sockets: Vec<Arc<SocketFile>>,
+) -> Result<(), DaemonError> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                info!("signal {sig}: shutting down");
+                sdnotify::stopping();
+                conn.drain();
+                let code = match device.sync() {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        error!("final sync failed: {e}");
+                        1
+                    }
+                };
+                for s in &sockets {
+                    s.remove();
+                }
+                std::process::exit(code);
+            }
+        })
+        .map_err(DaemonError::SignalThread)?;
+    Ok(())
+}

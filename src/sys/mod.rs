@@ -1,0 +1,26 @@
+//! System helpers with no knowledge of disks: the bottom of the crate. Nothing here imports
+//! another module of the crate.
+//!
+//! - [`socket`]: claiming, permissions and release of the unix socket paths we listen on.
+//! - [`affinity`]: the CPUs this process may run on, pinning a thread (`cpus`).
+//! - [`ratelog`]: a logger that rate-limits noisy targets (a hostile guest cannot flood logs).
+//! - [`yaml`]: YAML parse errors described without repeating the file's values.
+
+pub mod affinity;
+pub mod ratelog;
+pub mod socket;
+pub(crate) mod yaml;
+
+use std::error::Error;
+
+/// `err` and its sources, joined by ": " (as anyhow's `{:#}`).
+pub fn error_chain(err: &(dyn Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
