@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --check
+# The layout rules (docs/architecture.md, "Modules"): no import cycle between top-level modules,
+# at most 6 .rs files directly in src/, no file over 700 lines before its tests.
+./scripts/structure-check
 cargo clippy --all-targets -- -D warnings
 cargo clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
 cargo test --release
