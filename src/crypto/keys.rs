@@ -12,7 +12,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use zeroize::{Zeroize, Zeroizing};
 
-use super::Xts;
+use super::{Kernel, KernelError, Xts};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -22,6 +22,9 @@ pub enum KeyError {
     Entry { index: usize, problem: String },
     #[error("encryption_key: {0}")]
     Config(String),
+    /// `UBIBLK_XTS_KERNEL` names a kernel that cannot be used.
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
 }
 
 /// The KEK file's fields, as serde names them (for error messages).
@@ -171,7 +174,7 @@ impl Kek {
                     .into(),
             ));
         }
-        Ok(Xts::new(&data, &tweak))
+        Ok(Xts::with_kernel(Kernel::from_env()?, &data, &tweak)?)
     }
 }
 

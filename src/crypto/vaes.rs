@@ -6,15 +6,11 @@
 //! and run this kernel; everywhere else the `aes` crate's own pipelined path is used.
 
 use core::arch::x86_64::*;
-use zeroize::Zeroize;
 
-/// Expanded AES-256 round keys for encryption and for the equivalent inverse cipher.
-#[derive(Zeroize)]
-#[zeroize(drop)]
-pub struct RoundKeys {
-    enc: [[u8; 16]; 15],
-    dec: [[u8; 16]; 15],
-}
+use super::aesni::{load128, RoundKeys};
+
+/// [`RoundKeys`] for a CPU that runs these kernels.
+pub struct Keys(RoundKeys);
 
 /// Every target feature the functions below are compiled with (their
 /// `#[target_feature(enable = ...)]` lists, pinned by a test): running them on a CPU that lacks
@@ -45,25 +41,18 @@ fn detected(feature: &str) -> Option<bool> {
     })
 }
 
-impl RoundKeys {
+impl Keys {
     /// Panics if [`available`] is false.
     pub fn new(key: &[u8; 32]) -> Self {
         assert!(available());
-        let mut rk = RoundKeys {
-            enc: [[0; 16]; 15],
-            dec: [[0; 16]; 15],
-        };
-        // SAFETY: available() held just above, so the CPU has every feature `expand` is compiled
-        // with (aes, sse2).
-        unsafe { expand(key, &mut rk) };
-        rk
+        Keys(RoundKeys::new(key))
     }
 
     /// Encrypts each 16-byte block of `blocks` (ECB) with these keys.
     pub fn encrypt_blocks(&self, blocks: &mut [u128]) {
-        // SAFETY: a RoundKeys is only built by `new`, which asserted available(): the CPU has
-        // every feature the kernel is compiled with.
-        unsafe { ecb_encrypt_kernel(self, blocks) }
+        // SAFETY: a Keys is only built by `new`, which asserted available(): the CPU has every
+        // feature the kernel is compiled with.
+        unsafe { ecb_encrypt_kernel(&self.0, blocks) }
     }
 
     /// XTS over whole sectors: `dst = XTS(src)` where sector `s`'s first tweak (already
@@ -84,82 +73,8 @@ impl RoundKeys {
         // SAFETY: the CPU has the kernel's features (available() held when self was built, as in
         // encrypt_blocks); len is whole sectors with a tweak each (asserted above); the pointers
         // are valid for len bytes and do not partially overlap (this fn's contract).
-        unsafe { xts_kernel(self, src, dst, len, initial, decrypt) }
+        unsafe { xts_kernel(&self.0, src, dst, len, initial, decrypt) }
     }
-}
-
-/// The 16 bytes of `b` as a vector.
-#[inline(always)]
-fn load128(b: &[u8; 16]) -> __m128i {
-    // SAFETY: `b` is 16 readable bytes; the load is unaligned (no alignment requirement) and
-    // SSE2 is part of the x86_64 baseline.
-    unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
-}
-
-/// Stores `v` into the 16 bytes of `b`.
-#[inline(always)]
-fn store128(b: &mut [u8; 16], v: __m128i) {
-    // SAFETY: `b` is 16 bytes we hold exclusively (&mut); the store is unaligned and SSE2 is
-    // part of the x86_64 baseline.
-    unsafe { _mm_storeu_si128(b.as_mut_ptr().cast(), v) }
-}
-
-macro_rules! expand_round {
-    ($rk:ident, $i:expr, $rcon:expr, $t1:ident, $t3:ident, $last:expr) => {
-        let t2 = _mm_aeskeygenassist_si128::<$rcon>($t3);
-        $t1 = mix($t1, _mm_shuffle_epi32::<0xff>(t2));
-        store128(&mut $rk.enc[$i], $t1);
-        if !$last {
-            let t4 = _mm_aeskeygenassist_si128::<0>($t1);
-            $t3 = mix($t3, _mm_shuffle_epi32::<0xaa>(t4));
-            store128(&mut $rk.enc[$i + 1], $t3);
-        }
-    };
-}
-
-/// One step of the AES-256 key schedule: prefix-XOR of the previous key's words plus `t`.
-/// Called only from [`expand`], which has SSE2 (and into which it is inlined).
-#[target_feature(enable = "sse2")]
-#[inline]
-fn mix(mut k: __m128i, t: __m128i) -> __m128i {
-    k = _mm_xor_si128(k, _mm_slli_si128::<4>(k));
-    k = _mm_xor_si128(k, _mm_slli_si128::<8>(k));
-    _mm_xor_si128(k, t)
-}
-
-/// Expands `key` into `rk`'s encryption and decryption round keys.
-///
-/// Callers that are not compiled with these features call it in `unsafe`, having checked
-/// [`available`].
-#[target_feature(enable = "aes,sse2")]
-fn expand(key: &[u8; 32], rk: &mut RoundKeys) {
-    // SAFETY: `key` is 32 readable bytes, so both 16-byte loads are in bounds; they are
-    // unaligned loads (no alignment requirement).
-    let (mut t1, mut t3) = unsafe {
-        (
-            _mm_loadu_si128(key.as_ptr().cast()),
-            _mm_loadu_si128(key.as_ptr().add(16).cast()),
-        )
-    };
-    store128(&mut rk.enc[0], t1);
-    store128(&mut rk.enc[1], t3);
-    expand_round!(rk, 2, 0x01, t1, t3, false);
-    expand_round!(rk, 4, 0x02, t1, t3, false);
-    expand_round!(rk, 6, 0x04, t1, t3, false);
-    expand_round!(rk, 8, 0x08, t1, t3, false);
-    expand_round!(rk, 10, 0x10, t1, t3, false);
-    expand_round!(rk, 12, 0x20, t1, t3, false);
-    expand_round!(rk, 14, 0x40, t1, t3, true);
-    // Equivalent inverse cipher: reversed order, InvMixColumns on the middle round keys.
-    rk.dec[0] = rk.enc[14];
-    rk.dec[14] = rk.enc[0];
-    for i in 1..14 {
-        let k = load128(&rk.enc[14 - i]);
-        store128(&mut rk.dec[i], _mm_aesimc_si128(k));
-    }
-    t1 = _mm_setzero_si128();
-    t3 = _mm_setzero_si128();
-    std::hint::black_box((t1, t3));
 }
 
 /// Encrypts 16-byte blocks in place (ECB), two per instruction: the sectors' first tweaks.
@@ -224,7 +139,7 @@ fn tweak_pair(t0: __m256i, c: __m256i, rc: __m256i, poly: __m256i) -> __m256i {
     _mm256_xor_si256(_mm256_xor_si256(shifted, carry), reduced)
 }
 
-/// The data pass of [`RoundKeys::xts`].
+/// The data pass of [`Keys::xts`].
 ///
 /// # Safety
 /// The CPU has every feature enabled here ([`available`]); `src` is valid for reads and `dst`
@@ -349,7 +264,7 @@ mod tests {
             }
             seen += 1;
         }
-        assert_eq!(seen, 5, "expected the five target_feature functions");
+        assert_eq!(seen, 3, "expected the three target_feature functions");
     }
 
     #[test]

@@ -4,9 +4,17 @@
 //! data unit; the initial tweak is 8 zero bytes followed by the absolute sector number as
 //! little-endian u64. Equivalent to OpenSSL's `aes-256-xts` on one sector at a time.
 //!
-//! Speed comes from batching: the tweaks of a whole chunk are computed first, and the chunk is
-//! then pushed through the `aes` crate's parallel block API (VAES / AES-NI pipelines) in one call,
-//! instead of one block at a time.
+//! Three kernels do the work ([`Kernel`]); the best the CPU has is used unless
+//! `UBIBLK_XTS_KERNEL` names one (for tests and benchmarks):
+//! - `vaes`: 256-bit VAES + VPCLMULQDQ, two blocks per instruction (src/crypto/vaes.rs);
+//! - `aesni`: 128-bit AES-NI, eight blocks in flight (src/crypto/aesni.rs);
+//! - `portable`: the `aes` crate's parallel block API over a private copy, with the tweaks of a
+//!   whole chunk computed first (any CPU).
+//!
+//! The x86 kernels read the source once and write the destination once, computing the tweaks in
+//! registers.
+
+use std::fmt;
 
 use aes::cipher::{Array, BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
 use aes::Aes256;
@@ -18,40 +26,174 @@ const BLOCKS_PER_SECTOR: usize = SECTOR_SIZE / BLOCK;
 /// Sectors per cipher call: 32 sectors = 16 KiB = 1024 blocks (tweaks kept on the stack).
 /// Large batches keep the parallel AES pipeline full; its tail is done a block at a time.
 const BATCH_SECTORS: usize = 32;
+const BATCH: usize = BATCH_SECTORS * SECTOR_SIZE;
 
 type Block = Array<u8, aes::cipher::consts::U16>;
 
-/// An AES-256-XTS key schedule. The round keys are zeroized on drop (`aes`' zeroize feature).
+/// The environment variable that forces a kernel: `vaes`, `aesni`, `portable` (or `auto`).
+pub const KERNEL_ENV: &str = "UBIBLK_XTS_KERNEL";
+
+/// An implementation of the XTS data pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// 256-bit VAES: x86_64 with AES-NI, AVX2, VAES and VPCLMULQDQ.
+    Vaes,
+    /// 128-bit AES-NI: x86_64 with AES-NI.
+    AesNi,
+    /// The `aes` crate (any CPU).
+    Portable,
+}
+
+/// A kernel that cannot be used here.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KernelError {
+    #[error("{KERNEL_ENV}={0:?}: unknown kernel (vaes, aesni, portable or auto)")]
+    Unknown(String),
+    #[error("{KERNEL_ENV}={}: this CPU cannot run it (it needs {}); it can run: {}", .0, .0.needs(), usable_list())]
+    Unavailable(Kernel),
+}
+
+impl Kernel {
+    /// Every kernel, fastest first.
+    pub const ALL: [Kernel; 3] = [Kernel::Vaes, Kernel::AesNi, Kernel::Portable];
+
+    /// Whether this CPU runs it.
+    pub fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vaes => super::vaes::available(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AesNi => super::aesni::available(),
+            Kernel::Portable => true,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The kernels this CPU runs, fastest first.
+    pub fn usable() -> Vec<Kernel> {
+        Kernel::ALL.into_iter().filter(|k| k.available()).collect()
+    }
+
+    /// The fastest kernel this CPU runs.
+    pub fn best() -> Kernel {
+        Kernel::usable()
+            .first()
+            .copied()
+            .unwrap_or(Kernel::Portable)
+    }
+
+    /// The kernel `UBIBLK_XTS_KERNEL` names, or the best one without it (or with `auto`).
+    pub fn from_env() -> Result<Kernel, KernelError> {
+        Kernel::named(std::env::var(KERNEL_ENV).ok().as_deref())
+    }
+
+    /// The kernel `name` names (`None`, empty or `auto`: the best), if this CPU runs it.
+    pub fn named(name: Option<&str>) -> Result<Kernel, KernelError> {
+        let kernel = match name.map(str::trim) {
+            None | Some("") | Some("auto") => return Ok(Kernel::best()),
+            Some(name) => Kernel::ALL
+                .into_iter()
+                .find(|k| k.to_string() == name)
+                .ok_or_else(|| KernelError::Unknown(name.chars().take(32).collect()))?,
+        };
+        if kernel.available() {
+            Ok(kernel)
+        } else {
+            Err(KernelError::Unavailable(kernel))
+        }
+    }
+
+    /// The CPU features it needs, for errors.
+    fn needs(self) -> &'static str {
+        match self {
+            Kernel::Vaes => "x86_64 with AES-NI, AVX2, VAES and VPCLMULQDQ",
+            Kernel::AesNi => "x86_64 with AES-NI",
+            Kernel::Portable => "nothing",
+        }
+    }
+}
+
+/// [`Kernel::usable`] as text, for errors.
+fn usable_list() -> String {
+    let names: Vec<String> = Kernel::usable().iter().map(|k| k.to_string()).collect();
+    names.join(", ")
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            Kernel::Vaes => "vaes",
+            Kernel::AesNi => "aesni",
+            Kernel::Portable => "portable",
+        })
+    }
+}
+
+/// The x86 kernels' own copies of the data and tweak keys.
+#[cfg(target_arch = "x86_64")]
+enum Fast {
+    Vaes(super::vaes::Keys, super::vaes::Keys),
+    AesNi(super::aesni::RoundKeys, super::aesni::RoundKeys),
+}
+
+/// An AES-256-XTS key schedule. The round keys are zeroized on drop (`aes`' zeroize feature,
+/// and the x86 kernels' key types).
 pub struct Xts {
     data: Aes256,
     tweak: Aes256,
-    /// The VAES kernel's copies of the data and tweak keys, when the CPU has VAES.
     #[cfg(target_arch = "x86_64")]
-    vaes: Option<(super::vaes::RoundKeys, super::vaes::RoundKeys)>,
+    fast: Option<Fast>,
 }
 
 impl Xts {
-    /// `data_key` encrypts the data, `tweak_key` the tweak.
+    /// `data_key` encrypts the data, `tweak_key` the tweak; the fastest kernel this CPU runs.
     pub fn new(data_key: &[u8; 32], tweak_key: &[u8; 32]) -> Self {
+        Self::build(Kernel::best(), data_key, tweak_key)
+    }
+
+    /// [`Xts::new`] with `kernel`, if this CPU runs it.
+    pub fn with_kernel(
+        kernel: Kernel,
+        data_key: &[u8; 32],
+        tweak_key: &[u8; 32],
+    ) -> Result<Self, KernelError> {
+        if !kernel.available() {
+            return Err(KernelError::Unavailable(kernel));
+        }
+        Ok(Self::build(kernel, data_key, tweak_key))
+    }
+
+    /// `kernel` must be available.
+    fn build(kernel: Kernel, data_key: &[u8; 32], tweak_key: &[u8; 32]) -> Self {
         // Built from slices so no key copy is left on the stack.
         Xts {
             data: Aes256::new(data_key.into()),
             tweak: Aes256::new(tweak_key.into()),
             #[cfg(target_arch = "x86_64")]
-            vaes: super::vaes::available().then(|| {
-                (
-                    super::vaes::RoundKeys::new(data_key),
-                    super::vaes::RoundKeys::new(tweak_key),
-                )
-            }),
+            fast: match kernel {
+                Kernel::Vaes => Some(Fast::Vaes(
+                    super::vaes::Keys::new(data_key),
+                    super::vaes::Keys::new(tweak_key),
+                )),
+                Kernel::AesNi => Some(Fast::AesNi(
+                    super::aesni::RoundKeys::new(data_key),
+                    super::aesni::RoundKeys::new(tweak_key),
+                )),
+                Kernel::Portable => None,
+            },
         }
     }
 
-    /// Drops the VAES kernel so the portable path is used (for cross-checking in tests).
-    #[cfg(test)]
-    fn portable(mut self) -> Self {
-        self.vaes = None;
-        self
+    /// The kernel that does the work.
+    pub fn kernel(&self) -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        match &self.fast {
+            Some(Fast::Vaes(..)) => return Kernel::Vaes,
+            Some(Fast::AesNi(..)) => return Kernel::AesNi,
+            None => {}
+        }
+        Kernel::Portable
     }
 
     /// Encrypts whole sectors in place; `buf` starts at sector `first_sector`.
@@ -103,56 +245,88 @@ impl Xts {
             len.is_multiple_of(SECTOR_SIZE),
             "XTS works on whole sectors"
         );
-        const BATCH: usize = BATCH_SECTORS * SECTOR_SIZE;
         let mut off = 0;
         while off < len {
             let n = (len - off).min(BATCH);
             let sector0 = first_sector.wrapping_add((off / SECTOR_SIZE) as u64);
             let initial = self.initial_tweaks(sector0, n / SECTOR_SIZE);
-            // SAFETY: off + n <= len, within both buffers per the caller's contract.
-            let (s, d) = unsafe { (src.add(off), dst.add(off)) };
-            #[cfg(target_arch = "x86_64")]
-            if let Some((vaes, _)) = &self.vaes {
-                // SAFETY: s and d are valid for n bytes (caller's contract).
-                unsafe { vaes.xts(s, d, n, &initial, !encrypt) };
-                off += n;
-                continue;
-            }
-            // (Only here: zeroing these 16 KiB per call showed up in profiles of the VAES path.)
-            let mut all_tweaks = [0u128; BATCH_SECTORS * BLOCKS_PER_SECTOR];
-            let tweaks = &mut all_tweaks[..n / BLOCK];
-            expand_tweaks(&initial[..n / SECTOR_SIZE], tweaks);
-            // Portable path: through a private copy, so the cipher only sees our memory.
-            let mut chunk = [Block::default(); BATCH / BLOCK];
-            let blocks = &mut chunk[..n / BLOCK];
-            // SAFETY: s is valid for n bytes; blocks is n bytes of our stack.
-            unsafe { std::ptr::copy(s, blocks.as_mut_ptr().cast::<u8>(), n) };
-            for (b, t) in blocks.iter_mut().zip(tweaks.iter()) {
-                xor_block(b, *t);
-            }
-            if encrypt {
-                in_full_batches(blocks, |b| self.data.encrypt_blocks(b));
-            } else {
-                in_full_batches(blocks, |b| self.data.decrypt_blocks(b));
-            }
-            for (b, t) in blocks.iter_mut().zip(tweaks.iter()) {
-                xor_block(b, *t);
-            }
-            // SAFETY: d is valid for n bytes.
-            unsafe { std::ptr::copy(blocks.as_ptr().cast::<u8>(), d, n) };
+            // SAFETY: off + n <= len, within both buffers per the caller's contract; `initial`
+            // has a tweak for each of the n / 512 sectors.
+            unsafe {
+                self.data_pass(
+                    &initial[..n / SECTOR_SIZE],
+                    src.add(off),
+                    dst.add(off),
+                    n,
+                    encrypt,
+                )
+            };
             off += n;
         }
+    }
+
+    /// The data pass over `n` bytes (at most a batch) of whole sectors whose first tweaks
+    /// (encrypted with the tweak key) are `initial`.
+    ///
+    /// # Safety
+    /// As [`Xts::apply`] for `n` bytes; `initial` has a tweak for each of the `n / 512` sectors
+    /// and `n` is at most [`BATCH_SECTORS`] sectors.
+    unsafe fn data_pass(
+        &self,
+        initial: &[u128],
+        s: *const u8,
+        d: *mut u8,
+        n: usize,
+        encrypt: bool,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(fast) = &self.fast {
+            // SAFETY: s and d are valid for n bytes and do not partially overlap, and `initial`
+            // has a tweak for each sector (this fn's contract).
+            unsafe {
+                match fast {
+                    Fast::Vaes(keys, _) => keys.xts(s, d, n, initial, !encrypt),
+                    Fast::AesNi(keys, _) => keys.xts(s, d, n, initial, !encrypt),
+                }
+            }
+            return;
+        }
+        // (Only here: zeroing these 16 KiB per call showed up in profiles of the VAES path.)
+        let mut all_tweaks = [0u128; BATCH_SECTORS * BLOCKS_PER_SECTOR];
+        let tweaks = &mut all_tweaks[..n / BLOCK];
+        expand_tweaks(&initial[..n / SECTOR_SIZE], tweaks);
+        // Portable path: through a private copy, so the cipher only sees our memory.
+        let mut chunk = [Block::default(); BATCH / BLOCK];
+        let blocks = &mut chunk[..n / BLOCK];
+        // SAFETY: s is valid for n bytes; blocks is n bytes of our stack.
+        unsafe { std::ptr::copy(s, blocks.as_mut_ptr().cast::<u8>(), n) };
+        for (b, t) in blocks.iter_mut().zip(tweaks.iter()) {
+            xor_block(b, *t);
+        }
+        if encrypt {
+            in_full_batches(blocks, |b| self.data.encrypt_blocks(b));
+        } else {
+            in_full_batches(blocks, |b| self.data.decrypt_blocks(b));
+        }
+        for (b, t) in blocks.iter_mut().zip(tweaks.iter()) {
+            xor_block(b, *t);
+        }
+        // SAFETY: d is valid for n bytes.
+        unsafe { std::ptr::copy(blocks.as_ptr().cast::<u8>(), d, n) };
     }
 
     /// The first tweak of each of `sectors` sectors from `sector0`: E_k2(0^8 || LE64(sector)).
     fn initial_tweaks(&self, sector0: u64, sectors: usize) -> [u128; BATCH_SECTORS] {
         #[cfg(target_arch = "x86_64")]
-        if let Some((_, vaes_tweak)) = &self.vaes {
+        if let Some(fast) = &self.fast {
             let mut t = [0u128; BATCH_SECTORS];
             for (i, t) in t[..sectors].iter_mut().enumerate() {
                 *t = u128::from(sector0.wrapping_add(i as u64)) << 64;
             }
-            vaes_tweak.encrypt_blocks(&mut t[..sectors]);
+            match fast {
+                Fast::Vaes(_, tweak) => tweak.encrypt_blocks(&mut t[..sectors]),
+                Fast::AesNi(_, tweak) => tweak.encrypt_blocks(&mut t[..sectors]),
+            }
             return t;
         }
         let mut blocks = [Block::default(); BATCH_SECTORS];
@@ -224,22 +398,47 @@ mod tests {
         hex(s).try_into().unwrap()
     }
 
+    /// Every kernel this CPU runs, each with its own key schedule.
+    fn each_kernel(k1: &[u8; 32], k2: &[u8; 32]) -> Vec<Xts> {
+        let all: Vec<Xts> = Kernel::usable()
+            .into_iter()
+            .map(|k| Xts::with_kernel(k, k1, k2).unwrap())
+            .collect();
+        assert!(all.iter().any(|x| x.kernel() == Kernel::Portable));
+        all
+    }
+
     /// IEEE 1619-2007 Annex B, XTS-AES-256 vector 10: data unit sequence number 0xff, 512-byte
     /// unit. Its tweak (LE 0xff in the first bytes) is not our sector layout, so the vector is
-    /// checked through `encrypt_unit`, which takes the raw tweak.
+    /// checked through the data pass with the raw tweak, on every kernel, and through
+    /// `encrypt_unit`, the block-by-block reference the other tests compare with.
     #[test]
     fn ieee1619_vector_10() {
         let k1 = key("2718281828459045235360287471352662497757247093699959574966967627");
         let k2 = key("3141592653589793238462643383279502884197169399375105820974944592");
-        let xts = Xts::new(&k1, &k2);
-        let mut data: Vec<u8> = (0..512).map(|i| i as u8).collect();
-        let mut tweak = [0u8; 16];
-        tweak[0] = 0xff;
-        encrypt_unit(&xts, tweak, &mut data);
         let expect_prefix = hex("1c3b3a102f770386e4836c99e370cf9bea00803f5e482357a4ae12d414a3e63b");
         let expect_suffix = hex("773dad38014bd2092fa755c824bb5e54c4f36ffda9fcea70b9c6e693e148c151");
-        assert_eq!(&data[..32], &expect_prefix[..]);
-        assert_eq!(&data[480..], &expect_suffix[..]);
+        let plain: Vec<u8> = (0..512).map(|i| i as u8).collect();
+        for xts in each_kernel(&k1, &k2) {
+            let mut tweak = Block::default();
+            tweak[0] = 0xff;
+            xts.tweak.encrypt_block(&mut tweak);
+            let initial = [u128::from_le_bytes(tweak.into())];
+            let mut data = plain.clone();
+            // SAFETY: one 512-byte sector, in place, with its tweak.
+            unsafe { xts.data_pass(&initial, data.as_ptr(), data.as_mut_ptr(), 512, true) };
+            assert_eq!(&data[..32], &expect_prefix[..], "{}", xts.kernel());
+            assert_eq!(&data[480..], &expect_suffix[..], "{}", xts.kernel());
+            // SAFETY: as above.
+            unsafe { xts.data_pass(&initial, data.as_ptr(), data.as_mut_ptr(), 512, false) };
+            assert_eq!(data, plain, "{}", xts.kernel());
+
+            let mut unit = plain.clone();
+            let mut raw = [0u8; 16];
+            raw[0] = 0xff;
+            encrypt_unit(&xts, raw, &mut unit);
+            assert_eq!(&unit[..32], &expect_prefix[..]);
+        }
     }
 
     /// Reference single-unit XTS with an arbitrary tweak, block by block (the slow, obvious
@@ -261,36 +460,69 @@ mod tests {
         }
     }
 
+    /// Every kernel agrees with the portable one, in place and from one buffer into another
+    /// (the bounce path), across batch boundaries and the wrap of the sector number.
     #[test]
-    fn vaes_and_portable_paths_agree() {
-        let fast = Xts::new(&[3; 32], &[4; 32]);
-        let slow = Xts::new(&[3; 32], &[4; 32]).portable();
-        for sectors in [1usize, 7, 8, 32, 33, 128] {
-            let plain: Vec<u8> = (0..512 * sectors).map(|i| (i * 7 % 253) as u8).collect();
-            let (mut a, mut b) = (plain.clone(), plain.clone());
-            fast.encrypt(u64::MAX - 3, &mut a);
-            slow.encrypt(u64::MAX - 3, &mut b);
-            assert_eq!(a, b, "{sectors} sectors");
-            fast.decrypt(u64::MAX - 3, &mut a);
-            assert_eq!(a, plain);
+    fn every_kernel_agrees_with_portable() {
+        let slow = Xts::with_kernel(Kernel::Portable, &[3; 32], &[4; 32]).unwrap();
+        for fast in each_kernel(&[3; 32], &[4; 32]) {
+            for sectors in [1usize, 7, 8, 32, 33, 128] {
+                let plain: Vec<u8> = (0..512 * sectors).map(|i| (i * 7 % 253) as u8).collect();
+                let (mut a, mut b) = (plain.clone(), plain.clone());
+                fast.encrypt(u64::MAX - 3, &mut a);
+                slow.encrypt(u64::MAX - 3, &mut b);
+                assert_eq!(a, b, "{} {sectors} sectors", fast.kernel());
+                let mut out = vec![0u8; plain.len()];
+                // SAFETY: two distinct buffers of plain.len() bytes each.
+                unsafe { fast.apply(u64::MAX - 3, a.as_ptr(), out.as_mut_ptr(), a.len(), false) };
+                assert_eq!(out, plain, "{} {sectors} sectors", fast.kernel());
+                fast.decrypt(u64::MAX - 3, &mut a);
+                assert_eq!(a, plain);
+            }
         }
     }
 
     #[test]
     fn batched_path_matches_block_by_block_reference() {
-        let xts = Xts::new(&[7; 32], &[9; 32]).portable();
         let plain: Vec<u8> = (0..512 * 21).map(|i| (i * 13 % 251) as u8).collect();
-        let mut batched = plain.clone();
-        xts.encrypt(1000, &mut batched);
-        for (i, sector) in plain.chunks(512).enumerate() {
-            let mut t = [0u8; 16];
-            t[8..].copy_from_slice(&(1000 + i as u64).to_le_bytes());
-            let mut one = sector.to_vec();
-            encrypt_unit(&xts, t, &mut one);
-            assert_eq!(&batched[i * 512..(i + 1) * 512], &one[..], "sector {i}");
+        for xts in each_kernel(&[7; 32], &[9; 32]) {
+            let mut batched = plain.clone();
+            xts.encrypt(1000, &mut batched);
+            for (i, sector) in plain.chunks(512).enumerate() {
+                let mut t = [0u8; 16];
+                t[8..].copy_from_slice(&(1000 + i as u64).to_le_bytes());
+                let mut one = sector.to_vec();
+                encrypt_unit(&xts, t, &mut one);
+                assert_eq!(
+                    &batched[i * 512..(i + 1) * 512],
+                    &one[..],
+                    "{} sector {i}",
+                    xts.kernel()
+                );
+            }
+            xts.decrypt(1000, &mut batched);
+            assert_eq!(batched, plain);
         }
-        xts.decrypt(1000, &mut batched);
-        assert_eq!(batched, plain);
+    }
+
+    #[test]
+    fn kernels_are_chosen_by_name_and_refused_when_missing() {
+        assert_eq!(Kernel::named(None), Ok(Kernel::best()));
+        assert_eq!(Kernel::named(Some("auto")), Ok(Kernel::best()));
+        assert_eq!(Kernel::named(Some("portable")), Ok(Kernel::Portable));
+        for k in Kernel::usable() {
+            assert_eq!(Kernel::named(Some(&k.to_string())), Ok(k));
+            assert_eq!(Xts::with_kernel(k, &[1; 32], &[2; 32]).unwrap().kernel(), k);
+        }
+        let e = Kernel::named(Some("aes-ni-fast")).unwrap_err();
+        assert!(e.to_string().contains("unknown kernel"), "{e}");
+        let e = KernelError::Unavailable(Kernel::Vaes).to_string();
+        assert!(
+            e.contains("UBIBLK_XTS_KERNEL=vaes") && e.contains("VAES"),
+            "{e}"
+        );
+        assert!(e.contains("it can run: ") && e.contains("portable"), "{e}");
+        assert_eq!(Xts::new(&[1; 32], &[2; 32]).kernel(), Kernel::best());
     }
 
     /// Vectors for the sector convention made with an independent implementation (OpenSSL via
@@ -304,11 +536,12 @@ mod tests {
     #[test]
     fn sector_convention_matches_openssl() {
         let k: Vec<u8> = (0..64).collect();
-        let xts = Xts::new(&k[..32].try_into().unwrap(), &k[32..].try_into().unwrap());
-        let mut data: Vec<u8> = (0..512).map(|i| (i % 256) as u8).collect();
-        xts.encrypt(0x1_2345_6789, &mut data);
         let expect = hex(OPENSSL_SECTOR_0X123456789);
-        assert_eq!(data, expect);
+        for xts in each_kernel(&k[..32].try_into().unwrap(), &k[32..].try_into().unwrap()) {
+            let mut data: Vec<u8> = (0..512).map(|i| (i % 256) as u8).collect();
+            xts.encrypt(0x1_2345_6789, &mut data);
+            assert_eq!(data, expect, "{}", xts.kernel());
+        }
     }
 
     const OPENSSL_SECTOR_0X123456789: &str = concat!(

@@ -54,6 +54,9 @@ pub fn run(opts: &Options, keys: Keys) -> Result<(), DaemonError> {
     // A socket path that is not ours to take (another kind of file, another backend's socket)
     // is refused before anything is opened or started.
     check(opts)?;
+    if let Some(cipher) = &keys.cipher {
+        info!("encryption: AES-256-XTS, {} kernel", cipher.kernel());
+    }
     let mut stack = stack::open_with_kek(opts, keys.cipher, keys.kek)?;
     // Listening last: once the socket is there, the device (and control socket) are ready, and
     // so is the service for a `Type=notify` unit (READY=1).
