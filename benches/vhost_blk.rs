@@ -38,8 +38,12 @@ use std::time::{Duration, Instant};
 #[derive(Clone)]
 enum Kind {
     /// Our vhost-backend (`alt`: the UBIBLK_BACKEND_ALT_BIN build); extra YAML lines appended
-    /// to the generated config.
-    Ours { extra_yaml: Vec<String>, alt: bool },
+    /// to the generated config; `env`: its environment's additions.
+    Ours {
+        extra_yaml: Vec<String>,
+        alt: bool,
+        env: Vec<(String, String)>,
+    },
     /// qemu-storage-daemon (`num_queues` is set per row).
     Qsd(QsdOptions),
 }
@@ -56,8 +60,18 @@ fn ours(name: &str, extra_yaml: &[&str]) -> BackendSpec {
         kind: Kind::Ours {
             extra_yaml: extra_yaml.iter().map(|s| s.to_string()).collect(),
             alt: false,
+            env: Vec::new(),
         },
     }
+}
+
+/// `spec` with the XTS kernel forced (`UBIBLK_XTS_KERNEL`), e.g. `aesni` on a CPU with VAES
+/// to measure what a CPU without it gets.
+fn xts_kernel(mut spec: BackendSpec, kernel: &str) -> BackendSpec {
+    if let Kind::Ours { env, .. } = &mut spec.kind {
+        env.push((ubiblk::crypto::KERNEL_ENV.into(), kernel.into()));
+    }
+    spec
 }
 
 /// `spec` run with the UBIBLK_BACKEND_ALT_BIN build.
@@ -90,6 +104,11 @@ fn backends() -> Vec<BackendSpec> {
         // Not run by default: ours with AES-256-XTS (raw keys).
         ours("ours-enc", &[ENC_KEYS]),
         ours("ours-enc-nopoll", &[ENC_KEYS, "poll_queue_timeout_us: 0"]),
+        // Not run by default: each XTS kernel forced (a CPU without VAES runs "aesni"; before
+        // the AES-NI kernel it ran "portable").
+        xts_kernel(ours("ours-enc-vaes", &[ENC_KEYS]), "vaes"),
+        xts_kernel(ours("ours-enc-aesni", &[ENC_KEYS]), "aesni"),
+        xts_kernel(ours("ours-enc-portable", &[ENC_KEYS]), "portable"),
         // Not run by default: ours with `write_through: true` (every write RWF_DSYNC); its cost
         // shows against "ours" on a disk file on a real device (UBIBLK_BENCH_DIR), not tmpfs.
         ours("ours-wt", &["write_through: true"]),
@@ -144,7 +163,11 @@ fn start_backend(
     num_queues: usize,
 ) -> anyhow::Result<Running> {
     match &spec.kind {
-        Kind::Ours { extra_yaml, alt } => {
+        Kind::Ours {
+            extra_yaml,
+            alt,
+            env,
+        } => {
             let bin =
                 backend_bin(*alt).ok_or_else(|| anyhow::anyhow!("vhost-backend not built"))?;
             let mut cfg = BackendConfig::new(disk, sock).num_queues(num_queues);
@@ -153,7 +176,7 @@ fn start_backend(
             cfg.seg_count_max = 16;
             cfg.poll_queue_timeout_us = 500;
             cfg.extra_yaml = extra_yaml.clone();
-            Ok(Running::Ours(Backend::start(bin, &cfg)?))
+            Ok(Running::Ours(Backend::start_with_env(bin, &cfg, &[], env)?))
         }
         Kind::Qsd(opts) => {
             let mut opts = opts.clone();
