@@ -756,6 +756,15 @@ fn on_disk_at(meta: &Path) -> Metadata {
     Metadata::read_from(&file, (STRIPE * STRIPES / 512) as u64, None).unwrap()
 }
 
+/// Writes `data` at `sector`; the status.
+fn write(ch: &mut dyn IoChannel, sector: u64, data: &[u8]) -> Result<(), i32> {
+    let op = IoOp::Write {
+        sector,
+        buf: buf_of(data),
+    };
+    run_sync(ch, op).0
+}
+
 /// A fetch that fails fails the requests waiting for it with EIO (whatever the source's
 /// error) and leaves the stripe unfetched; other stripes are served meanwhile, and once the
 /// source heals the next request fetches the stripe.
@@ -780,14 +789,7 @@ fn a_failing_stripe_fails_its_requests_until_the_source_heals() {
     assert_eq!((s.fetched, s.fetch_errors, s.fetching), (0, 1, 0));
     let last = s.last_fetch_error.expect("the failed fetch is reported");
     assert!(last.starts_with("stripe 3: "), "{last}");
-    let (r, _) = run_sync(
-        &mut *ch,
-        IoOp::Write {
-            sector: s3,
-            buf: buf_of(&[7; 512]),
-        },
-    );
-    assert_eq!(r, Err(libc::EIO));
+    assert_eq!(write(&mut *ch, s3, &[7; 512]), Err(libc::EIO));
     assert_eq!(source.reads(3), 2, "each request retried the fetch once");
     assert!(!on_disk(&f).is_fetched(3));
     // Stripe 2 is fetched and served while stripe 3 fails.
@@ -798,14 +800,7 @@ fn a_failing_stripe_fails_its_requests_until_the_source_heals() {
     );
 
     source.clear(3);
-    let (r, _) = run_sync(
-        &mut *ch,
-        IoOp::Write {
-            sector: s3,
-            buf: buf_of(&[7; 512]),
-        },
-    );
-    r.unwrap();
+    write(&mut *ch, s3, &[7; 512]).unwrap();
     let mut want = image[3 * STRIPE..4 * STRIPE].to_vec();
     want[..512].fill(7);
     assert_eq!(read(&mut *ch, s3, STRIPE), want);
