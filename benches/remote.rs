@@ -1,5 +1,5 @@
 //! Remote stripe sources benchmark: our backend and `archive` tool against reference clients
-//! on the same loopback servers (tests/common/servers.rs: Garage for S3, nginx for HTTP), in
+//! on the same loopback servers (tests/common/servers/: Garage for S3, nginx for HTTP), in
 //! the same run. Every row prints our median, the reference's median and the ratio, over
 //! alternating rounds (ours first in odd rounds, the reference first in even ones).
 //!
@@ -39,7 +39,7 @@
 //! running that side and goes on; the report shows it as FAILED.
 //!
 //! Run: `cargo bench --bench remote [-- PART...]`: a markdown report on stdout, per-round
-//! numbers on stderr. Needs nginx, Garage (tests/common/servers.rs `garage_bin`), python3 with
+//! numbers on stderr. Needs nginx, Garage (tests/common/servers/ `garage_bin`), python3 with
 //! boto3, zstd.
 //!
 //! Environment:
@@ -1423,7 +1423,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!(
         "- image: {} MiB of non-zero pattern data; stripes of {} KiB (`init-metadata -s {shift}`); \
-         servers on loopback: Garage 1 node (tests/common/servers.rs), nginx; median (min–max) \
+         servers on loopback: Garage 1 node (tests/common/servers/), nginx; median (min–max) \
          of {rounds} alternating rounds",
         size >> 20,
         st.stripe >> 10

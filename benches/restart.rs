@@ -9,7 +9,7 @@
 //!    completed, SIGKILL, a new process started, the frontend reconnecting as soon as the
 //!    socket answers (no reconnect timer) with the first process's region, resuming the ring
 //!    and completing a new read; the time from the kill to that completion. A VMM adds its own
-//!    reconnect delay (QEMU's `reconnect-ms`; tests/guest.rs measures the whole pause).
+//!    reconnect delay (QEMU's `reconnect-ms`; tests/guest/main.rs measures the whole pause).
 //!
 //! Run: `cargo bench --bench restart [-- tracking|pause]`.
 //!

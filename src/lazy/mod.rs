@@ -21,6 +21,8 @@ mod split;
 mod states;
 mod status;
 #[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
 mod tests;
 
 pub use device::{LazyDevice, LazyOptions};

@@ -4,12 +4,13 @@
 use std::io;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 
 use super::metadata::{FETCHED, WRITTEN};
 use super::source::SourceSpec;
-use super::{LazyDevice, LazyOptions, Metadata, StripeSource};
+use super::testing::{Fault, MemSource};
+use super::{LazyDevice, LazyOptions, Metadata};
 use crate::block::{
     run_sync, BlockDevice, Completion, FileDevice, IoBuf, IoChannel, IoOp, IoVecs, Notifier,
 };
@@ -64,44 +65,15 @@ fn open(inner: Arc<dyn BlockDevice>, image: &Path, meta: &Path, copy_on_read: bo
     LazyDevice::open(inner, None, &options(image, meta, copy_on_read), 64).unwrap()
 }
 
-/// A source without read-through, in memory; counts the bytes fetchers read.
-struct MemorySource {
-    data: Vec<u8>,
-    read: AtomicU64,
-}
-
-impl std::fmt::Display for MemorySource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "memory")
-    }
-}
-
-impl StripeSource for MemorySource {
-    fn bytes(&self) -> u64 {
-        self.data.len() as u64
-    }
-
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let start = (offset as usize).min(self.data.len());
-        let n = (self.data.len() - start).min(buf.len());
-        buf[..n].copy_from_slice(&self.data[start..start + n]);
-        buf[n..].fill(0);
-        self.read.fetch_add(buf.len() as u64, SeqCst);
-        Ok(())
-    }
-}
-
-/// The layer over `inner` with `data` in a [`MemorySource`] as its source.
+/// The layer over `inner` with `data` in a [`MemSource`] (stripes of [`STRIPE`] bytes) as its
+/// source.
 fn open_memory(
     inner: Arc<dyn BlockDevice>,
     data: Vec<u8>,
     meta: &Path,
     copy_on_read: bool,
-) -> (LazyDevice, Arc<MemorySource>) {
-    let source = Arc::new(MemorySource {
-        data,
-        read: AtomicU64::new(0),
-    });
+) -> (LazyDevice, Arc<MemSource>) {
+    let source = Arc::new(MemSource::new(data, STRIPE as u64));
     let opts = options(Path::new("/nonexistent"), meta, copy_on_read);
     let device = LazyDevice::with_source(inner, None, source.clone(), &opts).unwrap();
     (device, source)
@@ -204,12 +176,12 @@ fn reads_from_a_source_without_read_through_wait_for_the_fetch() {
     let (device, source) = open_memory(inner, want.clone(), &f.meta, false);
     want.resize(4 * STRIPE, 0);
     let tail_read = 512;
-    assert_eq!(source.read.load(SeqCst), tail_read);
+    assert_eq!(source.bytes_read(), tail_read);
     let mut ch = device.new_channel().unwrap();
     let got = read(&mut *ch, (STRIPE / 512) as u64, 3 * STRIPE);
     assert!(got == want[STRIPE..], "read differs from the source");
     // Stripes 1 and 2 were fetched (read whole); stripe 3 was zeroed without reading.
-    assert_eq!(source.read.load(SeqCst), tail_read + 2 * STRIPE as u64);
+    assert_eq!(source.bytes_read(), tail_read + 2 * STRIPE as u64);
     let md = on_disk(&f);
     assert_eq!(&md.stripes[..5], &[0, FETCHED, FETCHED, FETCHED, 0]);
     let base = std::fs::read(&f.base).unwrap();
@@ -220,7 +192,7 @@ fn reads_from_a_source_without_read_through_wait_for_the_fetch() {
     assert_eq!(base[0], 0xee);
     // Now served from the base disk.
     assert!(read(&mut *ch, (STRIPE / 512) as u64, 3 * STRIPE) == want[STRIPE..]);
-    assert_eq!(source.read.load(SeqCst), tail_read + 2 * STRIPE as u64);
+    assert_eq!(source.bytes_read(), tail_read + 2 * STRIPE as u64);
 }
 
 #[test]
@@ -782,4 +754,106 @@ fn settle(device: &LazyDevice) {
 fn on_disk_at(meta: &Path) -> Metadata {
     let file = std::fs::File::open(meta).unwrap();
     Metadata::read_from(&file, (STRIPE * STRIPES / 512) as u64, None).unwrap()
+}
+
+/// Writes `data` at `sector`; the status.
+fn write(ch: &mut dyn IoChannel, sector: u64, data: &[u8]) -> Result<(), i32> {
+    let op = IoOp::Write {
+        sector,
+        buf: buf_of(data),
+    };
+    run_sync(ch, op).0
+}
+
+/// A fetch that fails fails the requests waiting for it with EIO (whatever the source's
+/// error) and leaves the stripe unfetched; other stripes are served meanwhile, and once the
+/// source heals the next request fetches the stripe.
+#[test]
+fn a_failing_stripe_fails_its_requests_until_the_source_heals() {
+    let f = fixture(0, false);
+    let image: Vec<u8> = (0..STRIPE * STRIPES).map(|i| (i % 241) as u8).collect();
+    let inner: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&f.base, false, 64).unwrap());
+    let (device, source) = open_memory(inner, image.clone(), &f.meta, false);
+    source.set(3, Fault::Fail(libc::ECONNRESET));
+    let mut ch = device.new_channel().unwrap();
+    let s3 = (3 * STRIPE / 512) as u64;
+    let (r, _) = run_sync(
+        &mut *ch,
+        IoOp::Read {
+            sector: s3 + 1,
+            buf: IoBuf::new(512),
+        },
+    );
+    assert_eq!(r, Err(libc::EIO));
+    let s = device.status();
+    assert_eq!((s.fetched, s.fetch_errors, s.fetching), (0, 1, 0));
+    let last = s.last_fetch_error.expect("the failed fetch is reported");
+    assert!(last.starts_with("stripe 3: "), "{last}");
+    assert_eq!(write(&mut *ch, s3, &[7; 512]), Err(libc::EIO));
+    assert_eq!(source.reads(3), 2, "each request retried the fetch once");
+    assert!(!on_disk(&f).is_fetched(3));
+    // Stripe 2 is fetched and served while stripe 3 fails.
+    let s2 = (2 * STRIPE / 512) as u64;
+    assert_eq!(
+        read(&mut *ch, s2, 4096),
+        image[2 * STRIPE..2 * STRIPE + 4096]
+    );
+
+    source.clear(3);
+    write(&mut *ch, s3, &[7; 512]).unwrap();
+    let mut want = image[3 * STRIPE..4 * STRIPE].to_vec();
+    want[..512].fill(7);
+    assert_eq!(read(&mut *ch, s3, STRIPE), want);
+    settle(&device);
+    let s = device.status();
+    assert_eq!((s.fetched, s.fetch_errors), (2, 2));
+    assert_eq!(source.reads(3), 3);
+    let md = on_disk(&f);
+    assert!(md.is_fetched(2) && md.is_fetched(3));
+}
+
+/// A slow fetch holds only the requests on its stripe: another stripe is fetched and served
+/// while it sleeps, and the held read completes with the right bytes once it is done.
+#[test]
+fn a_delayed_stripe_holds_only_its_own_requests() {
+    const DELAY: Duration = Duration::from_secs(2);
+    let f = fixture(0, false);
+    let image: Vec<u8> = (0..STRIPE * STRIPES).map(|i| (i % 239) as u8).collect();
+    let inner: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&f.base, false, 64).unwrap());
+    let (device, source) = open_memory(inner, image.clone(), &f.meta, false);
+    source.set(1, Fault::Delay(DELAY));
+    let t0 = Instant::now();
+    let mut slow = device.new_channel().unwrap();
+    let s1 = (STRIPE / 512) as u64;
+    slow.add(
+        1,
+        IoOp::Read {
+            sector: s1 + 8,
+            buf: IoBuf::new(4096),
+        },
+    );
+    slow.submit().unwrap();
+    let mut ch = device.new_channel().unwrap();
+    let s4 = (4 * STRIPE / 512) as u64;
+    assert_eq!(
+        read(&mut *ch, s4, 4096),
+        image[4 * STRIPE..4 * STRIPE + 4096]
+    );
+    let mut out = Vec::new();
+    slow.poll(&mut out);
+    if t0.elapsed() < DELAY {
+        assert!(
+            out.is_empty(),
+            "the read of stripe 1 finished before its fetch"
+        );
+    }
+    while out.is_empty() {
+        slow.wait().unwrap();
+        slow.poll(&mut out);
+    }
+    assert!(t0.elapsed() >= DELAY);
+    assert!(out[0].result.is_ok());
+    let got = out[0].buf.as_ref().unwrap();
+    assert_eq!(&got[..], &image[STRIPE + 4096..STRIPE + 8192]);
+    assert_eq!((source.reads(1), source.reads(4)), (1, 1));
 }

@@ -1,9 +1,7 @@
 //! The vhost socket path (`socket`, `socket_mode`, `socket_group`): what the backend refuses
 //! to replace, what it may replace, who may connect, and what it removes when it stops.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;

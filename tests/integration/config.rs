@@ -2,9 +2,7 @@
 //! older ones (`direct_io`), accepted by the real `vhost-backend` with their meaning; unknown
 //! and refused legacy fields named in the error.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;

@@ -1,6 +1,7 @@
 //! init-metadata and dump-metadata, run as binaries on temp files; the encrypted output is
 //! checked against the independent XTS reference (tests/tools/xts_ref.py).
 
+use crate::common::{require, CRYPTOGRAPHY};
 use base64::Engine;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -247,6 +248,9 @@ fn metadata_over_the_disk_is_refused() {
 
 #[test]
 fn encrypted_metadata_decrypts_independently() {
+    if !require(&[CRYPTOGRAPHY]) {
+        return;
+    }
     let st = Setup::new();
     let cfg = st.config("", true);
     ok(INIT, &["-f", s(&cfg)]);

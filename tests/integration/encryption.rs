@@ -1,10 +1,8 @@
 //! The encrypted backend, checked against an independent XTS implementation (OpenSSL via
 //! Python's `cryptography`, tests/tools/xts_ref.py) in both directions, through libblkio.
 
-mod common;
-
+use crate::common::*;
 use base64::Engine;
-use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -67,6 +65,9 @@ fn pattern(len: usize) -> Vec<u8> {
 
 #[test]
 fn writes_land_encrypted_and_decrypt_independently() {
+    if !require(&[CRYPTOGRAPHY]) {
+        return;
+    }
     let s = setup();
     let _be = Backend::start(BIN, &BackendConfig::new(&s.img, &s.sock).extra(raw_keys())).unwrap();
     let mut c = Client::connect_queues(&s.sock, 1).unwrap();
@@ -85,6 +86,9 @@ fn writes_land_encrypted_and_decrypt_independently() {
 
 #[test]
 fn independently_encrypted_disk_reads_back_plain() {
+    if !require(&[CRYPTOGRAPHY]) {
+        return;
+    }
     let s = setup();
     let data = pattern(1 << 20);
     let cipher = reference("encrypt", 2048, &data, s.dir.path());
@@ -111,6 +115,9 @@ fn independently_encrypted_disk_reads_back_plain() {
 
 #[test]
 fn large_writes_land_encrypted_like_the_reference() {
+    if !require(&[CRYPTOGRAPHY]) {
+        return;
+    }
     // 1 MiB requests, the largest the backend takes, at an odd sector.
     let s = setup();
     let _be = Backend::start(BIN, &BackendConfig::new(&s.img, &s.sock).extra(raw_keys())).unwrap();
@@ -132,6 +139,9 @@ fn large_writes_land_encrypted_like_the_reference() {
 
 #[test]
 fn write_zeroes_stores_encrypted_zeros() {
+    if !require(&[CRYPTOGRAPHY]) {
+        return;
+    }
     let s = setup();
     let _be = Backend::start(BIN, &BackendConfig::new(&s.img, &s.sock).extra(raw_keys())).unwrap();
     let mut c = Client::connect_queues(&s.sock, 1).unwrap();
@@ -187,6 +197,9 @@ fn wrapped_keys() -> String {
 
 #[test]
 fn kek_wrapped_keys_unlink_and_agree_with_raw_keys() {
+    if !require(&[CRYPTOGRAPHY]) {
+        return;
+    }
     let s = setup();
     let kek = s.dir.path().join("kek.yaml");
     std::fs::write(&kek, kek_yaml(&KEK)).unwrap();
@@ -487,6 +500,9 @@ fn bad_keys_are_refused_with_a_clear_error() {
 /// between guest memory and the device buffer: both must produce the same disk.
 #[test]
 fn bounced_and_direct_paths_agree() {
+    if !require(&[CRYPTOGRAPHY]) {
+        return;
+    }
     let s = setup();
     let _be = Backend::start(BIN, &BackendConfig::new(&s.img, &s.sock).extra(raw_keys())).unwrap();
     let mut c = Client::connect_queues(&s.sock, 1).unwrap();

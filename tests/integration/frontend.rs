@@ -1,10 +1,8 @@
 //! `vhost-frontend` (our rust-vmm based vhost-user-blk frontend) against the real
 //! `vhost-backend`: each stage on its own, and whole-disk copies.
 
-mod common;
-
+use crate::common::*;
 use base64::Engine;
-use common::*;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

@@ -1,14 +1,12 @@
 //! QoS limits end to end: a libblkio client keeps requests in flight against a backend with
 //! `qos:` limits and measures what gets through, from each completion's time. The limits are
-//! rates, so these tests use little CPU and may run side by side; each has its own backend.
+//! rates, so these tests use little CPU and may run side by side; each has its own backend. They
+//! hold the binary's lock shared ([`crate::shared`]), so that no polling test overlaps them.
 
-#[path = "../benches/common/mod.rs"]
-mod bench;
-mod common;
-
-use bench::{median, process_cpu_time, Rng};
-use common::*;
+use crate::bench::{median, process_cpu_time, Rng};
+use crate::common::*;
 use std::path::PathBuf;
+use std::sync::RwLockReadGuard;
 use std::time::{Duration, Instant};
 
 const SIZE: u64 = 64 << 20;
@@ -25,9 +23,12 @@ struct Disk {
     backend: Backend,
     ctl: PathBuf,
     client: Client,
+    /// Last: held until the backend is gone.
+    _measuring: RwLockReadGuard<'static, ()>,
 }
 
 fn start(qos: &str, queues: usize, mem: usize) -> Disk {
+    let measuring = crate::shared();
     let dir = scratch_dir("ubiblk-qos");
     let disk = dir.path().join("disk.raw");
     std::fs::File::create(&disk)
@@ -55,6 +56,7 @@ fn start(qos: &str, queues: usize, mem: usize) -> Disk {
         backend,
         ctl,
         client,
+        _measuring: measuring,
     }
 }
 

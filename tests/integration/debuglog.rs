@@ -1,10 +1,8 @@
 //! The I/O debug log (`io_debug_path`) written by the real backend under libblkio, and
 //! `replay-log` run on it.
 
-mod common;
-
+use crate::common::*;
 use base64::Engine;
-use common::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

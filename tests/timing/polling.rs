@@ -10,19 +10,14 @@
 //! A second test checks the other side of the trade-off: a disk with a request every few
 //! milliseconds must not spin its worker after each one.
 //!
-//! The tests take a lock: each measures with every core busy, so they must not overlap.
+//! The tests take the binary's lock exclusively ([`crate::exclusive`]): each measures with every
+//! core busy, so they must not overlap each other or any other test.
 
-#[path = "../benches/common/mod.rs"]
-mod bench;
-mod common;
-
-use bench::{connect_client_with, median, process_cpu_time, run_io, IoSpec, Order};
-use common::*;
+use crate::bench::{connect_client_with, median, process_cpu_time, run_io, IoSpec, Order};
+use crate::common::*;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::RwLockWriteGuard;
 use std::time::{Duration, Instant};
-
-static SERIAL: Mutex<()> = Mutex::new(());
 
 /// The backend under test; `UBIBLK_BACKEND_BIN` swaps in another build (e.g. an older one, to
 /// see this test fail).
@@ -103,8 +98,8 @@ fn compare(disk: &Path, dir: &Path, load: Load) -> (f64, f64) {
 }
 
 /// Takes the lock and makes a scratch directory holding a pattern-filled disk.
-fn setup() -> (MutexGuard<'static, ()>, tempfile::TempDir, PathBuf) {
-    let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+fn setup() -> (RwLockWriteGuard<'static, ()>, tempfile::TempDir, PathBuf) {
+    let serial = crate::exclusive();
     let dir = scratch_dir("ubiblk-poll");
     let disk = dir.path().join("disk.raw");
     create_pattern_file(&disk, SIZE).unwrap();

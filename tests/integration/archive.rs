@@ -2,13 +2,11 @@
 //! disks (checked object by object), and a disk moved between two "hosts" through an archive
 //! served with `archive_url`, read through libblkio while it is fetched and compared after.
 //! The tests that do not depend on the store run twice: on `file:///dir` and on `s3://` (a
-//! single-node Garage, tests/common/servers.rs, listed and altered by its boto3 client).
+//! single-node Garage, tests/common/servers/, listed and altered by its boto3 client).
 
-mod common;
-
+use crate::common::servers::Garage;
+use crate::common::*;
 use base64::Engine;
-use common::servers::Garage;
-use common::*;
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -368,6 +366,9 @@ fn plain_disk_archive_stores_each_distinct_non_zero_chunk_once_under_keyed_names
 /// `--s3-region` flags stand in for the environment's.
 #[test]
 fn plain_disk_archive_in_s3_uploads_each_distinct_chunk_once() {
+    if !require(&[GARAGE, BOTO3]) {
+        return;
+    }
     let dir = scratch_dir("ubiblk-arch-s3-plain");
     let garage = Garage::start();
     let dest = Dest::S3(&garage, "backups/vm1");
@@ -532,6 +533,9 @@ fn moving_an_encrypted_disk_between_hosts() {
 /// `archive_url: s3://...` with the AWS environment.
 #[test]
 fn moving_an_encrypted_disk_between_hosts_through_s3() {
+    if !require(&[GARAGE, BOTO3]) {
+        return;
+    }
     let dir = scratch_dir("ubiblk-arch-s3-move");
     let garage = Garage::start();
     move_between_hosts(dir.path(), &Dest::S3(&garage, "moves/vm1"));
@@ -612,6 +616,9 @@ fn damaged_or_missing_chunks_fail_their_stripes_only() {
 /// deleted through boto3).
 #[test]
 fn damaged_or_missing_chunks_in_s3_fail_their_stripes_only() {
+    if !require(&[GARAGE, BOTO3]) {
+        return;
+    }
     let dir = scratch_dir("ubiblk-arch-s3-bad");
     let garage = Garage::start();
     damaged_chunks(dir.path(), &Dest::S3(&garage, "bad/vm1"));

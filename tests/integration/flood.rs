@@ -2,9 +2,7 @@
 //! of file descriptors while clients keep connecting. The backend must stay bounded (threads,
 //! log) and keep serving once the pressure is gone.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

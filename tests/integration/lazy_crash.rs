@@ -22,10 +22,8 @@
 //! fault, not the oracle. `LAZY_CRASH_SEED=<n>` replays a run's random choices (kill timing still
 //! varies).
 
-mod common;
-
+use crate::common::*;
 use anyhow::{bail, ensure, Context};
-use common::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;

@@ -8,13 +8,16 @@
 //! - `tests/vm/fio-verify.sh` is the script run inside the guest; it reads what to expect from
 //!   `ubiblk.*` words on the kernel command line.
 //!
-//! These tests FAIL (they do not skip) when QEMU or the guest tooling is missing: `.ci/run`
-//! installs them. Guest runs are serialised: two TCG guests on a 2-core machine only slow each
-//! other down.
+//! Without QEMU or the guest tooling these tests say `skipped: no qemu-system-x86_64` (or what
+//! else is missing) and pass; with `UBIBLK_REQUIRE_ALL=1` (scripts/test.sh, CI) they fail:
+//! `.ci/run` installs everything. This is a test binary of its own (`cargo test --release
+//! --test guest`), so no other test runs beside a guest. Guest runs are serialised: two TCG
+//! guests on a 2-core machine only slow each other down.
 
+#[path = "../common/mod.rs"]
 mod common;
 
-use common::ControlStatus;
+use common::{require, ControlStatus, BOTO3, GARAGE, GUEST};
 use std::fmt::Write as _;
 use std::fs;
 use std::io::Read;
@@ -412,6 +415,9 @@ fn run_guest_fio(config_extra: &str, queues: u32) -> GuestOutcome {
 
 #[test]
 fn guest_fio_verify_two_queues() {
+    if !require(&GUEST) {
+        return;
+    }
     let out = run_guest_fio("", 2);
     assert!(out.console.contains("fio-verify: PASS"));
     // The guest's writes reached the file: it is no longer all zeroes.
@@ -425,6 +431,9 @@ fn guest_fio_verify_two_queues() {
 /// The seed's example tuning: one 4 KiB segment per request, so every larger guest I/O is split.
 #[test]
 fn guest_fio_verify_single_segment() {
+    if !require(&GUEST) {
+        return;
+    }
     let out = run_guest_fio("seg_size_max: 4096\nseg_count_max: 1\nqueue_size: 128\n", 1);
     assert!(out.console.contains("fio-verify: PASS"));
 }
@@ -432,6 +441,9 @@ fn guest_fio_verify_single_segment() {
 /// The same fio verification on an AES-XTS encrypted disk (raw keys in the config).
 #[test]
 fn guest_fio_verify_encrypted() {
+    if !require(&GUEST) {
+        return;
+    }
     let keys = "encryption_key:\n  - \"ERERERERERERERERERERERERERERERERERERERERERE=\"\n  - \"fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn4=\"\n";
     let out = run_guest_fio(keys, 2);
     assert!(out.console.contains("fio-verify: PASS"));
@@ -447,6 +459,9 @@ fn guest_fio_verify_encrypted() {
 /// way out, unlike libblkio).
 #[test]
 fn guest_second_vm_on_the_same_backend() {
+    if !require(&GUEST) {
+        return;
+    }
     let out = GuestTest {
         queues: 2,
         boots: 2,
@@ -502,6 +517,9 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 /// (zeros past its end).
 #[test]
 fn guest_fio_verify_lazy() {
+    if !require(&GUEST) {
+        return;
+    }
     guest_fio_verify_lazy_from(Image::File);
 }
 
@@ -510,6 +528,9 @@ fn guest_fio_verify_lazy() {
 /// autofetch runs under fio; the whole disk is checked against the image at the end.
 #[test]
 fn guest_fio_verify_lazy_s3() {
+    if !require(&GUEST) || !require(&[GARAGE, BOTO3]) {
+        return;
+    }
     let garage = common::servers::Garage::start();
     let key = "guest/image.raw";
     garage.put_bytes(key, &lazy_image(LAZY_IMAGE));
@@ -913,6 +934,9 @@ fn restart_test(how: Takedown, config_extra: &str, setup: Option<SetupFn>) -> Gu
 /// guest sees pauses, never an I/O error or a bad block.
 #[test]
 fn guest_fio_verify_across_backend_kills() {
+    if !require(&GUEST) {
+        return;
+    }
     // A QoS limit keeps most of fio's 32 requests queued in the backend, so every kill finds
     // some in flight. Unthrottled under TCG the backend holds a request for microseconds, and
     // a kill can miss them all (one CI run: 0 of 5 kills).
@@ -924,6 +948,9 @@ fn guest_fio_verify_across_backend_kills() {
 /// process on the same socket, 5 times under fio.
 #[test]
 fn guest_fio_verify_across_backend_sigterm_restarts() {
+    if !require(&GUEST) {
+        return;
+    }
     let out = restart_test(Takedown::Term, "", None);
     assert!(out.console.contains("fio-restart: PASS"), "{}", out.console);
 }
@@ -933,6 +960,9 @@ fn guest_fio_verify_across_backend_sigterm_restarts() {
 /// resumes the fetch from the metadata as well as the guest's requests.
 #[test]
 fn guest_fio_verify_across_backend_kills_lazy_encrypted() {
+    if !require(&GUEST) {
+        return;
+    }
     // Throttled like the plain kill test: the fetches alone stop parking requests once fio's
     // stripes are fetched.
     let extra = "image_path: \"{dir}/image.raw\"\n\

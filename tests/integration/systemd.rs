@@ -4,10 +4,8 @@
 //! manager, or with one that is not there; the example instance config; and the example unit
 //! checked by `systemd-analyze verify` where it is installed.
 
-mod common;
-
+use crate::common::*;
 use anyhow::{bail, Context};
-use common::*;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};

@@ -1,11 +1,9 @@
-//! Self-test of the server fixtures of tests/common/servers.rs, with independent clients only
+//! Self-test of the server fixtures of tests/common/servers/, with independent clients only
 //! (curl, boto3): nginx serves files with Range and TLS and survives stop/restart; Garage
 //! round-trips objects on one node and on a three-node cluster with a node down.
 
-mod common;
-
-use common::servers::{Garage, Nginx};
-use common::{pattern_bytes, scratch_dir};
+use crate::common::servers::{Garage, Nginx};
+use crate::common::{pattern_bytes, require, scratch_dir, BOTO3, CURL, GARAGE, NGINX, OPENSSL};
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -42,6 +40,9 @@ fn write_image(dir: &Path, name: &str, len: usize) -> Vec<u8> {
 
 #[test]
 fn nginx_serves_files_and_ranges() {
+    if !require(&[NGINX, CURL]) {
+        return;
+    }
     let root = scratch_dir("ubiblk-servers-root");
     let data = write_image(root.path(), "img.raw", 3 << 20);
     let n = Nginx::start(root.path());
@@ -91,6 +92,9 @@ fn nginx_serves_files_and_ranges() {
 
 #[test]
 fn nginx_tls() {
+    if !require(&[NGINX, OPENSSL, CURL]) {
+        return;
+    }
     let root = scratch_dir("ubiblk-servers-root");
     let data = write_image(root.path(), "img.raw", 1 << 20);
     let n = Nginx::start_tls(root.path());
@@ -119,6 +123,9 @@ fn nginx_tls() {
 
 #[test]
 fn nginx_stop_restart() {
+    if !require(&[NGINX, CURL]) {
+        return;
+    }
     let root = scratch_dir("ubiblk-servers-root");
     let data = write_image(root.path(), "img.raw", 64 << 10);
     let mut n = Nginx::start(root.path());
@@ -146,6 +153,9 @@ fn nginx_stop_restart() {
 
 #[test]
 fn garage_single_node() {
+    if !require(&[GARAGE, BOTO3]) {
+        return;
+    }
     let g = Garage::start();
     assert_eq!(g.url("a/b"), format!("s3://{}/a/b", g.bucket()));
     let env = g.env();
@@ -196,6 +206,9 @@ fn garage_single_node() {
 
 #[test]
 fn garage_single_node_restart() {
+    if !require(&[GARAGE, BOTO3]) {
+        return;
+    }
     let mut g = Garage::start();
     g.put_bytes("k", b"kept across a restart");
     g.kill_node(0);
@@ -205,6 +218,9 @@ fn garage_single_node_restart() {
 
 #[test]
 fn garage_cluster_survives_a_node_down() {
+    if !require(&[GARAGE, BOTO3]) {
+        return;
+    }
     let mut g = Garage::cluster(3);
     assert_eq!(g.nodes(), 3);
     let data = pattern_bytes(777, 3 << 20);

@@ -8,15 +8,13 @@
 //! request touching one stripe until the test opens a gate: the parked request is exactly the
 //! one reading that stripe, whatever the timing.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use ubiblk::frontend::{BlkFrontend, Geometry, IoOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-backend");

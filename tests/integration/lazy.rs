@@ -2,9 +2,7 @@
 //! the disk (image content, zeros past its end, guest writes on top) and against the raw base
 //! disk and metadata files.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use ubiblk::crypto::Xts;

@@ -2,14 +2,12 @@
 //! nginx for HTTP(S) and Garage for S3. Each test checks one rule of docs/lazy-fetch.md
 //! ("Remote sources") and fails if it breaks.
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::servers::{Garage, Nginx};
-use common::*;
+use crate::common::servers::{Garage, Nginx};
+use crate::common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-backend");
 const INIT: &str = env!("CARGO_BIN_EXE_init-metadata");
@@ -185,6 +183,9 @@ fn start_fails(config: &BackendConfig, env: &[(String, String)]) -> String {
 
 #[test]
 fn http_image_reads_equal_the_image() {
+    if !require(&[NGINX]) {
+        return;
+    }
     let r = Remote::new("ubiblk-remote-http");
     let nginx = Nginx::start(r.files.dir.path());
     let (_be, mut c) = start(&r.config(&nginx.url("image.raw")), &[]);
@@ -197,6 +198,9 @@ fn http_image_reads_equal_the_image() {
 
 #[test]
 fn https_image_trusts_the_ca_in_ssl_cert_file() {
+    if !require(&[NGINX, OPENSSL]) {
+        return;
+    }
     let r = Remote::new("ubiblk-remote-https");
     let nginx = Nginx::start_tls(r.files.dir.path());
     let ca = nginx.ca_cert().unwrap();
@@ -217,6 +221,9 @@ fn https_image_trusts_the_ca_in_ssl_cert_file() {
 
 #[test]
 fn outage_fails_unfetched_reads_in_the_budget_and_heals_after() {
+    if !require(&[NGINX]) {
+        return;
+    }
     let r = Remote::new("ubiblk-remote-outage");
     let mut nginx = Nginx::start(r.files.dir.path());
     let config = r.config_with(&nginx.url("image.raw"), &["fetch_retry_secs: 2"]);
@@ -228,6 +235,9 @@ fn outage_fails_unfetched_reads_in_the_budget_and_heals_after() {
 /// with the disk equal to the image.
 #[test]
 fn s3_outage_during_autofetch_heals_and_the_fetch_completes() {
+    if !require(&[GARAGE, BOTO3]) {
+        return;
+    }
     // 128 stripes, 96 of them with image data; autofetch paced at 2 MiB/s (32 stripes/s), so
     // the kill below lands in the first fraction of the fetch.
     let r = Remote::with_size(
@@ -317,6 +327,9 @@ fn outage(
 
 #[test]
 fn an_image_replaced_under_a_running_backend_fails_fetches_never_mixes() {
+    if !require(&[NGINX]) {
+        return;
+    }
     let r = Remote::new("ubiblk-remote-replaced");
     let nginx = Nginx::start(r.files.dir.path());
     let (_be, mut c) = start(&r.config(&nginx.url("image.raw")), &[]);
@@ -351,6 +364,9 @@ fn replace(path: &Path, data: &[u8]) {
 
 #[test]
 fn s3_image_reads_equal_and_the_secret_is_never_logged() {
+    if !require(&[GARAGE, BOTO3]) {
+        return;
+    }
     let r = Remote::new("ubiblk-remote-s3");
     let garage = Garage::start();
     garage.put_bytes("disks/image.raw", &r.image);
@@ -375,6 +391,9 @@ fn s3_image_reads_equal_and_the_secret_is_never_logged() {
 
 #[test]
 fn s3_wrong_credentials_fail_clearly_without_the_secret() {
+    if !require(&[GARAGE, BOTO3]) {
+        return;
+    }
     let r = Remote::new("ubiblk-remote-s3-creds");
     let garage = Garage::start();
     garage.put_bytes("image.raw", &r.image);
@@ -405,6 +424,9 @@ fn s3_wrong_credentials_fail_clearly_without_the_secret() {
 
 #[test]
 fn s3_unknown_bucket_or_key_is_a_startup_error_naming_image_url() {
+    if !require(&[GARAGE, BOTO3]) {
+        return;
+    }
     let r = Remote::new("ubiblk-remote-s3-missing");
     let garage = Garage::start();
     let mut env = garage.env();
@@ -425,6 +447,9 @@ fn s3_unknown_bucket_or_key_is_a_startup_error_naming_image_url() {
 /// The `s3://bucket/prefix` object store: PUT, GET, HEAD, and NotFound for a missing object.
 #[test]
 fn s3_store_put_get_exists() {
+    if !require(&[GARAGE, BOTO3]) {
+        return;
+    }
     use ubiblk::remote::{ObjectStore, S3Store};
 
     let garage = Garage::start();
@@ -454,6 +479,9 @@ fn s3_store_put_get_exists() {
 /// image, and while the node is down, stripes already fetched read at once.
 #[test]
 fn s3_cluster_node_lost_during_autofetch_the_fetch_completes() {
+    if !require(&[GARAGE, BOTO3]) {
+        return;
+    }
     // 20 MiB of image on a 24 MiB disk (384 stripes), autofetch paced at 8 MiB/s: about 3 s.
     let r = Remote::with_size(
         "ubiblk-remote-s3-cluster",

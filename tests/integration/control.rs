@@ -3,9 +3,7 @@
 //! client's own measurement, `metrics` through Python's `prometheus_client` parser, bad input,
 //! and many clients at once while the data path keeps going.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -200,6 +198,9 @@ fn expected(w: &Work) -> [(u64, u64); 6] {
 
 #[test]
 fn status_stats_and_metrics_count_what_the_client_did() {
+    if !require(&[PROMETHEUS_CLIENT]) {
+        return;
+    }
     let d = disk(32 << 20);
     let _be = start(&d, 2, ODD_ID);
 
@@ -539,6 +540,9 @@ fn many_control_clients_do_not_stall_the_data_path() {
 /// With a source, `metrics` adds the lazy-fetch progress, equal to `status`'s.
 #[test]
 fn metrics_of_a_lazy_disk_include_the_fetch_progress() {
+    if !require(&[PROMETHEUS_CLIENT]) {
+        return;
+    }
     const DISK: u64 = 1 << 20;
     let image: Vec<u8> = (0..DISK).map(|i| (i % 251) as u8).collect();
     let files = LazyFiles::new("ubiblk-ctl-lazy", DISK, 0, &image, &[]);

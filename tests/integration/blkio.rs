@@ -1,9 +1,7 @@
 //! The real `vhost-backend` binary driven by libblkio's virtio-blk-vhost-user driver, a client
 //! we did not write.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::PathBuf;
 use std::time::Duration;
 
