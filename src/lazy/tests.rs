@@ -89,6 +89,20 @@ impl StripeSource for MemorySource {
         self.read.fetch_add(buf.len() as u64, SeqCst);
         Ok(())
     }
+
+    fn identity(&self) -> crate::lazy::source::SourceIdentity {
+        // A content hash (FNV-1a) as its version: a test reopening a disk on other data is
+        // refused as a changed source would be.
+        let hash = self.data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        crate::lazy::source::SourceIdentity::new(
+            crate::lazy::source::SourceKind::File,
+            "memory",
+            self.bytes(),
+        )
+        .with("fnv", format!("{hash:016x}"))
+    }
 }
 
 /// The layer over `inner` with `data` in a [`MemorySource`] as its source.
