@@ -63,14 +63,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut md = Metadata::new(disk_sectors, args.shift)?;
     // First: a crash from here on leaves no pin, never an old pin beside new metadata.
-    if !is_block_device(meta_path) {
-        pin::remove(meta_path).with_context(|| {
-            format!(
-                "metadata_path: cannot remove the source pin {}",
-                pin::pin_path(meta_path).display()
-            )
-        })?;
-    }
+    pin::remove(meta_path).with_context(|| {
+        format!(
+            "metadata_path: cannot remove the source pin {}",
+            pin::pin_path(meta_path).display()
+        )
+    })?;
     let mut past_image = 0;
     // The image's identity, pinned once the metadata is written: the stripes zeroed here
     // depend on its size.
@@ -101,7 +99,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     file.sync_all()
         .with_context(|| format!("metadata_path: cannot fsync {}", meta_path.display()))?;
     sync_parent(meta_path);
-    if let Some(identity) = image_identity.filter(|_| is_regular(meta_path)) {
+    if let Some(identity) = image_identity.filter(|_| pin::pinnable(meta_path)) {
         let pin = pin::pin_path(meta_path);
         pin::write(&pin, &identity).with_context(|| {
             format!(
@@ -179,15 +177,6 @@ fn open_target(path: &Path, len: u64) -> anyhow::Result<File> {
             .open(path)
             .with_context(ctx)
     }
-}
-
-/// True if `path` is a regular file (the metadata's pin sits beside such a one only).
-fn is_regular(path: &Path) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.is_file())
-}
-
-fn is_block_device(path: &Path) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }
 
 /// Makes a newly created file's directory entry durable (best effort).

@@ -166,7 +166,11 @@ pub fn write(path: &Path, identity: &SourceIdentity) -> io::Result<()> {
 
 /// Removes the pin of the metadata at `metadata_path` (and a temporary one a crash left),
 /// durably: init-metadata starts the disk over, from whatever the source is at the next start.
+/// Nothing to do for a metadata on a block device (see [`pinnable`]).
 pub fn remove(metadata_path: &Path) -> io::Result<()> {
+    if fs::metadata(metadata_path).is_ok_and(|m| !m.is_file()) {
+        return Ok(());
+    }
     let path = pin_path(metadata_path);
     let mut removed = false;
     for p in [with_suffix(&path, ".tmp"), path] {
@@ -193,7 +197,7 @@ fn sync_dir(path: &Path) -> io::Result<()> {
 
 /// True when the metadata at `metadata_path` is a regular file, which the pin can sit next to.
 /// A metadata on a block device gets no pin (its directory is /dev, rebuilt at every boot).
-fn pinnable(metadata_path: &Path) -> bool {
+pub fn pinnable(metadata_path: &Path) -> bool {
     fs::metadata(metadata_path).is_ok_and(|m| m.is_file())
 }
 
