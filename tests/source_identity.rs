@@ -238,6 +238,25 @@ fn an_archive_written_again_between_runs_is_refused_and_init_metadata_starts_ove
     assert_eq!(pin["kind"], "archive", "{pin}");
     assert_eq!(pin["version"]["manifest_mac"], mac1.as_str(), "{pin}");
 
+    // The archive tool refuses to read that disk too (its unfetched stripes would be read
+    // from version 2).
+    let config_b = d.join("config-b.yaml");
+    fs::write(&config_b, config.to_yaml()).unwrap();
+    let out = Command::new(ARCHIVE)
+        .arg("-f")
+        .arg(&config_b)
+        .arg("-k")
+        .arg(&kek)
+        .arg("--to")
+        .arg(format!("file://{}", d.join("store-b").display()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("archive_url: the source changed"),
+        "{out:?}"
+    );
+
     // init-metadata starts over: the pin goes, the disk fills from version 2 alone.
     init_metadata(&config, d, &["-k", k[1], "-s", "11"]);
     assert!(pinned(&meta).is_none(), "init-metadata left the pin");
