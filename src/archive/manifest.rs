@@ -96,6 +96,16 @@ impl Manifest {
     /// Reads a manifest file with `kek`: the manifest and the archive's secret. Nothing in the
     /// body is looked at before its MAC is verified.
     pub fn decode(bytes: &[u8], kek: &[u8; KEY_LEN]) -> Result<(Manifest, Secret), ArchiveError> {
+        Self::decode_with_mac(bytes, kek).map(|(manifest, secret, _)| (manifest, secret))
+    }
+
+    /// [`Manifest::decode`], with the verified MAC (lowercase hex, as in the file): a value
+    /// that changes with every change of the body (any chunk, the size), and with the key, so
+    /// it tells one version of an archive from another. It is no secret (the store holds it).
+    pub fn decode_with_mac(
+        bytes: &[u8],
+        kek: &[u8; KEY_LEN],
+    ) -> Result<(Manifest, Secret, String), ArchiveError> {
         if bytes.len() > MAX_MANIFEST_BYTES {
             return Err(ArchiveError::Manifest(format!(
                 "{} bytes, more than the {MAX_MANIFEST_BYTES} a manifest can be",
@@ -118,6 +128,7 @@ impl Manifest {
         check
             .verify_slice(&want.0)
             .map_err(|_| ArchiveError::ManifestMac)?;
+        let mac = want.to_string();
         let manifest: Manifest = serde_json::from_str(envelope.body.get())
             .map_err(|e| ArchiveError::Manifest(format!("body: {e}")))?;
         check_geometry(manifest.disk_bytes, manifest.chunk_bytes)?;
@@ -130,7 +141,7 @@ impl Manifest {
                 manifest.chunk_bytes
             )));
         }
-        Ok((manifest, secret))
+        Ok((manifest, secret, mac))
     }
 }
 

@@ -15,6 +15,8 @@ pub struct ArchiveReader {
     store: Box<dyn ObjectStore>,
     keys: Keys,
     manifest: Manifest,
+    /// The manifest's verified MAC, hex.
+    mac: String,
 }
 
 /// The manifest at `store` read with `kek`; `None` when there is none.
@@ -58,16 +60,25 @@ fn get_optional(
 impl ArchiveReader {
     /// Fetches and verifies the manifest of the archive in `store`.
     pub fn open(store: Box<dyn ObjectStore>, kek: &[u8; KEY_LEN]) -> Result<Self, ArchiveError> {
-        let (manifest, secret) = read_manifest(&*store, kek)?.ok_or(ArchiveError::NoManifest)?;
+        let bytes = get_optional(&*store, MANIFEST_KEY, MAX_MANIFEST_BYTES)?
+            .ok_or(ArchiveError::NoManifest)?;
+        let (manifest, secret, mac) = Manifest::decode_with_mac(&bytes, kek)?;
         Ok(ArchiveReader {
             store,
             keys: secret.keys(),
             manifest,
+            mac,
         })
     }
 
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// The manifest's MAC (hex, as in `manifest.json`): it changes with every new version of
+    /// the archive.
+    pub fn manifest_mac(&self) -> &str {
+        &self.mac
     }
 
     pub fn store(&self) -> &dyn ObjectStore {

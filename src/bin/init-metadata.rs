@@ -16,7 +16,8 @@ use ubiblk::block::{check_disk_kind, BlockDevice, CryptDevice, FileDevice};
 use ubiblk::config::Options;
 use ubiblk::crypto::Xts;
 use ubiblk::lazy::metadata::{DEFAULT_SHIFT, MAX_SHIFT, MIN_SHIFT};
-use ubiblk::lazy::{device_size, metadata_tool_files, zero_past_image, Metadata};
+use ubiblk::lazy::source::file_identity;
+use ubiblk::lazy::{device_size, metadata_tool_files, pin, zero_past_image, Metadata};
 use ubiblk::service::cli::{self, ConfigArgs};
 
 /// Initialise the metadata file used by lazy stripe fetch: a header and one byte per stripe of
@@ -61,15 +62,26 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let mut md = Metadata::new(disk_sectors, args.shift)?;
+    // First: a crash from here on leaves no pin, never an old pin beside new metadata.
+    pin::remove(meta_path).with_context(|| {
+        format!(
+            "metadata_path: cannot remove the source pin {}",
+            pin::pin_path(meta_path).display()
+        )
+    })?;
     let mut past_image = 0;
+    // The image's identity, pinned once the metadata is written: the stripes zeroed here
+    // depend on its size.
+    let mut image_identity = None;
     if let Some(image) = &opts.image_path {
         // Checked before opening: opening a FIFO would wait for a writer.
         let image_bytes = std::fs::metadata(image)
             .and_then(|m| check_disk_kind(&m))
             .and_then(|()| File::open(image))
-            .and_then(|f| device_size(&f));
+            .and_then(|f| Ok((device_size(&f)?, f.metadata()?)));
         match image_bytes {
-            Ok(image_bytes) => {
+            Ok((image_bytes, image_meta)) => {
+                image_identity = Some(file_identity(image, &image_meta, image_bytes));
                 past_image = zero_past_image_on(&opts, xts.as_ref(), &mut md, image_bytes)?
             }
             // Not fatal: the metadata is still valid for ours, which zero-fills those stripes
@@ -87,6 +99,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     file.sync_all()
         .with_context(|| format!("metadata_path: cannot fsync {}", meta_path.display()))?;
     sync_parent(meta_path);
+    if let Some(identity) = image_identity.filter(|_| pin::pinnable(meta_path)) {
+        let pin = pin::pin_path(meta_path);
+        pin::write(&pin, &identity).with_context(|| {
+            format!(
+                "metadata_path: cannot write the source pin {}",
+                pin.display()
+            )
+        })?;
+    }
     println!(
         "{}: {} stripes of {} bytes for {} ({disk_sectors} sectors), {} bytes{}{}",
         meta_path.display(),

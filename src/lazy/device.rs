@@ -122,12 +122,22 @@ impl LazyDevice {
                 LOCAL_FETCHERS
             })
             .max(1);
+        if bytes > disk_bytes && !source.may_exceed_disk() {
+            return Err(Error::SourceTooLarge {
+                field: source.identity().kind.field(),
+                source_name: source.to_string(),
+                bytes,
+                disk_bytes,
+            });
+        }
         if bytes > disk_bytes {
             warn!(
                 "image {source} is {bytes} bytes, larger than the {disk_bytes}-byte disk: \
                  the rest is ignored"
             );
         }
+        // Before any fetch can start: a disk never holds stripes of two versions.
+        super::pin::check_and_pin(&opts.metadata_path, &md, &source.identity())?;
         let source_end = SourceEnd::read(&*source, disk_sectors).map_err(|e| Error::ImageTail {
             image: source.to_string(),
             source: e,

@@ -42,6 +42,49 @@ pub enum Error {
     /// The `archive_url` store (the error names the field).
     #[error(transparent)]
     ArchiveStore(crate::remote::StoreError),
+    /// The source is larger than the base disk and must not be cut (an archived disk).
+    #[error(
+        "{field}: the source {source_name} holds {bytes} bytes, more than the {disk_bytes}-byte \
+         base disk (path): its last {} bytes would be lost; give the base disk at least {bytes} \
+         bytes (truncate -s {bytes}) and run init-metadata again",
+        bytes - disk_bytes
+    )]
+    SourceTooLarge {
+        field: &'static str,
+        source_name: String,
+        bytes: u64,
+        disk_bytes: u64,
+    },
+    /// The source is not the version this disk started filling from (`lazy::pin`).
+    #[error(
+        "{field}: the source changed since this disk started filling from it ({changes}); \
+         {fetched} of its {stripes} stripes hold the old version, so fetching the others from \
+         the new one would mix two versions of the disk. Either restore the source that was \
+         pinned ({pinned}), or start over with a fresh base disk and init-metadata (which \
+         resets the pin), or, only if the new source is known to hold the same bytes, delete \
+         {pin}"
+    )]
+    SourceChanged {
+        field: &'static str,
+        changes: String,
+        pinned: String,
+        fetched: usize,
+        stripes: usize,
+        pin: PathBuf,
+    },
+    /// The pinned source identity cannot be read or written.
+    #[error("metadata_path: {what} the source pin {path}")]
+    Pin {
+        path: PathBuf,
+        what: &'static str,
+        source: io::Error,
+    },
+    /// The pinned source identity is not one.
+    #[error(
+        "metadata_path: the source pin {path} is not usable ({why}); run init-metadata to start \
+         over, or delete it to pin the current source"
+    )]
+    BadPin { path: PathBuf, why: String },
     /// A background thread (`what`: a fetcher) could not be started.
     #[error("cannot start {what}")]
     Thread {

@@ -6,7 +6,8 @@
 //!   which parks requests on unfetched stripes and `split`s reads that need no fetch;
 //! - `states` (stripe states), `queue` (the fetcher pool's work and wake-ups), `persist` (the
 //!   metadata file kept in step), composed by `fetch` with the fetcher threads;
-//! - [`metadata`]: the file format; `status`: the progress the control socket reports.
+//! - [`metadata`]: the file format; `status`: the progress the control socket reports;
+//!   [`pin`]: the source's identity pinned next to the metadata, checked at every start.
 
 mod channel;
 
@@ -15,6 +16,7 @@ mod error;
 mod fetch;
 pub mod metadata;
 mod persist;
+pub mod pin;
 mod queue;
 pub mod source;
 mod split;

@@ -4,6 +4,7 @@
 mod archive;
 mod file;
 mod http;
+mod identity;
 mod s3;
 
 use std::fmt;
@@ -12,8 +13,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use archive::ArchiveSource;
-pub use file::FileSource;
+pub use file::{file_identity, FileSource};
 pub use http::RangeSource;
+pub use identity::{SourceIdentity, SourceKind};
 
 use super::{Error, LazyOptions};
 use crate::block::{IoChannel, Notifier};
@@ -26,7 +28,8 @@ use crate::block::{IoChannel, Notifier};
 ///
 /// - [`bytes`](StripeSource::bytes): its size, fixed for the life of the backend. It need not
 ///   be a multiple of 512 or of the stripe size; the disk reads as zeros past it, and a
-///   source larger than the disk is cut to the disk's size (with a warning).
+///   source larger than the disk is cut to the disk's size (with a warning) or refused, as
+///   [`may_exceed_disk`](StripeSource::may_exceed_disk) says.
 /// - [`read_at`](StripeSource::read_at): blocking reads of byte ranges for the fetcher
 ///   threads (several at once, from different threads), one stripe (32 KiB .. 32 MiB) at a
 ///   time. The layer never asks for ranges wholly past the end (it writes zeros there itself);
@@ -40,6 +43,13 @@ use crate::block::{IoChannel, Notifier};
 ///   fetched, exactly as with `copy_on_read: true`; implement it only where per-request
 ///   reads are cheap (a local file, not a remote object).
 /// - [`Display`](fmt::Display): how logs name it (a path, a URL).
+/// - [`identity`](StripeSource::identity): what tells this version of its content from any
+///   other (an ETag, a manifest's MAC, a file's mtime and inode), taken at open. The layer
+///   pins it next to the metadata when the disk starts filling and refuses a restart on a
+///   source whose identity differs (docs/lazy-fetch.md, "Restarts and a changed source").
+/// - [`may_exceed_disk`](StripeSource::may_exceed_disk): whether a source larger than the
+///   disk is cut to the disk's size (an image) or refused (an archived disk, whose end would
+///   be lost).
 ///
 /// Opening errors belong in [`Error`], with a variant naming the configuration field.
 pub trait StripeSource: fmt::Display + Send + Sync {
@@ -64,6 +74,15 @@ pub trait StripeSource: fmt::Display + Send + Sync {
     /// Attempts that failed and were retried since start (remote sources), for `status`.
     fn retries(&self) -> u64 {
         0
+    }
+
+    /// This version of the source, as taken at open (see [`SourceIdentity`]).
+    fn identity(&self) -> SourceIdentity;
+
+    /// True if a source larger than the disk is served cut to the disk's size (with a
+    /// warning); false if it is refused at start.
+    fn may_exceed_disk(&self) -> bool {
+        true
     }
 }
 

@@ -7,6 +7,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Mutex, MutexGuard};
 
+use super::source::{SourceIdentity, SourceKind};
 use super::StripeSource;
 pub use crate::block::testing::Fault;
 
@@ -101,5 +102,15 @@ impl StripeSource for MemSource {
         buf[n..].fill(0);
         self.bytes_read.fetch_add(buf.len() as u64, SeqCst);
         Ok(())
+    }
+
+    fn identity(&self) -> SourceIdentity {
+        // A content hash (FNV-1a) as its version: a test reopening a disk on other data is
+        // refused as a changed source would be.
+        let hash = self.data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        SourceIdentity::new(SourceKind::File, "memory", self.bytes())
+            .with("fnv", format!("{hash:016x}"))
     }
 }

@@ -76,6 +76,8 @@ impl ConfiguredDisk {
                         })
                     })?;
                 let source = lazy::source::open(&lazy_opts, RING_ENTRIES).map_err(open_err)?;
+                // A source replaced since the disk started filling would archive a mix.
+                lazy::pin::check(path, &metadata, &source.identity()).map_err(open_err)?;
                 Some(LazyView {
                     stripe_bytes: metadata.stripe_bytes(),
                     metadata,

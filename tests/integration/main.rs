@@ -24,4 +24,5 @@ mod remote;
 mod restart;
 mod servers;
 mod sockets;
+mod source_identity;
 mod systemd;

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::io;
 
-use super::StripeSource;
+use super::{SourceIdentity, SourceKind, StripeSource};
 use crate::archive::{kek_key, ArchiveReader};
 use crate::crypto::keys::Kek;
 use crate::lazy::Error;
@@ -60,5 +60,17 @@ impl StripeSource for ArchiveSource {
     /// into EIO for the requests waiting on the stripe), never wrong data.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.reader.read_at(offset, buf).map_err(|e| e.into_io())
+    }
+
+    /// The manifest's MAC: archiving again to the same place writes a new manifest, whose
+    /// MAC differs whenever anything in it does.
+    fn identity(&self) -> SourceIdentity {
+        SourceIdentity::new(SourceKind::Archive, self.url.clone(), self.bytes())
+            .with("manifest_mac", self.reader.manifest_mac())
+    }
+
+    /// An archive is a whole disk: cutting it to a smaller base disk would lose its end.
+    fn may_exceed_disk(&self) -> bool {
+        false
     }
 }

@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::StripeSource;
+use super::{SourceIdentity, SourceKind, StripeSource};
 use crate::block::{device_size, BlockDevice, FileDevice, IoChannel, Notifier};
 use crate::lazy::Error;
 
@@ -17,6 +17,7 @@ pub struct FileSource {
     file: File,
     bytes: u64,
     device: FileDevice,
+    identity: SourceIdentity,
 }
 
 impl FileSource {
@@ -28,13 +29,35 @@ impl FileSource {
         let device = FileDevice::open(path, true, ring_entries).map_err(err)?;
         let file = File::open(path).map_err(err)?;
         let bytes = device_size(&file).map_err(err)?;
+        let identity = file_identity(path, &file.metadata().map_err(err)?, bytes);
         Ok(FileSource {
             path: path.to_owned(),
             file,
             bytes,
             device,
+            identity,
         })
     }
+}
+
+/// The identity of the image at `path` of `bytes` bytes, whose status is `meta`: for a
+/// regular file its size, modification time (to the nanosecond) and inode number, so a file
+/// replaced by a rename (another inode) or rewritten in place (another mtime) is told apart.
+/// The device number is left out: it is not stable across reboots on every file system
+/// (NFS, btrfs, device-mapper). For a block device, only its size: a device's node says
+/// nothing about writes to it.
+pub fn file_identity(path: &Path, meta: &std::fs::Metadata, bytes: u64) -> SourceIdentity {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let location = path.display().to_string();
+    if meta.file_type().is_block_device() {
+        return SourceIdentity::new(SourceKind::BlockDevice, location, bytes);
+    }
+    SourceIdentity::new(SourceKind::File, location, bytes)
+        .with(
+            "mtime",
+            format!("{}.{:09}", meta.mtime(), meta.mtime_nsec()),
+        )
+        .with("inode", meta.ino().to_string())
 }
 
 impl fmt::Display for FileSource {
@@ -57,5 +80,9 @@ impl StripeSource for FileSource {
 
     fn read_through(&self, notify: Notifier) -> Option<io::Result<Box<dyn IoChannel>>> {
         Some(self.device.new_channel_with(notify))
+    }
+
+    fn identity(&self) -> SourceIdentity {
+        self.identity.clone()
     }
 }

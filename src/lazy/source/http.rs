@@ -13,7 +13,7 @@ use std::io::{self, Read};
 
 use log::{info, warn};
 
-use super::StripeSource;
+use super::{SourceIdentity, SourceKind, StripeSource};
 use crate::remote::http::{header, redact, status_failure, FixedUrl, HttpClient, Locate, Method};
 use crate::remote::retry::Failure;
 use crate::remote::RemoteOptions;
@@ -307,6 +307,23 @@ impl StripeSource for RangeSource {
 
     fn retries(&self) -> u64 {
         self.client.policy.retries()
+    }
+
+    /// The ETag when the server sends one (weak ones included: they change with the
+    /// content too), else Last-Modified, with the size; the size alone from a server that
+    /// sends neither (warned about at open).
+    fn identity(&self) -> SourceIdentity {
+        let kind = if self.name.starts_with("s3://") {
+            SourceKind::S3
+        } else {
+            SourceKind::Http
+        };
+        let id = SourceIdentity::new(kind, self.name.clone(), self.bytes);
+        match (&self.etag, &self.validator) {
+            (Some(etag), _) => id.with("etag", etag.clone()),
+            (None, Validator::LastModified(lm)) => id.with("last_modified", lm.clone()),
+            (None, _) => id,
+        }
     }
 }
 
