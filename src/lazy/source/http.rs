@@ -582,6 +582,33 @@ mod tests {
         assert!(src.retries() >= 1);
     }
 
+    /// No redirect is followed, to another host or not: a 3xx fails at once (an https://
+    /// image must never be read from a plain http:// one it redirects to).
+    #[test]
+    fn redirects_are_not_followed() {
+        let (target, target_count) = serve(|req, _| match req.method.as_str() {
+            "HEAD" => head_reply(),
+            _ => partial(req, ETAG),
+        });
+        for status in [
+            "301 Moved Permanently",
+            "302 Found",
+            "307 Temporary Redirect",
+        ] {
+            let location = target.clone();
+            let (url, count) =
+                serve(move |_, _| reply(status, &[("location", location.clone())], b""));
+            let e = open(&url, &opts())
+                .err()
+                .expect("redirect followed")
+                .to_string();
+            assert!(e.contains("redirects are not followed"), "{e}");
+            assert!(!e.contains("secret"), "{e}");
+            assert_eq!(count.load(SeqCst), 1, "retried: {e}");
+        }
+        assert_eq!(target_count.load(SeqCst), 0);
+    }
+
     #[test]
     fn client_errors_are_permanent_and_name_the_status() {
         let (url, count) = serve(|_, _| reply("404 Not Found", &[], b""));
