@@ -70,12 +70,11 @@ impl RangeSource {
             validator: Validator::None,
         };
         let head = src.head()?;
-        let meta = match &head {
-            // A probe of the first byte: proves Range support, and the size where HEAD
-            // gave none.
-            Some(m) if m.size == 0 => m.clone(),
-            _ => src.probe(head.as_ref())?,
-        };
+        // Always probed, an empty object too: the probe proves Range support and confirms
+        // (or, where HEAD gave none, learns) the size. A HEAD saying 0 is believed only when
+        // the GET agrees (a 416 with `*/0`), never on its own: a wrong 0 would make the
+        // disk all zeros and autofetch "complete" without a single GET.
+        let meta = src.probe(head.as_ref())?;
         src.bytes = meta.size;
         src.etag = meta.etag.clone();
         src.validator = match (&meta.etag, &meta.last_modified) {
@@ -139,7 +138,7 @@ impl RangeSource {
                      with the whole object, status 200 instead of 206)",
                 )));
             }
-            if status == 416 && head.is_none() {
+            if status == 416 && head.is_none_or(|h| h.size == 0) {
                 // An empty object has no first byte.
                 let total = header(resp.headers(), "content-range").and_then(unsatisfied_total);
                 if total == Some(0) {
@@ -580,6 +579,43 @@ mod tests {
             "{took:?}"
         );
         assert!(src.retries() >= 1);
+    }
+
+    /// A HEAD saying `Content-Length: 0` is not believed on its own: the probe must agree
+    /// (a 416 with `*/0`), or opening fails (it used to make the disk all zeros).
+    #[test]
+    fn a_head_saying_empty_is_confirmed_by_the_probe() {
+        // The object is really 1000 bytes.
+        let (url, count) = serve(|req, _| match req.method.as_str() {
+            "HEAD" => head_ok(),
+            _ => partial(req, ETAG),
+        });
+        let e = open(&url, &opts())
+            .err()
+            .expect("opened as empty")
+            .to_string();
+        assert!(e.contains("HEAD and GET disagree on its size"), "{e}");
+        assert_eq!(count.load(SeqCst), 2, "HEAD and the probe");
+        // A 416 without the total proves nothing.
+        let (url, _) = serve(|req, _| match req.method.as_str() {
+            "HEAD" => head_ok(),
+            _ => reply("416 Range Not Satisfiable", &[], b""),
+        });
+        let e = open(&url, &opts())
+            .err()
+            .expect("opened as empty")
+            .to_string();
+        assert!(e.contains("416"), "{e}");
+        // A truly empty object: HEAD and the probe's `*/0` agree.
+        let (url, _) = serve(|req, _| match req.method.as_str() {
+            "HEAD" => head_ok(),
+            _ => reply(
+                "416 Range Not Satisfiable",
+                &[("content-range", "bytes */0".into())],
+                b"",
+            ),
+        });
+        assert_eq!(open(&url, &opts()).unwrap().bytes(), 0);
     }
 
     /// No redirect is followed, to another host or not: a 3xx fails at once (an https://
