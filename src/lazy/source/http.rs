@@ -127,9 +127,13 @@ impl RangeSource {
         let what = format!("GET {} (first byte)", self.name);
         self.client.policy.run(|timeout| {
             let url = self.locate.url(Method::Get);
-            let mut resp =
-                self.client
-                    .send(Method::Get, &url, &[("range", "bytes=0-0")], None, timeout)?;
+            let mut resp = self.client.send(
+                Method::Get,
+                &url,
+                &[("range", "bytes=0-0"), IDENTITY],
+                None,
+                timeout,
+            )?;
             let status = resp.status().as_u16();
             if status == 200 {
                 return Err(Failure::permanent(io::Error::new(
@@ -153,6 +157,7 @@ impl RangeSource {
                 return Err(status_failure(Method::Get, &url, &mut resp));
             }
             let h = resp.headers();
+            identity_encoding(h, &what)?;
             let range = header(h, "content-range").and_then(parse_content_range);
             let Some((0, 0, size)) = range else {
                 return Err(Failure::permanent(io::Error::other(format!(
@@ -199,7 +204,7 @@ impl RangeSource {
     ) -> Result<(), Failure> {
         let last = offset + buf.len() as u64 - 1;
         let range = format!("bytes={offset}-{last}");
-        let mut headers = vec![("range", range.as_str())];
+        let mut headers = vec![("range", range.as_str()), IDENTITY];
         match &self.validator {
             Validator::ETag(e) => headers.push(("if-match", e)),
             Validator::LastModified(lm) => headers.push(("if-unmodified-since", lm)),
@@ -223,6 +228,7 @@ impl RangeSource {
             _ => return Err(status_failure(Method::Get, &url, &mut resp)),
         }
         let h = resp.headers();
+        identity_encoding(h, &format!("GET {} bytes {offset}-{last}", self.name))?;
         let got = header(h, "content-range");
         if got.and_then(parse_content_range) != Some((offset, last, self.bytes)) {
             return Err(changed_because(format!(
@@ -252,6 +258,27 @@ impl RangeSource {
             ))),
             Err(e) => Err(Failure::transient(e)),
         }
+    }
+}
+
+/// Asked of every Range GET: the bytes as they are, never compressed.
+const IDENTITY: (&str, &str) = ("accept-encoding", "identity");
+
+/// Refuses a response whose body is encoded (`Content-Encoding: gzip`, ...): its bytes are
+/// not the image's. A failed attempt (retried like a short body), never disk data.
+fn identity_encoding(h: &ureq::http::HeaderMap, what: &str) -> Result<(), Failure> {
+    let encodings = h.get_all("content-encoding").iter();
+    let coded = encodings
+        .map(|v| v.to_str().unwrap_or("?"))
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"));
+    match coded {
+        None => Ok(()),
+        Some(e) => Err(Failure::transient(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{what}: the body came with Content-Encoding {e:?}, not the bytes as they are"),
+        ))),
     }
 }
 
@@ -643,6 +670,40 @@ mod tests {
             assert_eq!(count.load(SeqCst), 1, "retried: {e}");
         }
         assert_eq!(target_count.load(SeqCst), 0);
+    }
+
+    /// A range whose body is compressed is not disk data: the attempt fails (and is retried),
+    /// and every GET asks for the bytes as they are.
+    #[test]
+    fn an_encoded_body_is_refused() {
+        let gzip = |req: &Req| {
+            let mut r = String::from_utf8(partial(req, ETAG)).unwrap();
+            r = r.replacen("\r\n", "\r\ncontent-encoding: gzip\r\n", 1);
+            r.into_bytes()
+        };
+        let (url, _) = serve(move |req, n| match req.method.as_str() {
+            "HEAD" => head_reply(),
+            _ if req.header("accept-encoding") != Some("identity") => {
+                reply("400 Bad Request", &[], b"")
+            }
+            _ if n < 2 => partial(req, ETAG),
+            _ => gzip(req),
+        });
+        let opts = RemoteOptions {
+            retry_budget: Duration::from_millis(300),
+            ..opts()
+        };
+        let src = open(&url, &opts).unwrap();
+        let e = src.read_at(0, &mut [0u8; 100]).unwrap_err().to_string();
+        assert!(e.contains("Content-Encoding \"gzip\""), "{e}");
+        assert!(src.retries() >= 1, "not retried: {e}");
+        // The probe at start-up is checked the same way.
+        let (url, _) = serve(move |req, _| match req.method.as_str() {
+            "HEAD" => head_reply(),
+            _ => gzip(req),
+        });
+        let e = open(&url, &opts).err().expect("opened").to_string();
+        assert!(e.contains("Content-Encoding"), "{e}");
     }
 
     #[test]
