@@ -12,12 +12,13 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use ubiblk::block::{check_disk_kind, BlockDevice, CryptDevice, FileDevice};
+use ubiblk::block::{BlockDevice, CryptDevice, FileDevice};
 use ubiblk::config::Options;
 use ubiblk::crypto::Xts;
 use ubiblk::lazy::metadata::{DEFAULT_SHIFT, MAX_SHIFT, MIN_SHIFT};
 use ubiblk::lazy::{device_size, metadata_tool_files, zero_past_image, Metadata};
 use ubiblk::service::cli::{self, ConfigArgs};
+use ubiblk::sys::open::{open_for_reading, Kinds};
 
 /// Initialise the metadata file used by lazy stripe fetch: a header and one byte per stripe of
 /// the base disk (`path`), all stripes unfetched except those wholly past the end of
@@ -63,11 +64,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut md = Metadata::new(disk_sectors, args.shift)?;
     let mut past_image = 0;
     if let Some(image) = &opts.image_path {
-        // Checked before opening: opening a FIFO would wait for a writer.
-        let image_bytes = std::fs::metadata(image)
-            .and_then(|m| check_disk_kind(&m))
-            .and_then(|()| File::open(image))
-            .and_then(|f| device_size(&f));
+        // A FIFO is refused without waiting for a writer.
+        let image_bytes =
+            open_for_reading(image, Kinds::RegularOrBlock).and_then(|f| device_size(&f));
         match image_bytes {
             Ok(image_bytes) => {
                 past_image = zero_past_image_on(&opts, xts.as_ref(), &mut md, image_bytes)?
