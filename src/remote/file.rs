@@ -41,11 +41,16 @@ impl fmt::Display for FileStore {
 
 impl ObjectStore for FileStore {
     /// Only a regular file is an object: a FIFO (whose open and reads would wait forever for
-    /// a writer), a device or a directory is an error, found without waiting.
+    /// a writer), a device or a directory is an error, found without waiting. Its size is
+    /// checked before anything is read, and at most `max + 1` bytes are read (it may grow).
     fn get(&self, key: &str, max: usize) -> io::Result<Vec<u8>> {
         let path = self.path(key)?;
         let file = open_for_reading(&path, Kinds::Regular)
             .map_err(|e| io::Error::new(e.kind(), format!("{key}: {e}")))?;
+        let len = file.metadata()?.len();
+        if len > max as u64 {
+            return Err(super::too_large(key, max));
+        }
         super::read_bounded(file, max, key)
     }
 
