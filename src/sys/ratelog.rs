@@ -8,6 +8,10 @@
 //! line saying so, and the next record after the window by one "N messages suppressed" line.
 //! Our own records (and every other crate's) pass unchanged; our own guest-triggerable
 //! messages are once per connection at their source.
+//!
+//! It also caps the HTTP and TLS crates ([`CAPPED_TARGETS`]) at `info`, whatever `RUST_LOG`
+//! says: their `debug` and `trace` records carry request lines, headers and raw bytes, and so
+//! presigned URLs' signatures and `X-Amz-Security-Token` (we log URLs without their query).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,6 +21,18 @@ use log::{Level, Log, Metadata, Record};
 
 /// The crates whose records are rate-limited (the first `::` segment of a record's target).
 pub const LIMITED_TARGETS: [&str; 4] = ["virtio_queue", "vhost_user_backend", "vhost", "vm_memory"];
+
+/// The crates whose `debug` and `trace` records are never logged: the HTTP client and its
+/// protocol and TLS layers, which log requests (query strings included), headers and the
+/// bytes on the wire at those levels.
+pub const CAPPED_TARGETS: [&str; 3] = ["ureq", "ureq_proto", "rustls"];
+
+/// Whether a record at `level` with `target` is dropped whatever the filter says: a level
+/// below `info` from one of [`CAPPED_TARGETS`].
+pub fn is_capped(target: &str, level: Level) -> bool {
+    let krate = target.split("::").next().unwrap_or(target);
+    level > Level::Info && CAPPED_TARGETS.contains(&krate)
+}
 
 /// Records passed per crate and level in one [`WINDOW`].
 pub const BURST: u32 = 10;
@@ -130,11 +146,14 @@ impl<L: Log> RateLimitedLogger<L> {
 
 impl<L: Log> Log for RateLimitedLogger<L> {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        self.inner.enabled(metadata)
+        !is_capped(metadata.target(), metadata.level()) && self.inner.enabled(metadata)
     }
 
     fn log(&self, record: &Record) {
         let target = record.target();
+        if is_capped(target, record.level()) {
+            return;
+        }
         // Records the filter drops neither count nor pass.
         if !is_limited(target) || !self.inner.enabled(record.metadata()) {
             self.inner.log(record);
@@ -356,5 +375,56 @@ mod tests {
             )
         );
         assert_eq!(lines[n - 1].1, "again");
+    }
+
+    /// Takes every record (an inner logger at `RUST_LOG=trace`).
+    #[derive(Default)]
+    struct TraceSink(Mutex<Vec<String>>);
+
+    impl Log for TraceSink {
+        fn enabled(&self, _: &Metadata) -> bool {
+            true
+        }
+        fn log(&self, r: &Record) {
+            let line = format!("{} {}: {}", r.level(), r.target(), r.args());
+            self.0.lock().unwrap().push(line);
+        }
+        fn flush(&self) {}
+    }
+
+    /// At `RUST_LOG=trace` the HTTP and TLS crates' debug and trace records (a request line
+    /// with a presigned URL's token and signature) are dropped; their warnings and every
+    /// other crate's records at any level pass.
+    #[test]
+    fn http_and_tls_crates_are_capped_at_info() {
+        let logger = RateLimitedLogger::new(TraceSink::default());
+        let wire = "GET /b/k?X-Amz-Security-Token=TOKEN&X-Amz-Signature=SIG HTTP/1.1";
+        for target in [
+            "ureq::run",
+            "ureq_proto::util",
+            "rustls::client::hs",
+            "ureq",
+        ] {
+            for level in [Level::Debug, Level::Trace] {
+                let m = Metadata::builder().target(target).level(level).build();
+                assert!(!logger.enabled(&m), "{target} {level}");
+                emit(&logger, target, level, wire);
+            }
+        }
+        emit(&logger, "ureq::run", Level::Warn, "a ureq warning");
+        emit(&logger, "rustls::common_state", Level::Info, "rustls info");
+        emit(
+            &logger,
+            "ubiblk::remote::http",
+            Level::Trace,
+            "ours at trace",
+        );
+        emit(&logger, "ureq_x", Level::Debug, "another crate");
+        let lines = logger.inner().0.lock().unwrap().clone();
+        assert!(!lines.iter().any(|l| l.contains("TOKEN")), "{lines:?}");
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert!(is_capped("ureq_proto::client", Level::Debug));
+        assert!(!is_capped("ureq_proto::client", Level::Info));
+        assert!(!is_capped("ubiblk", Level::Trace));
     }
 }
