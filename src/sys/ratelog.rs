@@ -9,9 +9,11 @@
 //! Our own records (and every other crate's) pass unchanged; our own guest-triggerable
 //! messages are once per connection at their source.
 //!
-//! It also caps the HTTP and TLS crates ([`CAPPED_TARGETS`]) at `info`, whatever `RUST_LOG`
-//! says: their `debug` and `trace` records carry request lines, headers and raw bytes, and so
+//! It also caps the HTTP and TLS crates ([`CAPPED_TARGETS`]) at `debug`, whatever `RUST_LOG`
+//! says: their `trace` records carry the bytes on the wire, and with `trace` enabled ureq's
+//! `debug` records show each request's path and query and its Location headers in full, so
 //! presigned URLs' signatures and `X-Amz-Security-Token` (we log URLs without their query).
+//! With `trace` off for it, ureq writes the path as `/******` and only harmless headers.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -22,16 +24,16 @@ use log::{Level, Log, Metadata, Record};
 /// The crates whose records are rate-limited (the first `::` segment of a record's target).
 pub const LIMITED_TARGETS: [&str; 4] = ["virtio_queue", "vhost_user_backend", "vhost", "vm_memory"];
 
-/// The crates whose `debug` and `trace` records are never logged: the HTTP client and its
-/// protocol and TLS layers, which log requests (query strings included), headers and the
-/// bytes on the wire at those levels.
+/// The crates whose `trace` records are never logged (nor reported enabled): the HTTP client
+/// and its protocol and TLS layers, which log the bytes on the wire at that level, and whose
+/// `debug` records hide request paths, queries and headers only while `trace` is off.
 pub const CAPPED_TARGETS: [&str; 3] = ["ureq", "ureq_proto", "rustls"];
 
-/// Whether a record at `level` with `target` is dropped whatever the filter says: a level
-/// below `info` from one of [`CAPPED_TARGETS`].
+/// Whether a record at `level` with `target` is dropped whatever the filter says: `trace`
+/// from one of [`CAPPED_TARGETS`].
 pub fn is_capped(target: &str, level: Level) -> bool {
     let krate = target.split("::").next().unwrap_or(target);
-    level > Level::Info && CAPPED_TARGETS.contains(&krate)
+    level > Level::Debug && CAPPED_TARGETS.contains(&krate)
 }
 
 /// Records passed per crate and level in one [`WINDOW`].
@@ -392,26 +394,33 @@ mod tests {
         fn flush(&self) {}
     }
 
-    /// At `RUST_LOG=trace` the HTTP and TLS crates' debug and trace records (a request line
-    /// with a presigned URL's token and signature) are dropped; their warnings and every
-    /// other crate's records at any level pass.
+    /// At `RUST_LOG=trace` the HTTP and TLS crates' trace records (the bytes on the wire, a
+    /// presigned URL's token and signature among them) are dropped and reported disabled
+    /// (ureq's debug records show paths and queries only when trace is enabled for it);
+    /// their other records and every other crate's records at any level pass.
     #[test]
-    fn http_and_tls_crates_are_capped_at_info() {
+    fn http_and_tls_crates_are_capped_at_debug() {
         let logger = RateLimitedLogger::new(TraceSink::default());
         let wire = "GET /b/k?X-Amz-Security-Token=TOKEN&X-Amz-Signature=SIG HTTP/1.1";
         for target in [
-            "ureq::run",
+            "ureq::util",
             "ureq_proto::util",
             "rustls::client::hs",
             "ureq",
         ] {
-            for level in [Level::Debug, Level::Trace] {
-                let m = Metadata::builder().target(target).level(level).build();
-                assert!(!logger.enabled(&m), "{target} {level}");
-                emit(&logger, target, level, wire);
-            }
+            let m = Metadata::builder()
+                .target(target)
+                .level(Level::Trace)
+                .build();
+            assert!(!logger.enabled(&m), "{target}");
+            emit(&logger, target, Level::Trace, wire);
+            let m = Metadata::builder()
+                .target(target)
+                .level(Level::Debug)
+                .build();
+            assert!(logger.enabled(&m), "{target}");
         }
-        emit(&logger, "ureq::run", Level::Warn, "a ureq warning");
+        emit(&logger, "ureq::run", Level::Debug, "GET http://h/******");
         emit(&logger, "rustls::common_state", Level::Info, "rustls info");
         emit(
             &logger,
@@ -419,12 +428,12 @@ mod tests {
             Level::Trace,
             "ours at trace",
         );
-        emit(&logger, "ureq_x", Level::Debug, "another crate");
+        emit(&logger, "ureq_x", Level::Trace, "another crate");
         let lines = logger.inner().0.lock().unwrap().clone();
         assert!(!lines.iter().any(|l| l.contains("TOKEN")), "{lines:?}");
         assert_eq!(lines.len(), 4, "{lines:?}");
-        assert!(is_capped("ureq_proto::client", Level::Debug));
-        assert!(!is_capped("ureq_proto::client", Level::Info));
+        assert!(is_capped("ureq_proto::client", Level::Trace));
+        assert!(!is_capped("ureq_proto::client", Level::Debug));
         assert!(!is_capped("ubiblk", Level::Trace));
     }
 }
