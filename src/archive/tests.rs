@@ -344,3 +344,58 @@ fn damaged_swapped_truncated_or_missing_chunks_are_errors_for_that_chunk_only() 
     assert_eq!(e.into_io().kind(), io::ErrorKind::NotFound);
     check_others(&[6]);
 }
+
+/// A `manifest.json` over the bound is refused by its size before a byte of it is read: a
+/// hostile store's 1.2 GB one used to be read whole first (peak RSS 1.2 GB). The open runs
+/// in a child (this test binary again, this test alone) so that its peak memory is its own.
+#[test]
+// The child is reaped by wait4, which also gives its peak memory (std's wait does not).
+#[allow(clippy::zombie_processes)]
+fn a_huge_manifest_is_refused_before_it_is_read() {
+    const DIR: &str = "UBIBLK_TEST_HUGE_MANIFEST_DIR";
+    if let Some(dir) = std::env::var_os(DIR) {
+        let e = ArchiveReader::open(store(Path::new(&dir)), &KEK)
+            .err()
+            .expect("a huge manifest opened");
+        let text = crate::sys::error_chain(&e);
+        assert!(text.contains("larger than"), "{text}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = std::fs::File::create(dir.path().join(MANIFEST_KEY)).unwrap();
+    manifest
+        .set_len(super::manifest::MAX_MANIFEST_BYTES as u64 + 1)
+        .unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "archive::tests::a_huge_manifest_is_refused_before_it_is_read",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(DIR, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain integers, for which all zeros is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; `status` and `usage` are valid for writes.
+    assert_eq!(unsafe { libc::wait4(pid, &mut status, 0, &mut usage) }, pid);
+    let mut out = String::new();
+    if let Some(mut p) = child.stdout.take() {
+        let _ = io::Read::read_to_string(&mut p, &mut out);
+    }
+    if let Some(mut p) = child.stderr.take() {
+        let _ = io::Read::read_to_string(&mut p, &mut out);
+    }
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child: {out}"
+    );
+    assert!(out.contains("1 passed"), "the child ran no test: {out}");
+    let peak = usage.ru_maxrss as u64 * 1024;
+    assert!(peak < 200 << 20, "peak RSS {} MiB: {out}", peak >> 20);
+}

@@ -12,13 +12,14 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use ubiblk::block::{check_disk_kind, BlockDevice, CryptDevice, FileDevice};
+use ubiblk::block::{BlockDevice, CryptDevice, FileDevice};
 use ubiblk::config::Options;
 use ubiblk::crypto::Xts;
 use ubiblk::lazy::metadata::{DEFAULT_SHIFT, MAX_SHIFT, MIN_SHIFT};
 use ubiblk::lazy::source::file_identity;
 use ubiblk::lazy::{device_size, metadata_tool_files, pin, zero_past_image, Metadata};
 use ubiblk::service::cli::{self, ConfigArgs};
+use ubiblk::sys::open::{open_for_reading, Kinds};
 
 /// Initialise the metadata file used by lazy stripe fetch: a header and one byte per stripe of
 /// the base disk (`path`), all stripes unfetched except those wholly past the end of
@@ -74,10 +75,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     // depend on its size.
     let mut image_identity = None;
     if let Some(image) = &opts.image_path {
-        // Checked before opening: opening a FIFO would wait for a writer.
-        let image_bytes = std::fs::metadata(image)
-            .and_then(|m| check_disk_kind(&m))
-            .and_then(|()| File::open(image))
+        // A FIFO is refused without waiting for a writer.
+        let image_bytes = open_for_reading(image, Kinds::RegularOrBlock)
             .and_then(|f| Ok((device_size(&f)?, f.metadata()?)));
         match image_bytes {
             Ok((image_bytes, image_meta)) => {

@@ -65,17 +65,7 @@ impl FileDevice {
 /// Refuses what cannot hold a disk's sectors: a disk is a regular file or a block device. A
 /// character device (/dev/null, /dev/zero) or a FIFO would read as empty or endless, or block.
 pub fn check_disk_kind(meta: &std::fs::Metadata) -> io::Result<()> {
-    let kind = meta.file_type();
-    if kind.is_file() || kind.is_block_device() {
-        return Ok(());
-    }
-    Err(io::Error::new(
-        io::ErrorKind::InvalidInput,
-        format!(
-            "{}, not a regular file or block device",
-            crate::sys::socket::kind_of(&kind)
-        ),
-    ))
+    crate::sys::open::check_kind(meta, crate::sys::open::Kinds::RegularOrBlock)
 }
 
 /// The size in bytes of a regular file or block device.

@@ -37,15 +37,12 @@ pub use crate::block::device_size;
 
 use std::path::Path;
 
+use crate::sys::open::{open_for_reading, Kinds};
+
 /// Opens the base disk (`path` of the config) and returns it with its size in 512-byte sectors
 /// (a trailing partial sector does not count); errors name the `path` field.
 pub fn open_base_disk(path: &Path) -> Result<(std::fs::File, u64), Error> {
-    let open = || {
-        // Checked before opening: opening a FIFO would wait for a writer.
-        crate::block::check_disk_kind(&std::fs::metadata(path)?)?;
-        std::fs::File::open(path)
-    };
-    let disk = open().map_err(|source| Error::OpenBase {
+    let disk = open_for_reading(path, Kinds::RegularOrBlock).map_err(|source| Error::OpenBase {
         path: path.to_owned(),
         source,
     })?;

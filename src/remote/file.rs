@@ -6,6 +6,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use super::{check_key, ObjectStore};
+use crate::sys::open::{open_for_reading, Kinds};
 
 pub struct FileStore {
     dir: PathBuf,
@@ -39,8 +40,18 @@ impl fmt::Display for FileStore {
 }
 
 impl ObjectStore for FileStore {
+    /// Only a regular file is an object: a FIFO (whose open and reads would wait forever for
+    /// a writer), a device or a directory is an error, found without waiting. Its size is
+    /// checked before anything is read, and at most `max + 1` bytes are read (it may grow).
     fn get(&self, key: &str, max: usize) -> io::Result<Vec<u8>> {
-        super::read_bounded(File::open(self.path(key)?)?, max, key)
+        let path = self.path(key)?;
+        let file = open_for_reading(&path, Kinds::Regular)
+            .map_err(|e| io::Error::new(e.kind(), format!("{key}: {e}")))?;
+        let len = file.metadata()?.len();
+        if len > max as u64 {
+            return Err(super::too_large(key, max));
+        }
+        super::read_bounded(file, max, key)
     }
 
     /// Written to a temporary name, synced, then renamed over the key and the directory
@@ -81,6 +92,7 @@ impl ObjectStore for FileStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::OpenOptionsExt;
 
     #[test]
     fn put_get_exists_and_bad_keys() {
@@ -99,6 +111,38 @@ mod tests {
         for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "a b", "./x"] {
             assert!(store.get(bad, 5).is_err(), "{bad:?}");
             assert!(store.put(bad, b"").is_err(), "{bad:?}");
+        }
+    }
+
+    /// A FIFO (or any non-regular file) where an object should be: an error at once. Its
+    /// open used to wait for a writer forever (and SIGTERM with it).
+    #[test]
+    fn a_fifo_or_device_object_is_an_error_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let fifo = dir.path().join("manifest.json");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        std::fs::create_dir(dir.path().join("dir")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join("zero")).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for key in ["manifest.json", "dir", "zero"] {
+                let _ = tx.send((key, store.get(key, 1 << 20).map(|v| v.len())));
+            }
+        });
+        for _ in 0..3 {
+            let Ok((key, got)) = rx.recv_timeout(std::time::Duration::from_secs(5)) else {
+                // Free the reader blocked on the FIFO, then fail.
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&fifo);
+                panic!("reading a FIFO object did not return within 5 s");
+            };
+            let e = got.expect_err(key);
+            assert!(e.to_string().contains("not a regular file"), "{key}: {e}");
         }
     }
 }

@@ -80,6 +80,10 @@ impl HttpClient {
         let config = Agent::config_builder()
             // Statuses are ours to judge (a 412 is not an error like a 503).
             .http_status_as_error(false)
+            // No redirects: a 3xx is a permanent failure (`status_failure`). Following one
+            // could take an https:// image to plain http:// or another host, with the
+            // conditional headers (and the image's bytes) in cleartext.
+            .max_redirects(0)
             .tls_config(tls)
             .max_idle_connections(remote.connections.max(1))
             .max_idle_connections_per_host(remote.connections.max(1))
@@ -248,6 +252,9 @@ pub fn status_failure(method: Method, url: &str, resp: &mut Response<Body>) -> F
             }
             detail.push(')');
         }
+    }
+    if (300..400).contains(&status) {
+        detail.push_str(": redirects are not followed, configure the final URL");
     }
     let reason = resp.status().canonical_reason().unwrap_or("");
     let error = io::Error::new(

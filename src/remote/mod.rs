@@ -82,12 +82,17 @@ pub fn read_bounded(reader: impl io::Read, max: usize, what: &str) -> io::Result
     let mut data = Vec::new();
     reader.take(max as u64 + 1).read_to_end(&mut data)?;
     if data.len() > max {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{what} is larger than the {max} bytes it may be"),
-        ));
+        return Err(too_large(what, max));
     }
     Ok(data)
+}
+
+/// The error of an object `what` over the `max` bytes it may be.
+pub fn too_large(what: &str, max: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{what} is larger than the {max} bytes it may be"),
+    )
 }
 
 /// Refuses keys outside the rules of [`ObjectStore`] (a key is never taken from a peer

@@ -197,8 +197,15 @@ impl fmt::Display for S3Store {
 impl ObjectStore for S3Store {
     fn get(&self, key: &str, max: usize) -> io::Result<Vec<u8>> {
         self.call(Method::Get, key, None, |status, resp| {
-            (status == 200)
-                .then(|| crate::remote::read_bounded(resp.body_mut().as_reader(), max, key))
+            (status == 200).then(|| {
+                // A length over the bound is refused before the body is read.
+                let len = super::http::header(resp.headers(), "content-length")
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                if len.is_some_and(|len| len > max as u64) {
+                    return Err(crate::remote::too_large(key, max));
+                }
+                crate::remote::read_bounded(resp.body_mut().as_reader(), max, key)
+            })
         })
     }
 
@@ -259,5 +266,45 @@ mod tests {
         let b = S3Bucket::new("bkt", &cfg(None, false), &remote).unwrap();
         let url = b.presign(Method::Head, "img.raw");
         assert_eq!(url, "https://bkt.s3.garage.amazonaws.com/img.raw");
+    }
+
+    /// An object whose Content-Length is over the caller's bound is refused before its body
+    /// is read (a hostile store's huge manifest is never downloaded), at once, not retried.
+    #[test]
+    fn an_object_over_the_bound_is_refused_by_its_length() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = count.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).is_ok_and(|n| n == 1) {
+                    head.push(byte[0]);
+                }
+                // 2 GB announced, a few bytes sent, then silence.
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2000000000\r\n\r\n{}");
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_secs(10));
+                    drop(conn);
+                });
+            }
+        });
+        let remote = RemoteOptions {
+            attempt_timeout: Duration::from_secs(2),
+            retry_budget: Duration::from_secs(4),
+            ..RemoteOptions::default()
+        };
+        let store = S3Store::open("s3://bkt/pre", &cfg(Some(&endpoint), false), &remote).unwrap();
+        let t0 = std::time::Instant::now();
+        let e = store.get("manifest.json", 1000).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        assert!(e.to_string().contains("larger than"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }

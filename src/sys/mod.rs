@@ -5,8 +5,10 @@
 //! - [`affinity`]: the CPUs this process may run on, pinning a thread (`cpus`).
 //! - [`ratelog`]: a logger that rate-limits noisy targets (a hostile guest cannot flood logs).
 //! - [`yaml`]: YAML parse errors described without repeating the file's values.
+//! - [`open`]: opening a file to read without a FIFO making us wait, its kind checked.
 
 pub mod affinity;
+pub mod open;
 pub mod ratelog;
 pub mod socket;
 pub(crate) mod yaml;

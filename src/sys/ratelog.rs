@@ -8,6 +8,12 @@
 //! line saying so, and the next record after the window by one "N messages suppressed" line.
 //! Our own records (and every other crate's) pass unchanged; our own guest-triggerable
 //! messages are once per connection at their source.
+//!
+//! It also caps the HTTP and TLS crates ([`CAPPED_TARGETS`]) at `debug`, whatever `RUST_LOG`
+//! says: their `trace` records carry the bytes on the wire, and with `trace` enabled ureq's
+//! `debug` records show each request's path and query and its Location headers in full, so
+//! presigned URLs' signatures and `X-Amz-Security-Token` (we log URLs without their query).
+//! With `trace` off for it, ureq writes the path as `/******` and only harmless headers.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,6 +23,18 @@ use log::{Level, Log, Metadata, Record};
 
 /// The crates whose records are rate-limited (the first `::` segment of a record's target).
 pub const LIMITED_TARGETS: [&str; 4] = ["virtio_queue", "vhost_user_backend", "vhost", "vm_memory"];
+
+/// The crates whose `trace` records are never logged (nor reported enabled): the HTTP client
+/// and its protocol and TLS layers, which log the bytes on the wire at that level, and whose
+/// `debug` records hide request paths, queries and headers only while `trace` is off.
+pub const CAPPED_TARGETS: [&str; 3] = ["ureq", "ureq_proto", "rustls"];
+
+/// Whether a record at `level` with `target` is dropped whatever the filter says: `trace`
+/// from one of [`CAPPED_TARGETS`].
+pub fn is_capped(target: &str, level: Level) -> bool {
+    let krate = target.split("::").next().unwrap_or(target);
+    level > Level::Debug && CAPPED_TARGETS.contains(&krate)
+}
 
 /// Records passed per crate and level in one [`WINDOW`].
 pub const BURST: u32 = 10;
@@ -130,11 +148,14 @@ impl<L: Log> RateLimitedLogger<L> {
 
 impl<L: Log> Log for RateLimitedLogger<L> {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        self.inner.enabled(metadata)
+        !is_capped(metadata.target(), metadata.level()) && self.inner.enabled(metadata)
     }
 
     fn log(&self, record: &Record) {
         let target = record.target();
+        if is_capped(target, record.level()) {
+            return;
+        }
         // Records the filter drops neither count nor pass.
         if !is_limited(target) || !self.inner.enabled(record.metadata()) {
             self.inner.log(record);
@@ -356,5 +377,63 @@ mod tests {
             )
         );
         assert_eq!(lines[n - 1].1, "again");
+    }
+
+    /// Takes every record (an inner logger at `RUST_LOG=trace`).
+    #[derive(Default)]
+    struct TraceSink(Mutex<Vec<String>>);
+
+    impl Log for TraceSink {
+        fn enabled(&self, _: &Metadata) -> bool {
+            true
+        }
+        fn log(&self, r: &Record) {
+            let line = format!("{} {}: {}", r.level(), r.target(), r.args());
+            self.0.lock().unwrap().push(line);
+        }
+        fn flush(&self) {}
+    }
+
+    /// At `RUST_LOG=trace` the HTTP and TLS crates' trace records (the bytes on the wire, a
+    /// presigned URL's token and signature among them) are dropped and reported disabled
+    /// (ureq's debug records show paths and queries only when trace is enabled for it);
+    /// their other records and every other crate's records at any level pass.
+    #[test]
+    fn http_and_tls_crates_are_capped_at_debug() {
+        let logger = RateLimitedLogger::new(TraceSink::default());
+        let wire = "GET /b/k?X-Amz-Security-Token=TOKEN&X-Amz-Signature=SIG HTTP/1.1";
+        for target in [
+            "ureq::util",
+            "ureq_proto::util",
+            "rustls::client::hs",
+            "ureq",
+        ] {
+            let m = Metadata::builder()
+                .target(target)
+                .level(Level::Trace)
+                .build();
+            assert!(!logger.enabled(&m), "{target}");
+            emit(&logger, target, Level::Trace, wire);
+            let m = Metadata::builder()
+                .target(target)
+                .level(Level::Debug)
+                .build();
+            assert!(logger.enabled(&m), "{target}");
+        }
+        emit(&logger, "ureq::run", Level::Debug, "GET http://h/******");
+        emit(&logger, "rustls::common_state", Level::Info, "rustls info");
+        emit(
+            &logger,
+            "ubiblk::remote::http",
+            Level::Trace,
+            "ours at trace",
+        );
+        emit(&logger, "ureq_x", Level::Trace, "another crate");
+        let lines = logger.inner().0.lock().unwrap().clone();
+        assert!(!lines.iter().any(|l| l.contains("TOKEN")), "{lines:?}");
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert!(is_capped("ureq_proto::client", Level::Trace));
+        assert!(!is_capped("ureq_proto::client", Level::Debug));
+        assert!(!is_capped("ubiblk", Level::Trace));
     }
 }

@@ -275,12 +275,20 @@ impl RequestState {
         let result = msg.and_then(|msg| match m.fds.len() {
             1 => {
                 let file = File::from(m.fds.remove(0));
-                self.inflight.set_inflight_fd(&msg, file)
+                self.inflight.set_inflight_fd(&msg, file).map(|()| msg)
             }
             n => Err(invalid(&format!("{n} descriptors instead of 1"))),
         });
         match &result {
-            Ok(()) => self.tracking = true,
+            Ok(msg) => {
+                let (queues, size) = (msg.num_queues, msg.queue_size);
+                // Once per connection at info: a frontend may send it in a loop.
+                if std::mem::replace(&mut self.tracking, true) {
+                    log::debug!("inflight region set again: {queues} queues of {size}");
+                } else {
+                    log::info!("inflight region set: {queues} queues of {size}");
+                }
+            }
             Err(e) => self.warn(format_args!("SET_INFLIGHT_FD refused: {e}")),
         }
         let nack = u64::from(result.is_err()).to_le_bytes();

@@ -140,9 +140,11 @@ impl InflightHandler for BlockBackend {
         for q in 0..self.tracks.len() {
             self.track(q).attach(Some(region.clone()), q);
         }
-        info!(
+        // At debug: a frontend may send it in a loop. The relay says it once per connection.
+        log::debug!(
             "inflight region set: {} queues of {}",
-            msg.num_queues, msg.queue_size
+            msg.num_queues,
+            msg.queue_size
         );
         Ok(())
     }

@@ -203,3 +203,27 @@ fn a_region_with_garbage_heads_fails_requests_not_the_backend() {
     let status: u8 = m.read_obj(GuestAddress(0x30_0000)).unwrap();
     assert_eq!(status, VIRTIO_BLK_S_OK as u8);
 }
+
+/// SET_INFLIGHT_FD accepted again and again (a looping frontend) logs nothing at info here:
+/// the relay says it once per connection.
+#[test]
+fn setting_the_inflight_region_again_logs_no_info() {
+    use super::relay::InflightHandler;
+    use crate::virtio_blk::tests::capture;
+    use vhost::vhost_user::message::VhostUserInflight;
+
+    let r = rig(false, 0);
+    capture::start();
+    for _ in 0..50 {
+        let (info, file) = r
+            .backend
+            .get_inflight_fd(&VhostUserInflight::new(0, 0, 1, SIZE))
+            .unwrap();
+        r.backend.set_inflight_fd(&info, file).unwrap();
+    }
+    let info: Vec<_> = capture::take()
+        .into_iter()
+        .filter(|(l, _)| *l <= log::Level::Info)
+        .collect();
+    assert!(info.is_empty(), "{} info lines: {info:?}", info.len());
+}

@@ -96,4 +96,4 @@ impl ConfigSpace {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

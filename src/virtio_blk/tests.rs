@@ -529,7 +529,7 @@ fn worker_discard_zeroes_multiple_ranges() {
 
 /// Log records of the threads that asked for them ([`capture_logs`]); other threads' records
 /// are dropped. Installed once per test process as the global logger.
-mod capture {
+pub(crate) mod capture {
     use std::sync::{Mutex, OnceLock};
     use std::thread::ThreadId;
 

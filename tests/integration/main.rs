@@ -16,6 +16,7 @@ mod debuglog;
 mod encryption;
 mod flood;
 mod frontend;
+mod hardening;
 mod lazy;
 mod lazy_crash;
 mod metadata;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use super::{SourceIdentity, SourceKind, StripeSource};
 use crate::block::{device_size, BlockDevice, FileDevice, IoChannel, Notifier};
 use crate::lazy::Error;
+use crate::sys::open::{open_for_reading, Kinds};
 
 /// Fetchers read the file with positioned reads; read-through channels are io_uring channels
 /// of a second, read-only [`FileDevice`] on it (O_DIRECT where the file system allows).
@@ -27,7 +28,8 @@ impl FileSource {
             source,
         };
         let device = FileDevice::open(path, true, ring_entries).map_err(err)?;
-        let file = File::open(path).map_err(err)?;
+        // Opened again for the fetchers' reads, its kind checked on what was opened.
+        let file = open_for_reading(path, Kinds::RegularOrBlock).map_err(err)?;
         let bytes = device_size(&file).map_err(err)?;
         let identity = file_identity(path, &file.metadata().map_err(err)?, bytes);
         Ok(FileSource {

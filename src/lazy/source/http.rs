@@ -70,12 +70,11 @@ impl RangeSource {
             validator: Validator::None,
         };
         let head = src.head()?;
-        let meta = match &head {
-            // A probe of the first byte: proves Range support, and the size where HEAD
-            // gave none.
-            Some(m) if m.size == 0 => m.clone(),
-            _ => src.probe(head.as_ref())?,
-        };
+        // Always probed, an empty object too: the probe proves Range support and confirms
+        // (or, where HEAD gave none, learns) the size. A HEAD saying 0 is believed only when
+        // the GET agrees (a 416 with `*/0`), never on its own: a wrong 0 would make the
+        // disk all zeros and autofetch "complete" without a single GET.
+        let meta = src.probe(head.as_ref())?;
         src.bytes = meta.size;
         src.etag = meta.etag.clone();
         src.validator = match (&meta.etag, &meta.last_modified) {
@@ -128,9 +127,13 @@ impl RangeSource {
         let what = format!("GET {} (first byte)", self.name);
         self.client.policy.run(|timeout| {
             let url = self.locate.url(Method::Get);
-            let mut resp =
-                self.client
-                    .send(Method::Get, &url, &[("range", "bytes=0-0")], None, timeout)?;
+            let mut resp = self.client.send(
+                Method::Get,
+                &url,
+                &[("range", "bytes=0-0"), IDENTITY],
+                None,
+                timeout,
+            )?;
             let status = resp.status().as_u16();
             if status == 200 {
                 return Err(Failure::permanent(io::Error::new(
@@ -139,7 +142,7 @@ impl RangeSource {
                      with the whole object, status 200 instead of 206)",
                 )));
             }
-            if status == 416 && head.is_none() {
+            if status == 416 && head.is_none_or(|h| h.size == 0) {
                 // An empty object has no first byte.
                 let total = header(resp.headers(), "content-range").and_then(unsatisfied_total);
                 if total == Some(0) {
@@ -154,6 +157,7 @@ impl RangeSource {
                 return Err(status_failure(Method::Get, &url, &mut resp));
             }
             let h = resp.headers();
+            identity_encoding(h, &what)?;
             let range = header(h, "content-range").and_then(parse_content_range);
             let Some((0, 0, size)) = range else {
                 return Err(Failure::permanent(io::Error::other(format!(
@@ -200,7 +204,7 @@ impl RangeSource {
     ) -> Result<(), Failure> {
         let last = offset + buf.len() as u64 - 1;
         let range = format!("bytes={offset}-{last}");
-        let mut headers = vec![("range", range.as_str())];
+        let mut headers = vec![("range", range.as_str()), IDENTITY];
         match &self.validator {
             Validator::ETag(e) => headers.push(("if-match", e)),
             Validator::LastModified(lm) => headers.push(("if-unmodified-since", lm)),
@@ -224,6 +228,7 @@ impl RangeSource {
             _ => return Err(status_failure(Method::Get, &url, &mut resp)),
         }
         let h = resp.headers();
+        identity_encoding(h, &format!("GET {} bytes {offset}-{last}", self.name))?;
         let got = header(h, "content-range");
         if got.and_then(parse_content_range) != Some((offset, last, self.bytes)) {
             return Err(changed_because(format!(
@@ -253,6 +258,27 @@ impl RangeSource {
             ))),
             Err(e) => Err(Failure::transient(e)),
         }
+    }
+}
+
+/// Asked of every Range GET: the bytes as they are, never compressed.
+const IDENTITY: (&str, &str) = ("accept-encoding", "identity");
+
+/// Refuses a response whose body is encoded (`Content-Encoding: gzip`, ...): its bytes are
+/// not the image's. A failed attempt (retried like a short body), never disk data.
+fn identity_encoding(h: &ureq::http::HeaderMap, what: &str) -> Result<(), Failure> {
+    let encodings = h.get_all("content-encoding").iter();
+    let coded = encodings
+        .map(|v| v.to_str().unwrap_or("?"))
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"));
+    match coded {
+        None => Ok(()),
+        Some(e) => Err(Failure::transient(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{what}: the body came with Content-Encoding {e:?}, not the bytes as they are"),
+        ))),
     }
 }
 
@@ -597,6 +623,104 @@ mod tests {
             "{took:?}"
         );
         assert!(src.retries() >= 1);
+    }
+
+    /// A HEAD saying `Content-Length: 0` is not believed on its own: the probe must agree
+    /// (a 416 with `*/0`), or opening fails (it used to make the disk all zeros).
+    #[test]
+    fn a_head_saying_empty_is_confirmed_by_the_probe() {
+        // The object is really 1000 bytes.
+        let (url, count) = serve(|req, _| match req.method.as_str() {
+            "HEAD" => head_ok(),
+            _ => partial(req, ETAG),
+        });
+        let e = open(&url, &opts())
+            .err()
+            .expect("opened as empty")
+            .to_string();
+        assert!(e.contains("HEAD and GET disagree on its size"), "{e}");
+        assert_eq!(count.load(SeqCst), 2, "HEAD and the probe");
+        // A 416 without the total proves nothing.
+        let (url, _) = serve(|req, _| match req.method.as_str() {
+            "HEAD" => head_ok(),
+            _ => reply("416 Range Not Satisfiable", &[], b""),
+        });
+        let e = open(&url, &opts())
+            .err()
+            .expect("opened as empty")
+            .to_string();
+        assert!(e.contains("416"), "{e}");
+        // A truly empty object: HEAD and the probe's `*/0` agree.
+        let (url, _) = serve(|req, _| match req.method.as_str() {
+            "HEAD" => head_ok(),
+            _ => reply(
+                "416 Range Not Satisfiable",
+                &[("content-range", "bytes */0".into())],
+                b"",
+            ),
+        });
+        assert_eq!(open(&url, &opts()).unwrap().bytes(), 0);
+    }
+
+    /// No redirect is followed, to another host or not: a 3xx fails at once (an https://
+    /// image must never be read from a plain http:// one it redirects to).
+    #[test]
+    fn redirects_are_not_followed() {
+        let (target, target_count) = serve(|req, _| match req.method.as_str() {
+            "HEAD" => head_reply(),
+            _ => partial(req, ETAG),
+        });
+        for status in [
+            "301 Moved Permanently",
+            "302 Found",
+            "307 Temporary Redirect",
+        ] {
+            let location = target.clone();
+            let (url, count) =
+                serve(move |_, _| reply(status, &[("location", location.clone())], b""));
+            let e = open(&url, &opts())
+                .err()
+                .expect("redirect followed")
+                .to_string();
+            assert!(e.contains("redirects are not followed"), "{e}");
+            assert!(!e.contains("secret"), "{e}");
+            assert_eq!(count.load(SeqCst), 1, "retried: {e}");
+        }
+        assert_eq!(target_count.load(SeqCst), 0);
+    }
+
+    /// A range whose body is compressed is not disk data: the attempt fails (and is retried),
+    /// and every GET asks for the bytes as they are.
+    #[test]
+    fn an_encoded_body_is_refused() {
+        let gzip = |req: &Req| {
+            let mut r = String::from_utf8(partial(req, ETAG)).unwrap();
+            r = r.replacen("\r\n", "\r\ncontent-encoding: gzip\r\n", 1);
+            r.into_bytes()
+        };
+        let (url, _) = serve(move |req, n| match req.method.as_str() {
+            "HEAD" => head_reply(),
+            _ if req.header("accept-encoding") != Some("identity") => {
+                reply("400 Bad Request", &[], b"")
+            }
+            _ if n < 2 => partial(req, ETAG),
+            _ => gzip(req),
+        });
+        let opts = RemoteOptions {
+            retry_budget: Duration::from_millis(300),
+            ..opts()
+        };
+        let src = open(&url, &opts).unwrap();
+        let e = src.read_at(0, &mut [0u8; 100]).unwrap_err().to_string();
+        assert!(e.contains("Content-Encoding \"gzip\""), "{e}");
+        assert!(src.retries() >= 1, "not retried: {e}");
+        // The probe at start-up is checked the same way.
+        let (url, _) = serve(move |req, _| match req.method.as_str() {
+            "HEAD" => head_reply(),
+            _ => gzip(req),
+        });
+        let e = open(&url, &opts).err().expect("opened").to_string();
+        assert!(e.contains("Content-Encoding"), "{e}");
     }
 
     #[test]

@@ -242,3 +242,41 @@ fn an_intruder_queued_first_is_noticed() {
     assert!(connect_alone(name).unwrap().is_none());
     drop(listener);
 }
+
+/// A frontend sending SET_INFLIGHT_FD in a loop: one info line for the connection, the rest
+/// at debug (the log must not grow with the loop).
+#[test]
+fn a_looping_set_inflight_fd_logs_one_info_line_per_connection() {
+    use crate::virtio_blk::tests::capture;
+    let mock = Arc::new(Mock::default());
+    let mut state = RequestState {
+        inflight: mock.clone(),
+        inflight_acked: true,
+        tracking: false,
+        warned: false,
+    };
+    capture::start();
+    for _ in 0..50 {
+        let fd = OwnedFd::from(tempfile::tempfile().unwrap());
+        let set = msg(
+            SET_INFLIGHT_FD,
+            FLAG_NEED_REPLY,
+            &inflight_body(4096, 1, 8),
+            vec![fd],
+        );
+        let ack = state.inflight_message(set).unwrap();
+        assert_eq!(ack.u64_body(), Some(0));
+    }
+    assert_eq!(mock.set.load(Ordering::SeqCst), 50);
+    let logs = capture::take();
+    let info: Vec<_> = logs
+        .iter()
+        .filter(|(l, _)| *l <= log::Level::Info)
+        .collect();
+    assert_eq!(info.len(), 1, "{info:?}");
+    assert!(
+        info[0].1.contains("inflight region set: 1 queues of 8"),
+        "{info:?}"
+    );
+    assert_eq!(logs.len(), 50, "{logs:?}");
+}
