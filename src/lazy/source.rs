@@ -17,6 +17,7 @@ pub use http::RangeSource;
 
 use super::{Error, LazyOptions};
 use crate::block::{IoChannel, Notifier};
+use crate::remote::retry::Outage;
 
 /// The content a lazy disk is filled from (the base image), read-only.
 ///
@@ -64,6 +65,13 @@ pub trait StripeSource: fmt::Display + Send + Sync {
     /// Attempts that failed and were retried since start (remote sources), for `status`.
     fn retries(&self) -> u64 {
         0
+    }
+
+    /// `Some` while the source is known down (remote sources: see
+    /// [`crate::remote::retry`]): requests for unfetched stripes then fail at once, except
+    /// the probes, and autofetch pauses.
+    fn outage(&self) -> Option<Outage> {
+        None
     }
 }
 

@@ -61,4 +61,8 @@ impl StripeSource for ArchiveSource {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.reader.read_at(offset, buf).map_err(|e| e.into_io())
     }
+
+    fn outage(&self) -> Option<crate::remote::retry::Outage> {
+        self.reader.store().outage()
+    }
 }

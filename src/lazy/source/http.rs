@@ -15,7 +15,7 @@ use log::{info, warn};
 
 use super::StripeSource;
 use crate::remote::http::{header, redact, status_failure, FixedUrl, HttpClient, Locate, Method};
-use crate::remote::retry::Failure;
+use crate::remote::retry::{Failure, Outage};
 use crate::remote::RemoteOptions;
 
 /// What the reads are conditional on.
@@ -307,6 +307,10 @@ impl StripeSource for RangeSource {
 
     fn retries(&self) -> u64 {
         self.client.policy.retries()
+    }
+
+    fn outage(&self) -> Option<Outage> {
+        self.client.policy.outage()
     }
 }
 
