@@ -114,7 +114,8 @@ fn run_all(ch: &mut dyn IoChannel, ops: Vec<IoOp>) -> Vec<(Result<(), i32>, Dura
 fn many_requests_with_the_source_down_fail_within_one_budget_then_heal() {
     let dir = tempfile::tempdir().unwrap();
     let budget = Duration::from_millis(400);
-    let (device, source) = open_flaky(dir.path(), Duration::from_millis(200), budget);
+    // Each attempt takes the whole budget: the next probe comes 400 ms after the failure.
+    let (device, source) = open_flaky(dir.path(), budget, budget);
     let mut ch = device.new_channel().unwrap();
     source.down.store(true, SeqCst);
     let results = run_all(&mut *ch, (0..32).map(read_op).collect());
@@ -137,7 +138,7 @@ fn many_requests_with_the_source_down_fail_within_one_budget_then_heal() {
     // Back: once the probe time has come (the last attempt's length after it), a read
     // probes, succeeds and closes the breaker.
     source.down.store(false, SeqCst);
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(600));
     let (r, buf) = run_sync(&mut *ch, read_op(40));
     assert_eq!(r, Ok(()));
     assert!(*buf.unwrap() == source.data[40 * STRIPE..40 * STRIPE + 4096]);
