@@ -220,6 +220,38 @@ fn queued_reads_fail_within_one_budget_when_the_server_goes_silent() {
     assert!(results.iter().all(|r| r.0 == 0), "{results:?}");
 }
 
+/// A sequential 8 MiB read in 4 KiB requests with the server silent: the first request waits
+/// for the budget, the rest fail at once (before: a budget per request, over an hour).
+#[test]
+fn a_sequential_read_with_the_server_silent_takes_about_one_budget() {
+    let image = pattern_bytes(0x0ac4_0000, (STRIPES * STRIPE) as usize);
+    let server = Server::start(image.clone(), false);
+    let files = disk(
+        "ubiblk-outage-sequential",
+        &server,
+        &image,
+        &["fetch_retry_secs: 2"],
+    );
+    let (be, mut c) = start(&files, 1);
+    server.silent.store(true, SeqCst);
+    let t0 = Instant::now();
+    let mut off = 0;
+    while off < STRIPES * STRIPE {
+        assert_eq!(c.read(0, off, 4096), Err(libc::EIO), "at {off}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(4),
+            "{off} bytes read after {:?}\n{}",
+            t0.elapsed(),
+            be.log()
+        );
+        off += 4096;
+    }
+    eprintln!(
+        "8 MiB in 4 KiB reads with the server silent: {:?}",
+        t0.elapsed()
+    );
+}
+
 /// A FLUSH after a write to a fetched stripe completes at once while every fetcher waits for
 /// the silent server (before: it waited for a free fetcher, ~`fetch_retry_secs`).
 #[test]
