@@ -104,23 +104,26 @@ fn serve(mut stream: TcpStream, image: &[u8], silent: &AtomicBool, requests: &At
     }
 }
 
-/// A lazy disk of [`STRIPES`] stripes filled from `server`, with `extra` config lines.
-fn disk(prefix: &str, server: &Server, image: &[u8], extra: &[&str]) -> LazyFiles {
-    let mut files = LazyFiles::new(prefix, STRIPES * STRIPE, 0xee, image, &[]);
+/// The image (`seed`'s pattern), a server for it (`silent` from the start or not) and a lazy
+/// disk of [`STRIPES`] stripes filled from it, with `extra` config lines.
+fn disk(prefix: &str, seed: u64, silent: bool, extra: &[&str]) -> (Vec<u8>, Server, LazyFiles) {
+    let image = pattern_bytes(seed, (STRIPES * STRIPE) as usize);
+    let server = Server::start(image.clone(), silent);
+    let mut files = LazyFiles::new(prefix, STRIPES * STRIPE, 0xee, &image, &[]);
     files.init_metadata(INIT, SHIFT);
-    files
-        .config
-        .extra_yaml
-        .retain(|l| !l.starts_with("image_path:"));
-    files
-        .config
-        .extra_yaml
-        .push(format!("image_url: {}", yaml_str(&server.url())));
-    files
-        .config
-        .extra_yaml
-        .extend(extra.iter().map(|l| l.to_string()));
-    files
+    let yaml = &mut files.config.extra_yaml;
+    yaml.retain(|l| !l.starts_with("image_path:"));
+    yaml.push(format!("image_url: {}", yaml_str(&server.url())));
+    yaml.extend(extra.iter().map(|l| l.to_string()));
+    (image, server, files)
+}
+
+/// Submits 4 KiB reads of `stripes` on `q` (user data: the stripe) and kicks the device.
+fn submit_reads(q: &mut QueueIo, stripes: std::ops::RangeInclusive<u64>) {
+    for s in stripes {
+        q.submit_read(s * STRIPE, s as usize * 4096, 4096, s as usize);
+    }
+    q.reap(0, &mut Vec::new(), Some(Duration::ZERO)).unwrap();
 }
 
 fn start(files: &LazyFiles, num_queues: usize) -> (ChildGuard, Client) {
@@ -164,12 +167,10 @@ fn read_stripes(c: &mut Client, stripes: &[u64]) -> Vec<(i32, Duration)> {
 /// heal (the probe's turn comes one failed attempt's length after the last one).
 #[test]
 fn queued_reads_fail_within_one_budget_when_the_server_goes_silent() {
-    let image = pattern_bytes(0x0ac0_0000, (STRIPES * STRIPE) as usize);
-    let server = Server::start(image.clone(), false);
-    let files = disk(
+    let (image, server, files) = disk(
         "ubiblk-outage-waves",
-        &server,
-        &image,
+        0x0ac0_0000,
+        false,
         &["fetch_retry_secs: 2", "fetch_connections: 8"],
     );
     let (be, mut c) = start(&files, 1);
@@ -224,12 +225,10 @@ fn queued_reads_fail_within_one_budget_when_the_server_goes_silent() {
 /// for the budget, the rest fail at once (before: a budget per request, over an hour).
 #[test]
 fn a_sequential_read_with_the_server_silent_takes_about_one_budget() {
-    let image = pattern_bytes(0x0ac4_0000, (STRIPES * STRIPE) as usize);
-    let server = Server::start(image.clone(), false);
-    let files = disk(
+    let (_, server, files) = disk(
         "ubiblk-outage-sequential",
-        &server,
-        &image,
+        0x0ac4_0000,
+        false,
         &["fetch_retry_secs: 2"],
     );
     let (be, mut c) = start(&files, 1);
@@ -256,12 +255,10 @@ fn a_sequential_read_with_the_server_silent_takes_about_one_budget() {
 /// the silent server (before: it waited for a free fetcher, ~`fetch_retry_secs`).
 #[test]
 fn a_flush_does_not_wait_for_a_fetcher() {
-    let image = pattern_bytes(0x0ac1_0000, (STRIPES * STRIPE) as usize);
-    let server = Server::start(image.clone(), false);
-    let files = disk(
+    let (image, server, files) = disk(
         "ubiblk-outage-flush",
-        &server,
-        &image,
+        0x0ac1_0000,
+        false,
         &["fetch_retry_secs: 6", "fetch_connections: 4"],
     );
     let (_be, mut c) = start(&files, 2);
@@ -273,13 +270,7 @@ fn a_flush_does_not_wait_for_a_fetcher() {
     );
 
     server.silent.store(true, SeqCst);
-    let q = c.queue(0);
-    for s in 1..=8u64 {
-        q.submit_read(s * STRIPE, s as usize * 4096, 4096, s as usize);
-    }
-    let mut done = Vec::new();
-    // Kicked: the reads are with the fetchers.
-    q.reap(0, &mut done, Some(Duration::ZERO)).unwrap();
+    submit_reads(c.queue(0), 1..=8);
     std::thread::sleep(Duration::from_millis(300));
     let t0 = Instant::now();
     c.write(1, off, &[8; 4096]).unwrap();
@@ -290,35 +281,35 @@ fn a_flush_does_not_wait_for_a_fetcher() {
     assert_eq!(status(&files)["written"], 1);
 }
 
-/// SIGTERM with reads waiting for a silent server: the backend exits promptly with status 0
-/// (before: after the reads failed, in waves of `fetch_retry_secs`).
-#[test]
-fn sigterm_with_reads_waiting_for_a_silent_server_is_prompt() {
-    let image = pattern_bytes(0x0ac2_0000, (STRIPES * STRIPE) as usize);
-    let server = Server::start(image.clone(), false);
-    let files = disk(
-        "ubiblk-outage-sigterm",
-        &server,
-        &image,
-        &["fetch_retry_secs: 10", "fetch_connections: 4"],
-    );
-    let (mut be, mut c) = start(&files, 1);
-    server.silent.store(true, SeqCst);
-    let q = c.queue(0);
-    for s in 1..=32u64 {
-        q.submit_read(s * STRIPE, s as usize * 4096, 4096, s as usize);
-    }
-    let mut done = Vec::new();
-    q.reap(0, &mut done, Some(Duration::ZERO)).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+/// Sends SIGTERM to `be` (`when`: for the log) and waits for its exit, which must be a success;
+/// returns how long it took.
+fn sigterm(be: &mut ChildGuard, when: &str) -> Duration {
     let t0 = Instant::now();
     be.signal(libc::SIGTERM);
     let st = be
         .wait_timeout(Duration::from_secs(30))
         .expect("the backend did not exit");
     let took = t0.elapsed();
-    eprintln!("SIGTERM with 32 reads waiting: exited after {took:?}");
+    eprintln!("SIGTERM {when}: exited after {took:?} with {st:?}");
     assert!(st.success(), "{st:?}\n{}", be.log());
+    took
+}
+
+/// SIGTERM with reads waiting for a silent server: the backend exits promptly with status 0
+/// (before: after the reads failed, in waves of `fetch_retry_secs`).
+#[test]
+fn sigterm_with_reads_waiting_for_a_silent_server_is_prompt() {
+    let (_, server, files) = disk(
+        "ubiblk-outage-sigterm",
+        0x0ac2_0000,
+        false,
+        &["fetch_retry_secs: 10", "fetch_connections: 4"],
+    );
+    let (mut be, mut c) = start(&files, 1);
+    server.silent.store(true, SeqCst);
+    submit_reads(c.queue(0), 1..=32);
+    std::thread::sleep(Duration::from_millis(500));
+    let took = sigterm(&mut be, "with 32 reads waiting");
     assert!(took < Duration::from_secs(3), "exited after {took:?}");
 }
 
@@ -327,12 +318,10 @@ fn sigterm_with_reads_waiting_for_a_silent_server_is_prompt() {
 /// then failed with status 1).
 #[test]
 fn sigterm_during_a_slow_start_exits_promptly_with_status_0() {
-    let image = pattern_bytes(0x0ac3_0000, (STRIPES * STRIPE) as usize);
-    let server = Server::start(image.clone(), true);
-    let files = disk(
+    let (_, server, files) = disk(
         "ubiblk-outage-startup",
-        &server,
-        &image,
+        0x0ac3_0000,
+        true,
         &["fetch_retry_secs: 20"],
     );
     let meta_before = std::fs::read(&files.meta).unwrap();
@@ -343,14 +332,7 @@ fn sigterm_during_a_slow_start_exits_promptly_with_status_0() {
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(Duration::from_millis(200));
-    let t0 = Instant::now();
-    be.signal(libc::SIGTERM);
-    let st = be
-        .wait_timeout(Duration::from_secs(30))
-        .expect("the backend did not exit");
-    let took = t0.elapsed();
-    eprintln!("SIGTERM during start-up: exited after {took:?} with {st:?}");
-    assert!(st.success(), "{st:?}\n{}", be.log());
+    let took = sigterm(&mut be, "during start-up");
     assert!(took < Duration::from_secs(2), "exited after {took:?}");
     assert!(!files.config.socket.exists());
     assert!(!files.ctl.exists());
