@@ -6,7 +6,9 @@
 //!   without read-through, touching an unfetched stripe is parked: its stripes are queued for
 //!   the fetcher pool and the request goes down once they are all fetched (or fails with EIO
 //!   if a fetch failed). Fetchers wake the channel through its completion eventfd, so a
-//!   waiting queue sleeps instead of spinning;
+//!   waiting queue sleeps instead of spinning. While the source is known down (and it is not
+//!   a request's turn to probe it), such a request fails at once with EIO instead, and so do
+//!   parked ones at shutdown once its short grace is over;
 //! - any other read is split ([`super::split`]): fetched runs from the base disk, the rest
 //!   through the source's read-through channel (zeros past its end); nothing is fetched.
 
@@ -236,12 +238,11 @@ impl LazyChannel {
                     self.pass(p.id, p.op);
                     sent = true;
                 }
-                WaitState::Failed => {
-                    let buf = match p.op {
-                        IoOp::Read { buf, .. } | IoOp::Write { buf, .. } => Some(buf),
-                        _ => None,
-                    };
-                    self.below.finish(p.id, Err(libc::EIO), buf);
+                WaitState::Failed => self.fail(p.id, p.op),
+                WaitState::Pending
+                    if matches!(p.wait, Wait::Stripes { .. }) && self.shared.shutting_down() =>
+                {
+                    self.fail(p.id, p.op)
                 }
                 WaitState::Pending => self.parked.push(p),
             }
@@ -250,6 +251,15 @@ impl LazyChannel {
         if sent {
             let _ = self.below.submit();
         }
+    }
+
+    /// Completes `op` with EIO.
+    fn fail(&mut self, id: u64, op: IoOp) {
+        let buf = match op {
+            IoOp::Read { buf, .. } | IoOp::Write { buf, .. } => Some(buf),
+            _ => None,
+        };
+        self.below.finish(id, Err(libc::EIO), buf);
     }
 
     /// Completes parked read `p`, wholly inside `stripe`, from the stripe's staged content
@@ -344,6 +354,11 @@ impl IoChannel for LazyChannel {
             return self.pass(id, op);
         }
         if write || self.shared.copy_on_read || self.image.is_none() {
+            let needs_fetch = self.shared.stripes.any_abandoned(first, last);
+            if needs_fetch && self.shared.source_refuses() || self.shared.shutting_down() {
+                // No fetch will come soon: fail now rather than after a budget.
+                return self.fail(id, op);
+            }
             let wait = Wait::Stripes { first, last, write };
             if !write && first == last {
                 // Staged before this read arrived: no later wake-up would bring it back.
@@ -372,7 +387,7 @@ impl IoChannel for LazyChannel {
     fn poll(&mut self, out: &mut Vec<Completion>) {
         if !self.parked.is_empty() {
             let generation = self.shared.queue.generation.load(SeqCst);
-            if generation != self.seen_generation {
+            if generation != self.seen_generation || self.shared.shutting_down() {
                 self.seen_generation = generation;
                 self.retry_parked();
             }

@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use log::{info, warn};
 
 use super::channel::LazyChannel;
-use super::fetch::{fetcher, Shared};
+use super::fetch::{fetcher, persister, Shared};
 use super::metadata::{Metadata, WRITTEN};
 use super::persist::{MetaFile, MetaStore};
 use super::queue::{lock, FetchQueue, Waker};
@@ -143,6 +144,7 @@ impl LazyDevice {
             source: e,
         })?;
         let shared = Arc::new(Shared {
+            source: source.clone(),
             stripes: StripeStates::new(&md, disk_sectors),
             queue: FetchQueue::new(
                 opts.autofetch,
@@ -156,6 +158,7 @@ impl LazyDevice {
             staged: Mutex::default(),
             staged_free: Mutex::default(),
             bufs: Mutex::default(),
+            shutdown: Mutex::default(),
         });
         info!(
             "lazy fetch from {source}: {} of {} stripes of {} KiB fetched, copy_on_read {}, \
@@ -182,6 +185,15 @@ impl LazyDevice {
                 })?;
             fetchers.push(handle);
         }
+        let persist = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("persist".into())
+            .spawn(move || persister(persist))
+            .map_err(|source| Error::Thread {
+                what: "the metadata persister thread",
+                source,
+            })?;
+        fetchers.push(handle);
         Ok(LazyDevice {
             inner,
             source,
@@ -191,8 +203,16 @@ impl LazyDevice {
         })
     }
 
+    /// Shutting down (SIGTERM): requests still waiting for fetches `grace` from now fail
+    /// with EIO, so that a stop never waits for a slow or silent source beyond that.
+    pub fn shutdown(&self, grace: Duration) {
+        *lock(&self.shared.shutdown) = Some(Instant::now() + grace);
+        self.shared.queue.wake_parked();
+    }
+
     pub fn status(&self) -> LazyStatus {
         let s = &self.shared;
+        let outage = self.source.outage();
         let (stripes, fetched) = (s.stripes.count(), s.stripes.fetched_count());
         LazyStatus {
             stripes,
@@ -207,6 +227,13 @@ impl LazyDevice {
             source: self.source.to_string(),
             fetch_retries: self.source.retries(),
             last_fetch_error: lock(&s.last_error).clone(),
+            source_down: outage.is_some(),
+            source_down_since: outage.map(|o| {
+                o.since
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs()
+            }),
         }
     }
 }

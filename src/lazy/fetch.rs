@@ -5,12 +5,16 @@
 //! stripe only once FETCHED is set, so after a crash the metadata never calls a stripe fetched
 //! whose data is not durable, and a stripe the metadata calls unfetched holds no guest data
 //! (re-fetching it loses nothing).
+//!
+//! WRITTEN bits are persisted by their own thread ([`persister`]), never behind a fetch: a
+//! FLUSH does not wait for a fetcher when every fetcher waits for a slow source.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use log::{error, info};
+use log::{error, info, warn};
 
 use super::persist::MetaStore;
 use super::queue::{lock, FetchQueue, Job};
@@ -23,6 +27,7 @@ const STAGED_SPARES: usize = 4;
 
 /// State shared by the device, its channels and the fetchers.
 pub(crate) struct Shared {
+    pub source: Arc<dyn StripeSource>,
     pub stripes: StripeStates,
     pub queue: FetchQueue,
     pub meta: MetaStore,
@@ -40,6 +45,9 @@ pub(crate) struct Shared {
     /// woken in FIFO order, so a demand fetch rarely runs on the thread that ran the last
     /// one, and a fresh 1 MiB buffer costs its page faults (measured: ~0.3 ms a fetch).
     pub bufs: Mutex<Vec<IoBuf>>,
+    /// Set at shutdown: requests still waiting for fetches then fail (see
+    /// [`Shared::shutting_down`]).
+    pub shutdown: Mutex<Option<Instant>>,
 }
 
 impl Shared {
@@ -51,13 +59,26 @@ impl Shared {
         }
     }
 
+    /// The source is known down and it is not a request's turn to probe it: requests for
+    /// unfetched stripes fail at once instead of waiting for a fetch.
+    pub fn source_refuses(&self) -> bool {
+        self.source
+            .outage()
+            .is_some_and(|o| o.probing || Instant::now() < o.probe_at)
+    }
+
+    /// The shutdown deadline has passed: requests waiting for fetches fail.
+    pub fn shutting_down(&self) -> bool {
+        lock(&self.shutdown).is_some_and(|t| Instant::now() >= t)
+    }
+
     /// Records guest writes into (fetched) stripes; made durable before the next FLUSH
     /// completes (see [`Shared::request_persist`]).
     pub fn mark_written(&self, first: usize, last: usize) {
         self.meta.mark_written(&self.stripes, first, last);
     }
 
-    /// If WRITTEN bits wait to be persisted, asks a fetcher to write them and returns the
+    /// If WRITTEN bits wait to be persisted, asks the persister to write them and returns the
     /// request to wait for (see [`MetaStore::persisted`]); `None` if there is nothing to do.
     pub fn request_persist(&self) -> Option<u64> {
         if !self.meta.written_dirty() {
@@ -126,6 +147,20 @@ impl Shared {
             }
             Err(e) => {
                 self.stripes.unclaim(stripe);
+                if self.source.outage().is_some() {
+                    // Down: the requests queued behind this one fail now, not one fetcher
+                    // slot at a time.
+                    let queued = self.queue.take_demand();
+                    if !queued.is_empty() {
+                        warn!(
+                            "the source is down: failing the requests waiting for {} stripes",
+                            queued.len()
+                        );
+                    }
+                    for s in queued {
+                        self.stripes.unclaim(s);
+                    }
+                }
                 let count = self.errors.fetch_add(1, SeqCst) + 1;
                 *lock(&self.last_error) = Some(format!("stripe {stripe}: {e}"));
                 if count <= 10 || count.is_power_of_two() {
@@ -145,23 +180,23 @@ pub(crate) fn fetcher(
     mut channel: Box<dyn IoChannel>,
     source: Arc<dyn StripeSource>,
 ) {
-    while let Some(job) = shared.queue.next_job(&shared.stripes) {
-        match job {
-            Job::Fetch(stripe, background) => {
-                let result = fetch(
-                    &shared,
-                    &*base,
-                    &mut *channel,
-                    &*source,
-                    (stripe, background),
-                );
-                shared.finish(stripe, background, result);
-            }
-            Job::Persist => {
-                shared.meta.serve(&shared.stripes);
-                shared.queue.wake_parked();
-            }
-        }
+    while let Some(Job(stripe, background)) = shared.queue.next_job(&shared.stripes, &*source) {
+        let result = fetch(
+            &shared,
+            &*base,
+            &mut *channel,
+            &*source,
+            (stripe, background),
+        );
+        shared.finish(stripe, background, result);
+    }
+}
+
+/// The persister thread: writes WRITTEN bits when a FLUSH asks, until told to stop.
+pub(crate) fn persister(shared: Arc<Shared>) {
+    while shared.queue.next_persist() {
+        shared.meta.serve(&shared.stripes);
+        shared.queue.wake_parked();
     }
 }
 

@@ -1,17 +1,24 @@
 //! The fetcher pool's work queue: guest demand ahead of background work (autofetch, paced and
-//! retried), WRITTEN persistence requests, and the wake-ups of channels whose requests wait.
+//! retried, paused to one probe every few seconds while the source is down), WRITTEN
+//! persistence requests (served by their own thread, never behind fetches), and the wake-ups
+//! of channels whose requests wait.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use super::source::StripeSource;
 use super::states::StripeStates;
 use crate::block::Notifier;
 
 /// After a full pass that left stripes behind (in flight elsewhere, or failed), wait this long
 /// before the next pass.
 const AUTOFETCH_RETRY: Duration = Duration::from_secs(1);
+
+/// While the source is down, autofetch probes it with one fetch at most this often (plus up
+/// to as much again of jitter), and never before the source's own next probe time.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Locks `m`, ignoring poisoning: every critical section leaves the data consistent.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -26,13 +33,8 @@ pub(crate) struct Waker {
     pub parked: AtomicUsize,
 }
 
-/// What a fetcher does next.
-pub(crate) enum Job {
-    /// Fetch a stripe; `true` for background work.
-    Fetch(usize, bool),
-    /// Write the dirty WRITTEN bits.
-    Persist,
-}
+/// What a fetcher does next: fetch a stripe; `true` for background work.
+pub(crate) struct Job(pub usize, pub bool);
 
 #[derive(Default)]
 struct Queue {
@@ -45,6 +47,8 @@ struct Queue {
     auto_running: usize,
     /// Earliest start of the next background fetch (rate limit, retry delay).
     next_auto: Option<Instant>,
+    /// While the source is down: earliest start of the next background probe.
+    next_probe: Option<Instant>,
     auto_done: bool,
     /// A FLUSH waits for WRITTEN bits to be persisted.
     persist_wanted: bool,
@@ -54,6 +58,8 @@ struct Queue {
 pub(crate) struct FetchQueue {
     queue: Mutex<Queue>,
     cond: Condvar,
+    /// Wakes the persister thread.
+    persist_cond: Condvar,
     pub autofetch: bool,
     /// Background fetches running at once; the rest of the pool stays free for guest demand.
     background: usize,
@@ -70,6 +76,7 @@ impl FetchQueue {
         FetchQueue {
             queue: Mutex::default(),
             cond: Condvar::new(),
+            persist_cond: Condvar::new(),
             autofetch,
             background,
             autofetch_rate,
@@ -84,39 +91,76 @@ impl FetchQueue {
         self.cond.notify_one();
     }
 
-    /// Asks a fetcher to persist WRITTEN bits; `ticket` runs under the queue lock, so the
+    /// Takes the stripes queued for guests out of the queue (the source is down: their
+    /// requests fail instead of waiting for a fetcher); the caller unclaims them.
+    pub fn take_demand(&self) -> VecDeque<usize> {
+        std::mem::take(&mut lock(&self.queue).demand)
+    }
+
+    /// Asks the persister to persist WRITTEN bits; `ticket` runs under the queue lock, so the
     /// request it hands out is covered by the next persistence job.
     pub fn want_persist(&self, ticket: impl FnOnce() -> u64) -> u64 {
         let mut q = lock(&self.queue);
         let t = ticket();
         q.persist_wanted = true;
-        self.cond.notify_one();
+        self.persist_cond.notify_one();
         t
     }
 
-    /// Stops the fetchers after their current job.
+    /// Waits until WRITTEN bits are to be persisted (true) or the pool stops (false).
+    pub fn next_persist(&self) -> bool {
+        let mut q = lock(&self.queue);
+        loop {
+            if q.stop {
+                return false;
+            }
+            if q.persist_wanted {
+                q.persist_wanted = false;
+                return true;
+            }
+            q = self.persist_cond.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Stops the fetchers after their current job, and the persister.
     pub fn stop(&self) {
         lock(&self.queue).stop = true;
         self.cond.notify_all();
+        self.persist_cond.notify_all();
     }
 
     /// The next job; `None`: stop.
-    pub fn next_job(&self, states: &StripeStates) -> Option<Job> {
+    pub fn next_job(&self, states: &StripeStates, source: &dyn StripeSource) -> Option<Job> {
         let mut q = lock(&self.queue);
         loop {
             if q.stop {
                 return None;
             }
-            if q.persist_wanted {
-                q.persist_wanted = false;
-                return Some(Job::Persist);
-            }
             if let Some(s) = q.demand.pop_front() {
                 q.running += 1;
-                return Some(Job::Fetch(s, false));
+                return Some(Job(s, false));
             }
             if self.autofetch && !q.auto_done && q.auto_running < self.background {
                 let now = Instant::now();
+                // The source is down: one background fetch at a time, a probe every few
+                // seconds (a demand may probe sooner).
+                let outage = source.outage();
+                if let Some(o) = &outage {
+                    let at = o.probe_at.max(q.next_probe.unwrap_or(now));
+                    let wait = if q.auto_running > 0 || o.probing {
+                        PROBE_INTERVAL
+                    } else {
+                        at.saturating_duration_since(now)
+                    };
+                    if !wait.is_zero() {
+                        q = self
+                            .cond
+                            .wait_timeout(q, wait)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                        continue;
+                    }
+                }
                 match q.next_auto {
                     Some(t) if t > now => {
                         q = self
@@ -131,12 +175,13 @@ impl FetchQueue {
                 if let Some(s) = claim_next(states, &mut q.cursor) {
                     q.running += 1;
                     q.auto_running += 1;
+                    q.next_probe = outage.map(|_| now + PROBE_INTERVAL.mul_f64(1.0 + jitter()));
                     if let Some(rate) = self.autofetch_rate {
                         let pace =
                             Duration::from_secs_f64(states.stripe_bytes() as f64 / rate as f64);
                         q.next_auto = Some(q.next_auto.map_or(now, |t| t.max(now)) + pace);
                     }
-                    return Some(Job::Fetch(s, true));
+                    return Some(Job(s, true));
                 }
                 // A full pass is done.
                 if states.fetched_count() == states.count() {
@@ -182,6 +227,16 @@ impl FetchQueue {
             }
         }
     }
+}
+
+/// A number in [0, 1) that differs between calls (probes of several disks on one source
+/// should not line up).
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    f64::from(nanos % 1_000_000) / 1_000_000.0
 }
 
 /// Claims the first stripe at or after `cursor` that nobody fetched or claimed.

@@ -19,6 +19,7 @@ pub use identity::{SourceIdentity, SourceKind};
 
 use super::{Error, LazyOptions};
 use crate::block::{IoChannel, Notifier};
+use crate::remote::retry::Outage;
 
 /// The content a lazy disk is filled from (the base image), read-only.
 ///
@@ -83,6 +84,13 @@ pub trait StripeSource: fmt::Display + Send + Sync {
     /// warning); false if it is refused at start.
     fn may_exceed_disk(&self) -> bool {
         true
+    }
+
+    /// `Some` while the source is known down (remote sources: see
+    /// [`crate::remote::retry`]): requests for unfetched stripes then fail at once, except
+    /// the probes, and autofetch pauses.
+    fn outage(&self) -> Option<Outage> {
+        None
     }
 }
 

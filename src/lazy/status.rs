@@ -22,4 +22,9 @@ pub struct LazyStatus {
     pub fetch_retries: u64,
     /// The last failed fetch's error, `null` if none failed since start.
     pub last_fetch_error: Option<String>,
+    /// The source is known down: requests for unfetched stripes fail at once (EIO) but for
+    /// a probe now and then, and autofetch pauses.
+    pub source_down: bool,
+    /// Since when (Unix time, seconds), `null` while it is up.
+    pub source_down_since: Option<u64>,
 }

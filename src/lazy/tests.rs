@@ -15,6 +15,8 @@ use crate::block::{
     run_sync, BlockDevice, Completion, FileDevice, IoBuf, IoChannel, IoOp, IoVecs, Notifier,
 };
 
+mod outage;
+
 const SHIFT: u8 = 6; // 32 KiB stripes
 const STRIPE: usize = 512 << SHIFT;
 const STRIPES: usize = 8;
@@ -273,7 +275,7 @@ fn status_json_is_one_line() {
             "{{\"stripes\":8,\"fetched\":0,\"written\":0,\"fetching\":0,\"fetch_errors\":0,\
              \"complete\":false,\"stripe_bytes\":32768,\"copy_on_read\":false,\
              \"autofetch\":false,\"source\":{source},\"fetch_retries\":0,\
-             \"last_fetch_error\":null}}"
+             \"last_fetch_error\":null,\"source_down\":false,\"source_down_since\":null}}"
         )
     );
 }

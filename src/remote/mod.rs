@@ -36,6 +36,11 @@ pub trait ObjectStore: fmt::Display + Send + Sync {
 
     /// Whether an object named `key` exists.
     fn exists(&self, key: &str) -> io::Result<bool>;
+
+    /// `Some` while the store is known down (see [`retry`]).
+    fn outage(&self) -> Option<retry::Outage> {
+        None
+    }
 }
 
 /// Why a store could not be opened; the error names the configuration field or flag.

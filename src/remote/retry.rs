@@ -5,10 +5,22 @@
 //! how long a guest waits during an outage: no attempt starts after `budget` from the first
 //! one, and each attempt's timeout is clamped to what is left of it. Permanent failures (a
 //! 403, an image that changed) end the loop at once: retrying them only delays the error.
+//!
+//! A circuit breaker, shared like the counters by every request of one source or store, keeps
+//! requests from queuing up behind an outage: once a request has spent its whole budget on
+//! transient failures, the source is known down ([`RetryPolicy::outage`]). Requests still
+//! retrying give up at their next failure (their backoff sleep is cut short), and new ones
+//! fail at once without an attempt, except one *probe* at a time: a single attempt (no
+//! retries) allowed once the last failed attempt's duration has passed again (so probes keep
+//! at most half of one connection busy against a silent server, and a refused connection is
+//! probed again at once). Any successful attempt closes the breaker, and an attempt answered
+//! with a permanent failure (the server is up) does too; requests then go as before, at the
+//! callers' own concurrency (no herd: nothing was queued inside the policy).
 
 use std::io;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{warn, Level};
@@ -55,6 +67,11 @@ impl Failure {
 pub trait Clock {
     fn now(&self) -> Instant;
     fn sleep(&self, d: Duration);
+    /// Sleeps `d`, or less if `breaker` opens meanwhile; a fake clock just sleeps.
+    fn sleep_unless_open(&self, d: Duration, breaker: &Breaker) {
+        let _ = breaker;
+        self.sleep(d);
+    }
 }
 
 /// The real clock.
@@ -66,6 +83,128 @@ impl Clock for SystemClock {
     }
     fn sleep(&self, d: Duration) {
         std::thread::sleep(d);
+    }
+    fn sleep_unless_open(&self, d: Duration, breaker: &Breaker) {
+        let deadline = Instant::now() + d;
+        let mut state = breaker.lock();
+        while state.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            state = breaker
+                .opened
+                .wait_timeout(state, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// A source known down, as [`RetryPolicy::outage`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outage {
+    /// When a request first spent its whole budget (wall clock, for `status`).
+    pub since: SystemTime,
+    /// The next probe may start then (see the module documentation).
+    pub probe_at: Instant,
+    /// A probe is running.
+    pub probing: bool,
+    /// The last failure, for the errors of requests refused meanwhile.
+    last_error: String,
+    last_kind: io::ErrorKind,
+}
+
+/// The circuit breaker of one source or store (see the module documentation); `None`: closed.
+#[derive(Default)]
+pub struct Breaker {
+    state: Mutex<Option<Outage>>,
+    /// Mirrors `state.is_some()`, so the closed case costs no lock.
+    open: AtomicBool,
+    /// Notified when the breaker opens (sleeping retries give up).
+    opened: Condvar,
+}
+
+/// What a request may do, the breaker consulted.
+enum Admit {
+    /// Closed: retry within the budget as usual.
+    Run,
+    /// Open: one attempt, whose outcome closes the breaker or schedules the next probe.
+    Probe,
+    /// Open, and not this request's turn to probe: fail at once.
+    Refuse(io::Error),
+}
+
+impl Breaker {
+    fn lock(&self) -> MutexGuard<'_, Option<Outage>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_open(&self) -> bool {
+        self.open.load(Relaxed)
+    }
+
+    fn admit(&self, now: Instant) -> Admit {
+        if !self.is_open() {
+            return Admit::Run;
+        }
+        let mut state = self.lock();
+        let Some(o) = state.as_mut() else {
+            return Admit::Run;
+        };
+        if o.probing || now < o.probe_at {
+            let down = SystemTime::now()
+                .duration_since(o.since)
+                .unwrap_or_default()
+                .as_secs_f64();
+            return Admit::Refuse(io::Error::new(
+                o.last_kind,
+                format!(
+                    "not tried: the source is down (for {down:.1} s; the last error: {})",
+                    o.last_error
+                ),
+            ));
+        }
+        o.probing = true;
+        Admit::Probe
+    }
+
+    /// A request spent its budget (or a probe failed) on `e`, whose last attempt took
+    /// `took`: the source is down, the next probe after `took` more.
+    /// `probe`: this was the probe (else a probe may still be running).
+    fn failed(&self, now: Instant, took: Duration, e: &io::Error, probe: bool) {
+        let mut state = self.lock();
+        let was_open = state.is_some();
+        let since = state.as_ref().map_or_else(SystemTime::now, |o| o.since);
+        let probing = !probe && state.as_ref().is_some_and(|o| o.probing);
+        *state = Some(Outage {
+            since,
+            probe_at: now + took,
+            probing,
+            last_error: e.to_string(),
+            last_kind: e.kind(),
+        });
+        self.open.store(true, Relaxed);
+        if !was_open {
+            warn!("the source is down ({e}): requests fail at once until a probe succeeds");
+            self.opened.notify_all();
+        }
+    }
+
+    /// An attempt got an answer: the source is up.
+    fn close(&self) {
+        if !self.is_open() {
+            return;
+        }
+        let mut state = self.lock();
+        if let Some(o) = state.take() {
+            let down = SystemTime::now()
+                .duration_since(o.since)
+                .unwrap_or_default()
+                .as_secs_f64();
+            log::info!("the source answers again after {down:.1} s down");
+        }
+        self.open.store(false, Relaxed);
     }
 }
 
@@ -80,6 +219,7 @@ pub struct RetryPolicy {
     retries: AtomicU64,
     /// Failed attempts are logged at most 10 per 10 s, then counted.
     log: Mutex<RateLimiter>,
+    breaker: Breaker,
 }
 
 impl RetryPolicy {
@@ -92,7 +232,16 @@ impl RetryPolicy {
                 crate::sys::ratelog::BURST,
                 crate::sys::ratelog::WINDOW,
             )),
+            breaker: Breaker::default(),
         }
+    }
+
+    /// `Some` while the source is known down (see the module documentation).
+    pub fn outage(&self) -> Option<Outage> {
+        if !self.breaker.is_open() {
+            return None;
+        }
+        self.breaker.lock().clone()
     }
 
     /// Attempts that failed and were followed by another, since start.
@@ -112,6 +261,11 @@ impl RetryPolicy {
         clock: &dyn Clock,
         mut attempt: impl FnMut(Duration) -> Result<T, Failure>,
     ) -> io::Result<T> {
+        match self.breaker.admit(clock.now()) {
+            Admit::Run => {}
+            Admit::Probe => return self.probe(clock, attempt),
+            Admit::Refuse(e) => return Err(e),
+        }
         let start = clock.now();
         let deadline = start + self.budget;
         let mut rng = Jitter::seeded();
@@ -123,8 +277,12 @@ impl RetryPolicy {
                 self.attempt_timeout
                     .min(deadline.saturating_duration_since(clock.now()))
             };
+            let attempt_start = clock.now();
             let failure = match attempt(timeout) {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    self.breaker.close();
+                    return Ok(v);
+                }
                 Err(f) => f,
             };
             failed += 1;
@@ -137,23 +295,58 @@ impl RetryPolicy {
             let wait = backoff(failed, failure.retry_after, &mut rng)
                 .min(left.saturating_sub(MIN_ATTEMPT));
             if self.budget.is_zero() || left < MIN_ATTEMPT * 2 {
-                let spent = clock.now().saturating_duration_since(start);
-                return Err(if failed > 1 {
-                    io::Error::new(
-                        failure.error.kind(),
-                        format!(
-                            "{} (gave up after {failed} attempts in {:.1} s)",
-                            failure.error,
-                            spent.as_secs_f64()
-                        ),
-                    )
-                } else {
-                    failure.error
-                });
+                // The whole budget went on transient failures: the source is down.
+                let took = clock.now().saturating_duration_since(attempt_start);
+                self.breaker
+                    .failed(clock.now(), took, &failure.error, false);
+                return Err(gave_up(
+                    failure.error,
+                    failed,
+                    clock.now().saturating_duration_since(start),
+                ));
             }
             self.retries.fetch_add(1, Relaxed);
             self.log_retry(clock, &failure.error, wait);
-            clock.sleep(wait);
+            clock.sleep_unless_open(wait, &self.breaker);
+            if self.breaker.is_open() {
+                // Another request found the source down: no more attempts for this one.
+                return Err(gave_up(
+                    failure.error,
+                    failed,
+                    clock.now().saturating_duration_since(start),
+                ));
+            }
+        }
+    }
+
+    /// The one attempt of a probe while the source is down, with the usual attempt timeout
+    /// (clamped to the budget).
+    fn probe<T>(
+        &self,
+        clock: &dyn Clock,
+        mut attempt: impl FnMut(Duration) -> Result<T, Failure>,
+    ) -> io::Result<T> {
+        let timeout = if self.budget.is_zero() {
+            self.attempt_timeout
+        } else {
+            self.attempt_timeout.min(self.budget)
+        };
+        let start = clock.now();
+        match attempt(timeout) {
+            Ok(v) => {
+                self.breaker.close();
+                Ok(v)
+            }
+            // Answered: up, even if this request is refused (a 403, a changed image).
+            Err(f) if !f.transient => {
+                self.breaker.close();
+                Err(f.error)
+            }
+            Err(f) => {
+                let took = clock.now().saturating_duration_since(start);
+                self.breaker.failed(clock.now(), took, &f.error, true);
+                Err(f.error)
+            }
         }
     }
 
@@ -178,6 +371,20 @@ impl RetryPolicy {
             Verdict::Drop => {}
         }
     }
+}
+
+/// The error of a request that gives up after `failed` attempts in `spent`.
+fn gave_up(error: io::Error, failed: u32, spent: Duration) -> io::Error {
+    if failed == 1 {
+        return error;
+    }
+    io::Error::new(
+        error.kind(),
+        format!(
+            "{error} (gave up after {failed} attempts in {:.1} s)",
+            spent.as_secs_f64()
+        ),
+    )
 }
 
 /// The wait before attempt `failed + 1`: a uniform draw in [0, min(MAX_WAIT, FIRST_WAIT *
@@ -383,6 +590,47 @@ mod tests {
         let sleeps = clock.sleeps.borrow();
         assert!(sleeps[0] >= Duration::from_secs(3), "{sleeps:?}");
         assert_eq!(sleeps[1], MAX_WAIT);
+    }
+
+    /// A request that spends its budget opens the breaker: the next ones fail without an
+    /// attempt until the probe time (the last attempt's length later), then one makes a single
+    /// attempt (a probe); a failed probe keeps it open, a successful one closes it.
+    #[test]
+    fn a_spent_budget_opens_the_breaker_and_a_probe_closes_it() {
+        let clock = FakeClock::new();
+        let p = RetryPolicy::new(Duration::from_secs(1), Duration::from_secs(3));
+        let r: io::Result<()> = p.run_with(&clock, |t| {
+            clock.advance(t);
+            Err(Failure::transient(err("timed out")))
+        });
+        assert!(r.is_err());
+        assert!(p.outage().is_some_and(|o| !o.probing));
+        let mut attempts = 0;
+        let r: io::Result<()> = p.run_with(&clock, |_| {
+            attempts += 1;
+            Ok(())
+        });
+        let e = r.unwrap_err();
+        assert!(e.to_string().contains("not tried") && e.to_string().contains("timed out"));
+        assert_eq!(attempts, 0);
+
+        clock.advance(Duration::from_secs(1));
+        let r: io::Result<()> = p.run_with(&clock, |_| {
+            attempts += 1;
+            clock.advance(Duration::from_millis(10));
+            Err(Failure::transient(err("refused")))
+        });
+        assert_eq!(r.unwrap_err().to_string(), "refused");
+        assert_eq!(attempts, 1, "a probe is one attempt");
+        assert!(p.outage().is_some());
+
+        clock.advance(Duration::from_millis(10));
+        let r = p.run_with(&clock, |_| {
+            attempts += 1;
+            Ok(7)
+        });
+        assert_eq!((r.unwrap(), attempts), (7, 2));
+        assert!(p.outage().is_none());
     }
 
     #[test]

@@ -222,6 +222,10 @@ impl ObjectStore for S3Store {
             _ => None,
         })
     }
+
+    fn outage(&self) -> Option<super::retry::Outage> {
+        self.client.policy.outage()
+    }
 }
 
 #[cfg(test)]

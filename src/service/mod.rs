@@ -12,7 +12,8 @@ pub mod sdnotify;
 pub mod stack;
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ::vhost::vhost_user::Listener;
 use log::{error, info};
@@ -21,6 +22,7 @@ use signal_hook::iterator::Signals;
 
 use crate::block::BlockDevice;
 use crate::config::{ConfigError, Options};
+use crate::lazy::LazyDevice;
 use crate::sys::socket::{self, Perms, SocketError, SocketFile};
 use crate::vhost::{self, Connection, ServeError};
 use cli::Keys;
@@ -44,6 +46,21 @@ pub enum DaemonError {
     SignalThread(#[source] io::Error),
 }
 
+/// How long a stop (SIGTERM, SIGINT) waits for fetches that requests wait for, before those
+/// requests fail with EIO (a source may be slow or silent).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// What a signal stops once the daemon serves; `None` while it starts up.
+type Serving = Arc<Mutex<Option<Stop>>>;
+
+/// What the signal thread needs to stop a serving daemon.
+struct Stop {
+    device: Arc<dyn BlockDevice>,
+    lazy: Option<Arc<LazyDevice>>,
+    conn: Connection,
+    sockets: Vec<Arc<SocketFile>>,
+}
+
 /// Serves the disk `opts` describes (with `keys`, from [`cli::ConfigArgs::load_keys`]) until
 /// SIGTERM or SIGINT, which end the process (see [`spawn_signal_handler`]). Returns only on
 /// error.
@@ -57,20 +74,32 @@ pub fn run(opts: &Options, keys: Keys) -> Result<(), DaemonError> {
     if let Some(cipher) = &keys.cipher {
         info!("encryption: AES-256-XTS, {} kernel", cipher.kernel());
     }
+    // Handling signals from now on: opening the stack may wait for a remote source (up to
+    // `fetch_retry_secs`), and a stop meanwhile must not wait for it.
+    let serving = Serving::default();
+    spawn_signal_handler(signals, serving.clone())?;
     let mut stack = stack::open_with_kek(opts, keys.cipher, keys.kek)?;
-    // Listening last: once the socket is there, the device (and control socket) are ready, and
-    // so is the service for a `Type=notify` unit (READY=1).
-    let (listener, socket) = listen(opts)?;
-    sdnotify::ready(&opts.socket);
-    let sockets: Vec<Arc<SocketFile>> = std::iter::once(socket)
-        .chain(stack.control_socket.take())
-        .map(Arc::new)
-        .collect();
     let conn = Connection {
         current: Arc::default(),
         connected: stack.connected.clone(),
     };
-    spawn_signal_handler(signals, stack.device.clone(), conn.clone(), sockets.clone())?;
+    // Listening last: once the socket is there, the device (and control socket) are ready, and
+    // so is the service for a `Type=notify` unit (READY=1). A signal waits for the lock, so it
+    // finds the sockets to remove.
+    let mut stop = serving.lock().unwrap_or_else(|p| p.into_inner());
+    let (listener, socket) = listen(opts)?;
+    let sockets: Vec<Arc<SocketFile>> = std::iter::once(socket)
+        .chain(stack.control_socket.take())
+        .map(Arc::new)
+        .collect();
+    *stop = Some(Stop {
+        device: stack.device.clone(),
+        lazy: stack.lazy.clone(),
+        conn: conn.clone(),
+        sockets: sockets.clone(),
+    });
+    drop(stop);
+    sdnotify::ready(&opts.socket);
     let disk = vhost::Disk {
         device: stack.device,
         info: stack.info,
@@ -117,29 +146,34 @@ pub fn listen(opts: &Options) -> Result<(Listener, SocketFile), DaemonError> {
     Ok((Listener::from(listener), file))
 }
 
-/// On SIGTERM/SIGINT: tell the service manager (STOPPING=1), let in-flight I/O finish, sync the
-/// disk, remove the sockets (those still ours), exit.
-fn spawn_signal_handler(
-    mut signals: Signals,
-    device: Arc<dyn BlockDevice>,
-    conn: Connection,
-    sockets: Vec<Arc<SocketFile>>,
-) -> Result<(), DaemonError> {
+/// On SIGTERM/SIGINT: tell the service manager (STOPPING=1), let in-flight I/O finish (requests
+/// waiting for fetches get [`SHUTDOWN_GRACE`]), sync the disk, remove the sockets (those still
+/// ours), exit. During start-up (nothing served, nothing written but crash-safe fetches), exit
+/// at once, with the same status 0.
+fn spawn_signal_handler(mut signals: Signals, serving: Serving) -> Result<(), DaemonError> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
-                info!("signal {sig}: shutting down");
                 sdnotify::stopping();
-                conn.drain();
-                let code = match device.sync() {
+                let stop = serving.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(stop) = stop.as_ref() else {
+                    info!("signal {sig} during start-up: stopping");
+                    std::process::exit(0);
+                };
+                info!("signal {sig}: shutting down");
+                if let Some(lazy) = &stop.lazy {
+                    lazy.shutdown(SHUTDOWN_GRACE);
+                }
+                stop.conn.drain();
+                let code = match stop.device.sync() {
                     Ok(()) => 0,
                     Err(e) => {
                         error!("final sync failed: {e}");
                         1
                     }
                 };
-                for s in &sockets {
+                for s in &stop.sockets {
                     s.remove();
                 }
                 std::process::exit(code);

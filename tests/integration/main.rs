@@ -20,6 +20,7 @@ mod hardening;
 mod lazy;
 mod lazy_crash;
 mod metadata;
+mod outage;
 mod qsd_client;
 mod remote;
 mod restart;

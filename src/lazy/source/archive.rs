@@ -73,4 +73,8 @@ impl StripeSource for ArchiveSource {
     fn may_exceed_disk(&self) -> bool {
         false
     }
+
+    fn outage(&self) -> Option<crate::remote::retry::Outage> {
+        self.reader.store().outage()
+    }
 }

@@ -15,7 +15,7 @@ use log::{info, warn};
 
 use super::{SourceIdentity, SourceKind, StripeSource};
 use crate::remote::http::{header, redact, status_failure, FixedUrl, HttpClient, Locate, Method};
-use crate::remote::retry::Failure;
+use crate::remote::retry::{Failure, Outage};
 use crate::remote::RemoteOptions;
 
 /// What the reads are conditional on.
@@ -350,6 +350,10 @@ impl StripeSource for RangeSource {
             (None, Validator::LastModified(lm)) => id.with("last_modified", lm.clone()),
             (None, _) => id,
         }
+    }
+
+    fn outage(&self) -> Option<Outage> {
+        self.client.policy.outage()
     }
 }
 

@@ -105,7 +105,7 @@ impl Control {
         }
 
         if let Some(l) = &status.lazy {
-            let gauges: [(&str, &str, u64); 6] = [
+            let gauges: [(&str, &str, u64); 7] = [
                 (
                     "ubiblk_lazy_stripes",
                     "Stripes of the disk.",
@@ -135,6 +135,11 @@ impl Control {
                     "ubiblk_lazy_complete",
                     "1 once every stripe is fetched (the disk no longer needs the source).",
                     u64::from(l.complete),
+                ),
+                (
+                    "ubiblk_lazy_source_down",
+                    "1 while the source is known down (requests for unfetched stripes fail).",
+                    u64::from(l.source_down),
                 ),
             ];
             for (name, help, v) in gauges {
