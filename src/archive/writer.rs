@@ -89,6 +89,12 @@ pub fn write_archive(
     opts: &WriteOptions,
 ) -> Result<Report, ArchiveError> {
     let start = Instant::now();
+    // Killed earlier runs' temporary files; failing to remove them costs only space.
+    match store.remove_stale_temporaries() {
+        Ok(0) => {}
+        Ok(n) => info!("{store}: removed {n} temporary file(s) of interrupted earlier runs"),
+        Err(e) => warn!("{store}: cannot remove temporary files of interrupted runs: {e}"),
+    }
     let mut manifest = Manifest::new(disk.bytes(), opts.chunk_bytes)?;
     let (secret, known, previous) = begin(store, kek, opts.new_key)?;
     let run = Run {

@@ -41,6 +41,13 @@ pub trait ObjectStore: fmt::Display + Send + Sync {
     fn outage(&self) -> Option<retry::Outage> {
         None
     }
+
+    /// Removes what interrupted writers of this store left behind (a `file://` store's
+    /// temporary files of processes that are gone; S3 puts are atomic and leave nothing);
+    /// returns how many. Writers call it before they start.
+    fn remove_stale_temporaries(&self) -> io::Result<usize> {
+        Ok(0)
+    }
 }
 
 /// Why a store could not be opened; the error names the configuration field or flag.

@@ -734,3 +734,44 @@ fn partly_fetched_lazy_disk_archives_with_its_image() {
     drop(c);
     stop(be);
 }
+
+/// What a killed `archive` run leaves in a `file://` store (its `.tmp-PID-NAME` files, PID
+/// gone) is removed by the next run, which logs how many; a live writer's are left alone.
+#[test]
+fn temporaries_of_killed_runs_are_removed_by_the_next_run() {
+    let dir = scratch_dir("ubiblk-arch-tmp");
+    let d = dir.path();
+    let (_disk, config) = plain_disk(d, &plaintext());
+    let kek = kek_file(d, "aes256-gcm");
+    let store = d.join("archive");
+    let dest = Dest::Dir(store.clone());
+    archive_ok(&config, &kek, &dest);
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let stale = [
+        store.join(format!(".tmp-{dead}-manifest.json")),
+        store.join(format!("chunks/.tmp-{dead}-0123abcd")),
+    ];
+    for p in &stale {
+        std::fs::write(p, b"half an object").unwrap();
+    }
+    let live = store.join(format!("chunks/.tmp-{}-4567", std::process::id()));
+    std::fs::write(&live, b"a writer still running").unwrap();
+    let out = run_archive(&config, Some(&kek), &dest.url(), &[], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for p in &stale {
+        assert!(!p.exists(), "{} left behind", p.display());
+    }
+    assert!(live.exists());
+    assert!(
+        stderr.contains("removed 2 temporary file(s) of interrupted earlier runs"),
+        "{stderr}"
+    );
+    assert_same(
+        &archive_content(&dest),
+        &plaintext(),
+        "the archive after the run",
+    );
+}
