@@ -292,22 +292,45 @@ impl Metadata {
         })
     }
 
-    /// Writes the whole file at offset 0 of `file` (encrypted when `xts` is given) and
-    /// fdatasyncs it. Does not truncate: the caller creates/truncates a regular file.
+    /// Writes the whole file at offset 0 of `file` (encrypted when `xts` is given), durably.
+    /// Does not truncate: the caller creates/truncates a regular file.
+    ///
+    /// On a block device (or any file that held metadata before) the old contents are
+    /// overwritten in place, and a process killed inside one large write leaves it half
+    /// written: a new header over the old stripe states would claim stripes fetched that are
+    /// not. So the header is invalidated first, the stripe states written next, and the new
+    /// header last, each step synced: a crash anywhere leaves either the old metadata, an
+    /// invalid header (refused at start: run init-metadata again) or the new metadata, never
+    /// a mix.
     pub fn write_to(&self, file: &File, xts: Option<&Xts>) -> Result<(), MetadataError> {
+        self.write_to_with(file, xts, |_| Ok(()))
+    }
+
+    /// [`Metadata::write_to`], calling `after` once each of its three steps is durable (tests
+    /// stop it there, as a crash would).
+    fn write_to_with(
+        &self,
+        file: &File,
+        xts: Option<&Xts>,
+        mut after: impl FnMut(usize) -> std::io::Result<()>,
+    ) -> Result<(), MetadataError> {
         let mut buf = self.to_bytes();
         if let Some(xts) = xts {
             xts.encrypt(0, &mut buf);
         }
-        file.write_all_at(&buf, 0)
-            .map_err(|source| MetadataError::Io {
-                what: "write",
-                source,
-            })?;
-        file.sync_data().map_err(|source| MetadataError::Io {
-            what: "fdatasync",
-            source,
-        })
+        let (header, states) = buf.split_at(SECTOR_SIZE);
+        let io = |what: &'static str| move |source| MetadataError::Io { what, source };
+        let steps: [(&[u8], u64); 3] = [
+            (&[0; SECTOR_SIZE], 0),
+            (states, SECTOR_SIZE as u64),
+            (header, 0),
+        ];
+        for (step, (bytes, at)) in steps.into_iter().enumerate() {
+            file.write_all_at(bytes, at).map_err(io("write"))?;
+            file.sync_data().map_err(io("fdatasync"))?;
+            after(step).map_err(io("write"))?;
+        }
+        Ok(())
     }
 
     /// Writes metadata sector `n` alone (encrypted with LBA `n` when `xts` is given), without
@@ -672,5 +695,39 @@ mod tests {
         f.set_len(10).unwrap();
         let e = Metadata::read_from(&f, disk, None).unwrap_err().to_string();
         assert!(e.contains("too short"), "{e}");
+    }
+
+    /// Old metadata (every stripe fetched) overwritten in place by new metadata (nothing
+    /// fetched), with a crash after each step of the write: what is read back is the old
+    /// metadata, an error, or the new metadata, never the new header over old states.
+    #[test]
+    fn an_in_place_rewrite_cut_short_never_mixes_old_states_with_a_new_header() {
+        for xts in [None, Some(Xts::new(&[5; 32], &[6; 32]))] {
+            let sectors = 1 << 16; // 64 stripes of 512 sectors (shift 9)
+            let mut old = Metadata::new(sectors, 9).unwrap();
+            for s in 0..old.stripe_count() {
+                old.set_fetched(s);
+            }
+            let new = Metadata::new(sectors, 9).unwrap();
+            for crash_after in 0..3 {
+                let f = tempfile::tempfile().unwrap();
+                old.write_to(&f, xts.as_ref()).unwrap();
+                let cut = new.write_to_with(&f, xts.as_ref(), |step| {
+                    if step == crash_after {
+                        Err(std::io::Error::other("crash"))
+                    } else {
+                        Ok(())
+                    }
+                });
+                assert!(cut.is_err());
+                match Metadata::read_from(&f, sectors, xts.as_ref()) {
+                    Ok(m) => {
+                        assert_eq!(crash_after, 2, "a whole metadata before the last step");
+                        assert_eq!(m.fetched_count(), 0, "the new metadata, whole");
+                    }
+                    Err(_) => assert!(crash_after < 2, "step {crash_after}"),
+                }
+            }
+        }
     }
 }
