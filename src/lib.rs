@@ -1,6 +1,7 @@
 //! ubiblk: block-device utilities for virtual machines.
 //!
-//! The crate reads bottom-up: a module uses only modules listed above it.
+//! The crate reads bottom-up: a module uses only modules listed above it in this list
+//! (`scripts/structure-check` refuses an import cycle between them).
 //!
 //! System helpers
 //! - [`sys`]: unix sockets, CPU affinity, rate-limited logging, YAML error text.
