@@ -294,22 +294,18 @@ mod tests {
     /// kernel gaining an instruction set cannot run on a CPU without it.
     #[test]
     fn kernel_features_cover_every_target_feature() {
-        let attr = concat!("#[target_feature(enable = ", "\"");
-        let mut seen = 0;
-        for line in include_str!("aesni.rs").lines() {
-            let Some(list) = line.trim().strip_prefix(attr) else {
-                continue;
-            };
-            let list = list.split('"').next().unwrap();
-            for feature in list.split(',') {
-                assert!(
-                    KERNEL_FEATURES.contains(&feature.trim()),
-                    "{feature} (in {line:?}) is not in KERNEL_FEATURES"
-                );
-            }
-            seen += 1;
+        let lists = super::super::target_feature_lists(include_str!("aesni.rs"));
+        assert_eq!(
+            lists.len(),
+            7,
+            "expected the seven target_feature functions"
+        );
+        for feature in lists.iter().flatten() {
+            assert!(
+                KERNEL_FEATURES.contains(&feature.as_str()),
+                "{feature} is not in KERNEL_FEATURES"
+            );
         }
-        assert_eq!(seen, 7, "expected the seven target_feature functions");
     }
 
     #[test]
