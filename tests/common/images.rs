@@ -145,3 +145,15 @@ pub fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
     File::open(path)?.read_to_end(&mut v)?;
     Ok(v)
 }
+
+/// Writes `data` to `path` through a new file renamed over it (another inode), with an mtime
+/// a minute later (nginx's ETag and Last-Modified have a one-second resolution): an image
+/// replaced as an operator would.
+pub fn replace_file(path: &Path, data: &[u8]) {
+    let tmp = path.with_extension("new");
+    fs::write(&tmp, data).unwrap();
+    let f = File::options().write(true).open(&tmp).unwrap();
+    f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(60))
+        .unwrap();
+    fs::rename(&tmp, path).unwrap();
+}

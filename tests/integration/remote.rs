@@ -3,8 +3,7 @@
 //! ("Remote sources") and fails if it breaks.
 
 use std::fs;
-use std::path::Path;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use crate::common::servers::{Garage, Nginx};
 use crate::common::*;
@@ -337,7 +336,7 @@ fn an_image_replaced_under_a_running_backend_fails_fetches_never_mixes() {
 
     // Same size, other content, another mtime (nginx's ETag is mtime and size): only the
     // validator tells the two images apart.
-    replace(
+    replace_file(
         &r.files.dir.path().join("image.raw"),
         &pattern_bytes(0xbad0_0000, IMAGE_LEN),
     );
@@ -350,16 +349,6 @@ fn an_image_replaced_under_a_running_backend_fails_fetches_never_mixes() {
     assert!(last.contains("changed since the backend started"), "{s}");
     // What was fetched before stays the old image.
     assert_eq!(c.read(0, 0, 4096).unwrap(), r.expect(0, 4096));
-}
-
-/// Writes `data` to `path` through a new file renamed over it, with an mtime a minute later.
-fn replace(path: &Path, data: &[u8]) {
-    let tmp = path.with_extension("new");
-    fs::write(&tmp, data).unwrap();
-    let f = fs::File::options().write(true).open(&tmp).unwrap();
-    f.set_modified(SystemTime::now() + Duration::from_secs(60))
-        .unwrap();
-    fs::rename(&tmp, path).unwrap();
 }
 
 #[test]

@@ -88,17 +88,6 @@ fn fetched(meta: &Path, i: usize) -> bool {
     fs::read(meta).unwrap()[512 + i] & 1 != 0
 }
 
-/// Writes `data` to `path` through a new file renamed over it (another inode), with an
-/// mtime a minute later (nginx's ETag and Last-Modified have a one-second resolution).
-fn replace(path: &Path, data: &[u8]) {
-    let tmp = path.with_extension("new");
-    fs::write(&tmp, data).unwrap();
-    let f = fs::File::options().write(true).open(&tmp).unwrap();
-    f.set_modified(SystemTime::now() + Duration::from_secs(60))
-        .unwrap();
-    fs::rename(&tmp, path).unwrap();
-}
-
 // ------------------------------------------------------------------------------------------
 // archive_url
 // ------------------------------------------------------------------------------------------
@@ -346,7 +335,7 @@ fn an_image_url_replaced_between_runs_is_refused_naming_the_etag() {
     drop(c);
     stop(be);
 
-    replace(&files.image, &pattern_bytes(0xbad0_0000, IMAGE_LEN));
+    replace_file(&files.image, &pattern_bytes(0xbad0_0000, IMAGE_LEN));
     let log = start_fails(&config, &[]);
     let pin = pinned(&files.meta).expect("no pin");
     assert_eq!(pin["kind"], "http", "{pin}");
@@ -387,7 +376,7 @@ fn an_image_path_rewritten_or_replaced_between_runs_is_refused() {
     );
 
     // Replaced by a rename (another inode).
-    replace(&files.image, &pattern_bytes(0x1ace_0000, IMAGE_LEN));
+    replace_file(&files.image, &pattern_bytes(0x1ace_0000, IMAGE_LEN));
     let log = start_fails(&config, &[]);
     assert!(changes_in(&log).contains("inode "), "{log}");
     let pin = pin.expect("init-metadata did not pin the image");
