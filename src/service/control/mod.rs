@@ -25,9 +25,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde::Serialize;
-
-use crate::block::Qos;
+use crate::block::{Capacity, Qos};
 use crate::lazy::LazyDevice;
 use crate::sys::socket::SocketError;
 use crate::virtio_blk::stats::DeviceStats;
@@ -45,14 +43,16 @@ pub struct Control {
     pub stats: Arc<DeviceStats>,
     /// The disk's I/O limits (`qos`, `set-qos`).
     pub qos: Option<Arc<Qos>>,
+    /// The disk's current size (`status`'s `size_bytes`, which `resize` grows).
+    pub capacity: Capacity,
+    /// What `resize` acts on (`None`: `resize` is refused).
+    pub resizer: Option<Arc<super::resize::Resizer>>,
 }
 
-/// What the config and the opened stack say about the device.
-#[derive(Debug, Clone, Serialize)]
+/// What the config and the opened stack say about the device (the size is `capacity`).
+#[derive(Debug, Clone)]
 pub struct DeviceFacts {
     pub device_id: String,
-    /// The size the guest sees, in bytes.
-    pub size_bytes: u64,
     pub num_queues: u16,
     pub readonly: bool,
     pub encrypted: bool,
