@@ -22,6 +22,7 @@ mod lazy_crash;
 mod metadata;
 mod qsd_client;
 mod remote;
+mod resize;
 mod restart;
 mod servers;
 mod sockets;
