@@ -283,4 +283,38 @@ mod tests {
             .iter()
             .any(|&b| b != 0));
     }
+
+    /// A write of the new area failing (a full file system: ENOSPC) fails the resize: the
+    /// error is answered, the file goes back to its old size and the capacity stays.
+    #[test]
+    fn a_failing_write_of_encrypted_zeros_leaves_the_old_size() {
+        use crate::block::testing::{Fault, Kind, MemDevice};
+        let (_dir, path, mut r) = resizer(MIB, None);
+        let mem = MemDevice::new(8 * MIB / 512);
+        // The third chunk's write fails with ENOSPC.
+        mem.on(
+            |s| s.kind == Kind::Write && s.sector >= (MIB + 2 * MIB) / 512,
+            Fault::Fail(libc::ENOSPC),
+        );
+        let crypt: Arc<dyn BlockDevice> = Arc::new(CryptDevice::new(
+            Arc::new(mem),
+            Arc::new(Xts::new(&[3; 32], &[4; 32])),
+        ));
+        r.crypt = Some(crypt);
+        // The file grew under the resize (as the writes would extend it); it is cut back.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(3 * MIB)
+            .unwrap();
+        let e = r.resize(Some(5 * MIB)).unwrap_err();
+        assert!(e.to_string().contains("cannot grow path"), "{e}");
+        let ResizeError::Io(io) = e else {
+            panic!("not an I/O error")
+        };
+        assert_eq!(io.raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), MIB);
+        assert_eq!(r.capacity.sectors(), MIB / 512);
+    }
 }

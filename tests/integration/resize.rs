@@ -238,3 +238,57 @@ fn the_connected_frontend_gets_the_config_change_and_reads_the_new_capacity() {
     assert_eq!(changes.0.load(Ordering::SeqCst), 1);
     assert_eq!(capacity(&mut frontend), 16 * MIB / 512);
 }
+
+/// Growing a lazy disk is refused (its stripe metadata does not grow): the base disk and the
+/// metadata stay as they were, and the disk keeps serving.
+#[test]
+fn a_lazy_disk_refuses_to_grow_and_keeps_its_files() {
+    let image = pattern_bytes(0, 2 * MIB as usize);
+    let files = LazyFiles::new("ubiblk-resize-lazy", 4 * MIB, 0, &image, &[]);
+    files.init_metadata(env!("CARGO_BIN_EXE_init-metadata"), 6);
+    let meta_before = std::fs::read(&files.meta).unwrap();
+    let _be = Backend::start(BIN, &files.config).unwrap();
+    let v = ask(&files.ctl, "resize {\"size_bytes\":8388608}");
+    assert!(v["error"].as_str().unwrap().contains("lazy fetch"), "{v}");
+    assert_eq!(v["size_bytes"], 4 * MIB, "{v}");
+    assert_eq!(file_len(&files.base), 4 * MIB);
+    assert_eq!(std::fs::read(&files.meta).unwrap(), meta_before);
+    let mut c = Client::connect_queues(&files.config.socket, 1).unwrap();
+    assert_eq!(c.capacity(), 4 * MIB);
+    assert_eq!(c.read(0, 0, 4096).unwrap(), pattern_bytes(0, 4096));
+}
+
+/// On an encrypted disk the new area reads as zeros through the cipher (the file holds
+/// encrypted zeros there, not raw zeros, which would decrypt to garbage).
+#[test]
+fn an_encrypted_disk_grows_with_an_area_reading_as_zeros() {
+    const NEW: u64 = 7 * MIB + 512;
+    let d = disk(4 * MIB);
+    let keys = "encryption_key:\n  - \"ERERERERERERERERERERERERERERERERERERERERERE=\"\n  - \"fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn4=\"";
+    let _be = start(&d, &[keys]);
+    let before = {
+        let mut c = Client::connect_queues(&d.sock, 1).unwrap();
+        c.read(0, 0, 65536).unwrap()
+    };
+    let v = ask(&d.ctl, "resize {\"size_bytes\":7340544}");
+    assert_eq!(v["size_bytes"], NEW, "{v}");
+    assert_eq!(file_len(&d.img), NEW);
+    let raw = read_file_at(&d.img, 4 * MIB, 4096).unwrap();
+    assert_ne!(
+        raw,
+        vec![0; 4096],
+        "raw zeros in the new area of an encrypted disk"
+    );
+    let mut c = Client::connect_queues(&d.sock, 1).unwrap();
+    assert_eq!(c.capacity(), NEW);
+    let mut at = 4 * MIB;
+    while at < NEW {
+        let len = (NEW - at).min(65536) as usize;
+        assert_eq!(c.read(0, at, len).unwrap(), vec![0; len], "at {at}");
+        at += len as u64;
+    }
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 13 + 1) as u8).collect();
+    c.write(0, NEW - 8192, &data).unwrap();
+    assert_eq!(c.read(0, NEW - 8192, 8192).unwrap(), data);
+    assert_eq!(c.read(0, 0, 65536).unwrap(), before);
+}
