@@ -1,7 +1,7 @@
 //! The backend daemon around the data path: what `vhost-backend` runs.
 //!
 //! - [`stack`]: the layers a config asks for, assembled into the device the VMM is shown.
-//! - [`control`]: the control socket (`status`, `stats`, `metrics`, `qos`, `set-qos`).
+//! - [`control`]: the control socket (`status`, `stats`, `metrics`, `qos`, `set-qos`, `resize`).
 //! - [`resize`]: growing the disk while it is served (the control socket's `resize`).
 //! - [`sdnotify`]: service-manager notifications (`READY=1`, `STOPPING=1`).
 //! - [`cli`]: start-up shared by the binaries (logging, config and KEK flags, exit status).

@@ -8,7 +8,9 @@
 //! line `# EOF`; `qos` the I/O limits in force (every field of `qos:`, `null` when not
 //! limited); `set-qos {JSON}` replaces them all with the object's (fields left out: no limit),
 //! checked as the config's are, and answers the new limits (a problem answers `{"error":...}`
-//! naming it, and nothing changes); anything else answers `{"error":"unknown command",...}`.
+//! naming it, and nothing changes); `resize {"size_bytes":N}` / `resize {}` grows the disk
+//! ([`crate::service::resize`]) and answers the new size, or an error with the limits;
+//! anything else answers `{"error":"unknown command",...}`.
 //! Connections are served one thread each, at most [`MAX_CONNECTIONS`] at once (more are
 //! closed unanswered); a client may send several commands, and one silent for [`IO_TIMEOUT`] is
 //! disconnected. The data path never waits for it: the answers read atomics and short-lived
