@@ -293,59 +293,12 @@ fn an_encrypted_disk_grows_with_an_area_reading_as_zeros() {
     assert_eq!(c.read(0, 0, 65536).unwrap(), before);
 }
 
-/// A loop device over `file`, detached when dropped.
-struct Loop(PathBuf);
-
-impl Loop {
-    /// `None` (with the reason on stderr) where loop devices cannot be set up (no root).
-    fn attach(file: &Path) -> Option<Loop> {
-        let out = std::process::Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(file)
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            eprintln!(
-                "skipped: losetup cannot attach a loop device here: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            return None;
-        }
-        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        Some(Loop(PathBuf::from(dev)))
-    }
-
-    /// `losetup -c`: the device takes its file's new size (as an lvextend would grow an LV).
-    fn refresh(&self) {
-        let st = std::process::Command::new("losetup")
-            .arg("-c")
-            .arg(&self.0)
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .arg("-d")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// A block device grown underneath (here a loop device, as LVM would be) is picked up by
 /// `resize {}`; a size for a block device other than its own is refused.
 #[test]
 fn a_block_device_grown_underneath_is_picked_up_by_resize_without_a_size() {
-    if !require(&[Need::Program("losetup")]) {
-        return;
-    }
     let d = disk(4 * MIB);
-    let Some(dev) = Loop::attach(&d.img) else {
-        return;
-    };
+    let dev = LoopDev::attach(&d.img);
     let cfg = BackendConfig::new(&dev.0, &d.sock).extra_path("control_socket", &d.ctl);
     let _be = Backend::start(BIN, &cfg).unwrap();
     let v = ask(&d.ctl, "resize {\"size_bytes\":8388608}");
