@@ -4,7 +4,7 @@
 //! (or a file) grown underneath, e.g. by `lvextend`, is picked up by `resize {}`. The new area
 //! reads as zeros: on a plain file it is a hole; with encryption, raw zeros would decrypt to
 //! garbage, so it is written with encrypted zeros first, one chunk after the other from the
-//! old end (a kill -9 part way leaves a file that ends after the last chunk written: a smaller
+//! old end (a kill -9 part way leaves a file that ends where the writing stopped: a smaller
 //! grown disk, every sector of which reads as zeros), then synced. Only then does the
 //! [`Capacity`] grow, which every layer, the queues' range checks and the config space read,
 //! and the connected frontend is told ([`ConfigChange`]); a frontend connecting later reads the
