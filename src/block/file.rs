@@ -10,12 +10,35 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// The disk's size in sectors, shared by everything that checks requests against it or reports
+/// it: it changes only by growing (the control socket's `resize`), so a reader holding an
+/// older value only refuses what it could have allowed.
+#[derive(Debug, Clone, Default)]
+pub struct Capacity(Arc<AtomicU64>);
+
+impl Capacity {
+    pub fn new(sectors: u64) -> Self {
+        Capacity(Arc::new(AtomicU64::new(sectors)))
+    }
+
+    /// The current size in sectors.
+    pub fn sectors(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Grows to `sectors` (never shrinks); call once the new area is ready to be read.
+    pub fn grow(&self, sectors: u64) {
+        self.0.fetch_max(sectors, Ordering::AcqRel);
+    }
+}
 
 /// A file or block device holding the disk's sectors.
 pub struct FileDevice {
     file: Arc<File>,
-    sectors: u64,
+    sectors: Capacity,
     ring_entries: u32,
     /// `write_through`: every write durable when it completes (see [`FileDevice::write_through`]).
     write_through: bool,
@@ -47,7 +70,7 @@ impl FileDevice {
         let bytes = device_size(&file)?;
         Ok(FileDevice {
             file: Arc::new(file),
-            sectors: bytes >> SECTOR_SHIFT,
+            sectors: Capacity::new(bytes >> SECTOR_SHIFT),
             ring_entries: ring_entries.clamp(8, 4096).next_power_of_two(),
             write_through: false,
         })
@@ -59,6 +82,16 @@ impl FileDevice {
     pub fn write_through(mut self, on: bool) -> Self {
         self.write_through = on;
         self
+    }
+
+    /// The size every layer above reports: [`Capacity::grow`] grows the whole stack.
+    pub fn capacity(&self) -> Capacity {
+        self.sectors.clone()
+    }
+
+    /// The open file or block device (for growing it).
+    pub fn file(&self) -> Arc<File> {
+        self.file.clone()
     }
 }
 
@@ -88,7 +121,7 @@ const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
 impl BlockDevice for FileDevice {
     fn sectors(&self) -> u64 {
-        self.sectors
+        self.sectors.sectors()
     }
 
     fn new_channel_with(&self, notifier: Notifier) -> io::Result<Box<dyn IoChannel>> {

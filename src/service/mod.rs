@@ -1,13 +1,15 @@
 //! The backend daemon around the data path: what `vhost-backend` runs.
 //!
 //! - [`stack`]: the layers a config asks for, assembled into the device the VMM is shown.
-//! - [`control`]: the control socket (`status`, `stats`, `metrics`, `qos`, `set-qos`).
+//! - [`control`]: the control socket (`status`, `stats`, `metrics`, `qos`, `set-qos`, `resize`).
+//! - [`resize`]: growing the disk while it is served (the control socket's `resize`).
 //! - [`sdnotify`]: service-manager notifications (`READY=1`, `STOPPING=1`).
 //! - [`cli`]: start-up shared by the binaries (logging, config and KEK flags, exit status).
 //! - [`run`]: the daemon itself: claim the socket, open the stack, serve until a signal.
 
 pub mod cli;
 pub mod control;
+pub mod resize;
 pub mod sdnotify;
 pub mod stack;
 
@@ -106,6 +108,8 @@ pub fn run(opts: &Options, keys: Keys) -> Result<(), DaemonError> {
         config: stack.config,
         settings: stack.settings,
         stats: stack.stats,
+        capacity: stack.capacity,
+        config_change: stack.config_change,
     };
     let served = vhost::serve(listener, &disk, &conn);
     // serve returns only on error; the signal thread holds the sockets too, so remove them here.

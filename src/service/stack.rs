@@ -19,19 +19,20 @@ use std::error::Error;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::block::{
-    BlockDevice, CryptDevice, DebugLogDevice, FileDevice, Qos, QosDevice, SECTOR_SHIFT,
+    BlockDevice, Capacity, CryptDevice, DebugLogDevice, FileDevice, Qos, QosDevice,
 };
 use crate::config::{ConfigError, Options, DEVICE_ID_LEN};
 use crate::crypto::keys::Kek;
 use crate::crypto::Xts;
 use crate::lazy::LazyDevice;
 use crate::service::control::{self, Control, DeviceFacts};
+use crate::service::resize::Resizer;
 use crate::sys::socket::SocketFile;
-use crate::vhost::QueueSettings;
+use crate::vhost::{ConfigChange, QueueSettings};
 use crate::virtio_blk::stats::DeviceStats;
 use crate::virtio_blk::{self, ConfigSpace, DeviceInfo, Limits};
 
@@ -52,6 +53,12 @@ pub struct Stack {
     pub info: Arc<DeviceInfo>,
     pub config: ConfigSpace,
     pub settings: QueueSettings,
+    /// The disk's size, which `resize` grows (every layer's `sectors()` reads it).
+    pub capacity: Capacity,
+    /// The frontend's backend request channel, for `resize` to announce the new size.
+    pub config_change: ConfigChange,
+    /// What the control socket's `resize` acts on.
+    pub resizer: Arc<Resizer>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,9 +110,13 @@ pub fn open_with_kek(
             path: opts.path.clone(),
         });
     }
+    let capacity = file.capacity();
+    let disk_file = file.file();
     let mut device: Arc<dyn BlockDevice> = Arc::new(file);
+    let mut crypt = None;
     if let Some(xts) = &cipher {
         device = Arc::new(CryptDevice::new(device, xts.clone()));
+        crypt = Some(device.clone());
         info!("AES-256-XTS encryption on");
     }
     let encrypted = cipher.is_some();
@@ -143,12 +154,21 @@ pub fn open_with_kek(
     info!("{}: {} sectors", opts.path.display(), sectors);
     let connected = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(DeviceStats::new(opts.num_queues));
+    let config_change = ConfigChange::default();
+    let resizer = Arc::new(Resizer {
+        file: disk_file,
+        capacity: capacity.clone(),
+        readonly: opts.readonly,
+        lazy: lazy_device.is_some(),
+        crypt,
+        config_change: config_change.clone(),
+        busy: Mutex::new(()),
+    });
     let mut control_socket = None;
     if let Some(path) = &opts.control_socket {
         let control = Control {
             facts: DeviceFacts {
                 device_id: opts.device_id.clone(),
-                size_bytes: sectors << SECTOR_SHIFT,
                 num_queues: opts.num_queues,
                 readonly: opts.readonly,
                 encrypted,
@@ -158,6 +178,8 @@ pub fn open_with_kek(
             lazy: lazy_device.clone(),
             stats: stats.clone(),
             qos: qos.clone(),
+            capacity: capacity.clone(),
+            resizer: Some(resizer.clone()),
         };
         control_socket = Some(control::serve(path, Arc::new(control))?);
         info!("control socket: {}", path.display());
@@ -183,6 +205,9 @@ pub fn open_with_kek(
         control_socket,
         connected,
         stats,
+        capacity,
+        config_change,
+        resizer,
     })
 }
 

@@ -22,17 +22,19 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::block::BlockDevice;
+use crate::block::{BlockDevice, Capacity};
 use crate::virtio_blk::stats::{DeviceStats, QueueStats};
 use crate::virtio_blk::{self, ConfigSpace, DeviceInfo, Finished, QueueWorker, Request};
 use poll::AdaptivePoll;
 
+mod config_change;
 mod inflight;
 mod poll;
 mod relay;
 mod resume;
 mod serve;
 
+pub use config_change::ConfigChange;
 pub use serve::{serve, Connection, Disk, ServeError};
 
 /// Most virtqueues. Each queue has its own worker thread, and vhost-user-backend gives each
@@ -57,6 +59,11 @@ pub struct BlockBackend {
     settings: QueueSettings,
     info: Arc<DeviceInfo>,
     config: ConfigSpace,
+    /// The disk's current size, when it can grow (see [`BlockBackend::growing`]): requests and
+    /// the config space's capacity follow it instead of `info` and `config`.
+    capacity: Option<Capacity>,
+    /// Where the relay keeps the frontend's backend request channel.
+    config_change: ConfigChange,
     workers: Vec<Mutex<QueueWorker>>,
     /// The device's statistics (shared with the control socket and later connections); queue
     /// `q`'s are written only under `workers[q]`'s lock.
@@ -151,6 +158,8 @@ impl BlockBackend {
             settings,
             info,
             config,
+            capacity: None,
+            config_change: ConfigChange::default(),
             workers,
             stats,
             mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
@@ -161,6 +170,30 @@ impl BlockBackend {
             warned_ring_op: AtomicBool::new(false),
             exit_fds: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Follows `capacity` (the device's, which `resize` grows) for the requests' range checks
+    /// and the config space, and keeps the frontend's backend request channel in `change`.
+    pub fn growing(mut self, capacity: Capacity, change: ConfigChange) -> Self {
+        self.capacity = Some(capacity);
+        self.config_change = change;
+        self
+    }
+
+    /// Where the relay puts the frontend's backend request channel.
+    fn config_change(&self) -> &ConfigChange {
+        &self.config_change
+    }
+
+    /// The limits requests are checked against: the current size.
+    fn limits(&self) -> std::borrow::Cow<'_, virtio_blk::Limits> {
+        match &self.capacity {
+            Some(c) => std::borrow::Cow::Owned(virtio_blk::Limits {
+                sectors: c.sectors(),
+                ..self.info.limits.clone()
+            }),
+            None => std::borrow::Cow::Borrowed(&self.info.limits),
+        }
     }
 
     /// The epoll token of queue workers' completion eventfds (above the queue and exit tokens).
@@ -204,6 +237,7 @@ impl BlockBackend {
         let mut found = false;
         // Read once per batch, when the first chain is popped (not on every empty poll).
         let mut now = None;
+        let limits = self.limits();
         let mut track = self.track(queue);
         if track.needs_recovery() {
             // The region was not read yet (see `resume`): popping now would take chains the
@@ -234,7 +268,7 @@ impl BlockBackend {
             let head = chain.head_index();
             // In the region before the request can complete (see `inflight`).
             track.take(head);
-            let parsed = Request::parse(chain, &*guard, &self.info.limits);
+            let parsed = Request::parse(chain, &*guard, &limits);
             if let Some(f) = worker.start_at(&guard, head, parsed, started) {
                 done.push(f);
             }
@@ -471,6 +505,8 @@ impl VhostUserBackend for BlockBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            // For the config-change message after `resize` (see `config_change`).
+            | VhostUserProtocolFeatures::BACKEND_REQ
             // Answered by the relay (see `relay`), not by vhost-user-backend.
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
@@ -480,7 +516,14 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.config.read(offset, size)
+        match &self.capacity {
+            Some(c) => ConfigSpace {
+                capacity: c.sectors(),
+                ..self.config.clone()
+            }
+            .read(offset, size),
+            None => self.config.read(offset, size),
+        }
     }
 
     fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {

@@ -35,6 +35,7 @@ const HEADER_LEN: usize = 12;
 const SET_PROTOCOL_FEATURES: u32 = 16;
 const SET_VRING_KICK: u32 = 12;
 const SET_VRING_CALL: u32 = 13;
+const SET_BACKEND_REQ_FD: u32 = 21;
 const GET_INFLIGHT_FD: u32 = 31;
 const SET_INFLIGHT_FD: u32 = 32;
 const FLAG_VERSION_1: u32 = 0x1;
@@ -149,6 +150,7 @@ impl Relay {
         frontend: UnixStream,
         daemon: UnixStream,
         inflight: Arc<dyn InflightHandler>,
+        config_change: super::ConfigChange,
     ) -> io::Result<Relay> {
         let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
         let from_daemon = daemon.try_clone()?;
@@ -171,6 +173,7 @@ impl Relay {
                     inflight_acked: false,
                     tracking: false,
                     warned: false,
+                    config_change,
                 };
                 if let Err(e) = state.forward_requests(&frontend, &daemon, &to_frontend) {
                     log::debug!("relay: frontend connection: {e}");
@@ -216,6 +219,9 @@ struct RequestState {
     tracking: bool,
     /// A refused inflight message was logged at warn.
     warned: bool,
+    /// Gets a duplicate of the backend request channel (SET_BACKEND_REQ_FD), which the
+    /// daemon's `vhost::Backend` cannot send a config change on.
+    config_change: super::ConfigChange,
 }
 
 impl RequestState {
@@ -234,6 +240,9 @@ impl RequestState {
                     }
                 }
                 req => {
+                    if req == SET_BACKEND_REQ_FD {
+                        self.keep_backend_channel(&m);
+                    }
                     if req == SET_PROTOCOL_FEATURES {
                         self.inflight_acked = m.u64_body().is_some_and(|f| {
                             f & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() != 0
@@ -247,6 +256,17 @@ impl RequestState {
             }
         }
         Ok(())
+    }
+
+    /// Keeps a duplicate of SET_BACKEND_REQ_FD's descriptor for config-change messages.
+    fn keep_backend_channel(&self, m: &Message) {
+        let Some(fd) = m.fds.first() else {
+            return;
+        };
+        match fd.try_clone() {
+            Ok(fd) => self.config_change.set(Some(UnixStream::from(fd))),
+            Err(e) => log::warn!("cannot keep the backend request channel: {e}"),
+        }
     }
 
     /// Answers GET/SET_INFLIGHT_FD; the reply to send, if any. A refused message is logged

@@ -103,7 +103,7 @@ impl BlockBackend {
         let now = Instant::now();
         for head in recovery.resubmit {
             let descs = chain_descriptors(&*guard, GuestAddress(desc_table), size, head);
-            let parsed = Request::parse(descs.into_iter(), &*guard, &self.info.limits);
+            let parsed = Request::parse(descs.into_iter(), &*guard, &self.limits());
             stats.started(1);
             if let Some(f) = worker.start_at(&guard, head, parsed, now) {
                 done.push(f);

@@ -13,8 +13,8 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use super::{relay, BlockBackend, QueueSettings};
-use crate::block::BlockDevice;
+use super::{relay, BlockBackend, ConfigChange, QueueSettings};
+use crate::block::{BlockDevice, Capacity};
 use crate::virtio_blk::stats::DeviceStats;
 use crate::virtio_blk::{ConfigSpace, DeviceInfo};
 
@@ -39,6 +39,11 @@ pub struct Disk {
     pub settings: QueueSettings,
     /// Every connection's queues record into these.
     pub stats: Arc<DeviceStats>,
+    /// The disk's size, which `resize` grows: each connection's requests and config space
+    /// follow it (a disk grown between connections is seen by the next).
+    pub capacity: Capacity,
+    /// The live connection's backend request channel, for `resize` to notify the frontend.
+    pub config_change: ConfigChange,
 }
 
 /// What [`serve`] shares with the rest of the service while it runs.
@@ -80,7 +85,8 @@ fn setup(disk: &Disk) -> Result<(Arc<BlockBackend>, Daemon), ServeError> {
             disk.settings.clone(),
             disk.stats.clone(),
         )
-        .map_err(ServeError::Channel)?,
+        .map_err(ServeError::Channel)?
+        .growing(disk.capacity.clone(), disk.config_change.clone()),
     );
     let daemon = VhostUserDaemon::new(
         "ubiblk".to_string(),
@@ -113,7 +119,12 @@ fn accept(
     daemon
         .start(&mut private)
         .map_err(|e| io::Error::other(format!("{e:?}")))?;
-    relay::Relay::start(frontend, ours, backend.clone())
+    relay::Relay::start(
+        frontend,
+        ours,
+        backend.clone(),
+        backend.config_change().clone(),
+    )
 }
 
 /// Serves `disk` on `listener` forever: one frontend at a time, a fresh device state for each.
@@ -164,6 +175,7 @@ pub fn serve(mut listener: Listener, disk: &Disk, conn: &Connection) -> Result<(
         conn.connected.store(true, Ordering::Relaxed);
         let ended = daemon.wait();
         conn.connected.store(false, Ordering::Relaxed);
+        disk.config_change.set(None);
         relay.join();
         match ended {
             Ok(())

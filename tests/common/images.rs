@@ -1,5 +1,6 @@
 //! Disk images and scratch space: the deterministic [`pattern_block`] content, pattern files,
-//! the files of a lazy-fetch disk ([`LazyFiles`]), and [`scratch_dir`].
+//! the files of a lazy-fetch disk ([`LazyFiles`]), loop devices ([`LoopDev`]), and
+//! [`scratch_dir`].
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -156,4 +157,40 @@ pub fn replace_file(path: &Path, data: &[u8]) {
     f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(60))
         .unwrap();
     fs::rename(&tmp, path).unwrap();
+}
+
+/// A loop device over a file (`losetup`, util-linux, as root), detached on drop.
+pub struct LoopDev(pub PathBuf);
+
+impl LoopDev {
+    /// Attaches a free loop device to `file`; panics with losetup's error if it cannot.
+    pub fn attach(file: &Path) -> LoopDev {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .expect("losetup (util-linux) is needed");
+        assert!(
+            out.status.success(),
+            "losetup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopDev(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    }
+
+    /// `losetup -c`: the device takes its file's new size (as `lvextend` grows a volume).
+    pub fn refresh(&self) {
+        let st = Command::new("losetup").arg("-c").arg(&self.0).status();
+        assert!(
+            st.is_ok_and(|s| s.success()),
+            "losetup -c {}",
+            self.0.display()
+        );
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
 }

@@ -444,33 +444,11 @@ fn missing_config_file_is_reported() {
     drop(d);
 }
 
-/// A loop device over a file, detached on drop.
-struct LoopDev(PathBuf);
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .arg("-d")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// `path` may be a block device: its size comes from BLKGETSIZE64 (file metadata says 0).
 #[test]
 fn serves_a_block_device() {
     let d = disk(12 << 20);
-    let out = std::process::Command::new("losetup")
-        .args(["-f", "--show"])
-        .arg(&d.img)
-        .output()
-        .expect("losetup (util-linux) is needed");
-    assert!(
-        out.status.success(),
-        "losetup failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dev = LoopDev(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+    let dev = LoopDev::attach(&d.img);
     let cfg = BackendConfig::new(&dev.0, &d.sock);
     let _be = Backend::start(BIN, &cfg).unwrap();
     let mut c = Client::connect_queues(&d.sock, 1).unwrap();

@@ -23,6 +23,7 @@ mod metadata;
 mod outage;
 mod qsd_client;
 mod remote;
+mod resize;
 mod restart;
 mod servers;
 mod sockets;

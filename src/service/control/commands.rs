@@ -5,7 +5,8 @@ use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
-use super::{Control, DeviceFacts};
+use super::super::resize::MAX_SIZE_BYTES;
+use super::Control;
 use crate::block::{QosLimits, QOS_FIELDS};
 use crate::lazy::LazyStatus;
 use crate::virtio_blk::stats::QueueReport;
@@ -16,13 +17,62 @@ pub(super) struct Status<'a> {
     #[serde(flatten)]
     pub(super) lazy: Option<LazyStatus>,
     #[serde(flatten)]
-    pub(super) facts: &'a DeviceFacts,
+    pub(super) facts: Facts<'a>,
     pub(super) uptime_secs: u64,
     pub(super) connected: bool,
 }
 
+/// The device's facts as `status` reports them: the size is the current one.
+#[derive(Serialize)]
+pub(super) struct Facts<'a> {
+    device_id: &'a str,
+    /// The size the guest sees, in bytes.
+    pub(super) size_bytes: u64,
+    num_queues: u16,
+    readonly: bool,
+    encrypted: bool,
+}
+
 /// The commands, for the error reply to an unknown one.
-const COMMANDS: &[&str] = &["status", "stats", "metrics", "qos", "set-qos"];
+const COMMANDS: &[&str] = &["status", "stats", "metrics", "qos", "set-qos", "resize"];
+
+const RESIZE_USAGE: &str = "resize {\"size_bytes\":N}: grow a file to N bytes (a multiple of \
+     512, from the current size up to max_size_bytes); resize {}: take the size path has now \
+     (a block device grown underneath)";
+
+/// A refused or failed `resize`, with the limits.
+#[derive(Serialize)]
+struct ResizeFailed {
+    error: String,
+    command: &'static str,
+    size_bytes: u64,
+    min_size_bytes: u64,
+    max_size_bytes: u64,
+    usage: &'static str,
+}
+
+/// `resize`'s argument: nothing, `{}` or `{"size_bytes":N}`.
+fn parse_resize(arg: &str) -> Result<Option<u64>, String> {
+    if arg.is_empty() {
+        return Ok(None);
+    }
+    let value: serde_json::Value =
+        serde_json::from_str(arg).map_err(|e| format!("invalid JSON: {e}"))?;
+    let serde_json::Value::Object(map) = &value else {
+        return Err("the argument must be a JSON object".into());
+    };
+    if let Some(key) = map.keys().find(|k| *k != "size_bytes") {
+        let key: String = key.chars().take(64).collect();
+        return Err(format!("unknown field {key:?}"));
+    }
+    match map.get("size_bytes") {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| "size_bytes: must be a non-negative integer".into()),
+    }
+}
 
 /// The `stats` reply.
 #[derive(Serialize)]
@@ -115,6 +165,23 @@ impl Control {
                     usage: SET_QOS_USAGE,
                 }),
             },
+            "resize" => match parse_resize(arg.trim()).and_then(|size| {
+                let r = self.resizer.as_ref().ok_or("this backend cannot resize")?;
+                r.resize(size).map_err(|e| e.to_string())
+            }) {
+                Ok(resized) => serde_json::to_string(&resized),
+                Err(error) => {
+                    let size_bytes = self.capacity.sectors() << crate::SECTOR_SHIFT;
+                    serde_json::to_string(&ResizeFailed {
+                        error,
+                        command: "resize",
+                        size_bytes,
+                        min_size_bytes: size_bytes,
+                        max_size_bytes: MAX_SIZE_BYTES,
+                        usage: RESIZE_USAGE,
+                    })
+                }
+            },
             _ => serde_json::to_string(&Unknown {
                 error: "unknown command",
                 command: line,
@@ -137,10 +204,21 @@ impl Control {
         }
     }
 
+    pub(super) fn facts(&self) -> Facts<'_> {
+        let f = &self.facts;
+        Facts {
+            device_id: &f.device_id,
+            size_bytes: self.capacity.sectors() << crate::SECTOR_SHIFT,
+            num_queues: f.num_queues,
+            readonly: f.readonly,
+            encrypted: f.encrypted,
+        }
+    }
+
     pub(super) fn status(&self) -> Status<'_> {
         Status {
             lazy: self.lazy.as_ref().map(|l| l.status()),
-            facts: &self.facts,
+            facts: self.facts(),
             uptime_secs: self.started.elapsed().as_secs(),
             connected: self.connected.load(Ordering::Relaxed),
         }

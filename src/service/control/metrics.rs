@@ -29,7 +29,7 @@ impl Control {
             "gauge",
             "Size of the disk the guest sees.",
         );
-        m.sample("ubiblk_size_bytes", &[], self.facts.size_bytes);
+        m.sample("ubiblk_size_bytes", &[], self.facts().size_bytes);
 
         let snap = self.stats.snapshot();
         let per_op =

@@ -8,7 +8,9 @@
 //! line `# EOF`; `qos` the I/O limits in force (every field of `qos:`, `null` when not
 //! limited); `set-qos {JSON}` replaces them all with the object's (fields left out: no limit),
 //! checked as the config's are, and answers the new limits (a problem answers `{"error":...}`
-//! naming it, and nothing changes); anything else answers `{"error":"unknown command",...}`.
+//! naming it, and nothing changes); `resize {"size_bytes":N}` / `resize {}` grows the disk
+//! ([`crate::service::resize`]) and answers the new size, or an error with the limits;
+//! anything else answers `{"error":"unknown command",...}`.
 //! Connections are served one thread each, at most [`MAX_CONNECTIONS`] at once (more are
 //! closed unanswered); a client may send several commands, and one silent for [`IO_TIMEOUT`] is
 //! disconnected. The data path never waits for it: the answers read atomics and short-lived
@@ -25,9 +27,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde::Serialize;
-
-use crate::block::Qos;
+use crate::block::{Capacity, Qos};
 use crate::lazy::LazyDevice;
 use crate::sys::socket::SocketError;
 use crate::virtio_blk::stats::DeviceStats;
@@ -45,14 +45,16 @@ pub struct Control {
     pub stats: Arc<DeviceStats>,
     /// The disk's I/O limits (`qos`, `set-qos`).
     pub qos: Option<Arc<Qos>>,
+    /// The disk's current size (`status`'s `size_bytes`, which `resize` grows).
+    pub capacity: Capacity,
+    /// What `resize` acts on (`None`: `resize` is refused).
+    pub resizer: Option<Arc<super::resize::Resizer>>,
 }
 
-/// What the config and the opened stack say about the device.
-#[derive(Debug, Clone, Serialize)]
+/// What the config and the opened stack say about the device (the size is `capacity`).
+#[derive(Debug, Clone)]
 pub struct DeviceFacts {
     pub device_id: String,
-    /// The size the guest sees, in bytes.
-    pub size_bytes: u64,
     pub num_queues: u16,
     pub readonly: bool,
     pub encrypted: bool,

@@ -12,7 +12,6 @@ fn control() -> Control {
     Control {
         facts: DeviceFacts {
             device_id: "vm1-disk0".into(),
-            size_bytes: 1 << 30,
             num_queues: 2,
             readonly: false,
             encrypted: true,
@@ -22,6 +21,8 @@ fn control() -> Control {
         lazy: None,
         stats: Arc::new(DeviceStats::new(2)),
         qos: Some(Qos::new(QosLimits::default()).unwrap()),
+        capacity: crate::block::Capacity::new((1 << 30) >> 9),
+        resizer: None,
     }
 }
 
@@ -187,4 +188,41 @@ fn throttle_logs_once_per_interval_with_the_count() {
     }
     assert_eq!(t.hit(t0 + LOG_INTERVAL), Some(1000));
     assert_eq!(t.hit(t0 + LOG_INTERVAL), None);
+}
+
+#[test]
+fn resize_errors_name_the_problem_and_the_limits() {
+    let c = control();
+    for (cmd, want) in [
+        ("resize {", "invalid JSON"),
+        ("resize [1]", "must be a JSON object"),
+        ("resize {\"size\":1}", "unknown field \"size\""),
+        (
+            "resize {\"size_bytes\":-512}",
+            "size_bytes: must be a non-negative integer",
+        ),
+        (
+            "resize {\"size_bytes\":\"1G\"}",
+            "size_bytes: must be a non-negative integer",
+        ),
+        (
+            "resize {\"size_bytes\":2147483648}",
+            "this backend cannot resize",
+        ),
+    ] {
+        let v = json(&c.answer(cmd));
+        let error = v["error"].as_str().unwrap();
+        assert!(error.contains(want), "{cmd}: {v}");
+        assert_eq!(v["command"], "resize");
+        assert_eq!(v["size_bytes"], 1u64 << 30);
+        assert_eq!(v["min_size_bytes"], 1u64 << 30);
+        assert_eq!(v["max_size_bytes"], crate::service::resize::MAX_SIZE_BYTES);
+    }
+    // It is a known command.
+    let v = json(&c.answer("nope"));
+    assert!(v["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c == "resize"));
 }

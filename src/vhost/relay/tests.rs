@@ -42,7 +42,7 @@ fn rig() -> Rig {
     let (frontend, relay_front) = UnixStream::pair().unwrap();
     let (daemon, relay_daemon) = UnixStream::pair().unwrap();
     let mock = Arc::new(Mock::default());
-    let relay = Relay::start(relay_front, relay_daemon, mock.clone()).unwrap();
+    let relay = Relay::start(relay_front, relay_daemon, mock.clone(), Default::default()).unwrap();
     for s in [&frontend, &daemon] {
         s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
@@ -254,6 +254,7 @@ fn a_looping_set_inflight_fd_logs_one_info_line_per_connection() {
         inflight_acked: true,
         tracking: false,
         warned: false,
+        config_change: Default::default(),
     };
     capture::start();
     for _ in 0..50 {
