@@ -120,6 +120,26 @@ pub fn run(opts: &Options, keys: Keys) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// Drains `conn` for at most [`SHUTDOWN_GRACE`]; requests still running then (waiting for a
+/// slow or unreachable source) stay marked in the inflight region the VMM keeps, and the next
+/// process resubmits them: the guest sees a longer pause, not an error.
+fn drain_or_leave_in_flight(conn: &Connection) {
+    let (done, finished) = std::sync::mpsc::channel();
+    let draining = conn.clone();
+    let started = std::thread::Builder::new()
+        .name("drain".into())
+        .spawn(move || {
+            draining.drain();
+            let _ = done.send(());
+        });
+    if started.is_err() || finished.recv_timeout(SHUTDOWN_GRACE).is_err() {
+        info!(
+            "requests still waiting after {SHUTDOWN_GRACE:?} are left in flight: the next \
+             process resubmits them from the inflight region"
+        );
+    }
+}
+
 /// Checks, changing nothing, that [`listen`] could claim `opts.socket` (see
 /// [`crate::sys::socket::check`]): a refused path is reported before anything is opened.
 pub fn check(opts: &Options) -> Result<(), DaemonError> {
@@ -150,9 +170,11 @@ pub fn listen(opts: &Options) -> Result<(Listener, SocketFile), DaemonError> {
     Ok((Listener::from(listener), file))
 }
 
-/// On SIGTERM/SIGINT: tell the service manager (STOPPING=1), let in-flight I/O finish (requests
-/// waiting for fetches get [`SHUTDOWN_GRACE`]), sync the disk, remove the sockets (those still
-/// ours), exit. During start-up (nothing served, nothing written but crash-safe fetches), exit
+/// On SIGTERM/SIGINT: tell the service manager (STOPPING=1), let in-flight I/O finish, sync the
+/// disk, remove the sockets (those still ours), exit. Requests that wait for lazy fetches get
+/// [`SHUTDOWN_GRACE`]: with an inflight region on every queue, whatever is still running then
+/// is left marked there for the next process to resubmit (as after a kill); without one, it
+/// fails (EIO). During start-up (nothing served, nothing written but crash-safe fetches), exit
 /// at once, with the same status 0.
 fn spawn_signal_handler(mut signals: Signals, serving: Serving) -> Result<(), DaemonError> {
     std::thread::Builder::new()
@@ -166,10 +188,14 @@ fn spawn_signal_handler(mut signals: Signals, serving: Serving) -> Result<(), Da
                     std::process::exit(0);
                 };
                 info!("signal {sig}: shutting down");
-                if let Some(lazy) = &stop.lazy {
-                    lazy.shutdown(SHUTDOWN_GRACE);
+                if stop.conn.tracks_inflight() {
+                    drain_or_leave_in_flight(&stop.conn);
+                } else {
+                    if let Some(lazy) = &stop.lazy {
+                        lazy.shutdown(SHUTDOWN_GRACE);
+                    }
+                    stop.conn.drain();
                 }
-                stop.conn.drain();
                 let code = match stop.device.sync() {
                     Ok(()) => 0,
                     Err(e) => {

@@ -359,6 +359,12 @@ impl QueueTrack {
         self.needs_recovery
     }
 
+    /// Whether the queue's requests are marked in a region (the frontend keeps it across
+    /// backend processes).
+    pub fn is_tracking(&self) -> bool {
+        self.region.is_some()
+    }
+
     fn part(&self) -> Option<QueueRegion<'_>> {
         self.region.as_ref()?.queue(self.queue)
     }

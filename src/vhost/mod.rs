@@ -473,6 +473,14 @@ impl BlockBackend {
         }
     }
 
+    /// Whether every queue's requests are marked in an inflight region: then a process that
+    /// exits with requests in flight leaves them for the next one to resubmit.
+    pub fn tracks_inflight(&self) -> bool {
+        self.tracks
+            .iter()
+            .all(|t| t.lock().unwrap_or_else(|p| p.into_inner()).is_tracking())
+    }
+
     /// Finishes every request in flight on every queue and stops polling; before exit.
     pub fn drain_all(&self) {
         self.stopping.store(true, Ordering::Relaxed);

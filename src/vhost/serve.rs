@@ -58,14 +58,23 @@ pub struct Connection {
 impl Connection {
     /// Completes every request of the live connection, if any (see [`BlockBackend::drain_all`]).
     pub fn drain(&self) {
-        let backend = self
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if let Some(b) = backend {
+        if let Some(b) = self.backend() {
             b.drain_all();
         }
+    }
+
+    /// Whether a frontend is connected whose every queue is tracked in an inflight region (see
+    /// [`BlockBackend::tracks_inflight`]).
+    pub fn tracks_inflight(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+            && self.backend().is_some_and(|b| b.tracks_inflight())
+    }
+
+    fn backend(&self) -> Option<Arc<BlockBackend>> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

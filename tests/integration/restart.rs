@@ -185,7 +185,28 @@ fn a_request_parked_across_a_kill_completes_exactly_once_encrypted() {
     );
 }
 
+/// SIGTERM (a graceful upgrade) with a request waiting for a fetch that does not come within
+/// the shutdown grace: the backend exits 0 leaving it in the inflight region, and the next
+/// process completes it, once and with the image's data. (It used to fail it with EIO.)
+#[test]
+fn a_request_parked_across_a_sigterm_is_resubmitted_not_failed() {
+    parked_across("restart-term", &[], |be| {
+        be.guard.signal(libc::SIGTERM);
+        let st = be.guard.wait_timeout(T).expect("no exit after SIGTERM");
+        assert_eq!(st.code(), Some(0), "{}", be.log());
+        assert!(be.log().contains("left in flight"), "{}", be.log());
+    });
+}
+
 fn parked_across_a_kill(prefix: &str, extra: &[&str]) {
+    parked_across(prefix, extra, |be| {
+        be.guard.kill();
+    });
+}
+
+/// Parks slot 0, stops the backend with `stop`, starts a new one and checks that slot 0
+/// completes exactly once there.
+fn parked_across(prefix: &str, extra: &[&str], stop: impl FnOnce(&mut Backend)) {
     let r = rig(prefix, extra);
     let mut be = Backend::start(BIN, &r.config).unwrap();
     let (fe, region) = park_one(&be, true);
@@ -198,8 +219,13 @@ fn parked_across_a_kill(prefix: &str, extra: &[&str]) {
     }
     assert_eq!(fe.ring_indexes().unwrap(), (5, 4), "slot 0 is still parked");
 
-    // kill -9 with slot 0 in flight, completed ones (1..4) after it on the used ring.
-    be.guard.kill();
+    // Stopped with slot 0 in flight, completed ones (1..4) after it on the used ring.
+    stop(&mut be);
+    assert_eq!(
+        fe.ring_indexes().unwrap(),
+        (5, 4),
+        "slot 0 was completed before the exit"
+    );
     let be = Backend::start(BIN, &r.config).unwrap();
     let mut fe = fe.reconnect(be.socket(), T).unwrap();
     fe.setup().unwrap();
