@@ -194,3 +194,25 @@ impl Drop for LoopDev {
         let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
     }
 }
+
+/// A pattern-filled disk file in a scratch directory, with the paths of its vhost and control
+/// sockets there (removed with the directory).
+pub struct PatternDisk {
+    _dir: tempfile::TempDir,
+    pub img: PathBuf,
+    pub sock: PathBuf,
+    pub ctl: PathBuf,
+}
+
+/// A [`PatternDisk`] of `size` bytes in a scratch directory named from `prefix`.
+pub fn pattern_disk(prefix: &str, size: u64) -> PatternDisk {
+    let dir = scratch_dir(prefix);
+    let img = dir.path().join("disk.raw");
+    create_pattern_file(&img, size).unwrap();
+    PatternDisk {
+        img,
+        sock: dir.path().join("vhost.sock"),
+        ctl: dir.path().join("control.sock"),
+        _dir: dir,
+    }
+}

@@ -7,7 +7,7 @@ use crate::common::*;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -17,26 +17,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_vhost-backend");
 /// A device id that needs escaping in a Prometheus label (20 bytes at most).
 const ODD_ID: &str = "vm\"1\\disk\n0";
 
-struct Disk {
-    _dir: tempfile::TempDir,
-    img: PathBuf,
-    sock: PathBuf,
-    ctl: PathBuf,
+fn disk(size: u64) -> PatternDisk {
+    pattern_disk("ubiblk-ctl", size)
 }
 
-fn disk(size: u64) -> Disk {
-    let dir = scratch_dir("ubiblk-ctl");
-    let img = dir.path().join("disk.raw");
-    create_pattern_file(&img, size).unwrap();
-    Disk {
-        img,
-        sock: dir.path().join("vhost.sock"),
-        ctl: dir.path().join("control.sock"),
-        _dir: dir,
-    }
-}
-
-fn start(d: &Disk, queues: usize, device_id: &str) -> Backend {
+fn start(d: &PatternDisk, queues: usize, device_id: &str) -> Backend {
     let cfg = BackendConfig::new(&d.img, &d.sock)
         .num_queues(queues)
         .device_id(device_id)

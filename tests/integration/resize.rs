@@ -5,7 +5,7 @@
 
 use crate::common::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -19,26 +19,11 @@ use vhost::VhostBackend;
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-backend");
 const MIB: u64 = 1 << 20;
 
-struct Disk {
-    _dir: tempfile::TempDir,
-    img: PathBuf,
-    sock: PathBuf,
-    ctl: PathBuf,
+fn disk(size: u64) -> PatternDisk {
+    pattern_disk("ubiblk-resize", size)
 }
 
-fn disk(size: u64) -> Disk {
-    let dir = scratch_dir("ubiblk-resize");
-    let img = dir.path().join("disk.raw");
-    create_pattern_file(&img, size).unwrap();
-    Disk {
-        img,
-        sock: dir.path().join("vhost.sock"),
-        ctl: dir.path().join("control.sock"),
-        _dir: dir,
-    }
-}
-
-fn start(d: &Disk, extra: &[&str]) -> Backend {
+fn start(d: &PatternDisk, extra: &[&str]) -> Backend {
     let mut cfg = BackendConfig::new(&d.img, &d.sock).extra_path("control_socket", &d.ctl);
     for e in extra {
         cfg = cfg.extra(*e);
