@@ -104,3 +104,6 @@ pub(super) fn fetch_timeout_secs<'de, D: Deserializer<'de>>(d: D) -> Result<Opti
 pub(super) fn fetch_retry_secs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     opt_ranged(d, 0, 86400)
 }
+pub(super) fn handover_wait_secs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    opt_ranged(d, 1, 3600)
+}

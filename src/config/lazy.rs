@@ -192,6 +192,7 @@ impl Options {
             autofetch: self.autofetch,
             autofetch_mib_per_sec: self.autofetch_mib_per_sec,
             archive_kek: None,
+            standby: false,
         })
     }
 }

@@ -75,6 +75,7 @@ pub const FIELDS: &[&str] = &[
     "write_through",
     "track_written",
     "direct_io",
+    "handover_wait_secs",
 ];
 
 /// Fields the reference had at some point that are refused, and why: an unknown-field error
@@ -238,6 +239,11 @@ pub struct Options {
     /// The reference's v0.1 (`O_DIRECT` on or off); ignored, with a warning.
     #[serde(default)]
     pub direct_io: Option<bool>,
+    /// Not in the reference tools: how long a backend whose guest starts its rings waits for
+    /// another backend holding the disk to hand it over (live migration), in seconds (30
+    /// without it); then its requests fail.
+    #[serde(default, deserialize_with = "bounded::handover_wait_secs")]
+    pub handover_wait_secs: Option<u32>,
 }
 
 /// `encryption_key`: the entries as written (base64, maybe KEK-wrapped). Zeroed when dropped,

@@ -43,6 +43,9 @@ pub struct LazyOptions {
     pub autofetch_mib_per_sec: Option<u32>,
     /// The KEK (`--kek`), which unwraps an `archive_url` archive's key.
     pub archive_kek: Option<Arc<Kek>>,
+    /// Another process owns the disk (a live migration's source): fetch nothing until
+    /// [`LazyDevice::take_over`].
+    pub standby: bool,
 }
 
 /// Of `fetchers` threads, how many background work (autofetch) may use at once: a quarter
@@ -69,6 +72,7 @@ impl LazyOptions {
             autofetch: false,
             autofetch_mib_per_sec: None,
             archive_kek: None,
+            standby: false,
         }
     }
 }
@@ -79,6 +83,7 @@ pub struct LazyDevice {
     source_end: SourceEnd,
     pub(super) shared: Arc<Shared>,
     fetchers: Vec<JoinHandle<()>>,
+    metadata_path: PathBuf,
 }
 
 impl LazyDevice {
@@ -150,6 +155,7 @@ impl LazyDevice {
                 opts.autofetch,
                 background_fetchers(fetchers),
                 opts.autofetch_mib_per_sec.map(|m| u64::from(m) << 20),
+                opts.standby,
             ),
             meta: MetaStore::new(meta),
             copy_on_read: opts.copy_on_read,
@@ -200,6 +206,7 @@ impl LazyDevice {
             source_end,
             shared,
             fetchers,
+            metadata_path: opts.metadata_path.clone(),
         })
     }
 
@@ -208,6 +215,31 @@ impl LazyDevice {
     pub fn shutdown(&self, grace: Duration) {
         *lock(&self.shared.shutdown) = Some(Instant::now() + grace);
         self.shared.queue.wake_parked();
+    }
+
+    /// Hands the disk to another process (live migration): starts no more fetches, waits for
+    /// those running (each durable on its own), and persists the WRITTEN bits. Until
+    /// [`LazyDevice::take_over`], nothing here writes the disk or the metadata. Call with no
+    /// guest request in flight.
+    pub fn hand_over(&self) -> io::Result<()> {
+        self.shared.queue.hold();
+        self.shared.persist_written()
+    }
+
+    /// Takes the disk (back) from the process it was handed to: adds what that process
+    /// fetched and wrote, as its metadata file says, to the stripe states, then fetches again.
+    pub fn take_over(&self) -> Result<(), Error> {
+        let md = self
+            .shared
+            .meta
+            .reread(self.inner.sectors())
+            .map_err(|source| Error::BadMetadata {
+                path: self.metadata_path.clone(),
+                source,
+            })?;
+        self.shared.stripes.merge(&md);
+        self.shared.queue.unhold();
+        Ok(())
     }
 
     pub fn status(&self) -> LazyStatus {

@@ -88,6 +88,12 @@ impl MetaStore {
         }
     }
 
+    /// The metadata as the file holds it now.
+    pub fn reread(&self, disk_sectors: u64) -> Result<Metadata, metadata::MetadataError> {
+        let meta = lock(&self.file);
+        Metadata::read_from(&meta.file, disk_sectors, meta.xts.as_deref())
+    }
+
     /// Makes "stripe fetched" durable, then lets guest I/O use the stripe.
     pub fn persist_fetched(&self, states: &StripeStates, stripe: usize) -> io::Result<()> {
         let meta = lock(&self.file);

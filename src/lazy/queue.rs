@@ -52,6 +52,8 @@ struct Queue {
     auto_done: bool,
     /// A FLUSH waits for WRITTEN bits to be persisted.
     persist_wanted: bool,
+    /// The disk is another process's (handed over, or not yet taken over): no fetch starts.
+    held: bool,
     stop: bool,
 }
 
@@ -72,9 +74,18 @@ pub(crate) struct FetchQueue {
 }
 
 impl FetchQueue {
-    pub fn new(autofetch: bool, background: usize, autofetch_rate: Option<u64>) -> Self {
+    /// A queue handing out work at once, or (`held`) only after [`FetchQueue::unhold`].
+    pub fn new(
+        autofetch: bool,
+        background: usize,
+        autofetch_rate: Option<u64>,
+        held: bool,
+    ) -> Self {
         FetchQueue {
-            queue: Mutex::default(),
+            queue: Mutex::new(Queue {
+                held,
+                ..Queue::default()
+            }),
             cond: Condvar::new(),
             persist_cond: Condvar::new(),
             autofetch,
@@ -129,12 +140,37 @@ impl FetchQueue {
         self.persist_cond.notify_all();
     }
 
+    /// Starts no more fetches and waits for those running to finish (the disk is being handed
+    /// to another process: nothing of ours may write it afterwards).
+    pub fn hold(&self) {
+        let mut q = lock(&self.queue);
+        q.held = true;
+        while q.running > 0 {
+            q = self.cond.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Hands out work again, background work from the first stripe (the previous owner may
+    /// have fetched some of what was left).
+    pub fn unhold(&self) {
+        let mut q = lock(&self.queue);
+        q.held = false;
+        q.cursor = 0;
+        q.auto_done = false;
+        q.next_auto = None;
+        self.cond.notify_all();
+    }
+
     /// The next job; `None`: stop.
     pub fn next_job(&self, states: &StripeStates, source: &dyn StripeSource) -> Option<Job> {
         let mut q = lock(&self.queue);
         loop {
             if q.stop {
                 return None;
+            }
+            if q.held {
+                q = self.cond.wait(q).unwrap_or_else(|p| p.into_inner());
+                continue;
             }
             if let Some(s) = q.demand.pop_front() {
                 q.running += 1;
@@ -202,6 +238,11 @@ impl FetchQueue {
         q.running -= 1;
         if background {
             q.auto_running -= 1;
+        }
+        if q.held && q.running == 0 {
+            // `hold` waits for this.
+            self.cond.notify_all();
+        } else if background {
             self.cond.notify_one();
         }
     }

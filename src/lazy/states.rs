@@ -27,6 +27,17 @@ impl StripeStates {
         }
     }
 
+    /// Adds the FETCHED and WRITTEN bits `md` (the metadata file, as another process left it)
+    /// has and memory lacks. Bits are only ever set, so the union is the disk's state.
+    pub fn merge(&self, md: &Metadata) {
+        for (state, &bits) in self.states.iter().zip(md.stripes.iter()) {
+            let old = state.fetch_or(bits & (FETCHED | WRITTEN), SeqCst);
+            if bits & FETCHED != 0 && old & FETCHED == 0 {
+                self.fetched.fetch_add(1, SeqCst);
+            }
+        }
+    }
+
     pub fn count(&self) -> usize {
         self.states.len()
     }

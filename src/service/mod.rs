@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod handover;
 pub mod resize;
 pub mod sdnotify;
 pub mod stack;
@@ -110,6 +111,7 @@ pub fn run(opts: &Options, keys: Keys) -> Result<(), DaemonError> {
         stats: stack.stats,
         capacity: stack.capacity,
         config_change: stack.config_change,
+        owner: Some(stack.owner),
     };
     let served = vhost::serve(listener, &disk, &conn);
     // serve returns only on error; the signal thread holds the sockets too, so remove them here.

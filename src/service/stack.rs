@@ -30,6 +30,7 @@ use crate::crypto::keys::Kek;
 use crate::crypto::Xts;
 use crate::lazy::LazyDevice;
 use crate::service::control::{self, Control, DeviceFacts};
+use crate::service::handover::{self, DiskLock};
 use crate::service::resize::Resizer;
 use crate::sys::socket::SocketFile;
 use crate::vhost::{ConfigChange, QueueSettings};
@@ -57,6 +58,8 @@ pub struct Stack {
     pub capacity: Capacity,
     /// The frontend's backend request channel, for `resize` to announce the new size.
     pub config_change: ConfigChange,
+    /// The disk's ownership between backends (live migration, see [`handover`]).
+    pub owner: Arc<DiskLock>,
     /// What the control socket's `resize` acts on.
     pub resizer: Arc<Resizer>,
 }
@@ -112,6 +115,19 @@ pub fn open_with_kek(
     }
     let capacity = file.capacity();
     let disk_file = file.file();
+    // Another backend with this disk is a live migration's source: stand by (see `handover`).
+    let held =
+        handover::try_lock(&disk_file, opts.readonly).map_err(|source| StackError::Open {
+            path: opts.path.clone(),
+            source,
+        })?;
+    if !held {
+        info!(
+            "{}: another backend holds the disk; standing by until its guest stops and it \
+             hands the disk over (live migration)",
+            opts.path.display()
+        );
+    }
     let mut device: Arc<dyn BlockDevice> = Arc::new(file);
     let mut crypt = None;
     if let Some(xts) = &cipher {
@@ -123,6 +139,7 @@ pub fn open_with_kek(
     let mut lazy_device = None;
     if let Some(mut lazy) = opts.lazy_options() {
         lazy.archive_kek = kek;
+        lazy.standby = !held;
         let layer = Arc::new(
             LazyDevice::open(device, cipher, &lazy, ring_entries)
                 .map_err(|e| StackError::Lazy(Box::new(e)))?,
@@ -155,6 +172,14 @@ pub fn open_with_kek(
     let connected = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(DeviceStats::new(opts.num_queues));
     let config_change = ConfigChange::default();
+    let owner = Arc::new(DiskLock::new(
+        disk_file.clone(),
+        opts.readonly,
+        held,
+        device.clone(),
+        lazy_device.clone(),
+        Duration::from_secs(opts.handover_wait_secs.unwrap_or(30).into()),
+    ));
     let resizer = Arc::new(Resizer {
         file: disk_file,
         capacity: capacity.clone(),
@@ -208,6 +233,7 @@ pub fn open_with_kek(
         capacity,
         config_change,
         resizer,
+        owner,
     })
 }
 

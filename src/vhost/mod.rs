@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{
-    Address, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    Address, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
     GuestMemoryRegion,
 };
 use vmm_sys_util::epoll::EventSet;
@@ -28,13 +28,16 @@ use crate::virtio_blk::{self, ConfigSpace, DeviceInfo, Finished, QueueWorker, Re
 use poll::AdaptivePoll;
 
 mod config_change;
+pub mod dirty;
 mod inflight;
+mod owner;
 mod poll;
 mod relay;
 mod resume;
 mod serve;
 
 pub use config_change::ConfigChange;
+pub use owner::DiskOwner;
 pub use serve::{serve, Connection, Disk, ServeError};
 
 /// Most virtqueues. Each queue has its own worker thread, and vhost-user-backend gives each
@@ -42,7 +45,10 @@ pub use serve::{serve, Connection, Disk, ServeError};
 /// alias queues 0..).
 pub const MAX_NUM_QUEUES: u16 = 64;
 
-type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
+type Memory = GuestMemoryAtomic<LoggedMemory>;
+/// A virtqueue over [`Memory`].
+type Vring = vhost_user_backend::VringRwLock<Memory>;
+use dirty::{DirtyBitmap, LoggedMemory};
 
 /// Queue-level settings from the config.
 #[derive(Debug, Clone)]
@@ -76,8 +82,11 @@ pub struct BlockBackend {
     tracks: Vec<Mutex<inflight::QueueTrack>>,
     /// Each queue's ring, remembered from its first event so requests drained outside the
     /// worker thread (stop, shutdown) can still be completed to the guest.
-    vrings: Vec<OnceLock<VringRwLock>>,
+    vrings: Vec<OnceLock<Vring>>,
     mem: RwLock<Memory>,
+    /// The bitmaps of the memory table's regions, to carry a migration's dirty log over to
+    /// the regions of a table that replaces it (see [`dirty::extend_log`]).
+    region_bitmaps: Mutex<Vec<DirtyBitmap>>,
     event_idx: AtomicBool,
     /// Set at shutdown so polling loops let go of their worker.
     stopping: AtomicBool,
@@ -88,6 +97,8 @@ pub struct BlockBackend {
     /// Likewise for failing ring operations (used ring, notifications) and odd epoll events:
     /// a frontend can make them fail on every request.
     warned_ring_op: AtomicBool,
+    /// Which queues run, and the disk's owner they take it from (see [`owner`]).
+    activity: owner::Activity,
     /// Exit eventfds handed to vhost-user-backend, which takes them with `into_raw_fd()` and
     /// never closes them (0.24, `VringEpollHandler::new`); closed by us once its threads are
     /// gone, or every connection would leak one fd per queue.
@@ -142,6 +153,7 @@ impl BlockBackend {
             })
             .collect::<io::Result<Vec<_>>>()?;
         let vrings = (0..settings.num_queues).map(|_| OnceLock::new()).collect();
+        let queues = usize::from(settings.num_queues);
         let polls = (0..settings.num_queues)
             .map(|_| Mutex::new(AdaptivePoll::new(settings.poll_timeout)))
             .collect();
@@ -162,12 +174,14 @@ impl BlockBackend {
             config_change: ConfigChange::default(),
             workers,
             stats,
-            mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
+            mem: RwLock::new(GuestMemoryAtomic::new(LoggedMemory::new())),
+            region_bitmaps: Mutex::new(Vec::new()),
             event_idx: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             warned_bad_ring: AtomicBool::new(false),
             warned_bad_memory: AtomicBool::new(false),
             warned_ring_op: AtomicBool::new(false),
+            activity: owner::Activity::new(None, queues),
             exit_fds: Mutex::new(Vec::new()),
         })
     }
@@ -177,6 +191,13 @@ impl BlockBackend {
     pub fn growing(mut self, capacity: Capacity, change: ConfigChange) -> Self {
         self.capacity = Some(capacity);
         self.config_change = change;
+        self
+    }
+
+    /// Takes the disk from `owner` when a queue starts, and hands it back when the last one
+    /// stops (live migration, see [`owner`]).
+    pub fn owned_by(mut self, owner: Arc<dyn DiskOwner>) -> Self {
+        self.activity = owner::Activity::new(Some(owner), usize::from(self.settings.num_queues));
         self
     }
 
@@ -226,12 +247,14 @@ impl BlockBackend {
     fn start_available(
         &self,
         queue: usize,
-        vring: &VringRwLock,
+        vring: &Vring,
         mem: &Memory,
         worker: &mut QueueWorker,
         stats: &QueueStats,
         done: &mut Vec<Finished>,
     ) -> (bool, bool) {
+        // Another backend has the disk (see `owner`): requests fail, they do not wait.
+        let refuse = !self.activity.is_running(queue);
         // An owned snapshot: requests keep it to pin guest buffers the device is using.
         let guard = mem.memory().into_inner();
         let mut found = false;
@@ -268,7 +291,10 @@ impl BlockBackend {
             let head = chain.head_index();
             // In the region before the request can complete (see `inflight`).
             track.take(head);
-            let parsed = Request::parse(chain, &*guard, &limits);
+            let mut parsed = Request::parse(chain, &*guard, &limits);
+            if refuse {
+                parsed = parsed.and_then(|req| Err(not_owner(req.status)));
+            }
             if let Some(f) = worker.start_at(&guard, head, parsed, started) {
                 done.push(f);
             }
@@ -287,13 +313,7 @@ impl BlockBackend {
 
     /// Puts finished requests on the used ring, records them in `stats` (call with the queue's
     /// worker locked) and notifies the guest if it wants it.
-    fn complete(
-        &self,
-        queue: usize,
-        vring: &VringRwLock,
-        stats: &QueueStats,
-        done: &mut Vec<Finished>,
-    ) {
+    fn complete(&self, queue: usize, vring: &Vring, stats: &QueueStats, done: &mut Vec<Finished>) {
         if done.is_empty() {
             return;
         }
@@ -326,7 +346,7 @@ impl BlockBackend {
 
     /// Runs queue `queue`: starts new requests, reaps finished ones, and keeps polling for as
     /// long as its [`AdaptivePoll`] allows before going back to sleeping on the kick.
-    fn process(&self, queue: usize, vring: &VringRwLock, woken_by_completion: bool) {
+    fn process(&self, queue: usize, vring: &Vring, woken_by_completion: bool) {
         let mem = self.memory();
         let mut worker = self.worker(queue);
         let stats = self.queue_stats(queue);
@@ -338,6 +358,12 @@ impl BlockBackend {
         poll.woke(now);
         let mut done = Vec::new();
         if vring.get_ref().get_queue().ready() {
+            if !self.activity.start(queue) {
+                self.start_available(queue, vring, &mem, &mut worker, stats, &mut done);
+                self.complete(queue, vring, stats, &mut done);
+                poll.sleeping(Instant::now());
+                return;
+            }
             self.resume(queue, vring, &mem, &mut worker, stats, &mut done);
         }
         let event_idx = self.event_idx.load(Ordering::Relaxed);
@@ -493,8 +519,8 @@ impl BlockBackend {
 }
 
 impl VhostUserBackend for BlockBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = DirtyBitmap;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         usize::from(self.settings.num_queues)
@@ -505,7 +531,17 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn features(&self) -> u64 {
-        virtio_blk::features(self.info.readonly) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        virtio_blk::features(self.info.readonly)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            // Live migration: guest pages we write are marked in QEMU's log (see `dirty`).
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        if features & VhostUserVirtioFeatures::LOG_ALL.bits() == 0 {
+            // Migration over or cancelled: QEMU no longer reads the log.
+            dirty::stop_logging(&self.memory().memory());
+        }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -517,6 +553,8 @@ impl VhostUserBackend for BlockBackend {
             | VhostUserProtocolFeatures::BACKEND_REQ
             // Answered by the relay (see `relay`), not by vhost-user-backend.
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            // SET_LOG_BASE with the log's memfd (see `dirty`).
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -546,14 +584,28 @@ impl VhostUserBackend for BlockBackend {
             // vhost-user-backend has already handed this table to the rings: take it back from
             // them too, so that nothing touches a mapping that faults.
             if let Ok(guard) = mem.lock() {
-                guard.replace(GuestMemoryMmap::new());
+                guard.replace(LoggedMemory::new());
             }
             *self.mem.write().unwrap_or_else(|p| p.into_inner()) =
-                GuestMemoryAtomic::new(GuestMemoryMmap::new());
+                GuestMemoryAtomic::new(LoggedMemory::new());
             if !self.warned_bad_memory.swap(true, Ordering::Relaxed) {
                 warn!("memory table refused: {e}");
             }
             return Err(e);
+        }
+        {
+            let table = mem.memory();
+            let mut previous = self
+                .region_bitmaps
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            // During a migration, memory added or remapped is logged like the rest. A log
+            // that does not cover the new table is QEMU's error; logging what it covers and
+            // saying so beats refusing the table under a running guest.
+            if let Err(e) = dirty::extend_log(&table, &previous) {
+                warn!("the dirty log does not cover the new memory table: {e}");
+            }
+            *previous = dirty::bitmaps(&table);
         }
         *self.mem.write().unwrap_or_else(|p| p.into_inner()) = mem;
         Ok(())
@@ -576,6 +628,8 @@ impl VhostUserBackend for BlockBackend {
         // GET_VRING_BASE: finish what the guest already handed us before the ring goes away.
         if (queue_index as usize) < self.workers.len() {
             self.drain(queue_index as usize);
+            // The last queue to stop hands the disk over (switchover of a live migration).
+            self.activity.stop(queue_index as usize);
         }
         Ok(())
     }
@@ -584,7 +638,7 @@ impl VhostUserBackend for BlockBackend {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
@@ -609,6 +663,15 @@ impl VhostUserBackend for BlockBackend {
     }
 }
 
+/// How a request fails on a backend that does not have the disk.
+fn not_owner(status: GuestAddress) -> virtio_blk::request::ParseError {
+    virtio_blk::request::ParseError {
+        status: Some(status),
+        code: virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8,
+        reason: "the disk is in use by another backend",
+    }
+}
+
 /// Records finished requests (their used entries just published, or never to be) and empties
 /// `done`: one clock read for the batch.
 fn record(stats: &QueueStats, done: &mut Vec<Finished>) {
@@ -629,7 +692,7 @@ fn record(stats: &QueueStats, done: &mut Vec<Finished>) {
 /// Refuses a memory table whose regions reach past the end of the regular file behind them
 /// (a memfd, a hugetlbfs or shm file): touching such a page raises SIGBUS, which would kill the
 /// backend. Other kinds of descriptor (e.g. /dev/zero) do not fault that way.
-fn check_regions(mem: &GuestMemoryMmap) -> io::Result<()> {
+fn check_regions(mem: &LoggedMemory) -> io::Result<()> {
     for region in mem.iter() {
         let Some(fo) = region.file_offset() else {
             continue;

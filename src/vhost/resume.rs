@@ -9,13 +9,13 @@ use std::time::Instant;
 
 use log::info;
 use vhost::vhost_user::message::VhostUserInflight;
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace};
 
 use super::inflight::{chain_descriptors, QueueTrack, Region};
 use super::relay::InflightHandler;
-use super::{BlockBackend, Memory};
+use super::{BlockBackend, Memory, Vring};
 use crate::virtio_blk::stats::QueueStats;
 use crate::virtio_blk::{Finished, QueueWorker, Request};
 
@@ -48,7 +48,7 @@ impl BlockBackend {
     pub(super) fn resume(
         &self,
         queue: usize,
-        vring: &VringRwLock,
+        vring: &Vring,
         mem: &Memory,
         worker: &mut QueueWorker,
         stats: &QueueStats,

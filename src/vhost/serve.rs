@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 
 use super::{relay, BlockBackend, ConfigChange, QueueSettings};
@@ -44,6 +44,8 @@ pub struct Disk {
     pub capacity: Capacity,
     /// The live connection's backend request channel, for `resize` to notify the frontend.
     pub config_change: ConfigChange,
+    /// Who may use the disk, when several backends serve it (live migration).
+    pub owner: Option<Arc<dyn super::DiskOwner>>,
 }
 
 /// What [`serve`] shares with the rest of the service while it runs.
@@ -86,21 +88,23 @@ type Daemon = VhostUserDaemon<Arc<BlockBackend>>;
 
 /// A fresh backend and daemon for the next connection, the completion notifiers registered.
 fn setup(disk: &Disk) -> Result<(Arc<BlockBackend>, Daemon), ServeError> {
-    let backend = Arc::new(
-        BlockBackend::with_stats(
-            disk.device.as_ref(),
-            disk.info.clone(),
-            disk.config.clone(),
-            disk.settings.clone(),
-            disk.stats.clone(),
-        )
-        .map_err(ServeError::Channel)?
-        .growing(disk.capacity.clone(), disk.config_change.clone()),
-    );
+    let mut backend = BlockBackend::with_stats(
+        disk.device.as_ref(),
+        disk.info.clone(),
+        disk.config.clone(),
+        disk.settings.clone(),
+        disk.stats.clone(),
+    )
+    .map_err(ServeError::Channel)?
+    .growing(disk.capacity.clone(), disk.config_change.clone());
+    if let Some(owner) = &disk.owner {
+        backend = backend.owned_by(owner.clone());
+    }
+    let backend = Arc::new(backend);
     let daemon = VhostUserDaemon::new(
         "ubiblk".to_string(),
         backend.clone(),
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        GuestMemoryAtomic::new(super::dirty::LoggedMemory::new()),
     )
     .map_err(|e| ServeError::Daemon(format!("{e:?}")))?;
     for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {

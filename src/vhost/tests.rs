@@ -15,7 +15,7 @@ const SIZE: u16 = 16;
 struct Rig {
     _file: tempfile::NamedTempFile,
     backend: Arc<BlockBackend>,
-    vring: VringRwLock,
+    vring: Vring,
     mem: Memory,
     used: GuestAddress,
     avail: GuestAddress,
@@ -54,7 +54,7 @@ fn rig(event_idx: bool, poll_us: u64) -> Rig {
     };
     let backend = Arc::new(BlockBackend::new(&dev, info, config, settings).unwrap());
 
-    let raw = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+    let raw = LoggedMemory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
     let (desc, avail, used) = {
         let vq = MockSplitQueue::new(&raw, SIZE);
         raw.write_obj(VIRTIO_BLK_T_IN, GuestAddress(0x10_0000))
@@ -72,7 +72,7 @@ fn rig(event_idx: bool, poll_us: u64) -> Rig {
     let mem = GuestMemoryAtomic::new(raw);
     backend.update_memory(mem.clone()).unwrap();
     backend.set_event_idx(event_idx);
-    let vring = VringRwLock::new(mem.clone(), SIZE).unwrap();
+    let vring = Vring::new(mem.clone(), SIZE).unwrap();
     vring.set_queue_size(SIZE);
     vring.set_queue_info(desc.0, avail.0, used.0).unwrap();
     vring.set_queue_event_idx(event_idx);
@@ -145,7 +145,7 @@ fn file_backed(map: usize, file_len: u64) -> Memory {
     file.set_len(file_len).unwrap();
     let region =
         GuestRegionMmap::from_range(GuestAddress(0), map, Some(FileOffset::new(file, 0))).unwrap();
-    GuestMemoryAtomic::new(GuestMemoryMmap::from_regions(vec![region]).unwrap())
+    GuestMemoryAtomic::new(LoggedMemory::from_regions(vec![region]).unwrap())
 }
 
 #[test]

@@ -5,7 +5,8 @@ use log::{debug, warn};
 use std::sync::Arc;
 use std::time::Instant;
 use virtio_bindings::virtio_blk::*;
-use vm_memory::{Bytes, GuestMemory, Permissions};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use super::request::{gather, scatter, Op, ParseError, Region, Request};
 use crate::block::{BufPool, Completion, IoChannel, IoOp, IoVecs, Slab, SECTOR_SHIFT};
@@ -44,6 +45,9 @@ struct InFlight {
     pending: u32,
     failed: bool,
     started: Instant,
+    /// The device reads straight into guest memory, behind vm-memory's dirty bitmap: the
+    /// buffers are marked at completion ([`mark_written`]).
+    direct_read: bool,
 }
 
 /// State of one virtqueue's worker: its device channel and the requests it has started.
@@ -157,6 +161,7 @@ impl QueueWorker {
             pending: ops.len() as u32,
             failed: false,
             started,
+            direct_read: matches!(ops.first(), Some(IoOp::ReadVec { .. })),
         };
         let idx = self.slots.insert(slot);
         for op in ops {
@@ -276,6 +281,12 @@ impl QueueWorker {
             slot.pending -= 1;
             if slot.pending == 0 {
                 if let Some(slot) = self.slots.remove(idx) {
+                    if slot.direct_read {
+                        // Even a failed read may have written part of the buffers.
+                        for r in &slot.req.data {
+                            mark_written(mem, r.addr, r.len as usize);
+                        }
+                    }
                     let code = if slot.failed {
                         VIRTIO_BLK_S_IOERR
                     } else {
@@ -390,6 +401,19 @@ fn guest_iovecs<M: GuestMemory + Send + Sync + 'static>(
     // SAFETY: the vectors point into guest memory mapped by `mem`; the IoVecs holds a reference
     // to `mem`, so the mapping outlives the operation.
     Some(unsafe { IoVecs::new(iov, mem.clone()) })
+}
+
+/// Marks guest memory the device wrote behind vm-memory's back (io_uring reading into guest
+/// buffers) in the memory's dirty bitmap, for live migration. Called when the request
+/// completes, before its used entry is published: a mark made at submission could be cleared
+/// by the migration's log sync before the data lands.
+fn mark_written<M: GuestMemory>(mem: &M, addr: GuestAddress, len: usize) {
+    let Ok(slices) = mem.get_slices(addr, len, Permissions::Write) else {
+        return;
+    };
+    for slice in slices.flatten() {
+        slice.bitmap().mark_dirty(0, slice.len());
+    }
 }
 
 /// Writes the status byte and returns the used-ring entry.

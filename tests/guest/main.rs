@@ -16,6 +16,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod migrate;
 
 use common::{require, ControlStatus, BOTO3, GARAGE, GUEST};
 use std::fmt::Write as _;

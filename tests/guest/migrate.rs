@@ -1,0 +1,188 @@
+//! Live migration (issue #23): a guest running fio with crc32c verification moves between two
+//! QEMU processes on this host, each on its own backend serving the same disk with the same
+//! config (only the sockets differ): A -> B -> A (a new QEMU on A's backend). The guest's
+//! reads land in its memory during the pre-copy rounds (`--verify_backlog`), so a page the
+//! backend writes without marking it in QEMU's dirty log reaches the destination stale and
+//! fails the verification; the disk's hand-over (the source releases it when QEMU stops its
+//! rings, the destination takes it when its rings start) keeps the lazy metadata and autofetch
+//! consistent across the hops.
+
+use super::*;
+
+/// Disk and image of the migrated disk: an encrypted lazy disk with copy-on-read, filling from
+/// a 100 MiB image in the background (throttled so that autofetch runs through both hops).
+const DISK: u64 = 128 * MIB;
+
+/// The outcome of `tests/vm/migrate.py`: its JSON line.
+#[derive(serde::Deserialize, Debug)]
+struct Migration {
+    exit_status: Option<i32>,
+    hops: Vec<Hop>,
+    error: Option<String>,
+}
+
+#[derive(serde::Deserialize, Debug)]
+struct Hop {
+    status: String,
+    downtime_ms: Option<u64>,
+    total_ms: Option<u64>,
+    dirty_sync_count: Option<u64>,
+}
+
+/// Runs tests/vm/migrate.py: the guest boots on `sockets[0]` and migrates along the rest.
+fn migrate(sockets: &[&Path], cmdline: &str, console: &Path) -> Migration {
+    let sockets: Vec<String> = sockets.iter().map(|s| s.display().to_string()).collect();
+    let out = Command::new("python3")
+        .arg(vm_script("migrate.py"))
+        .arg("--guest")
+        .arg(guest_dir())
+        .arg("--script")
+        .arg(vm_script("fio-restart.sh"))
+        .arg("--sockets")
+        .arg(sockets.join(","))
+        .args(["--queues", "2", "--mem", "512M", "--timeout", "300"])
+        // Low enough for several pre-copy rounds while fio runs.
+        .args(["--bandwidth", &(64 * MIB).to_string()])
+        .arg("--cmdline")
+        .arg(cmdline)
+        .arg("--console")
+        .arg(console)
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot run tests/vm/migrate.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "migrate.py printed no result ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn guest_live_migration_encrypted_lazy_a_b_a() {
+    if !require(&GUEST) {
+        return;
+    }
+    let _serial = guest_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fs::write(d.join("image.raw"), lazy_image(LAZY_IMAGE)).unwrap();
+    fs::File::create(d.join("disk.raw"))
+        .unwrap()
+        .set_len(DISK)
+        .unwrap();
+    let config = |name: &str| {
+        let path = d.join(format!("{name}.yaml"));
+        fs::write(
+            &path,
+            format!(
+                "path: \"{d}/disk.raw\"\n\
+                 socket: \"{d}/{name}.sock\"\n\
+                 control_socket: \"{d}/{name}.ctl\"\n\
+                 num_queues: 2\n\
+                 image_path: \"{d}/image.raw\"\n\
+                 metadata_path: \"{d}/metadata\"\n\
+                 copy_on_read: true\n\
+                 autofetch: true\n\
+                 autofetch_mib_per_sec: 8\n\
+                 encryption_key:\n  \
+                 - \"ERERERERERERERERERERERERERERERERERERERERERE=\"\n  \
+                 - \"fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn4=\"\n",
+                d = d.display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let (config_a, config_b) = (config("a"), config("b"));
+    let o = Command::new(env!("CARGO_BIN_EXE_init-metadata"))
+        .arg("-f")
+        .arg(&config_a)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "init-metadata failed: {o:?}");
+    let (sock_a, sock_b) = (d.join("a.sock"), d.join("b.sock"));
+    let env = [("RUST_LOG".to_string(), "info".to_string())];
+    let a = Backend::start(&config_a, &[], &env, &d.join("a.log"), &sock_a);
+    let b = Backend::start(&config_b, &[], &env, &d.join("b.log"), &sock_b);
+    assert!(
+        b.log_text().contains("standing by"),
+        "the second backend on the disk should stand by:\n{}",
+        b.log_text()
+    );
+
+    let console = d.join("console.txt");
+    let m = migrate(
+        &[&sock_a, &sock_b, &sock_a],
+        "ubiblk.fio_secs=30 ubiblk.verify_backlog=16",
+        &console,
+    );
+    let report = || {
+        format!(
+            "{m:?}\n--- consoles ---\n{}\n--- backend A ---\n{}\n--- backend B ---\n{}",
+            fs::read_to_string(&console).unwrap_or_default(),
+            a.log_text(),
+            b.log_text()
+        )
+    };
+    assert!(m.error.is_none(), "{}", report());
+    assert_eq!(m.hops.len(), 2, "{}", report());
+    for (i, hop) in m.hops.iter().enumerate() {
+        eprintln!(
+            "hop {}: {} downtime {:?} ms, total {:?} ms, {:?} dirty syncs",
+            i + 1,
+            hop.status,
+            hop.downtime_ms,
+            hop.total_ms,
+            hop.dirty_sync_count
+        );
+        assert_eq!(hop.status, "completed", "{}", report());
+    }
+    assert_eq!(m.exit_status, Some(0), "{}", report());
+    let console_text = fs::read_to_string(&console).unwrap_or_default();
+    assert!(console_text.contains("fio-restart: PASS"), "{}", report());
+    // Each backend took the disk when its guest started, and handed it over at switchover.
+    let (log_a, log_b) = (a.log_text(), b.log_text());
+    assert!(log_b.contains("took the disk over"), "{}", report());
+    assert!(log_b.contains("disk handed over"), "{}", report());
+    assert!(log_a.contains("disk handed over"), "{}", report());
+
+    // Autofetch went on across the hops and finished on A, every fetch durable.
+    let control_a = d.join("a.ctl");
+    let t0 = Instant::now();
+    let status = loop {
+        let s = ControlStatus::query(&control_a).unwrap();
+        if s.complete || t0.elapsed() > Duration::from_secs(60) {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(status.complete, "{}\n{}", status.raw, report());
+    assert_eq!(status.fetch_errors, 0, "{}", status.raw);
+    // fio wrote its 2 x 16 MiB at the start of the disk: those stripes are WRITTEN.
+    assert!(
+        status.written >= 32 * MIB / status.stripe_bytes,
+        "{}",
+        status.raw
+    );
+    drop(b);
+
+    // The rest of the disk reads as the image, then zeros, through A (a fresh client).
+    let mut client = common::Client::connect_queues(&sock_a, 1).unwrap();
+    let image = lazy_image(LAZY_IMAGE);
+    let chunk = 4 * MIB as usize;
+    let mut off = 32 * MIB;
+    while off < DISK {
+        let got = client.read(0, off, chunk).unwrap();
+        let want: Vec<u8> = (off..off + chunk as u64)
+            .map(|i| image.get(i as usize).copied().unwrap_or(0))
+            .collect();
+        assert!(
+            got == want,
+            "disk differs from the image in the 4 MiB at {off}"
+        );
+        off += chunk as u64;
+    }
+}
