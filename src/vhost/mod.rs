@@ -13,10 +13,7 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{
-    Address, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-    GuestMemoryRegion,
-};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -30,6 +27,7 @@ use poll::AdaptivePoll;
 mod config_change;
 pub mod dirty;
 mod inflight;
+mod memory;
 mod owner;
 mod poll;
 mod relay;
@@ -580,7 +578,7 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn update_memory(&self, mem: Memory) -> io::Result<()> {
-        if let Err(e) = check_regions(&mem.memory()) {
+        if let Err(e) = memory::check_regions(&mem.memory()) {
             // vhost-user-backend has already handed this table to the rings: take it back from
             // them too, so that nothing touches a mapping that faults.
             if let Ok(guard) = mem.lock() {
@@ -593,20 +591,7 @@ impl VhostUserBackend for BlockBackend {
             }
             return Err(e);
         }
-        {
-            let table = mem.memory();
-            let mut previous = self
-                .region_bitmaps
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            // During a migration, memory added or remapped is logged like the rest. A log
-            // that does not cover the new table is QEMU's error; logging what it covers and
-            // saying so beats refusing the table under a running guest.
-            if let Err(e) = dirty::extend_log(&table, &previous) {
-                warn!("the dirty log does not cover the new memory table: {e}");
-            }
-            *previous = dirty::bitmaps(&table);
-        }
+        memory::carry_log(&self.region_bitmaps, &mem.memory());
         *self.mem.write().unwrap_or_else(|p| p.into_inner()) = mem;
         Ok(())
     }
@@ -687,36 +672,6 @@ fn record(stats: &QueueStats, done: &mut Vec<Finished>) {
             now.saturating_duration_since(f.started),
         );
     }
-}
-
-/// Refuses a memory table whose regions reach past the end of the regular file behind them
-/// (a memfd, a hugetlbfs or shm file): touching such a page raises SIGBUS, which would kill the
-/// backend. Other kinds of descriptor (e.g. /dev/zero) do not fault that way.
-fn check_regions(mem: &LoggedMemory) -> io::Result<()> {
-    for region in mem.iter() {
-        let Some(fo) = region.file_offset() else {
-            continue;
-        };
-        let meta = fo.file().metadata()?;
-        if !meta.file_type().is_file() {
-            continue;
-        }
-        let end = fo.start().checked_add(region.len());
-        if end.is_none_or(|end| end > meta.len()) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "the region at guest address {:#x} maps {:#x} bytes from offset {:#x} of a \
-                     file of {:#x} bytes",
-                    region.start_addr().raw_value(),
-                    region.len(),
-                    fo.start(),
-                    meta.len()
-                ),
-            ));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
