@@ -11,16 +11,12 @@ param() { tr ' ' '\n' </proc/cmdline | sed -n "s/^$1=//p" | tail -n1; }
 
 secs=$(param ubiblk.fio_secs)
 : "${secs:=45}"
-# ubiblk.verify_backlog=N: verify every N blocks while writing (reads all the time, e.g.
-# during a live migration), not only at the end of each round.
-backlog=$(param ubiblk.verify_backlog)
 dev=/dev/vda
 [ -b $dev ] || fail "$dev does not exist"
 # Two jobs, one per CPU so that both queues carry I/O, each on its own 16 MiB.
 common="--filename=$dev --direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite
   --bsrange=4k-64k --size=16M --offset=0 --offset_increment=16M --numjobs=2 --group_reporting
   --verify=crc32c --verify_fatal=1 --exitall_on_error=1 --error_dump=1"
-[ -z "$backlog" ] || common="$common --verify_backlog=$backlog"
 start=$(date +%s)
 round=0
 while [ $(($(date +%s) - start)) -lt "$secs" ]; do
