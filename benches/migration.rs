@@ -1,0 +1,192 @@
+//! Live-migration benchmark (README, "Live migration"): the same guest (tests/vm, QEMU TCG,
+//! 2 vCPUs, 512 MiB, 2 queues) running the same workload (tests/vm/fio-migrate.sh: fio random
+//! writes verified as they go, then read-only verification passes) migrates A -> B -> A between
+//! QEMU processes on this host (tests/vm/migrate.py), once on our backends and once on
+//! qemu-storage-daemon, in alternating rounds. QEMU reports each hop's downtime (the guest's
+//! pause) and total time; the bench prints their medians and the ratios ours / QSD.
+//!
+//! Ours: two `vhost-backend` processes with the same config but their sockets (the second
+//! stands by until the first hands the disk over). QSD: one qemu-storage-daemon with two
+//! vhost-user-blk exports of the same block node (both QEMUs connect at once, as a migration
+//! needs).
+//!
+//! Run: `cargo bench --bench migration`. Environment:
+//!   UBIBLK_BENCH_DIR        where the disk lives (default: the target dir's tmp)
+//!   UBIBLK_BENCH_ROUNDS     rounds (default 3; each runs both backends, ~50 s)
+//!   UBIBLK_MIGRATE_BW       max-bandwidth in bytes/s (default: QEMU's)
+//!   UBIBLK_BACKEND_BIN      vhost-backend to run (default: this crate's)
+
+#[path = "common/mod.rs"]
+mod bench;
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use anyhow::{bail, Context};
+use bench::*;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+const DISK: u64 = 128 << 20;
+
+#[derive(serde::Deserialize, Debug)]
+struct Migration {
+    exit_status: Option<i32>,
+    hops: Vec<Hop>,
+    error: Option<String>,
+}
+
+#[derive(serde::Deserialize, Debug)]
+struct Hop {
+    status: String,
+    downtime_ms: Option<f64>,
+    total_ms: Option<f64>,
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Builds the guest once (build-guest.sh skips the work when it is up to date).
+fn guest_dir() -> anyhow::Result<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guest");
+    let st = Command::new("bash")
+        .arg(repo().join("tests/vm/build-guest.sh"))
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("tests/vm/build-guest.sh failed ({st})");
+    }
+    Ok(dir)
+}
+
+/// One run of migrate.py along `sockets`: the hops' (downtime, total) in ms.
+fn migrate(guest: &Path, sockets: &[PathBuf], work: &Path) -> anyhow::Result<Vec<(f64, f64)>> {
+    let socks: Vec<String> = sockets.iter().map(|s| s.display().to_string()).collect();
+    let mut cmd = Command::new("python3");
+    cmd.arg(repo().join("tests/vm/migrate.py"))
+        .arg("--guest")
+        .arg(guest)
+        .arg("--script")
+        .arg(repo().join("tests/vm/fio-migrate.sh"))
+        .arg("--sockets")
+        .arg(socks.join(","))
+        .args(["--queues", "2", "--mem", "512M", "--timeout", "300"])
+        .args(["--cmdline", "ubiblk.fio_secs=20"])
+        .arg("--console")
+        .arg(work.join("console.txt"));
+    if let Ok(bw) = std::env::var("UBIBLK_MIGRATE_BW") {
+        cmd.args(["--bandwidth", &bw]);
+    }
+    let out = cmd.stdin(Stdio::null()).output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let m: Migration = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .with_context(|| format!("migrate.py: {stdout}"))?;
+    if m.error.is_some() || m.exit_status != Some(0) {
+        bail!(
+            "migration run failed: {m:?}\n{}",
+            std::fs::read_to_string(work.join("console.txt")).unwrap_or_default()
+        );
+    }
+    m.hops
+        .iter()
+        .map(|h| match (h.status.as_str(), h.downtime_ms, h.total_ms) {
+            ("completed", Some(d), Some(t)) => Ok((d, t)),
+            _ => bail!("hop not completed: {h:?}"),
+        })
+        .collect()
+}
+
+fn ours(bin: &Path, guest: &Path, disk: &Path, work: &Path) -> anyhow::Result<Vec<(f64, f64)>> {
+    let mut backends = Vec::new();
+    let mut sockets = Vec::new();
+    for name in ["a", "b"] {
+        let sock = work.join(format!("{name}.sock"));
+        let cfg = BackendConfig::new(disk, &sock).num_queues(2);
+        backends.push(Backend::start(bin, &cfg)?);
+        sockets.push(sock);
+    }
+    migrate(
+        guest,
+        &[sockets[0].clone(), sockets[1].clone(), sockets[0].clone()],
+        work,
+    )
+}
+
+fn qsd(guest: &Path, disk: &Path, work: &Path) -> anyhow::Result<Vec<(f64, f64)>> {
+    let (s0, s1) = (work.join("qsd0.sock"), work.join("qsd1.sock"));
+    let opts = QsdOptions {
+        num_queues: 2,
+        direct: supports_o_direct(disk),
+        extra_args: vec![
+            "--export".into(),
+            format!(
+                "type=vhost-user-blk,id=e1,node-name=f,addr.type=unix,addr.path={},\
+                 writable=on,num-queues=2",
+                s1.display()
+            ),
+        ],
+        ..Default::default()
+    };
+    let _qsd = Qsd::start(disk, &s0, &opts)?;
+    migrate(guest, &[s0.clone(), s1, s0], work)
+}
+
+fn main() -> anyhow::Result<()> {
+    warn_if_loaded();
+    let bin = bench_bin(
+        "UBIBLK_BACKEND_BIN",
+        option_env!("CARGO_BIN_EXE_vhost-backend"),
+        "vhost-backend",
+    )?;
+    let guest = guest_dir()?;
+    let dir = std::env::var("UBIBLK_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
+    let rounds = env_f64("UBIBLK_BENCH_ROUNDS", 3.0) as usize;
+    let disk = dir.join("ubiblk-bench-migration.raw");
+    ensure_pattern_file(&disk, DISK)?;
+    println!(
+        "vhost-backend: {}; {rounds} rounds, A -> B -> A each\n",
+        bin.display()
+    );
+    let (mut ours_hops, mut qsd_hops) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        for first_ours in [round % 2 == 0, round % 2 != 0] {
+            let work = scratch_dir("ubiblk-bench-migration");
+            let (name, hops) = if first_ours {
+                ("ubiblk", ours(&bin, &guest, &disk, work.path())?)
+            } else {
+                ("qsd", qsd(&guest, &disk, work.path())?)
+            };
+            println!(
+                "round {}: {name:6} hops (downtime ms, total ms): {hops:?}",
+                round + 1
+            );
+            if first_ours {
+                &mut ours_hops
+            } else {
+                &mut qsd_hops
+            }
+            .extend(hops);
+        }
+    }
+    let col = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| v.iter().map(f).collect::<Vec<_>>();
+    let (od, ot) = (col(&ours_hops, |h| h.0), col(&ours_hops, |h| h.1));
+    let (qd, qt) = (col(&qsd_hops, |h| h.0), col(&qsd_hops, |h| h.1));
+    println!(
+        "\nmedian downtime: ubiblk {:.0} ms, qsd {:.0} ms: {:.2}x",
+        median(&od),
+        median(&qd),
+        median(&od) / median(&qd)
+    );
+    println!(
+        "median total time: ubiblk {:.0} ms, qsd {:.0} ms: {:.2}x",
+        median(&ot),
+        median(&qt),
+        median(&ot) / median(&qt)
+    );
+    let _ = std::fs::remove_file(&disk);
+    Ok(())
+}
