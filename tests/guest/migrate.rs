@@ -22,6 +22,8 @@ struct Migration {
     exit_status: Option<i32>,
     hops: Vec<Hop>,
     error: Option<String>,
+    /// A first attempt was cancelled during pre-copy (`--cancel-first`).
+    cancelled: bool,
 }
 
 #[derive(serde::Deserialize, Debug)]
@@ -33,7 +35,7 @@ struct Hop {
 }
 
 /// Runs tests/vm/migrate.py: the guest boots on `sockets[0]` and migrates along the rest.
-fn migrate(sockets: &[&Path], cmdline: &str, console: &Path) -> Migration {
+fn migrate(sockets: &[&Path], cmdline: &str, console: &Path, cancel_first: bool) -> Migration {
     let sockets: Vec<String> = sockets.iter().map(|s| s.display().to_string()).collect();
     let out = Command::new("python3")
         .arg(vm_script("migrate.py"))
@@ -50,6 +52,7 @@ fn migrate(sockets: &[&Path], cmdline: &str, console: &Path) -> Migration {
         .arg(cmdline)
         .arg("--console")
         .arg(console)
+        .args(cancel_first.then_some("--cancel-first"))
         .stdin(Stdio::null())
         .output()
         .expect("cannot run tests/vm/migrate.py");
@@ -63,7 +66,7 @@ fn migrate(sockets: &[&Path], cmdline: &str, console: &Path) -> Migration {
     })
 }
 
-/// A plain disk, A -> B: the guest's O_DIRECT buffers are page-aligned, so the backend's
+/// A plain disk, A -> B after a cancelled first attempt (the source keeps serving): the guest's O_DIRECT buffers are page-aligned, so the backend's
 /// io_uring reads land straight in guest memory, seen only by the completion-time marking
 /// (the encrypted disk below decrypts through a bounce buffer, which vm-memory marks).
 #[test]
@@ -92,7 +95,7 @@ fn guest_live_migration_plain_disk() {
     let a = Backend::start(&config("a"), &[], &env, &d.join("a.log"), &sock_a);
     let b = Backend::start(&config("b"), &[], &env, &d.join("b.log"), &sock_b);
     let console = d.join("console.txt");
-    let m = migrate(&[&sock_a, &sock_b], "ubiblk.fio_secs=15", &console);
+    let m = migrate(&[&sock_a, &sock_b], "ubiblk.fio_secs=20", &console, true);
     let report = format!(
         "{m:?}\n--- consoles ---\n{}\n--- backend A ---\n{}\n--- backend B ---\n{}",
         fs::read_to_string(&console).unwrap_or_default(),
@@ -101,6 +104,8 @@ fn guest_live_migration_plain_disk() {
     );
     assert!(m.error.is_none(), "{report}");
     assert!(m.hops.iter().all(|h| h.status == "completed"), "{report}");
+    // A first attempt was cancelled and the guest went on on A; then it moved.
+    assert!(m.cancelled, "{report}");
     eprintln!("plain disk: {:?}", m.hops);
     assert_eq!(m.exit_status, Some(0), "{report}");
 }
@@ -159,7 +164,12 @@ fn guest_live_migration_encrypted_lazy_a_b_a() {
     );
 
     let console = d.join("console.txt");
-    let m = migrate(&[&sock_a, &sock_b, &sock_a], "ubiblk.fio_secs=30", &console);
+    let m = migrate(
+        &[&sock_a, &sock_b, &sock_a],
+        "ubiblk.fio_secs=30",
+        &console,
+        false,
+    );
     let report = || {
         format!(
             "{m:?}\n--- consoles ---\n{}\n--- backend A ---\n{}\n--- backend B ---\n{}",

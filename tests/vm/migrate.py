@@ -68,13 +68,15 @@ def main():
     ap.add_argument("--bandwidth", type=int, default=0, help="max-bandwidth, bytes/s (0: QEMU's)")
     ap.add_argument("--wait-for", default=r"round \d+ verified")
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--cancel-first", action="store_true",
+                    help="start the first hop at 1 MiB/s, cancel it, then migrate for real")
     ap.add_argument("--console", required=True)
     a = ap.parse_args()
 
     deadline = time.time() + a.timeout
     work = tempfile.mkdtemp(prefix="ubiblk-migrate.")
     procs = []
-    result = {"exit_status": None, "hops": [], "error": None}
+    result = {"exit_status": None, "hops": [], "error": None, "cancelled": False}
     try:
         # The guest's initramfs with the script as /run.sh (as run-guest.sh builds it).
         os.makedirs(f"{work}/r")
@@ -130,6 +132,36 @@ def main():
                 if time.time() > deadline:
                     raise RuntimeError(f"timeout waiting for {a.wait_for!r} before hop {i}")
                 time.sleep(0.1)
+            if a.cancel_first and i == 1:
+                # A migration cancelled during pre-copy: the source keeps serving its guest.
+                port = free_port()
+                cproc, _cqmp = start(len(socks), socks[i], f"tcp:127.0.0.1:{port}")
+                qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 20})
+                qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+                time.sleep(1)
+                qmp.cmd("migrate_cancel")
+                while qmp.cmd("query-migrate").get("status") not in ("cancelled", "failed"):
+                    if time.time() > deadline:
+                        raise RuntimeError("the cancelled migration never ended")
+                    time.sleep(0.05)
+                st = qmp.cmd("query-status").get("status")
+                if st != "running":
+                    raise RuntimeError(f"after the cancel the source VM is {st}")
+                result["cancelled"] = True
+                cproc.kill()
+                cproc.wait()
+                qmp.cmd("migrate-set-parameters", **{"max-bandwidth": a.bandwidth or (128 << 20)})
+                # The guest must still make progress on the source.
+                while True:
+                    text = "".join(console(j) for j in range(i))
+                    if len(marker.findall(text)) > seen:
+                        seen = len(marker.findall(text))
+                        break
+                    if "GUEST-EXIT-STATUS" in text or proc.poll() is not None:
+                        raise RuntimeError("the guest ended after the cancelled migration")
+                    if time.time() > deadline:
+                        raise RuntimeError("no progress after the cancelled migration")
+                    time.sleep(0.1)
             port = free_port()
             nproc, nqmp = start(i, socks[i], f"tcp:127.0.0.1:{port}")
             if a.bandwidth:
