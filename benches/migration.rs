@@ -1,5 +1,5 @@
 //! Live-migration benchmark (README, "Live migration"): the same guest (tests/vm, QEMU TCG,
-//! 2 vCPUs, 512 MiB, 2 queues) running the same workload (tests/vm/fio-migrate.sh: fio random
+//! 2 vCPUs, 512 MiB, 2 queues) running the same workload (tests/vm/fio-restart.sh with `ubiblk.read_pass=1`: fio random
 //! writes verified as they go, then read-only verification passes) migrates A -> B -> A between
 //! QEMU processes on this host (tests/vm/migrate.py), once on our backends and once on
 //! qemu-storage-daemon, in alternating rounds. QEMU reports each hop's downtime (the guest's
@@ -69,11 +69,11 @@ fn migrate(guest: &Path, sockets: &[PathBuf], work: &Path) -> anyhow::Result<Vec
         .arg("--guest")
         .arg(guest)
         .arg("--script")
-        .arg(repo().join("tests/vm/fio-migrate.sh"))
+        .arg(repo().join("tests/vm/fio-restart.sh"))
         .arg("--sockets")
         .arg(socks.join(","))
         .args(["--queues", "2", "--mem", "512M", "--timeout", "300"])
-        .args(["--cmdline", "ubiblk.fio_secs=20"])
+        .args(["--cmdline", "ubiblk.fio_secs=20 ubiblk.read_pass=1"])
         .arg("--console")
         .arg(work.join("console.txt"));
     if let Ok(bw) = std::env::var("UBIBLK_MIGRATE_BW") {

@@ -1,8 +1,8 @@
 //! Live migration (issue #23): a guest running fio with crc32c verification moves between two
 //! QEMU processes on this host, each on its own backend serving the same disk with the same
 //! config (only the sockets differ): A -> B -> A (a new QEMU on A's backend). The guest's
-//! reads land in its memory during the pre-copy rounds (tests/vm/fio-migrate.sh: writes
-//! verified with `--verify_backlog`, then read-only verification passes), and the disk's
+//! reads land in its memory during the pre-copy rounds (tests/vm/fio-restart.sh with
+//! `ubiblk.read_pass=1`: writes verified with `--verify_backlog`, then read-only passes), and the disk's
 //! hand-over (the source releases it when QEMU stops its rings, the destination takes it when
 //! its rings start) keeps the lazy metadata and autofetch consistent across the hops.
 //!
@@ -34,6 +34,29 @@ struct Hop {
     dirty_sync_count: Option<u64>,
 }
 
+/// Writes `d/NAME.yaml`: the disk `d/disk.raw` on 2 queues, `extra` (with `{d}` for `d`), and
+/// the backend's own sockets (`NAME.sock`, `NAME.ctl`): what differs between A and B.
+fn config(d: &Path, name: &str, extra: &str) -> PathBuf {
+    let path = d.join(format!("{name}.yaml"));
+    let yaml = format!(
+        "path: \"{d}/disk.raw\"\nsocket: \"{d}/{name}.sock\"\n\
+         control_socket: \"{d}/{name}.ctl\"\nnum_queues: 2\n{extra}",
+        d = d.display(),
+        extra = extra.replace("{d}", &d.display().to_string())
+    );
+    fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// Starts the backend on `d/NAME.yaml` (logging at info to `d/NAME.log`): it and its socket.
+fn start(d: &Path, name: &str) -> (Backend, PathBuf) {
+    let sock = d.join(format!("{name}.sock"));
+    let env = [("RUST_LOG".to_string(), "info".to_string())];
+    let config = d.join(format!("{name}.yaml"));
+    let log = d.join(format!("{name}.log"));
+    (Backend::start(&config, &[], &env, &log, &sock), sock)
+}
+
 /// Runs tests/vm/migrate.py: the guest boots on `sockets[0]` and migrates along the rest.
 fn migrate(sockets: &[&Path], cmdline: &str, console: &Path, cancel_first: bool) -> Migration {
     let sockets: Vec<String> = sockets.iter().map(|s| s.display().to_string()).collect();
@@ -42,7 +65,7 @@ fn migrate(sockets: &[&Path], cmdline: &str, console: &Path, cancel_first: bool)
         .arg("--guest")
         .arg(guest_dir())
         .arg("--script")
-        .arg(vm_script("fio-migrate.sh"))
+        .arg(vm_script("fio-restart.sh"))
         .arg("--sockets")
         .arg(sockets.join(","))
         .args(["--queues", "2", "--mem", "512M", "--timeout", "300"])
@@ -81,21 +104,17 @@ fn guest_live_migration_plain_disk() {
         .unwrap()
         .set_len(DISK)
         .unwrap();
-    let config = |name: &str| {
-        let path = d.join(format!("{name}.yaml"));
-        let yaml = format!(
-            "path: \"{d}/disk.raw\"\nsocket: \"{d}/{name}.sock\"\nnum_queues: 2\n",
-            d = d.display()
-        );
-        fs::write(&path, yaml).unwrap();
-        path
-    };
-    let (sock_a, sock_b) = (d.join("a.sock"), d.join("b.sock"));
-    let env = [("RUST_LOG".to_string(), "info".to_string())];
-    let a = Backend::start(&config("a"), &[], &env, &d.join("a.log"), &sock_a);
-    let b = Backend::start(&config("b"), &[], &env, &d.join("b.log"), &sock_b);
+    for name in ["a", "b"] {
+        config(d, name, "");
+    }
+    let ((a, sock_a), (b, sock_b)) = (start(d, "a"), start(d, "b"));
     let console = d.join("console.txt");
-    let m = migrate(&[&sock_a, &sock_b], "ubiblk.fio_secs=20", &console, true);
+    let m = migrate(
+        &[&sock_a, &sock_b],
+        "ubiblk.fio_secs=20 ubiblk.read_pass=1",
+        &console,
+        true,
+    );
     let report = format!(
         "{m:?}\n--- consoles ---\n{}\n--- backend A ---\n{}\n--- backend B ---\n{}",
         fs::read_to_string(&console).unwrap_or_default(),
@@ -123,40 +142,24 @@ fn guest_live_migration_encrypted_lazy_a_b_a() {
         .unwrap()
         .set_len(DISK)
         .unwrap();
-    let config = |name: &str| {
-        let path = d.join(format!("{name}.yaml"));
-        fs::write(
-            &path,
-            format!(
-                "path: \"{d}/disk.raw\"\n\
-                 socket: \"{d}/{name}.sock\"\n\
-                 control_socket: \"{d}/{name}.ctl\"\n\
-                 num_queues: 2\n\
-                 image_path: \"{d}/image.raw\"\n\
-                 metadata_path: \"{d}/metadata\"\n\
-                 copy_on_read: true\n\
-                 autofetch: true\n\
-                 autofetch_mib_per_sec: 8\n\
-                 encryption_key:\n  \
-                 - \"ERERERERERERERERERERERERERERERERERERERERERE=\"\n  \
-                 - \"fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn4=\"\n",
-                d = d.display()
-            ),
-        )
-        .unwrap();
-        path
-    };
-    let (config_a, config_b) = (config("a"), config("b"));
+    let lazy = "image_path: \"{d}/image.raw\"\n\
+                metadata_path: \"{d}/metadata\"\n\
+                copy_on_read: true\n\
+                autofetch: true\n\
+                autofetch_mib_per_sec: 8\n\
+                encryption_key:\n  \
+                - \"ERERERERERERERERERERERERERERERERERERERERERE=\"\n  \
+                - \"fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn4=\"\n";
+    let config_a = config(d, "a", lazy);
+    config(d, "b", lazy);
+
     let o = Command::new(env!("CARGO_BIN_EXE_init-metadata"))
         .arg("-f")
         .arg(&config_a)
         .output()
         .unwrap();
     assert!(o.status.success(), "init-metadata failed: {o:?}");
-    let (sock_a, sock_b) = (d.join("a.sock"), d.join("b.sock"));
-    let env = [("RUST_LOG".to_string(), "info".to_string())];
-    let a = Backend::start(&config_a, &[], &env, &d.join("a.log"), &sock_a);
-    let b = Backend::start(&config_b, &[], &env, &d.join("b.log"), &sock_b);
+    let ((a, sock_a), (b, sock_b)) = (start(d, "a"), start(d, "b"));
     assert!(
         b.log_text().contains("standing by"),
         "the second backend on the disk should stand by:\n{}",
@@ -166,7 +169,7 @@ fn guest_live_migration_encrypted_lazy_a_b_a() {
     let console = d.join("console.txt");
     let m = migrate(
         &[&sock_a, &sock_b, &sock_a],
-        "ubiblk.fio_secs=30",
+        "ubiblk.fio_secs=30 ubiblk.read_pass=1",
         &console,
         false,
     );
@@ -193,7 +196,7 @@ fn guest_live_migration_encrypted_lazy_a_b_a() {
     }
     assert_eq!(m.exit_status, Some(0), "{}", report());
     let console_text = fs::read_to_string(&console).unwrap_or_default();
-    assert!(console_text.contains("fio-migrate: PASS"), "{}", report());
+    assert!(console_text.contains("fio-restart: PASS"), "{}", report());
     // Each backend took the disk when its guest started, and handed it over at switchover.
     let (log_a, log_b) = (a.log_text(), b.log_text());
     assert!(log_b.contains("took the disk over"), "{}", report());

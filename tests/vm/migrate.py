@@ -116,22 +116,27 @@ def main():
             except FileNotFoundError:
                 return ""
 
+        marker = re.compile(a.wait_for)
+
+        def progress(n, seen, proc, when):
+            """Waits until the consoles of QEMUs 0..n show one more marker than `seen`."""
+            while True:
+                text = "".join(console(j) for j in range(n))
+                found = len(marker.findall(text))
+                if found > seen:
+                    return found
+                if "GUEST-EXIT-STATUS" in text or proc.poll() is not None:
+                    raise RuntimeError(f"the guest ended {when}")
+                if time.time() > deadline:
+                    raise RuntimeError(f"timeout waiting for {a.wait_for!r} {when}")
+                time.sleep(0.1)
+
         socks = a.sockets.split(",")
         proc, qmp = start(0, socks[0], None)
-        marker = re.compile(a.wait_for)
         seen = 0
         for i in range(1, len(socks)):
             # Wait for the workload to make progress on the current QEMU.
-            while True:
-                text = "".join(console(j) for j in range(i))
-                if len(marker.findall(text)) > seen:
-                    seen = len(marker.findall(text))
-                    break
-                if "GUEST-EXIT-STATUS" in text or proc.poll() is not None:
-                    raise RuntimeError(f"the guest ended before hop {i}")
-                if time.time() > deadline:
-                    raise RuntimeError(f"timeout waiting for {a.wait_for!r} before hop {i}")
-                time.sleep(0.1)
+            seen = progress(i, seen, proc, f"before hop {i}")
             if a.cancel_first and i == 1:
                 # A migration cancelled during pre-copy: the source keeps serving its guest.
                 port = free_port()
@@ -152,16 +157,7 @@ def main():
                 cproc.wait()
                 qmp.cmd("migrate-set-parameters", **{"max-bandwidth": a.bandwidth or (128 << 20)})
                 # The guest must still make progress on the source.
-                while True:
-                    text = "".join(console(j) for j in range(i))
-                    if len(marker.findall(text)) > seen:
-                        seen = len(marker.findall(text))
-                        break
-                    if "GUEST-EXIT-STATUS" in text or proc.poll() is not None:
-                        raise RuntimeError("the guest ended after the cancelled migration")
-                    if time.time() > deadline:
-                        raise RuntimeError("no progress after the cancelled migration")
-                    time.sleep(0.1)
+                seen = progress(i, seen, proc, "after the cancelled migration")
             port = free_port()
             nproc, nqmp = start(i, socks[i], f"tcp:127.0.0.1:{port}")
             if a.bandwidth:
