@@ -75,10 +75,12 @@ impl LazyOptions {
 
 pub struct LazyDevice {
     inner: Arc<dyn BlockDevice>,
-    source: Arc<dyn StripeSource>,
+    pub(super) source: Arc<dyn StripeSource>,
     source_end: SourceEnd,
     pub(super) shared: Arc<Shared>,
     fetchers: Vec<JoinHandle<()>>,
+    /// `metadata_path`, for errors.
+    pub(super) metadata_path: PathBuf,
 }
 
 impl LazyDevice {
@@ -200,6 +202,7 @@ impl LazyDevice {
             source_end,
             shared,
             fetchers,
+            metadata_path: opts.metadata_path.clone(),
         })
     }
 
