@@ -281,7 +281,8 @@ impl Metadata {
         let grown = padding.iter().take_while(|&&b| b == FETCHED).count();
         if grown > 0 {
             log::warn!(
-                "metadata: {grown} stripes past the disk's {count} are marked fetched by a grow                  that did not finish; ignored (resize again to finish it)"
+                "metadata: {grown} stripes past the disk's {count} are marked fetched by a grow \
+                 that did not finish; ignored (resize again to finish it)"
             );
         }
         if let Some((i, &value)) = padding[grown..]
