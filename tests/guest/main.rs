@@ -577,20 +577,7 @@ fn guest_fio_verify_lazy_from(image_at: Image) {
                autofetch_mib_per_sec: 4\n\
                control_socket: \"{dir}/control.sock\"\n",
         backend_env: env.clone(),
-        setup: Some(Box::new(|dir, config| {
-            fs::write(dir.join("image.raw"), lazy_image(IMAGE)).unwrap();
-            let o = Command::new(env!("CARGO_BIN_EXE_init-metadata"))
-                .arg("-f")
-                .arg(config)
-                .output()
-                .unwrap();
-            assert!(
-                o.status.success(),
-                "init-metadata failed: {}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
-        })),
+        setup: Some(Box::new(|dir, config| lazy_setup(dir, config, IMAGE))),
         guest_cmdline: vec![format!("ubiblk.fio_size={FIO_SIZE}")],
         ..Default::default()
     }
@@ -955,6 +942,23 @@ fn guest_fio_verify_across_backend_sigterm_restarts() {
     assert!(out.console.contains("fio-restart: PASS"), "{}", out.console);
 }
 
+/// Writes a lazy image of `len` bytes to `{dir}/image.raw` and runs init-metadata on `config`
+/// (default stripes, 1 MiB).
+fn lazy_setup(dir: &Path, config: &Path, len: u64) {
+    fs::write(dir.join("image.raw"), lazy_image(len)).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_init-metadata"))
+        .arg("-f")
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "init-metadata failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// [`guest_fio_verify_across_backend_kills`] on an encrypted lazy disk whose autofetch is
 /// running (4 MiB/s of a 100 MiB image, so still running at the first kills): each new process
 /// resumes the fetch from the metadata as well as the guest's requests.
@@ -976,15 +980,7 @@ fn guest_fio_verify_across_backend_kills_lazy_encrypted() {
     let out = restart_test(
         Takedown::Kill,
         extra,
-        Some(Box::new(|dir, config| {
-            fs::write(dir.join("image.raw"), lazy_image(LAZY_IMAGE)).unwrap();
-            let o = Command::new(env!("CARGO_BIN_EXE_init-metadata"))
-                .arg("-f")
-                .arg(config)
-                .output()
-                .unwrap();
-            assert!(o.status.success(), "init-metadata failed: {o:?}");
-        })),
+        Some(Box::new(|dir, config| lazy_setup(dir, config, LAZY_IMAGE))),
     );
     assert!(out.console.contains("fio-restart: PASS"), "{}", out.console);
 }
@@ -1035,13 +1031,7 @@ fn guest_resize(config_extra: &str, encrypted: bool, lazy: bool) {
     let got = answer.clone();
     let setup: SetupFn = Box::new(move |dir, config| {
         if lazy {
-            fs::write(dir.join("image.raw"), lazy_image(LAZY_RESIZE_IMAGE)).unwrap();
-            let o = Command::new(env!("CARGO_BIN_EXE_init-metadata"))
-                .arg("-f")
-                .arg(config)
-                .output()
-                .unwrap();
-            assert!(o.status.success(), "init-metadata failed: {o:?}");
+            lazy_setup(dir, config, LAZY_RESIZE_IMAGE);
         }
         let control = dir.join("control.sock");
         std::thread::spawn(move || {
