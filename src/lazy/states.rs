@@ -142,8 +142,13 @@ impl StripeStates {
     }
 
     pub fn count_with(&self, bit: u8) -> usize {
-        (0..self.count())
-            .filter(|&s| self.state(s).load(SeqCst) & bit != 0)
+        // The allocated chunks are a prefix of the slots.
+        self.chunks
+            .iter()
+            .map_while(OnceLock::get)
+            .flat_map(|chunk| chunk.iter())
+            .take(self.count())
+            .filter(|s| s.load(SeqCst) & bit != 0)
             .count()
     }
 
