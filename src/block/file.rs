@@ -13,6 +13,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// The largest disk `resize` grows to (1 PiB); the lazy layer sizes its stripe table for it.
+pub const MAX_DISK_BYTES: u64 = 1 << 50;
+
 /// The disk's size in sectors, shared by everything that checks requests against it or reports
 /// it: it changes only by growing (the control socket's `resize`), so a reader holding an
 /// older value only refuses what it could have allowed.

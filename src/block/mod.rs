@@ -24,7 +24,7 @@ mod tests;
 pub use buf::{BufPool, IoBuf};
 pub use crypt::CryptDevice;
 pub use debuglog::DebugLogDevice;
-pub use file::{check_disk_kind, device_size, Capacity, FileDevice};
+pub use file::{check_disk_kind, device_size, Capacity, FileDevice, MAX_DISK_BYTES};
 pub use layer::{Below, Layer, LayerChannel};
 pub use notifier::Notifier;
 pub use qos::limits::{

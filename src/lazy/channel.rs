@@ -163,7 +163,7 @@ fn span(op: &IoOp, shared: &Shared) -> Option<(usize, usize, bool)> {
         IoOp::Flush => return None,
     };
     let end = sector.checked_add(sectors)?;
-    if sectors == 0 || end > shared.stripes.disk_sectors {
+    if sectors == 0 || end > shared.stripes.disk_sectors() {
         return None;
     }
     let stripes = &shared.stripes;

@@ -79,11 +79,12 @@ impl LazyOptions {
 
 pub struct LazyDevice {
     inner: Arc<dyn BlockDevice>,
-    source: Arc<dyn StripeSource>,
+    pub(super) source: Arc<dyn StripeSource>,
     source_end: SourceEnd,
     pub(super) shared: Arc<Shared>,
     fetchers: Vec<JoinHandle<()>>,
-    metadata_path: PathBuf,
+    /// `metadata_path`, for errors.
+    pub(super) metadata_path: PathBuf,
 }
 
 impl LazyDevice {

@@ -92,3 +92,33 @@ pub enum Error {
         source: io::Error,
     },
 }
+
+/// Why a lazy disk cannot grow (the control socket's `resize`); nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum GrowError {
+    /// The new area would show the image's end, cut off at start.
+    #[error(
+        "the image {source_name} holds {bytes} bytes, more than the {disk_bytes}-byte disk: the \
+         new area must not show its cut-off end (a lazy disk grows only past its image)"
+    )]
+    ImageLarger {
+        source_name: String,
+        bytes: u64,
+        disk_bytes: u64,
+    },
+    #[error("{need} stripes are more than this backend's table holds ({max}); restart it first")]
+    TooManyStripes { need: u64, max: usize },
+    /// The metadata is a block device too small for the new stripe count.
+    #[error(
+        "metadata_path: {path} is a {bytes}-byte block device, {stripes} stripes need \
+         {need_bytes} bytes of metadata: grow it first"
+    )]
+    MetadataDeviceTooSmall {
+        path: PathBuf,
+        bytes: u64,
+        stripes: u64,
+        need_bytes: u64,
+    },
+    #[error("metadata_path: cannot grow the metadata {path}: {error}")]
+    Metadata { path: PathBuf, error: io::Error },
+}

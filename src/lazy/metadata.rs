@@ -275,9 +275,20 @@ impl Metadata {
             return Err(MetadataError::UnknownBits { stripe, value });
         }
         let end = need_bytes as usize;
-        if let Some((i, &value)) = bytes[SECTOR_SIZE + count..end]
+        // A grow (resize) that did not finish marked the stripes past the disk's end fetched,
+        // in one run from the first: accepted and ignored (see crate::lazy `grow`).
+        let padding = &bytes[SECTOR_SIZE + count..end];
+        let grown = padding.iter().take_while(|&&b| b == FETCHED).count();
+        if grown > 0 {
+            log::warn!(
+                "metadata: {grown} stripes past the disk's {count} are marked fetched by a grow \
+                 that did not finish; ignored (resize again to finish it)"
+            );
+        }
+        if let Some((i, &value)) = padding[grown..]
             .iter()
             .enumerate()
+            .map(|(i, b)| (i + grown, b))
             .find(|(_, &b)| b != 0)
         {
             return Err(MetadataError::Padding {
@@ -617,7 +628,7 @@ mod tests {
         );
         // Fewer stripes than the file marks: the extra stripe bytes are in the padding.
         let mut m = Metadata::new(disk, 6).unwrap();
-        m.set_fetched(99);
+        m.set_written(99);
         let e = err(&m.to_bytes(), 50 << 6);
         assert!(
             e.contains("stripe count mismatch") && e.contains("padding"),
@@ -636,6 +647,28 @@ mod tests {
         assert!(e.contains("too short"), "{e}");
         let e = err(&good[..512], disk);
         assert!(e.contains("stripe count mismatch"), "{e}");
+    }
+
+    /// A grow that did not finish: the stripes past the disk's end, marked fetched in one run
+    /// from the first, are ignored; anything else in the padding is still refused.
+    #[test]
+    fn fetched_stripes_past_the_end_from_an_unfinished_grow_are_ignored() {
+        let mut grown = Metadata::new(100 << 6, 6).unwrap();
+        for i in 50..100 {
+            grown.set_fetched(i);
+        }
+        grown.set_fetched(3);
+        let b = grown.to_bytes();
+        let md = Metadata::from_bytes(&b, 50 << 6).unwrap();
+        assert_eq!(md.stripe_count(), 50);
+        assert_eq!(md.fetched_ranges(), vec![(3, 3)]);
+        // A gap in the run, or a written stripe, is not a grow.
+        let mut gap = grown.clone();
+        gap.stripes[60] = 0;
+        assert!(err(&gap.to_bytes(), 50 << 6).contains("padding byte 573"));
+        let mut written = grown.clone();
+        written.set_written(70);
+        assert!(err(&written.to_bytes(), 50 << 6).contains("padding byte 582"));
     }
 
     fn xts() -> Xts {

@@ -6,6 +6,7 @@
 //!   which parks requests on unfetched stripes and `split`s reads that need no fetch;
 //! - `states` (stripe states), `queue` (the fetcher pool's work and wake-ups), `persist` (the
 //!   metadata file kept in step), composed by `fetch` with the fetcher threads;
+//! - `grow`: growing the disk (the control socket's `resize`), metadata first;
 //! - [`metadata`]: the file format; `status`: the progress the control socket reports;
 //!   [`pin`]: the source's identity pinned next to the metadata, checked at every start.
 
@@ -14,6 +15,7 @@ mod channel;
 mod device;
 mod error;
 mod fetch;
+mod grow;
 pub mod metadata;
 mod persist;
 pub mod pin;
@@ -28,7 +30,7 @@ pub(crate) mod testing;
 mod tests;
 
 pub use device::{LazyDevice, LazyOptions};
-pub use error::Error;
+pub use error::{Error, GrowError};
 pub use metadata::{Metadata, MetadataError};
 pub use source::{FileSource, RangeSource, StripeSource};
 pub use status::LazyStatus;

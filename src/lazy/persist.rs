@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
@@ -104,6 +105,65 @@ impl MetaStore {
         meta.file.sync_data()?;
         states.set_fetched(stripe);
         Ok(())
+    }
+
+    /// Step 1 of growing the disk to `count` stripes: writes the metadata sectors from the one
+    /// holding the first new stripe's byte to the new end, the new stripes fetched, and
+    /// fdatasyncs; from then on every sector written shows them fetched
+    /// ([`StripeStates::begin_grow`]), so a later save of the boundary sector cannot unmark
+    /// them. Until the disk itself has grown, a restart ignores the new stripes
+    /// ([`Metadata::from_bytes`] accepts them as a grow that did not finish). On failure the
+    /// new stripes are forgotten and a regular file gets its old length back.
+    pub fn begin_grow(&self, states: &StripeStates, count: usize) -> io::Result<()> {
+        let meta = lock(&self.file);
+        let old = states.count();
+        if count <= old {
+            return Ok(());
+        }
+        let first = Metadata::sector_of_stripe_byte(old);
+        let end = metadata::file_len(count as u64) / SECTOR_SIZE as u64;
+        let old_len = meta.file.metadata()?.len();
+        states.begin_grow(count);
+        let result = (|| {
+            let mut bytes = Vec::with_capacity(((end - first) as usize) * SECTOR_SIZE);
+            for n in first..end {
+                let mut sector = states.encode_sector(n);
+                if let Some(xts) = &meta.xts {
+                    xts.encrypt(n, &mut sector);
+                }
+                bytes.extend_from_slice(&sector);
+            }
+            meta.file.write_all_at(&bytes, first * SECTOR_SIZE as u64)?;
+            meta.file.sync_data()
+        })();
+        if result.is_err() {
+            states.abort_grow();
+            if meta
+                .file
+                .metadata()
+                .is_ok_and(|m| m.is_file() && m.len() > old_len)
+            {
+                let _ = meta.file.set_len(old_len);
+            }
+        }
+        result
+    }
+
+    /// The size of the metadata's block device; `None` for a regular file (which grows).
+    pub fn device_bytes(&self) -> io::Result<Option<u64>> {
+        use std::os::unix::fs::FileTypeExt;
+        let meta = lock(&self.file);
+        if !meta.file.metadata()?.file_type().is_block_device() {
+            return Ok(None);
+        }
+        crate::block::device_size(&meta.file).map(Some)
+    }
+
+    /// The disk did not grow after [`MetaStore::begin_grow`]: the new stripes are no longer
+    /// encoded (those on the file are ignored, as after a crash).
+    pub fn abort_grow(&self, states: &StripeStates) {
+        let _meta = lock(&self.file);
+        states.abort_grow();
     }
 
     /// Writes the metadata sectors whose WRITTEN bits changed, then fdatasyncs.

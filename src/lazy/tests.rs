@@ -15,6 +15,7 @@ use crate::block::{
     run_sync, BlockDevice, Completion, FileDevice, IoBuf, IoChannel, IoOp, IoVecs, Notifier,
 };
 
+mod grow;
 mod outage;
 
 const SHIFT: u8 = 6; // 32 KiB stripes

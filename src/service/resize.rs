@@ -9,8 +9,11 @@
 //! [`Capacity`] grow, which every layer, the queues' range checks and the config space read,
 //! and the connected frontend is told ([`ConfigChange`]); a frontend connecting later reads the
 //! new size. The size is the disk's, so it survives a restart. Shrinking is refused (the
-//! guest's data past the new end would be lost), and so is growing a readonly disk or one with
-//! lazy fetch (its metadata does not grow yet).
+//! guest's data past the new end would be lost), and so is growing a readonly disk.
+//!
+//! With lazy fetch the stripe metadata grows first, durably, the new stripes marked fetched
+//! ([`LazyDevice::begin_grow`]); then the disk as above; then the lazy layer counts the new
+//! stripes, before the capacity grows (see `crate::lazy` `grow` for the crash-safety argument).
 
 use std::fs::File;
 use std::io;
@@ -21,10 +24,11 @@ use log::{info, warn};
 use serde::Serialize;
 
 use crate::block::{device_size, run_sync, BlockDevice, Capacity, IoOp, SECTOR_SHIFT, SECTOR_SIZE};
+use crate::lazy::LazyDevice;
 use crate::vhost::ConfigChange;
 
 /// The largest size `resize` accepts: 1 PiB.
-pub const MAX_SIZE_BYTES: u64 = 1 << 50;
+pub const MAX_SIZE_BYTES: u64 = crate::block::MAX_DISK_BYTES;
 /// Encrypted zeros are written this many sectors at a time (1 MiB), in order.
 const ZERO_CHUNK_SECTORS: u64 = 2048;
 
@@ -33,8 +37,9 @@ const ZERO_CHUNK_SECTORS: u64 = 2048;
 pub enum ResizeError {
     #[error("the disk is readonly")]
     Readonly,
-    #[error("growing a disk with lazy fetch (image_path) is not supported")]
-    Lazy,
+    /// The lazy-fetch layer refused or failed to grow its metadata.
+    #[error(transparent)]
+    Lazy(#[from] crate::lazy::GrowError),
     #[error("size_bytes must be a multiple of 512")]
     Unaligned,
     #[error("shrinking is refused: the data past the new end would be lost")]
@@ -61,7 +66,8 @@ pub struct Resizer {
     pub file: Arc<File>,
     pub capacity: Capacity,
     pub readonly: bool,
-    pub lazy: bool,
+    /// With lazy fetch, the layer whose stripe metadata grows first.
+    pub lazy: Option<Arc<LazyDevice>>,
     /// With encryption, the layer that writes the new area's encrypted zeros.
     pub crypt: Option<Arc<dyn BlockDevice>>,
     pub config_change: ConfigChange,
@@ -80,9 +86,6 @@ impl Resizer {
     pub fn resize(&self, size_bytes: Option<u64>) -> Result<Resized, ResizeError> {
         if self.readonly {
             return Err(ResizeError::Readonly);
-        }
-        if self.lazy {
-            return Err(ResizeError::Lazy);
         }
         let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.capacity.sectors();
@@ -117,7 +120,13 @@ impl Resizer {
         if new == old {
             return Ok(resized(false));
         }
+        if let Some(lazy) = &self.lazy {
+            lazy.begin_grow(old, new)?;
+        }
         if let Err(e) = self.prepare(old, new, is_block) {
+            if let Some(lazy) = &self.lazy {
+                lazy.abort_grow();
+            }
             if !is_block {
                 // Back to the old end: nothing of the new area was shown to anyone.
                 if let Err(t) = self.file.set_len(old << SECTOR_SHIFT) {
@@ -125,6 +134,9 @@ impl Resizer {
                 }
             }
             return Err(e.into());
+        }
+        if let Some(lazy) = &self.lazy {
+            lazy.finish_grow(new);
         }
         self.capacity.grow(new);
         info!("resize: {old} -> {new} sectors");
@@ -184,7 +196,7 @@ mod tests {
             file: disk,
             capacity,
             readonly: false,
-            lazy: false,
+            lazy: None,
             crypt,
             config_change: ConfigChange::default(),
             busy: Mutex::new(()),
@@ -224,7 +236,7 @@ mod tests {
     }
 
     #[test]
-    fn refuses_shrinking_unaligned_too_large_readonly_and_lazy() {
+    fn refuses_shrinking_unaligned_too_large_and_readonly() {
         let (_dir, path, mut r) = resizer(MIB, None);
         let refused = |r: &Resizer, n| r.resize(Some(n)).unwrap_err();
         assert!(matches!(refused(&r, MIB - 512), ResizeError::Shrink));
@@ -237,9 +249,6 @@ mod tests {
         assert!(matches!(refused(&r, u64::MAX - 511), ResizeError::TooLarge));
         r.readonly = true;
         assert!(matches!(refused(&r, 2 * MIB), ResizeError::Readonly));
-        r.readonly = false;
-        r.lazy = true;
-        assert!(matches!(refused(&r, 2 * MIB), ResizeError::Lazy));
         // Nothing changed.
         assert_eq!(std::fs::metadata(&path).unwrap().len(), MIB);
         assert_eq!(r.capacity.sectors(), MIB / 512);

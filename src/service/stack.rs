@@ -184,7 +184,7 @@ pub fn open_with_kek(
         file: disk_file,
         capacity: capacity.clone(),
         readonly: opts.readonly,
-        lazy: lazy_device.is_some(),
+        lazy: lazy_device.clone(),
         crypt,
         config_change: config_change.clone(),
         busy: Mutex::new(()),

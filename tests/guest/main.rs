@@ -578,20 +578,7 @@ fn guest_fio_verify_lazy_from(image_at: Image) {
                autofetch_mib_per_sec: 4\n\
                control_socket: \"{dir}/control.sock\"\n",
         backend_env: env.clone(),
-        setup: Some(Box::new(|dir, config| {
-            fs::write(dir.join("image.raw"), lazy_image(IMAGE)).unwrap();
-            let o = Command::new(env!("CARGO_BIN_EXE_init-metadata"))
-                .arg("-f")
-                .arg(config)
-                .output()
-                .unwrap();
-            assert!(
-                o.status.success(),
-                "init-metadata failed: {}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
-        })),
+        setup: Some(Box::new(|dir, config| lazy_setup(dir, config, IMAGE))),
         guest_cmdline: vec![format!("ubiblk.fio_size={FIO_SIZE}")],
         ..Default::default()
     }
@@ -956,6 +943,23 @@ fn guest_fio_verify_across_backend_sigterm_restarts() {
     assert!(out.console.contains("fio-restart: PASS"), "{}", out.console);
 }
 
+/// Writes a lazy image of `len` bytes to `{dir}/image.raw` and runs init-metadata on `config`
+/// (default stripes, 1 MiB).
+fn lazy_setup(dir: &Path, config: &Path, len: u64) {
+    fs::write(dir.join("image.raw"), lazy_image(len)).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_init-metadata"))
+        .arg("-f")
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "init-metadata failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// [`guest_fio_verify_across_backend_kills`] on an encrypted lazy disk whose autofetch is
 /// running (4 MiB/s of a 100 MiB image, so still running at the first kills): each new process
 /// resumes the fetch from the metadata as well as the guest's requests.
@@ -977,15 +981,7 @@ fn guest_fio_verify_across_backend_kills_lazy_encrypted() {
     let out = restart_test(
         Takedown::Kill,
         extra,
-        Some(Box::new(|dir, config| {
-            fs::write(dir.join("image.raw"), lazy_image(LAZY_IMAGE)).unwrap();
-            let o = Command::new(env!("CARGO_BIN_EXE_init-metadata"))
-                .arg("-f")
-                .arg(config)
-                .output()
-                .unwrap();
-            assert!(o.status.success(), "init-metadata failed: {o:?}");
-        })),
+        Some(Box::new(|dir, config| lazy_setup(dir, config, LAZY_IMAGE))),
     );
     assert!(out.console.contains("fio-restart: PASS"), "{}", out.console);
 }
@@ -999,7 +995,7 @@ fn guest_sees_its_disk_grow() {
     if !require(&GUEST) {
         return;
     }
-    guest_resize("", false);
+    guest_resize("", false, false);
 }
 
 /// The same on an encrypted disk: the new area reads as zeros through the cipher.
@@ -1008,16 +1004,36 @@ fn guest_sees_its_encrypted_disk_grow() {
     if !require(&GUEST) {
         return;
     }
-    let keys = "encryption_key:\n  - \"ERERERERERERERERERERERERERERERERERERERERERE=\"\n  - \"fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn4=\"\n";
-    guest_resize(keys, true);
+    guest_resize(RESIZE_KEYS, true, false);
 }
 
-fn guest_resize(config_extra: &str, encrypted: bool) {
+/// The same on an encrypted lazy disk, its autofetch running: the stripe metadata grows with
+/// the disk, the new stripes fetched (no source covers them), and the new area reads as zeros.
+#[test]
+fn guest_sees_its_encrypted_lazy_disk_grow() {
+    if !require(&GUEST) {
+        return;
+    }
+    let extra = format!(
+        "image_path: \"{{dir}}/image.raw\"\nmetadata_path: \"{{dir}}/metadata\"\n\
+         autofetch: true\nautofetch_mib_per_sec: 8\n{RESIZE_KEYS}"
+    );
+    guest_resize(&extra, true, true);
+}
+
+const RESIZE_KEYS: &str = "encryption_key:\n  - \"ERERERERERERERERERERERERERERERERERERERERERE=\"\n  - \"fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn4=\"\n";
+
+/// `lazy`: the config has `image_path` and `metadata_path` in `{dir}`; a 48 MiB image is made
+/// there and init-metadata run (1 MiB stripes) before the backend starts.
+fn guest_resize(config_extra: &str, encrypted: bool, lazy: bool) {
     const OLD: u64 = 64 * MIB;
     const NEW: u64 = 96 * MIB;
     let answer: std::sync::Arc<Mutex<Option<String>>> = Default::default();
     let got = answer.clone();
-    let setup: SetupFn = Box::new(move |dir, _config| {
+    let setup: SetupFn = Box::new(move |dir, config| {
+        if lazy {
+            lazy_setup(dir, config, LAZY_RESIZE_IMAGE);
+        }
         let control = dir.join("control.sock");
         std::thread::spawn(move || {
             // The guest's first write, its marker at offset 0 (ciphertext on an encrypted
@@ -1065,4 +1081,17 @@ fn guest_resize(config_extra: &str, encrypted: bool) {
         let tail = &data[(NEW - 4096) as usize..];
         assert!(!tail.starts_with(b"RESIZE-READY"), "plaintext on disk");
     }
+    if lazy {
+        // The metadata grew with the disk (encrypted with the disk's key), the new stripes
+        // fetched.
+        let xts = ubiblk::crypto::Xts::new(&[0x11; 32], &[0x7e; 32]);
+        let meta = fs::File::open(out.dir.path().join("metadata")).unwrap();
+        let md = ubiblk::lazy::Metadata::read_from(&meta, NEW / 512, Some(&xts)).unwrap();
+        assert_eq!(md.stripe_count() as u64, NEW / MIB);
+        assert!((OLD / MIB..NEW / MIB).all(|s| md.is_fetched(s as usize)));
+    }
 }
+
+/// The image of [`guest_sees_its_encrypted_lazy_disk_grow`]: smaller than the disk, which
+/// grows only past its image.
+const LAZY_RESIZE_IMAGE: u64 = 48 * MIB;

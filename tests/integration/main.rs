@@ -24,6 +24,7 @@ mod outage;
 mod qsd_client;
 mod remote;
 mod resize;
+mod resize_lazy;
 mod restart;
 mod servers;
 mod sockets;

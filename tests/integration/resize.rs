@@ -17,7 +17,9 @@ use vhost::vhost_user::{
 use vhost::VhostBackend;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-backend");
-const MIB: u64 = 1 << 20;
+pub(crate) const MIB: u64 = 1 << 20;
+/// The `encryption_key` lines of the encrypted disks' configs.
+pub(crate) const KEYS: &str = "encryption_key:\n  - \"ERERERERERERERERERERERERERERERERERERERERERE=\"\n  - \"fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn4=\"";
 
 fn disk(size: u64) -> PatternDisk {
     pattern_disk("ubiblk-resize", size)
@@ -31,13 +33,13 @@ fn start(d: &PatternDisk, extra: &[&str]) -> Backend {
     Backend::start(BIN, &cfg).unwrap()
 }
 
-fn ask(ctl: &Path, cmd: &str) -> Value {
+pub(crate) fn ask(ctl: &Path, cmd: &str) -> Value {
     let line = control_command(ctl, cmd).unwrap();
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("{cmd}: {e}: {line}"))
 }
 
 /// The `metrics` reply, up to its `# EOF` line.
-fn metrics(ctl: &Path) -> String {
+pub(crate) fn metrics(ctl: &Path) -> String {
     use std::io::{BufRead, Write};
     let mut s = std::os::unix::net::UnixStream::connect(ctl).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -54,7 +56,7 @@ fn metrics(ctl: &Path) -> String {
     text
 }
 
-fn file_len(p: &Path) -> u64 {
+pub(crate) fn file_len(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap().len()
 }
 
@@ -224,32 +226,13 @@ fn the_connected_frontend_gets_the_config_change_and_reads_the_new_capacity() {
     assert_eq!(capacity(&mut frontend), 16 * MIB / 512);
 }
 
-/// Growing a lazy disk is refused (its stripe metadata does not grow): the base disk and the
-/// metadata stay as they were, and the disk keeps serving.
-#[test]
-fn a_lazy_disk_refuses_to_grow_and_keeps_its_files() {
-    let image = pattern_bytes(0, 2 * MIB as usize);
-    let files = LazyFiles::new("ubiblk-resize-lazy", 4 * MIB, 0, &image, &[]);
-    files.init_metadata(env!("CARGO_BIN_EXE_init-metadata"), 6);
-    let meta_before = std::fs::read(&files.meta).unwrap();
-    let _be = Backend::start(BIN, &files.config).unwrap();
-    let v = ask(&files.ctl, "resize {\"size_bytes\":8388608}");
-    assert!(v["error"].as_str().unwrap().contains("lazy fetch"), "{v}");
-    assert_eq!(v["size_bytes"], 4 * MIB, "{v}");
-    assert_eq!(file_len(&files.base), 4 * MIB);
-    assert_eq!(std::fs::read(&files.meta).unwrap(), meta_before);
-    let mut c = Client::connect_queues(&files.config.socket, 1).unwrap();
-    assert_eq!(c.capacity(), 4 * MIB);
-    assert_eq!(c.read(0, 0, 4096).unwrap(), pattern_bytes(0, 4096));
-}
-
 /// On an encrypted disk the new area reads as zeros through the cipher (the file holds
 /// encrypted zeros there, not raw zeros, which would decrypt to garbage).
 #[test]
 fn an_encrypted_disk_grows_with_an_area_reading_as_zeros() {
     const NEW: u64 = 7 * MIB + 512;
     let d = disk(4 * MIB);
-    let keys = "encryption_key:\n  - \"ERERERERERERERERERERERERERERERERERERERERERE=\"\n  - \"fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn4=\"";
+    let keys = KEYS;
     let _be = start(&d, &[keys]);
     let before = {
         let mut c = Client::connect_queues(&d.sock, 1).unwrap();
@@ -318,7 +301,7 @@ fn a_block_device_grown_underneath_is_picked_up_by_resize_without_a_size() {
 fn kill_9_while_an_encrypted_disk_grows_leaves_a_consistent_smaller_disk() {
     const OLD: u64 = 4 * MIB;
     const NEW: u64 = 256 * MIB;
-    let keys = "encryption_key:\n  - \"ERERERERERERERERERERERERERERERERERERERERERE=\"\n  - \"fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn5+fn4=\"";
+    let keys = KEYS;
     let mut sizes = Vec::new();
     for delay_ms in [0u64, 5, 20, 60, 150] {
         let d = disk(OLD);
