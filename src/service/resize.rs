@@ -37,6 +37,11 @@ const ZERO_CHUNK_SECTORS: u64 = 2048;
 pub enum ResizeError {
     #[error("the disk is readonly")]
     Readonly,
+    #[error(
+        "another backend holds the disk (this one stands by for a live migration): resize on \
+         the backend that serves the guest"
+    )]
+    Standby,
     /// The lazy-fetch layer refused or failed to grow its metadata.
     #[error(transparent)]
     Lazy(#[from] crate::lazy::GrowError),
@@ -71,6 +76,8 @@ pub struct Resizer {
     /// With encryption, the layer that writes the new area's encrypted zeros.
     pub crypt: Option<Arc<dyn BlockDevice>>,
     pub config_change: ConfigChange,
+    /// Who holds the disk: a backend standing by for a live migration must not grow it.
+    pub owner: Option<Arc<super::handover::DiskLock>>,
     /// One resize at a time.
     pub busy: Mutex<()>,
 }
@@ -84,6 +91,9 @@ impl Resizer {
     /// Grows the disk to `size_bytes`, or with `None` to the size of what `path` is now (a block
     /// device or file grown underneath). The same size answers success and changes nothing.
     pub fn resize(&self, size_bytes: Option<u64>) -> Result<Resized, ResizeError> {
+        if self.owner.as_ref().is_some_and(|o| !o.held()) {
+            return Err(ResizeError::Standby);
+        }
         if self.readonly {
             return Err(ResizeError::Readonly);
         }
@@ -199,6 +209,7 @@ mod tests {
             lazy: None,
             crypt,
             config_change: ConfigChange::default(),
+            owner: None,
             busy: Mutex::new(()),
         };
         (dir, path, r)

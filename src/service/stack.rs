@@ -187,6 +187,7 @@ pub fn open_with_kek(
         lazy: lazy_device.clone(),
         crypt,
         config_change: config_change.clone(),
+        owner: Some(owner.clone()),
         busy: Mutex::new(()),
     });
     let mut control_socket = None;

@@ -29,4 +29,5 @@ mod restart;
 mod servers;
 mod sockets;
 mod source_identity;
+mod standby;
 mod systemd;
