@@ -1,14 +1,16 @@
 //! Live-migration benchmark (README, "Live migration"): the same guest (tests/vm, QEMU TCG,
 //! 2 vCPUs, 512 MiB, 2 queues) running the same workload (tests/vm/fio-restart.sh with `ubiblk.read_pass=1`: fio random
-//! writes verified as they go, then read-only verification passes) migrates A -> B -> A between
+//! writes verified as they go, then read-only verification passes) migrates A -> B -> C between
 //! QEMU processes on this host (tests/vm/migrate.py), once on our backends and once on
-//! qemu-storage-daemon, in alternating rounds. QEMU reports each hop's downtime (the guest's
+//! qemu-storage-daemon, in alternating rounds. (C, not back to A: a QEMU reconnecting to a QSD
+//! export whose first client left hung its guest in one of our runs; the test
+//! `guest_live_migration_encrypted_lazy_a_b_a` covers going back on ours.) QEMU reports each hop's downtime (the guest's
 //! pause) and total time; the bench prints their medians and the ratios ours / QSD.
 //!
-//! Ours: two `vhost-backend` processes with the same config but their sockets (the second
-//! stands by until the first hands the disk over). QSD: one qemu-storage-daemon with two
-//! vhost-user-blk exports of the same block node (both QEMUs connect at once, as a migration
-//! needs).
+//! Ours: three `vhost-backend` processes with the same config but their sockets (the others
+//! stand by until the holder hands the disk over). QSD: one qemu-storage-daemon with three
+//! vhost-user-blk exports of the same block node (source and destination QEMU are connected at
+//! once, as a migration needs).
 //!
 //! Run: `cargo bench --bench migration`. Environment:
 //!   UBIBLK_BENCH_DIR        where the disk lives (default: the target dir's tmp)
@@ -115,22 +117,30 @@ fn ours(bin: &Path, guest: &Path, disk: &Path, work: &Path) -> anyhow::Result<Ve
 }
 
 fn qsd(guest: &Path, disk: &Path, work: &Path) -> anyhow::Result<Vec<(f64, f64)>> {
-    let (s0, s1) = (work.join("qsd0.sock"), work.join("qsd1.sock"));
+    let sockets: Vec<PathBuf> = (0..3).map(|i| work.join(format!("qsd{i}.sock"))).collect();
+    let extra_args = sockets[1..]
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| {
+            [
+                "--export".to_string(),
+                format!(
+                    "type=vhost-user-blk,id=e{},node-name=f,addr.type=unix,addr.path={},\
+                     writable=on,num-queues=2",
+                    i + 1,
+                    s.display()
+                ),
+            ]
+        })
+        .collect();
     let opts = QsdOptions {
         num_queues: 2,
         direct: supports_o_direct(disk),
-        extra_args: vec![
-            "--export".into(),
-            format!(
-                "type=vhost-user-blk,id=e1,node-name=f,addr.type=unix,addr.path={},\
-                 writable=on,num-queues=2",
-                s1.display()
-            ),
-        ],
+        extra_args,
         ..Default::default()
     };
-    let _qsd = Qsd::start(disk, &s0, &opts)?;
-    migrate(guest, &[s0.clone(), s1, s0], work)
+    let _qsd = Qsd::start(disk, &sockets[0], &opts)?;
+    migrate(guest, &sockets, work)
 }
 
 fn main() -> anyhow::Result<()> {
