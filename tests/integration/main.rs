@@ -13,6 +13,7 @@ mod blkio;
 mod config;
 mod control;
 mod debuglog;
+mod dirty_log;
 mod encryption;
 mod flood;
 mod frontend;
