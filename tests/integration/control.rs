@@ -196,6 +196,7 @@ fn status_stats_and_metrics_count_what_the_client_did() {
     assert_eq!(st["readonly"], false);
     assert_eq!(st["encrypted"], false);
     assert_eq!(st["connected"], false);
+    assert_eq!(st["disk_owner"], true);
     assert!(st["uptime_secs"].is_u64());
     assert!(
         st.get("stripes").is_none(),
