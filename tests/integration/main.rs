@@ -17,6 +17,7 @@ mod dirty_log;
 mod encryption;
 mod flood;
 mod frontend;
+mod handover;
 mod hardening;
 mod lazy;
 mod lazy_crash;
