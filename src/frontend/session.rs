@@ -290,6 +290,18 @@ impl BlkFrontend {
             .map_err(request_err("SET_FEATURES"))
     }
 
+    /// SET_MEM_TABLE again with the same memory, as a VMM does when the guest's memory map
+    /// changes: the backend maps it anew (and must keep logging it, during a migration).
+    pub fn resend_mem_table(&mut self) -> Result<()> {
+        let mem = self.memory.as_ref().ok_or(Error::Order(
+            "resending the memory table needs the memory stage",
+        ))?;
+        self.fe
+            .set_mem_table(&[mem.info])
+            .map_err(request_err("SET_MEM_TABLE"))?;
+        Ok(())
+    }
+
     /// The log of [`BlkFrontend::start_dirty_log`].
     pub fn dirty_log(&self) -> Option<&DirtyLog> {
         self.log.as_ref()

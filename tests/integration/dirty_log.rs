@@ -4,7 +4,8 @@
 //! read marks: exactly the data buffer's pages, the status byte's and the used ring's, on
 //! every path a read takes into guest memory (io_uring straight into the buffer, our bounce
 //! buffer, decryption in place or from our buffer, a lazy stripe fetched on demand or read
-//! through). After SET_FEATURES without LOG_ALL, nothing is marked.
+//! through), also after a new memory table. After SET_FEATURES without LOG_ALL, nothing is
+//! marked.
 //!
 //! The direct paths write guest memory behind vm-memory's back: the worker marks them when
 //! the request completes (`mark_written` in `virtio_blk::worker`); these tests fail without it.
@@ -117,6 +118,17 @@ fn plain_disk_marks_direct_and_bounced_reads() {
     // Page-aligned: io_uring reads straight into guest memory.
     let got = read_logged(&mut fe, &be, "direct read", 8, 16384, 0);
     assert_eq!(got, pattern_bytes(8 * 512, 16384), "direct read data");
+    // A new memory table during the migration: its regions are logged too.
+    fe.resend_mem_table().unwrap();
+    let got = read_logged(
+        &mut fe,
+        &be,
+        "direct read after SET_MEM_TABLE",
+        64,
+        16384,
+        0,
+    );
+    assert_eq!(got, pattern_bytes(64 * 512, 16384), "direct read data");
     // Not page-aligned (the file wants 4 KiB): through our buffer, then copied.
     for data_off in [1, 512, 4095] {
         let what = format!("bounced read at buffer offset {data_off}");
