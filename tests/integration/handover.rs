@@ -1,11 +1,14 @@
 //! The disk's hand-over between two backends on one disk (live migration, `service::handover`):
 //! a second backend started on a disk another one holds stands by; its guest's requests fail
 //! (EIO, after `handover_wait_secs`, not a hang) and change nothing while the first one serves;
-//! it takes the disk when the holder's lock goes away (here: the holder is killed), and a lazy
-//! disk's autofetch runs in the backend that has the disk only.
+//! it takes the disk when the holder hands it over (its VMM stopped its last ring) or dies, and
+//! a lazy disk's autofetch runs in the backend that has the disk only. A source whose ring
+//! starts again (a cancelled migration) takes the disk back.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use ubiblk::frontend::{BlkFrontend, Geometry, IoOptions};
 
 use crate::common::*;
 
@@ -253,4 +256,67 @@ fn a_lazy_disk_in_standby_fetches_nothing_until_it_takes_the_disk() {
         read_file(&files.base).unwrap() == image,
         "the base disk is not the image after the hand-over"
     );
+}
+
+/// A served to our own frontend (a VMM: queue 0 running, one read done), and B on the same
+/// disk standing by with `handover_wait_secs: 5`.
+fn vmm_and_standby(prefix: &str) -> (PatternDisk, Backend, BlkFrontend, Backend, PathBuf) {
+    let d = pattern_disk(prefix, DISK);
+    let a_config = BackendConfig::new(&d.img, &d.sock).extra_path("control_socket", &d.ctl);
+    let a = Backend::start(BACKEND, &a_config).unwrap();
+    let t = Duration::from_secs(5);
+    let mut fe = BlkFrontend::connect(&d.sock, t).unwrap();
+    fe.setup().unwrap();
+    let cfg = fe.read_config().unwrap();
+    let g = Geometry::new(&IoOptions::default(), &cfg).unwrap();
+    fe.setup_memory(&g).unwrap();
+    fe.setup_virtqueue(&g).unwrap();
+    assert_eq!(fe.read_sectors(0, 4096, t).unwrap(), pattern_bytes(0, 4096));
+    let dir = d.img.parent().unwrap().to_path_buf();
+    let (b_config, b_ctl) = second(&a_config.extra("handover_wait_secs: 5"), &dir);
+    let b = Backend::start(BACKEND, &b_config).unwrap();
+    wait_log(&b, "standing by");
+    (d, a, fe, b, b_ctl)
+}
+
+#[test]
+fn the_holder_hands_the_disk_over_when_its_vmm_stops_the_last_ring() {
+    let (d, a, mut fe, b, b_ctl) = vmm_and_standby("ubiblk-handover-stop");
+    let mut cb = Client::connect_queues(&b.config.socket, 1).unwrap();
+    // B's guest starts (after switchover) while A's VMM is still stopping its ring: B's first
+    // request waits for the disk, and gets it when A's last ring stops (GET_VRING_BASE).
+    let got = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            fe.stop_queue().unwrap();
+        });
+        let read = |q: &mut QueueIo| q.submit_read(8192, 0, 4096, 0);
+        within_5s(&mut cb, &b, "B's read during the hand-over", read)
+    });
+    assert_eq!(got, 0, "B's read:\n{}\nA:\n{}", b.log(), a.log());
+    assert_eq!(cb.queue(0).buf()[..4096], pattern_bytes(8192, 4096));
+    assert!(a.log().contains("disk handed over"), "{}", a.log());
+    assert!(disk_owner(&b_ctl) && !disk_owner(&d.ctl));
+    let mine = pattern_bytes(0xc000_0000, 4096);
+    io_ok(cb.write(0, 0, &mine), "B's write").unwrap();
+    io_ok(cb.flush(0), "B's flush").unwrap();
+    assert_eq!(read_file_at(&d.img, 0, 4096).unwrap(), mine);
+}
+
+#[test]
+fn a_cancelled_migration_leaves_the_source_serving() {
+    let (d, a, mut fe, b, b_ctl) = vmm_and_standby("ubiblk-handover-cancel");
+    // The source stops its ring (switchover) and hands the disk over; the migration fails
+    // and the source's VMM starts the ring again: the source takes the disk back and serves.
+    let base = fe.stop_queue().unwrap();
+    assert!(a.log().contains("disk handed over"), "{}", a.log());
+    assert!(!disk_owner(&d.ctl));
+    assert_eq!(u32::from(fe.resume_virtqueue().unwrap()), base);
+    let t = Duration::from_secs(5);
+    let got = fe
+        .read_sectors(16, 4096, t)
+        .unwrap_or_else(|e| panic!("A after the cancelled migration: {e}\n{}", a.log()));
+    assert_eq!(got, pattern_bytes(8192, 4096));
+    assert!(disk_owner(&d.ctl) && !disk_owner(&b_ctl));
+    assert!(!b.log().contains("took the disk over"), "{}", b.log());
 }
