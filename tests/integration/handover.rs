@@ -320,3 +320,78 @@ fn a_cancelled_migration_leaves_the_source_serving() {
     assert!(disk_owner(&d.ctl) && !disk_owner(&b_ctl));
     assert!(!b.log().contains("took the disk over"), "{}", b.log());
 }
+
+#[test]
+fn a_lazy_source_pauses_autofetch_at_the_hand_over_and_resumes_it_when_cancelled() {
+    let shift = 7;
+    let image = pattern_bytes(0x5eed_0000, DISK as usize);
+    let files = LazyFiles::new(
+        "ubiblk-handover-lazy-cancel",
+        DISK,
+        0xee,
+        &image,
+        &["autofetch: true", "autofetch_mib_per_sec: 2"],
+    );
+    files.init_metadata(INIT, shift);
+    let a = Backend::start(BACKEND, &files.config).unwrap();
+    let t = Duration::from_secs(5);
+    let mut fe = BlkFrontend::connect(&files.config.socket, t).unwrap();
+    fe.setup().unwrap();
+    let cfg = fe.read_config().unwrap();
+    let g = Geometry::new(&IoOptions::default(), &cfg).unwrap();
+    fe.setup_memory(&g).unwrap();
+    fe.setup_virtqueue(&g).unwrap();
+    assert!(fe.read_sectors(0, 4096, t).unwrap() == image[..4096]);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Switchover: the ring stops, A hands the disk over with its progress saved, and fetches
+    // nothing more.
+    let base = fe.stop_queue().unwrap();
+    let s0 = status(&files.ctl);
+    assert!(!s0.disk_owner && s0.fetching == 0, "{}", s0.raw);
+    assert!(
+        !s0.complete,
+        "autofetch finished before the hand-over: {}",
+        s0.raw
+    );
+    let saved = {
+        let f = std::fs::File::open(&files.meta).unwrap();
+        ubiblk::lazy::Metadata::read_from(&f, DISK / 512, None)
+            .unwrap()
+            .fetched_count()
+    };
+    assert_eq!(
+        saved as u64, s0.fetched,
+        "progress not saved at the hand-over"
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    let s1 = status(&files.ctl);
+    assert_eq!(
+        s1.fetched, s0.fetched,
+        "A fetched after handing over: {}",
+        s1.raw
+    );
+
+    // The migration is cancelled: the ring starts again, A takes the disk back and finishes.
+    assert_eq!(u32::from(fe.resume_virtqueue().unwrap()), base);
+    let at = 40 * 65536;
+    let got = fe
+        .read_sectors(at / 512, 4096, t)
+        .unwrap_or_else(|e| panic!("A after the cancelled migration: {e}\n{}", a.log()));
+    assert!(got == image[at as usize..at as usize + 4096]);
+    assert!(status(&files.ctl).disk_owner);
+    let t0 = Instant::now();
+    while !status(&files.ctl).complete {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "autofetch did not resume: {}\n{}",
+            status(&files.ctl).raw,
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        read_file(&files.base).unwrap() == image,
+        "the base disk is not the image"
+    );
+}
