@@ -170,17 +170,7 @@ fn the_second_backend_takes_the_disk_when_the_first_dies() {
 
 #[test]
 fn a_lazy_disk_in_standby_fetches_nothing_until_it_takes_the_disk() {
-    let shift = 7; // 64 KiB stripes: 64 of them
-    let image = pattern_bytes(0x5eed_0000, DISK as usize);
-    // Slow enough that A is far from done when it dies (~2 s for the whole disk).
-    let files = LazyFiles::new(
-        "ubiblk-handover-lazy",
-        DISK,
-        0xee,
-        &image,
-        &["autofetch: true", "autofetch_mib_per_sec: 2"],
-    );
-    files.init_metadata(INIT, shift);
+    let (files, image) = lazy_autofetch("ubiblk-handover-lazy");
     let mut a = Backend::start(BACKEND, &files.config).unwrap();
     let (b_config, b_ctl) = second(&files.config, files.dir.path());
     let mut b = Backend::start(BACKEND, &b_config).unwrap();
@@ -258,6 +248,32 @@ fn a_lazy_disk_in_standby_fetches_nothing_until_it_takes_the_disk() {
     );
 }
 
+/// A lazy disk over an image of the whole disk (returned), 64 KiB stripes, with autofetch slow
+/// enough (~2 s for the disk) to be caught in the middle.
+fn lazy_autofetch(prefix: &str) -> (LazyFiles, Vec<u8>) {
+    let image = pattern_bytes(0x5eed_0000, DISK as usize);
+    let files = LazyFiles::new(
+        prefix,
+        DISK,
+        0xee,
+        &image,
+        &["autofetch: true", "autofetch_mib_per_sec: 2"],
+    );
+    files.init_metadata(INIT, 7);
+    (files, image)
+}
+
+/// Our own frontend (a VMM) on `socket`, queue 0 running.
+fn vmm(socket: &Path) -> BlkFrontend {
+    let mut fe = BlkFrontend::connect(socket, Duration::from_secs(5)).unwrap();
+    fe.setup().unwrap();
+    let cfg = fe.read_config().unwrap();
+    let g = Geometry::new(&IoOptions::default(), &cfg).unwrap();
+    fe.setup_memory(&g).unwrap();
+    fe.setup_virtqueue(&g).unwrap();
+    fe
+}
+
 /// A served to our own frontend (a VMM: queue 0 running, one read done), and B on the same
 /// disk standing by with `handover_wait_secs: 5`.
 fn vmm_and_standby(prefix: &str) -> (PatternDisk, Backend, BlkFrontend, Backend, PathBuf) {
@@ -265,12 +281,7 @@ fn vmm_and_standby(prefix: &str) -> (PatternDisk, Backend, BlkFrontend, Backend,
     let a_config = BackendConfig::new(&d.img, &d.sock).extra_path("control_socket", &d.ctl);
     let a = Backend::start(BACKEND, &a_config).unwrap();
     let t = Duration::from_secs(5);
-    let mut fe = BlkFrontend::connect(&d.sock, t).unwrap();
-    fe.setup().unwrap();
-    let cfg = fe.read_config().unwrap();
-    let g = Geometry::new(&IoOptions::default(), &cfg).unwrap();
-    fe.setup_memory(&g).unwrap();
-    fe.setup_virtqueue(&g).unwrap();
+    let mut fe = vmm(&d.sock);
     assert_eq!(fe.read_sectors(0, 4096, t).unwrap(), pattern_bytes(0, 4096));
     let dir = d.img.parent().unwrap().to_path_buf();
     let (b_config, b_ctl) = second(&a_config.extra("handover_wait_secs: 5"), &dir);
@@ -323,24 +334,10 @@ fn a_cancelled_migration_leaves_the_source_serving() {
 
 #[test]
 fn a_lazy_source_pauses_autofetch_at_the_hand_over_and_resumes_it_when_cancelled() {
-    let shift = 7;
-    let image = pattern_bytes(0x5eed_0000, DISK as usize);
-    let files = LazyFiles::new(
-        "ubiblk-handover-lazy-cancel",
-        DISK,
-        0xee,
-        &image,
-        &["autofetch: true", "autofetch_mib_per_sec: 2"],
-    );
-    files.init_metadata(INIT, shift);
+    let (files, image) = lazy_autofetch("ubiblk-handover-lazy-cancel");
     let a = Backend::start(BACKEND, &files.config).unwrap();
     let t = Duration::from_secs(5);
-    let mut fe = BlkFrontend::connect(&files.config.socket, t).unwrap();
-    fe.setup().unwrap();
-    let cfg = fe.read_config().unwrap();
-    let g = Geometry::new(&IoOptions::default(), &cfg).unwrap();
-    fe.setup_memory(&g).unwrap();
-    fe.setup_virtqueue(&g).unwrap();
+    let mut fe = vmm(&files.config.socket);
     assert!(fe.read_sectors(0, 4096, t).unwrap() == image[..4096]);
     std::thread::sleep(Duration::from_millis(300));
 
