@@ -296,15 +296,26 @@ fn the_holder_hands_the_disk_over_when_its_vmm_stops_the_last_ring() {
     let mut cb = Client::connect_queues(&b.config.socket, 1).unwrap();
     // B's guest starts (after switchover) while A's VMM is still stopping its ring: B's first
     // request waits for the disk, and gets it when A's last ring stops (GET_VRING_BASE).
-    let got = std::thread::scope(|s| {
-        s.spawn(|| {
+    let (got, (b_owner, status_took)) = std::thread::scope(|s| {
+        let stopper = s.spawn(|| {
             std::thread::sleep(Duration::from_millis(300));
+            // B is waiting for the disk: its control socket answers at once all the same.
+            let t0 = Instant::now();
+            let owner = disk_owner(&b_ctl);
+            let took = t0.elapsed();
             fe.stop_queue().unwrap();
+            (owner, took)
         });
         let read = |q: &mut QueueIo| q.submit_read(8192, 0, 4096, 0);
-        within_5s(&mut cb, &b, "B's read during the hand-over", read)
+        let got = within_5s(&mut cb, &b, "B's read during the hand-over", read);
+        (got, stopper.join().unwrap())
     });
     assert_eq!(got, 0, "B's read:\n{}\nA:\n{}", b.log(), a.log());
+    assert!(!b_owner, "B said it had the disk while waiting for it");
+    assert!(
+        status_took < Duration::from_secs(1),
+        "B's status took {status_took:?} while B waited for the disk"
+    );
     assert_eq!(cb.queue(0).buf()[..4096], pattern_bytes(8192, 4096));
     assert!(a.log().contains("disk handed over"), "{}", a.log());
     assert!(disk_owner(&b_ctl) && !disk_owner(&d.ctl));
