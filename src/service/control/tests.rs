@@ -155,6 +155,7 @@ fn stats_and_metrics_report_the_recorded_requests() {
     let dev = "device_id=\"a\\\"b\\\\c\\nd\"";
     for line in [
         format!("ubiblk_up{{{dev}}} 1"),
+        format!("ubiblk_disk_owner{{{dev}}} 1"),
         format!("ubiblk_requests_total{{{dev},queue=\"1\",op=\"read\"}} 1"),
         format!("ubiblk_bytes_total{{{dev},queue=\"1\",op=\"write\"}} 0"),
         format!("ubiblk_errors_total{{{dev},queue=\"1\",op=\"write\"}} 1"),
