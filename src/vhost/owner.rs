@@ -89,6 +89,7 @@ impl BlockBackend {
     /// see `start_available`) and re-enables notifications, looping while that finds more.
     /// Without it, under EVENT_IDX the avail event would stay behind the requests failed here
     /// and the guest would never kick again: its next request would hang instead of failing.
+    /// An avail index no chain backs (a hostile guest) ends the loop, as in `process`.
     pub(super) fn refuse_available(
         &self,
         queue: usize,
@@ -98,11 +99,16 @@ impl BlockBackend {
         stats: &QueueStats,
     ) {
         let mut done = Vec::new();
+        let mut rechecking = false;
         loop {
-            self.start_available(queue, vring, mem, worker, stats, &mut done);
+            let (found, corrupt) =
+                self.start_available(queue, vring, mem, worker, stats, &mut done);
             self.complete(queue, vring, stats, &mut done);
+            if corrupt || (rechecking && !found) {
+                break;
+            }
             match vring.enable_notification() {
-                Ok(true) => continue,
+                Ok(true) => rechecking = true,
                 Ok(false) => break,
                 Err(e) => {
                     self.warn_ring_op(format_args!("enable_notification failed: {e}"));

@@ -403,3 +403,31 @@ fn a_lazy_source_pauses_autofetch_at_the_hand_over_and_resumes_it_when_cancelled
         "the base disk is not the image"
     );
 }
+
+/// CPU time (user + system) the process `pid` has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn a_hostile_guest_on_a_standby_backend_does_not_make_it_spin() {
+    let (_d, _a, _fe, b, b_ctl) = vmm_and_standby("ubiblk-handover-hostile");
+    let mut fe = vmm(&b.config.socket);
+    let t = Duration::from_secs(10);
+    // B's first request waits for the disk (5 s) and fails.
+    let e = fe.read_sectors(0, 4096, t).unwrap_err().to_string();
+    assert!(e.contains("IOERR"), "{e}");
+    // An avail index more than a ring ahead: no chain can be popped, and there is no disk to
+    // serve them with anyway. B must neither spin nor stop answering.
+    fe.force_avail_index(1000).unwrap();
+    let pid = b.guard.pid();
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(pid) - before;
+    assert!(used < 30, "B used {used} ticks of CPU in 1 s:\n{}", b.log());
+    assert!(!disk_owner(&b_ctl));
+}
