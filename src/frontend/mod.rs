@@ -18,14 +18,15 @@
 //! One job per file: [`Stage`] (stage.rs), feature bits and their names (features.rs), the
 //! config space (config.rs), request shape (geometry.rs), the shared memory and its layout
 //! (memory.rs), the split virtqueue (ring.rs), the vhost-user session [`BlkFrontend`]
-//! (session.rs), stage 4's copy loop (copy.rs), what each stage reports (report.rs), [`run`] (run.rs) and [`Error`]
-//! (error.rs).
+//! (session.rs), stage 4's copy loop (copy.rs), what each stage reports (report.rs), [`run`] (run.rs),
+//! [`Error`] (error.rs) and a live migration's dirty log (log.rs, [`DirtyLog`]).
 
 mod config;
 mod copy;
 mod error;
 mod features;
 mod geometry;
+mod log;
 mod memory;
 mod report;
 mod ring;
@@ -39,6 +40,7 @@ pub use features::{
     protocol_feature_names, virtio_feature_names, wanted_features, wanted_protocol_features,
 };
 pub use geometry::{Geometry, IoOptions};
+pub use log::{DirtyLog, LOG_PAGE};
 pub use memory::{Layout, SharedMemory};
 pub use report::{CopyInfo, MemoryInfo, Report, SetupInfo, VirtqueueInfo};
 pub use ring::status_name;

@@ -152,7 +152,26 @@ impl Ring {
         sector: u64,
         len: u32,
     ) -> Result<()> {
+        self.submit_read_at(mem, slot, sector, len, 0)
+    }
+
+    /// [`Ring::submit_read`] with the data buffer `data_off` bytes into the slot's (page
+    /// aligned) data area, e.g. 1 for a buffer no device can read into directly.
+    pub(super) fn submit_read_at(
+        &mut self,
+        mem: &SharedMemory,
+        slot: u16,
+        sector: u64,
+        len: u32,
+        data_off: u32,
+    ) -> Result<()> {
         let g = &self.geometry;
+        ensure!(
+            u64::from(data_off) + u64::from(len) <= u64::from(g.chunk),
+            Options,
+            "a {len}-byte buffer at offset {data_off} does not fit a {}-byte slot",
+            g.chunk
+        );
         let head = slot * g.descs_per_req;
         let hdr_addr = GUEST_BASE + self.layout.headers + HEADER_LEN * u64::from(slot);
         let status_addr = self.status_addr(slot).0;
@@ -169,7 +188,7 @@ impl Ring {
         let next_flag = VRING_DESC_F_NEXT as u16;
         let write_flag = VRING_DESC_F_WRITE as u16;
         self.write_desc(mem, head, hdr_addr, HEADER_LEN as u32, next_flag, head + 1)?;
-        let data = self.data_addr(slot).0;
+        let data = self.data_addr(slot).0 + u64::from(data_off);
         let mut i = head + 1;
         let mut off = 0u32;
         while off < len {

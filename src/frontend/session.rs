@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::copy;
 use super::error::{ensure, io_err, mem_err, request_err, Error, Result};
+use super::log::DirtyLog;
 use super::ring::Ring;
 use super::{
     wanted_features, wanted_protocol_features, BlkConfig, CopyInfo, Geometry, Layout, MemoryInfo,
@@ -27,13 +28,19 @@ use super::{
 /// A connection to a vhost-user-blk backend, brought up stage by stage.
 pub struct BlkFrontend {
     fe: Frontend,
+    offered_features: u64,
     acked_features: u64,
+    protocol_acked: VhostUserProtocolFeatures,
     config: Option<BlkConfig>,
     memory: Option<SharedMemory>,
     ring: Option<Ring>,
     strict: bool,
     /// Ack INFLIGHT_SHMFD in [`BlkFrontend::setup`] (see [`BlkFrontend::with_inflight`]).
     want_inflight: bool,
+    /// Ack LOG_SHMFD in [`BlkFrontend::setup`] (see [`BlkFrontend::with_dirty_log`]).
+    want_log: bool,
+    /// The dirty log handed over with SET_LOG_BASE, once [`BlkFrontend::start_dirty_log`] ran.
+    log: Option<DirtyLog>,
 }
 
 impl BlkFrontend {
@@ -62,13 +69,24 @@ impl BlkFrontend {
         };
         Ok(BlkFrontend {
             fe: Frontend::from_stream(stream, 1),
+            offered_features: 0,
             acked_features: 0,
+            protocol_acked: VhostUserProtocolFeatures::empty(),
             config: None,
             memory: None,
             ring: None,
             strict: false,
             want_inflight: false,
+            want_log: false,
+            log: None,
         })
+    }
+
+    /// Also negotiates LOG_SHMFD in [`BlkFrontend::setup`], when the backend offers it, for
+    /// [`BlkFrontend::start_dirty_log`].
+    pub fn with_dirty_log(mut self) -> BlkFrontend {
+        self.want_log = true;
+        self
     }
 
     /// Also negotiates INFLIGHT_SHMFD in [`BlkFrontend::setup`], when the backend offers it.
@@ -116,6 +134,7 @@ impl BlkFrontend {
         self.fe
             .set_features(acked)
             .map_err(request_err("SET_FEATURES"))?;
+        self.offered_features = offered;
         self.acked_features = acked;
 
         let proto_offered = self
@@ -128,7 +147,11 @@ impl BlkFrontend {
         if self.want_inflight {
             wanted |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
         }
+        if self.want_log {
+            wanted |= VhostUserProtocolFeatures::LOG_SHMFD;
+        }
         let proto_acked = proto_offered & wanted;
+        self.protocol_acked = proto_acked;
         self.fe
             .set_protocol_features(proto_acked)
             .map_err(request_err("SET_PROTOCOL_FEATURES"))?;
@@ -224,6 +247,70 @@ impl BlkFrontend {
             avail: base + layout.avail,
             used: base + layout.used,
         })
+    }
+
+    /// Starts logging as QEMU does when a migration starts (after stage 2 and
+    /// [`BlkFrontend::with_dirty_log`]): SET_LOG_BASE with a fresh log covering guest memory,
+    /// then SET_FEATURES with `VHOST_F_LOG_ALL` added. Read it with [`BlkFrontend::dirty_log`].
+    pub fn start_dirty_log(&mut self) -> Result<()> {
+        let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
+        ensure!(
+            self.offered_features & log_all != 0,
+            Backend,
+            "backend does not offer VHOST_F_LOG_ALL (features {:#x})",
+            self.offered_features
+        );
+        ensure!(
+            self.protocol_acked
+                .contains(VhostUserProtocolFeatures::LOG_SHMFD),
+            Backend,
+            "LOG_SHMFD was not negotiated (protocol features {:#x})",
+            self.protocol_acked.bits()
+        );
+        let mem = self
+            .memory
+            .as_ref()
+            .ok_or(Error::Order("the dirty log needs the memory stage first"))?;
+        let log = DirtyLog::new(mem.info.guest_phys_addr + mem.info.memory_size)?;
+        self.fe
+            .set_log_base(0, Some(log.region()))
+            .map_err(request_err("SET_LOG_BASE"))?;
+        self.fe
+            .set_features(self.acked_features | log_all)
+            .map_err(request_err("SET_FEATURES"))?;
+        self.log = Some(log);
+        Ok(())
+    }
+
+    /// Stops logging as QEMU does when a migration ends or is cancelled: SET_FEATURES without
+    /// `VHOST_F_LOG_ALL`. The log stays mapped here, to check nothing more is marked.
+    pub fn stop_dirty_log(&mut self) -> Result<()> {
+        self.fe
+            .set_features(self.acked_features)
+            .map_err(request_err("SET_FEATURES"))
+    }
+
+    /// SET_MEM_TABLE again with the same memory, as a VMM does when the guest's memory map
+    /// changes: the backend maps it anew (and must keep logging it, during a migration).
+    pub fn resend_mem_table(&mut self) -> Result<()> {
+        let mem = self.memory.as_ref().ok_or(Error::Order(
+            "resending the memory table needs the memory stage",
+        ))?;
+        self.fe
+            .set_mem_table(&[mem.info])
+            .map_err(request_err("SET_MEM_TABLE"))?;
+        Ok(())
+    }
+
+    /// The log of [`BlkFrontend::start_dirty_log`].
+    pub fn dirty_log(&self) -> Option<&DirtyLog> {
+        self.log.as_ref()
+    }
+
+    /// Where queue 0 and its requests are in guest memory (after stage 3), as offsets from
+    /// [`GUEST_BASE`]: the pages a backend writes are its used ring, status bytes and data.
+    pub fn layout(&self) -> Option<&Layout> {
+        self.ring.as_ref().map(|r| &r.layout)
     }
 
     /// GET_INFLIGHT_FD for `num_queues` queues of `queue_size`: the region's description and
@@ -344,6 +431,18 @@ impl BlkFrontend {
     /// here, so tests can send out-of-range requests: a non-OK status is an error that names
     /// it (e.g. "status 1 (IOERR)").
     pub fn read_sectors(&mut self, sector: u64, len: u32, timeout: Duration) -> Result<Vec<u8>> {
+        self.read_sectors_at(sector, len, 0, timeout)
+    }
+
+    /// [`BlkFrontend::read_sectors`] into a buffer `data_off` bytes into slot 0's data area
+    /// (e.g. 1: a buffer the backend cannot hand to the device as is).
+    pub fn read_sectors_at(
+        &mut self,
+        sector: u64,
+        len: u32,
+        data_off: u32,
+        timeout: Duration,
+    ) -> Result<Vec<u8>> {
         let mem = self
             .memory
             .as_ref()
@@ -358,7 +457,7 @@ impl BlkFrontend {
             "read length {len} is not a multiple of 512 in 512..={}",
             ring.geometry.chunk
         );
-        ring.submit_read(mem, 0, sector, len)?;
+        ring.submit_read_at(mem, 0, sector, len, data_off)?;
         ring.notify(mem)?;
         let done = ring.wait_used(mem, 1, timeout)?;
         let &[(id, used_len)] = done.as_slice() else {
@@ -381,7 +480,10 @@ impl BlkFrontend {
         );
         let mut data = vec![0u8; len as usize];
         mem.mem
-            .read_slice(&mut data, ring.data_addr(0))
+            .read_slice(
+                &mut data,
+                GuestAddress(ring.data_addr(0).0 + u64::from(data_off)),
+            )
             .map_err(mem_err("reading request data"))?;
         Ok(data)
     }

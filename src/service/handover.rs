@@ -17,6 +17,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -66,6 +67,9 @@ pub struct DiskLock {
     lazy: Option<Arc<LazyDevice>>,
     wait: Duration,
     state: Mutex<State>,
+    /// `state.held`, readable while an acquire holds the lock and waits (`status` must not
+    /// wait up to `handover_wait_secs` for its answer).
+    held: AtomicBool,
 }
 
 #[derive(Default)]
@@ -96,12 +100,13 @@ impl DiskLock {
                 held,
                 refused: false,
             }),
+            held: AtomicBool::new(held),
         }
     }
 
-    /// Whether this backend has the disk (for `status`).
+    /// Whether this backend has the disk (for `status`); never waits.
     pub fn held(&self) -> bool {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).held
+        self.held.load(Ordering::Acquire)
     }
 
     fn take(&self) -> io::Result<()> {
@@ -162,6 +167,7 @@ impl DiskOwner for DiskLock {
             return false;
         }
         state.held = true;
+        self.held.store(true, Ordering::Release);
         state.refused = false;
         info!("took the disk over: serving");
         true
@@ -192,6 +198,7 @@ impl DiskOwner for DiskLock {
             warn!("unlocking the disk failed: {e}");
         }
         state.held = false;
+        self.held.store(false, Ordering::Release);
         info!(
             "guest stopped: disk handed over in {:?} (another backend may take it)",
             started.elapsed()

@@ -206,6 +206,7 @@ pub fn open_with_kek(
             qos: qos.clone(),
             capacity: capacity.clone(),
             resizer: Some(resizer.clone()),
+            owner: Some(owner.clone()),
         };
         control_socket = Some(control::serve(path, Arc::new(control))?);
         info!("control socket: {}", path.display());

@@ -357,8 +357,7 @@ impl BlockBackend {
         let mut done = Vec::new();
         if vring.get_ref().get_queue().ready() {
             if !self.activity.start(queue) {
-                self.start_available(queue, vring, &mem, &mut worker, stats, &mut done);
-                self.complete(queue, vring, stats, &mut done);
+                self.refuse_available(queue, vring, &mem, &mut worker, stats);
                 poll.sleeping(Instant::now());
                 return;
             }

@@ -19,6 +19,8 @@ pub struct ControlStatus {
     pub stripe_bytes: u64,
     pub copy_on_read: bool,
     pub autofetch: bool,
+    /// Whether this backend has the disk (false: standing by for another backend).
+    pub disk_owner: bool,
     /// The reply, trimmed.
     #[serde(skip)]
     pub raw: String,

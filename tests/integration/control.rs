@@ -196,6 +196,7 @@ fn status_stats_and_metrics_count_what_the_client_did() {
     assert_eq!(st["readonly"], false);
     assert_eq!(st["encrypted"], false);
     assert_eq!(st["connected"], false);
+    assert_eq!(st["disk_owner"], true);
     assert!(st["uptime_secs"].is_u64());
     assert!(
         st.get("stripes").is_none(),
@@ -282,6 +283,7 @@ fn status_stats_and_metrics_count_what_the_client_did() {
     }
     assert_eq!(value(&samples, "ubiblk_up", &[]), Some(1.0));
     assert_eq!(value(&samples, "ubiblk_connected", &[]), Some(1.0));
+    assert_eq!(value(&samples, "ubiblk_disk_owner", &[]), Some(1.0));
     assert_eq!(
         value(&samples, "ubiblk_size_bytes", &[]),
         Some((32 << 20) as f64)

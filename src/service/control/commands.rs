@@ -20,6 +20,9 @@ pub(super) struct Status<'a> {
     pub(super) facts: Facts<'a>,
     pub(super) uptime_secs: u64,
     pub(super) connected: bool,
+    /// Whether this backend has the disk: false while it stands by for another backend (a
+    /// live migration's source) to hand it over, or after it could not take it.
+    pub(super) disk_owner: bool,
 }
 
 /// The device's facts as `status` reports them: the size is the current one.
@@ -221,6 +224,7 @@ impl Control {
             facts: self.facts(),
             uptime_secs: self.started.elapsed().as_secs(),
             connected: self.connected.load(Ordering::Relaxed),
+            disk_owner: self.owner.as_ref().is_none_or(|o| o.held()),
         }
     }
 }

@@ -19,6 +19,12 @@ impl Control {
         );
         m.sample("ubiblk_connected", &[], u64::from(status.connected));
         m.family(
+            "ubiblk_disk_owner",
+            "gauge",
+            "Whether this backend has the disk (0: standing by for another backend).",
+        );
+        m.sample("ubiblk_disk_owner", &[], u64::from(status.disk_owner));
+        m.family(
             "ubiblk_uptime_seconds",
             "gauge",
             "Seconds since the backend started.",

@@ -1,8 +1,9 @@
 //! The control socket (`control_socket`): a unix stream socket taking one command per line,
 //! for any disk.
 //!
-//! `status` answers one line of JSON: the device's facts, whether a frontend is connected, and
-//! with lazy fetch its progress ([`LazyStatus`], flattened in); `stats` one line of JSON with
+//! `status` answers one line of JSON: the device's facts, whether a frontend is connected,
+//! whether this backend has the disk (`disk_owner`, see [`super::handover`]), and with lazy
+//! fetch its progress ([`LazyStatus`], flattened in); `stats` one line of JSON with
 //! the request statistics per queue and in total ([`crate::virtio_blk::stats`]); `metrics` the same and
 //! `status`'s numbers in the Prometheus text exposition format, several lines ending with a
 //! line `# EOF`; `qos` the I/O limits in force (every field of `qos:`, `null` when not
@@ -49,6 +50,8 @@ pub struct Control {
     pub capacity: Capacity,
     /// What `resize` acts on (`None`: `resize` is refused).
     pub resizer: Option<Arc<super::resize::Resizer>>,
+    /// The disk's lock between backends (`status`'s `disk_owner`; `None`: always the owner).
+    pub owner: Option<Arc<super::handover::DiskLock>>,
 }
 
 /// What the config and the opened stack say about the device (the size is `capacity`).

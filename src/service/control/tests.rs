@@ -23,6 +23,7 @@ fn control() -> Control {
         qos: Some(Qos::new(QosLimits::default()).unwrap()),
         capacity: crate::block::Capacity::new((1 << 30) >> 9),
         resizer: None,
+        owner: None,
     }
 }
 
@@ -117,10 +118,11 @@ fn status_of_a_plain_disk_and_unknown_commands() {
     assert_eq!(
         c.answer("status\n"),
         "{\"device_id\":\"vm1-disk0\",\"size_bytes\":1073741824,\"num_queues\":2,\
-         \"readonly\":false,\"encrypted\":true,\"uptime_secs\":0,\"connected\":false}"
+         \"readonly\":false,\"encrypted\":true,\"uptime_secs\":0,\"connected\":false,\
+         \"disk_owner\":true}"
     );
     c.connected.store(true, Ordering::Relaxed);
-    assert!(c.answer(" status ").ends_with("\"connected\":true}"));
+    assert!(c.answer(" status ").contains("\"connected\":true,"));
     let e = c.answer("bogus\" x\n");
     let v: serde_json::Value = serde_json::from_str(&e).unwrap();
     assert_eq!(v["error"], "unknown command");
@@ -153,6 +155,7 @@ fn stats_and_metrics_report_the_recorded_requests() {
     let dev = "device_id=\"a\\\"b\\\\c\\nd\"";
     for line in [
         format!("ubiblk_up{{{dev}}} 1"),
+        format!("ubiblk_disk_owner{{{dev}}} 1"),
         format!("ubiblk_requests_total{{{dev},queue=\"1\",op=\"read\"}} 1"),
         format!("ubiblk_bytes_total{{{dev},queue=\"1\",op=\"write\"}} 0"),
         format!("ubiblk_errors_total{{{dev},queue=\"1\",op=\"write\"}} 1"),
