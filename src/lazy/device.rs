@@ -28,6 +28,16 @@ use crate::remote::RemoteOptions;
 /// of several stripes.
 const LOCAL_FETCHERS: usize = 4;
 
+/// What [`LazyDevice::stripe_map`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StripeMap {
+    pub shift: u8,
+    /// Per stripe: [`super::metadata::FETCHED`], [`super::metadata::WRITTEN`].
+    pub bits: Vec<u8>,
+    /// Stripes `0..source_stripes` have content in the source.
+    pub source_stripes: usize,
+}
+
 /// What the lazy layer needs from the configuration.
 #[derive(Debug, Clone)]
 pub struct LazyOptions {
@@ -208,6 +218,21 @@ impl LazyDevice {
     pub fn shutdown(&self, grace: Duration) {
         *lock(&self.shared.shutdown) = Some(Instant::now() + grace);
         self.shared.queue.wake_parked();
+    }
+
+    /// The stripes as a stripe server shows them: their size (2^shift sectors), each one's
+    /// FETCHED and WRITTEN bits now, and how many the source covers (the stripes from there
+    /// on, unfetched, read as zeros).
+    pub fn stripe_map(&self) -> StripeMap {
+        let s = &self.shared;
+        let stripe_bytes = s.stripes.stripe_bytes();
+        let covered = self.source.bytes().div_ceil(stripe_bytes);
+        let bits = s.stripes.bits();
+        StripeMap {
+            shift: s.stripes.shift,
+            source_stripes: usize::try_from(covered).map_or(bits.len(), |c| c.min(bits.len())),
+            bits,
+        }
     }
 
     pub fn status(&self) -> LazyStatus {

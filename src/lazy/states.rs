@@ -110,6 +110,14 @@ impl StripeStates {
         self.fetched.fetch_add(1, SeqCst) + 1
     }
 
+    /// Every stripe's persistent bits (FETCHED, WRITTEN), as they are now.
+    pub fn bits(&self) -> Vec<u8> {
+        self.states
+            .iter()
+            .map(|s| s.load(SeqCst) & (FETCHED | WRITTEN))
+            .collect()
+    }
+
     /// Plaintext of metadata sector `n` (>= 1) from the in-memory state.
     pub fn encode_sector(&self, n: u64) -> [u8; SECTOR_SIZE] {
         let mut out = [0u8; SECTOR_SIZE];

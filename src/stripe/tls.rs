@@ -47,6 +47,13 @@ pub enum TlsError {
     Io(#[from] io::Error),
 }
 
+/// Where a PSK comes from (the config's `psk_identity` and `psk_file`): read by [`Psk::load`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PskSpec {
+    pub identity: String,
+    pub file: PathBuf,
+}
+
 /// An identity and its key.
 pub struct Psk {
     identity: String,

@@ -23,6 +23,7 @@ fn control() -> Control {
         qos: Some(Qos::new(QosLimits::default()).unwrap()),
         capacity: crate::block::Capacity::new((1 << 30) >> 9),
         resizer: None,
+        gate: None,
     }
 }
 
