@@ -28,4 +28,5 @@ mod restart;
 mod servers;
 mod sockets;
 mod source_identity;
+mod stripe_server;
 mod systemd;
