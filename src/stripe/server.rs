@@ -3,8 +3,8 @@
 //! remote stripe protocol (ours, the `ubiblk://` source, or the reference's).
 //!
 //! - One thread per connection, at most [`MAX_CONNECTIONS`] at once: more are closed at once,
-//!   unanswered. Every read and write (the TLS handshake included) times out after
-//!   [`IO_TIMEOUT`]: a silent or stalled client loses its connection.
+//!   unanswered. The TLS handshake times out after [`HANDSHAKE_TIMEOUT`], every later read
+//!   and write after [`IO_TIMEOUT`]: a silent or stalled client loses its connection.
 //! - TLS-PSK ([`super::tls`]) unless the config opts out with `danger_zone`.
 //! - METADATA describes the disk as it is ([`Layout`]); READ_STRIPE reads through the block
 //!   layer it was given, and is refused with [`STATUS_SERVER_ERROR`] while a VM's rings run
@@ -33,6 +33,9 @@ use crate::block::{run_sync, BlockDevice, IoBuf, IoChannel, IoOp, SECTOR_SHIFT};
 pub const MAX_CONNECTIONS: usize = 64;
 /// Longest wait for a client's next bytes or for it to take ours.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest TLS handshake: a connection holds one of [`MAX_CONNECTIONS`] slots before it has
+/// shown it holds the key, so a flood of silent connections is shed sooner.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What METADATA says about the disk, taken afresh for every request.
 pub trait Layout: Send + Sync {
@@ -156,14 +159,16 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 fn connection(s: &Shared, tcp: TcpStream) -> Result<(), Box<dyn std::error::Error>> {
-    tcp.set_read_timeout(Some(IO_TIMEOUT))?;
-    tcp.set_write_timeout(Some(IO_TIMEOUT))?;
+    tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    tcp.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
     tcp.set_nodelay(true)?;
     let peer = tcp.peer_addr()?;
     let mut stream = match &s.tls {
         Some(ctx) => tls::accept(ctx, tcp)?,
         None => Stream::Plain(tcp),
     };
+    stream.tcp().set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.tcp().set_write_timeout(Some(IO_TIMEOUT))?;
     s.warned_full.store(false, Ordering::Relaxed);
     info!("stripe server: client {peer} connected");
     let mut channel = s.device.new_channel()?;
