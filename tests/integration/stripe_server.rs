@@ -533,3 +533,99 @@ fn a_source_with_the_wrong_psk_is_refused_at_start() {
         assert!(!err.contains(&String::from_utf8_lossy(&key[..12]).to_string()));
     }
 }
+
+/// B made against A by init-metadata, started, filled with autofetch; returns it with its
+/// control socket (B's files live in `dir`).
+fn host_b(dir: &Path, addr: &str, psk: &Path) -> (Backend, PathBuf) {
+    let (base, meta, ctl) = (dir.join("b.raw"), dir.join("b.meta"), dir.join("b.sock"));
+    std::fs::write(&base, vec![0u8; DISK as usize]).unwrap();
+    let cfg = BackendConfig::new(&base, dir.join("b-vhost.sock"))
+        .extra(format!("image_url: \"ubiblk://{addr}\""))
+        .extra(format!("psk_identity: {IDENTITY}"))
+        .extra_path("psk_file", psk)
+        .extra_path("metadata_path", &meta)
+        .extra_path("control_socket", &ctl)
+        .extra("autofetch: true");
+    let yaml = dir.join("b.yaml");
+    std::fs::write(&yaml, cfg.to_yaml()).unwrap();
+    let out = Command::new(INIT).arg("-f").arg(&yaml).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let be = Backend::start(BIN, &cfg).unwrap();
+    wait_complete(&ctl, Duration::from_secs(60));
+    (be, ctl)
+}
+
+/// A disk still filling from a disk archive (`archive_url`, file://) is moved on: its
+/// unfetched stripes are read through the archive on A and served to B.
+#[test]
+fn a_disk_filling_from_an_archive_is_moved_on() {
+    const ARCHIVE: &str = env!("CARGO_BIN_EXE_archive");
+    let dir = scratch_dir("stripe-arch");
+    let d = dir.path();
+    // The archived disk: pattern bytes.
+    let disk0 = d.join("disk0.raw");
+    create_pattern_file(&disk0, DISK).unwrap();
+    let kek = d.join("kek.yaml");
+    std::fs::write(
+        &kek,
+        format!(
+            "method: aes256-gcm\nkey: {}\ninit_vector: {}\nauth_data: {}\n",
+            b64(&[0xa5; 32]),
+            b64(&[0x3c; 12]),
+            b64(b"aad")
+        ),
+    )
+    .unwrap();
+    let cfg0 = BackendConfig::new(&disk0, d.join("0.sock"));
+    let yaml0 = d.join("0.yaml");
+    std::fs::write(&yaml0, cfg0.to_yaml()).unwrap();
+    let arch = d.join("archive");
+    std::fs::create_dir(&arch).unwrap();
+    let url = format!("file://{}", arch.display());
+    let out = Command::new(ARCHIVE)
+        .arg("-f")
+        .arg(&yaml0)
+        .arg("-k")
+        .arg(&kek)
+        .args(["--to", &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    // A: lazy from the archive, a few stripes fetched, one written; a stripe server.
+    let psk = psk_file(d, "psk", &KEY);
+    let (a_base, a_meta) = (d.join("a.raw"), d.join("a.meta"));
+    std::fs::write(&a_base, vec![0u8; DISK as usize]).unwrap();
+    let a_cfg = BackendConfig::new(&a_base, d.join("a-vhost.sock"))
+        .extra(format!("archive_url: {}", yaml_str(&url)))
+        .extra_path("metadata_path", &a_meta)
+        .extra(server_yaml(Some(&psk)));
+    let a_yaml = d.join("a.yaml");
+    std::fs::write(&a_yaml, a_cfg.to_yaml()).unwrap();
+    let kek_arg = kek.to_str().unwrap();
+    let out = Command::new(INIT)
+        .arg("-f")
+        .arg(&a_yaml)
+        .args(["-k", kek_arg, "-s", &SHIFT.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let a_be = Backend::start_with_args(BIN, &a_cfg, &["--kek", kek_arg]).unwrap();
+    let addr = served_addr(&a_be);
+    let mut model = pattern_bytes(0, DISK as usize);
+    {
+        let mut c = Client::connect_queues(a_be.socket(), 1).unwrap();
+        for s in [0, 5, 17] {
+            c.read(0, s * STRIPE, 4096).unwrap();
+        }
+        let data = pattern_bytes(7 << 40, 4096);
+        c.write(0, 9 * STRIPE + 512, &data).unwrap();
+        model[(9 * STRIPE + 512) as usize..][..4096].copy_from_slice(&data);
+        c.flush(0).unwrap();
+    }
+    let (b_be, _ctl) = host_b(d, &addr, &psk);
+    let mut a_be = a_be;
+    a_be.guard.kill();
+    let mut c = Client::connect_queues(b_be.socket(), 1).unwrap();
+    assert!(read_all(&mut c, DISK) == model, "B does not read as A did");
+}
