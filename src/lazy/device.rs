@@ -224,15 +224,28 @@ impl LazyDevice {
     /// FETCHED and WRITTEN bits now, and how many the source covers (the stripes from there
     /// on, unfetched, read as zeros).
     pub fn stripe_map(&self) -> StripeMap {
-        let s = &self.shared;
-        let stripe_bytes = s.stripes.stripe_bytes();
-        let covered = self.source.bytes().div_ceil(stripe_bytes);
-        let bits = s.stripes.bits();
         StripeMap {
-            shift: s.stripes.shift,
-            source_stripes: usize::try_from(covered).map_or(bits.len(), |c| c.min(bits.len())),
-            bits,
+            shift: self.shared.stripes.shift,
+            source_stripes: self.source_stripes(),
+            bits: self.shared.stripes.bits(),
         }
+    }
+
+    /// [`LazyDevice::stripe_map`] of one stripe, without copying the others: its size (as a
+    /// shift), its bits, and whether the source covers it; `None` past the last stripe.
+    pub fn stripe_state(&self, stripe: usize) -> Option<(u8, u8, bool)> {
+        let bits = self.shared.stripes.bits_of(stripe)?;
+        Some((
+            self.shared.stripes.shift,
+            bits,
+            stripe < self.source_stripes(),
+        ))
+    }
+
+    fn source_stripes(&self) -> usize {
+        let s = &self.shared.stripes;
+        let covered = self.source.bytes().div_ceil(s.stripe_bytes());
+        usize::try_from(covered).map_or(s.count(), |c| c.min(s.count()))
     }
 
     pub fn status(&self) -> LazyStatus {

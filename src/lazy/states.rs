@@ -110,6 +110,11 @@ impl StripeStates {
         self.fetched.fetch_add(1, SeqCst) + 1
     }
 
+    /// One stripe's persistent bits (FETCHED, WRITTEN); `None` past the last stripe.
+    pub fn bits_of(&self, stripe: usize) -> Option<u8> {
+        Some(self.states.get(stripe)?.load(SeqCst) & (FETCHED | WRITTEN))
+    }
+
     /// Every stripe's persistent bits (FETCHED, WRITTEN), as they are now.
     pub fn bits(&self) -> Vec<u8> {
         self.states

@@ -19,14 +19,37 @@ use crate::stripe::{Geometry, MoveGate, Psk};
 /// stripes of 1 MiB (the reference's default), as many as cover the disk's current size.
 struct PlainLayout(Arc<dyn BlockDevice>);
 
+impl PlainLayout {
+    fn count(&self) -> u64 {
+        self.0.sectors().div_ceil(1 << DEFAULT_SHIFT)
+    }
+}
+
 impl Layout for PlainLayout {
     fn geometry(&self) -> Geometry {
-        let count = self.0.sectors().div_ceil(1 << DEFAULT_SHIFT);
         Geometry {
             shift: DEFAULT_SHIFT,
-            flags: vec![WRITTEN; usize::try_from(count).unwrap_or(0)],
+            flags: vec![WRITTEN; usize::try_from(self.count()).unwrap_or(0)],
         }
     }
+
+    fn stripe(&self, index: u64) -> Option<(u8, u8)> {
+        (index < self.count()).then_some((DEFAULT_SHIFT, WRITTEN))
+    }
+}
+
+/// The wire flags of a lazy stripe: its bits, and whether the source covers it.
+fn lazy_flags(bits: u8, covered: bool) -> u8 {
+    let mut f = 0;
+    if bits & LAZY_FETCHED != 0 {
+        f |= FETCHED | HAS_SOURCE;
+    } else if covered {
+        f |= HAS_SOURCE;
+    }
+    if bits & LAZY_WRITTEN != 0 {
+        f |= WRITTEN;
+    }
+    f
 }
 
 /// A lazy disk: a fetched stripe is data; an unfetched one is read through the source when
@@ -37,23 +60,17 @@ impl Layout for LazyLayout {
     fn geometry(&self) -> Geometry {
         let map = self.0.stripe_map();
         let flags = (map.bits.iter().enumerate())
-            .map(|(i, &b)| {
-                let mut f = 0;
-                if b & LAZY_FETCHED != 0 {
-                    f |= FETCHED | HAS_SOURCE;
-                } else if i < map.source_stripes {
-                    f |= HAS_SOURCE;
-                }
-                if b & LAZY_WRITTEN != 0 {
-                    f |= WRITTEN;
-                }
-                f
-            })
+            .map(|(i, &b)| lazy_flags(b, i < map.source_stripes))
             .collect();
         Geometry {
             shift: map.shift,
             flags,
         }
+    }
+
+    fn stripe(&self, index: u64) -> Option<(u8, u8)> {
+        let (shift, bits, covered) = self.0.stripe_state(usize::try_from(index).ok()?)?;
+        Some((shift, lazy_flags(bits, covered)))
     }
 }
 

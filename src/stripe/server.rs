@@ -24,7 +24,8 @@ use openssl::ssl::SslContext;
 use super::gate::MoveGate;
 use super::protocol::{self, Geometry, Request};
 use super::protocol::{
-    STATUS_INVALID_COMMAND, STATUS_INVALID_STRIPE, STATUS_NO_DATA, STATUS_SERVER_ERROR,
+    FETCHED, HAS_SOURCE, STATUS_INVALID_COMMAND, STATUS_INVALID_STRIPE, STATUS_NO_DATA,
+    STATUS_SERVER_ERROR, WRITTEN,
 };
 use super::tls::{self, Psk, Stream, TlsError};
 use crate::block::{run_sync, BlockDevice, IoBuf, IoChannel, IoOp, SECTOR_SHIFT};
@@ -37,9 +38,13 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// shown it holds the key, so a flood of silent connections is shed sooner.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What METADATA says about the disk, taken afresh for every request.
+/// What the server says about the disk, taken afresh for every request.
 pub trait Layout: Send + Sync {
+    /// For METADATA: every stripe.
     fn geometry(&self) -> Geometry;
+    /// For READ_STRIPE, without copying the others: the stripe size (a shift) and stripe
+    /// `index`'s flags; `None` past the last stripe.
+    fn stripe(&self, index: u64) -> Option<(u8, u8)>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,7 +180,8 @@ fn connection(s: &Shared, tcp: TcpStream) -> Result<(), Box<dyn std::error::Erro
     let mut session = Session {
         s,
         channel: &mut *channel,
-        buf: Vec::new(),
+        io: None,
+        padded: Vec::new(),
         served: 0,
         refused: false,
     };
@@ -194,8 +200,10 @@ fn connection(s: &Shared, tcp: TcpStream) -> Result<(), Box<dyn std::error::Erro
 struct Session<'a> {
     s: &'a Shared,
     channel: &'a mut dyn IoChannel,
-    /// The stripe being sent, reused.
-    buf: Vec<u8>,
+    /// The stripe being read, reused (it comes back with each completion).
+    io: Option<IoBuf>,
+    /// A partial last stripe, padded with zeros.
+    padded: Vec<u8>,
     served: u64,
     /// A refused READ_STRIPE was logged at warn (later ones at debug).
     refused: bool,
@@ -224,11 +232,10 @@ impl Session<'_> {
     }
 
     fn read_stripe(&mut self, stream: &mut Stream, index: u64) -> io::Result<()> {
-        let g = self.s.layout.geometry();
-        if index >= g.stripe_count() {
+        let Some((shift, flags)) = self.s.layout.stripe(index) else {
             return protocol::write_status(stream, STATUS_INVALID_STRIPE);
-        }
-        if !g.has_data(index) {
+        };
+        if flags & (FETCHED | WRITTEN | HAS_SOURCE) == 0 {
             return protocol::write_status(stream, STATUS_NO_DATA);
         }
         if let Err(why) = self.s.gate.stripe_read() {
@@ -239,17 +246,19 @@ impl Session<'_> {
             }
             return protocol::write_status(stream, STATUS_SERVER_ERROR);
         }
-        let stripe_bytes = g.stripe_bytes() as usize;
-        self.buf.clear();
-        self.buf.resize(stripe_bytes, 0);
-        let first = index << g.shift;
-        let sectors = self.s.device.sectors();
-        let n = (1u64 << g.shift).min(sectors.saturating_sub(first));
-        if n > 0 {
-            let buf = IoBuf::new((n << SECTOR_SHIFT) as usize);
-            let (r, buf) = run_sync(self.channel, IoOp::Read { sector: first, buf });
-            match (r, buf) {
-                (Ok(()), Some(buf)) => self.buf[..buf.len()].copy_from_slice(&buf),
+        let stripe_bytes = 1usize << (shift as u32 + SECTOR_SHIFT);
+        let first = index << shift;
+        let n = (1u64 << shift).min(self.s.device.sectors().saturating_sub(first));
+        let len = (n << SECTOR_SHIFT) as usize;
+        let mut buf = match self.io.take() {
+            Some(b) if b.capacity() >= stripe_bytes => b,
+            _ => IoBuf::new(stripe_bytes),
+        };
+        if len > 0 {
+            buf.set_len(len);
+            let (r, back) = run_sync(self.channel, IoOp::Read { sector: first, buf });
+            match (r, back) {
+                (Ok(()), Some(b)) => buf = b,
                 (r, _) => {
                     let errno = r.err().unwrap_or(libc::EIO);
                     warn!(
@@ -260,7 +269,17 @@ impl Session<'_> {
                 }
             }
         }
-        protocol::write_payload(stream, &self.buf)?;
+        let sent = if len == stripe_bytes {
+            protocol::write_payload(stream, &buf)
+        } else {
+            // The disk's partial last stripe (or one wholly past a shrunk end): zeros after it.
+            self.padded.clear();
+            self.padded.extend_from_slice(&buf[..len]);
+            self.padded.resize(stripe_bytes, 0);
+            protocol::write_payload(stream, &self.padded)
+        };
+        self.io = Some(buf);
+        sent?;
         self.served += 1;
         Ok(())
     }
