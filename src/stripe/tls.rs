@@ -146,6 +146,8 @@ fn builder() -> Result<SslContextBuilder, ErrorStack> {
     b.set_max_proto_version(Some(SslVersion::TLS1_2))?;
     b.set_cipher_list(CIPHER)?;
     b.set_options(SslOptions::NO_TICKET | SslOptions::NO_COMPRESSION);
+    // Whole records (and more) per read(2), not a header and a body.
+    b.set_read_ahead(true);
     Ok(b)
 }
 
@@ -193,7 +195,65 @@ pub fn client_context(psk: Arc<Psk>) -> Result<SslContext, TlsError> {
     Ok(b.build())
 }
 
-fn handshake_error(e: HandshakeError<TcpStream>) -> TlsError {
+/// The socket under TLS: reads go straight to it; once the handshake is done (OpenSSL does
+/// not flush its flights), writes are gathered until a flush (the end of a message) or
+/// [`WRITE_BUFFER`] bytes, so a stripe's 16 KiB records do not cost a system call each.
+pub struct Buffered {
+    tcp: TcpStream,
+    out: Vec<u8>,
+    gather: bool,
+}
+
+/// Bytes gathered before they are sent without waiting for a flush.
+const WRITE_BUFFER: usize = 256 << 10;
+
+impl Buffered {
+    fn new(tcp: TcpStream) -> Self {
+        Buffered {
+            tcp,
+            out: Vec::new(),
+            gather: false,
+        }
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        let r = self.tcp.write_all(&self.out);
+        self.out.clear();
+        r
+    }
+}
+
+impl Read for Buffered {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for Buffered {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !self.gather {
+            return self.tcp.write(buf);
+        }
+        self.out.extend_from_slice(buf);
+        if self.out.len() >= WRITE_BUFFER {
+            self.send()?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()?;
+        self.tcp.flush()
+    }
+}
+
+impl Drop for Buffered {
+    fn drop(&mut self) {
+        let _ = self.send();
+    }
+}
+
+fn handshake_error(e: HandshakeError<Buffered>) -> TlsError {
     match e {
         HandshakeError::SetupFailure(e) => TlsError::Context(e),
         HandshakeError::Failure(m) | HandshakeError::WouldBlock(m) => {
@@ -206,33 +266,38 @@ fn handshake_error(e: HandshakeError<TcpStream>) -> TlsError {
     }
 }
 
+fn established(mut s: SslStream<Buffered>) -> Stream {
+    s.get_mut().gather = true;
+    Stream::Tls(Box::new(s))
+}
+
 /// Server side: a TLS-PSK handshake on `tcp` (its timeouts bound it).
 pub fn accept(ctx: &SslContext, tcp: TcpStream) -> Result<Stream, TlsError> {
     let ssl = Ssl::new(ctx)?;
-    ssl.accept(tcp)
-        .map(|s| Stream::Tls(Box::new(s)))
+    ssl.accept(Buffered::new(tcp))
+        .map(established)
         .map_err(handshake_error)
 }
 
 /// Client side: a TLS-PSK handshake on `tcp` (its timeouts bound it).
 pub fn connect(ctx: &SslContext, tcp: TcpStream) -> Result<Stream, TlsError> {
     let ssl = Ssl::new(ctx)?;
-    ssl.connect(tcp)
-        .map(|s| Stream::Tls(Box::new(s)))
+    ssl.connect(Buffered::new(tcp))
+        .map(established)
         .map_err(handshake_error)
 }
 
 /// A connection, with TLS or (the `danger_zone` opt-in) without.
 pub enum Stream {
     Plain(TcpStream),
-    Tls(Box<SslStream<TcpStream>>),
+    Tls(Box<SslStream<Buffered>>),
 }
 
 impl Stream {
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref(),
+            Stream::Tls(s) => &s.get_ref().tcp,
         }
     }
 }
@@ -275,13 +340,16 @@ mod tests {
             let mut s = accept(&ctx, tcp).map_err(|e| e.to_string())?;
             let mut b = [0u8; 4];
             s.read_exact(&mut b).map_err(|e| e.to_string())?;
-            s.write_all(&b).map_err(|e| e.to_string())
+            s.write_all(&b).map_err(|e| e.to_string())?;
+            s.flush().map_err(|e| e.to_string())
         });
         let ctx = client_context(client).unwrap();
         let c = (|| {
             let mut s =
                 connect(&ctx, TcpStream::connect(addr).unwrap()).map_err(|e| e.to_string())?;
             s.write_all(b"ping").map_err(|e| e.to_string())?;
+            // Gathered until the flush (see Buffered).
+            s.flush().map_err(|e| e.to_string())?;
             let mut b = [0u8; 4];
             s.read_exact(&mut b).map_err(|e| e.to_string())?;
             assert_eq!(&b, b"ping");
