@@ -529,7 +529,10 @@ fn a_source_with_the_wrong_psk_is_refused_at_start() {
             !out.status.success(),
             "{identity}: init-metadata accepted it"
         );
-        assert!(err.contains("handshake"), "{identity}: {err}");
+        assert!(
+            err.contains("handshake") && err.contains("alert"),
+            "{identity}: {err}"
+        );
         assert!(!err.contains(&String::from_utf8_lossy(&key[..12]).to_string()));
     }
 }

@@ -290,3 +290,97 @@ impl StripeSource for StripeServerSource {
         self.policy.outage()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stripe::protocol::{write_hello, write_payload, write_status, Request, HAS_SOURCE};
+    use std::net::TcpListener;
+
+    /// A fake stripe server: connection `n` is served by `script(n, request)`, which answers
+    /// or returns false to close the connection.
+    fn server(script: impl Fn(usize, Request, &mut TcpStream) -> bool + Send + 'static) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for (n, c) in l.incoming().enumerate() {
+                let mut c = c.unwrap();
+                while let Ok(Some(req)) = protocol::read_request(&mut c) {
+                    if !script(n, req, &mut c) {
+                        break;
+                    }
+                }
+            }
+        });
+        format!("ubiblk://{addr}")
+    }
+
+    fn meta(c: &mut TcpStream, shift: u8) -> bool {
+        let g = Geometry {
+            shift,
+            flags: vec![HAS_SOURCE; 4],
+        };
+        write_payload(c, &g.encode().unwrap()).is_ok()
+    }
+
+    fn opts() -> RemoteOptions {
+        RemoteOptions {
+            attempt_timeout: Duration::from_secs(1),
+            retry_budget: Duration::from_secs(3),
+            ..RemoteOptions::default()
+        }
+    }
+
+    #[test]
+    fn a_busy_server_is_retried_and_a_changed_disk_on_reconnect_is_refused() {
+        let url = server(|n, req, c| match req {
+            Request::Hello => write_hello(c).is_ok(),
+            // The second connection shows another stripe size.
+            Request::Metadata => meta(c, if n == 0 { 6 } else { 7 }),
+            Request::ReadStripe(0) => write_payload(c, &[0x5a; 32768]).is_ok(),
+            // Busy once, then the connection drops.
+            Request::ReadStripe(1) => {
+                let _ = write_status(c, STATUS_SERVER_ERROR);
+                false
+            }
+            _ => false,
+        });
+        let src = open(&url, None, &opts()).unwrap();
+        assert_eq!((src.bytes(), src.geometry().shift), (4 * 32768, 6));
+        let mut buf = vec![0u8; 4096];
+        src.read_at(512, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0x5a));
+        let e = src.read_at(32768, &mut buf).unwrap_err().to_string();
+        assert!(e.contains("now serves another disk"), "{e}");
+        assert!(src.retries() >= 1);
+    }
+
+    #[test]
+    fn garbage_statuses_and_wrong_sizes_fail_at_once() {
+        let url = server(|_, req, c| match req {
+            Request::Hello => write_hello(c).is_ok(),
+            Request::Metadata => meta(c, 6),
+            Request::ReadStripe(0) => write_status(c, 0x42).is_ok(),
+            Request::ReadStripe(1) => write_payload(c, &[1; 512]).is_ok(),
+            Request::ReadStripe(2) => write_status(c, STATUS_NOT_FETCHED).is_ok(),
+            _ => write_status(c, STATUS_NO_DATA).is_ok(),
+        });
+        let src = open(&url, None, &opts()).unwrap();
+        let mut buf = vec![7u8; 32768];
+        let t = std::time::Instant::now();
+        for (stripe, want) in [
+            (0, "0x42"),
+            (1, "512 bytes"),
+            (2, "cannot read its own source"),
+        ] {
+            let e = src
+                .read_at(stripe * 32768, &mut buf)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{stripe}: {e}");
+        }
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        src.read_at(3 * 32768, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0), "no data reads as zeros");
+    }
+}
