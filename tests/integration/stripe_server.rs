@@ -632,3 +632,56 @@ fn a_disk_filling_from_an_archive_is_moved_on() {
     let mut c = Client::connect_queues(b_be.socket(), 1).unwrap();
     assert!(read_all(&mut c, DISK) == model, "B does not read as A did");
 }
+
+/// A disk still filling from S3 (Garage) is moved on: its unfetched stripes are fetched from
+/// S3 on A and served to B.
+#[test]
+fn a_disk_filling_from_s3_is_moved_on() {
+    if !require(&[GARAGE, BOTO3]) {
+        return;
+    }
+    let garage = crate::common::servers::Garage::start();
+    let image = pattern_bytes(0x53_0000_0000, (40 * STRIPE + 512) as usize);
+    garage.put_bytes("move/image.raw", &image);
+    let dir = scratch_dir("stripe-s3");
+    let d = dir.path();
+    let psk = psk_file(d, "psk", &KEY);
+    let (a_base, a_meta) = (d.join("a.raw"), d.join("a.meta"));
+    std::fs::write(&a_base, vec![0xeeu8; DISK as usize]).unwrap();
+    let a_cfg = BackendConfig::new(&a_base, d.join("a-vhost.sock"))
+        .extra(format!(
+            "image_url: {}",
+            yaml_str(&garage.url("move/image.raw"))
+        ))
+        .extra_path("metadata_path", &a_meta)
+        .extra(server_yaml(Some(&psk)));
+    let a_yaml = d.join("a.yaml");
+    std::fs::write(&a_yaml, a_cfg.to_yaml()).unwrap();
+    let out = Command::new(INIT)
+        .arg("-f")
+        .arg(&a_yaml)
+        .args(["-s", &SHIFT.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let a_be = Backend::start_with_env(BIN, &a_cfg, &[], &garage.env()).unwrap();
+    let addr = served_addr(&a_be);
+    let mut model = image.clone();
+    model.resize(DISK as usize, 0);
+    {
+        let mut c = Client::connect_queues(a_be.socket(), 1).unwrap();
+        assert_eq!(
+            c.read(0, 3 * STRIPE, 4096).unwrap(),
+            model[3 * STRIPE as usize..][..4096]
+        );
+        let data = pattern_bytes(9 << 40, 4096);
+        c.write(0, 44 * STRIPE, &data).unwrap();
+        model[44 * STRIPE as usize..][..4096].copy_from_slice(&data);
+        c.flush(0).unwrap();
+    }
+    let (b_be, _ctl) = host_b(d, &addr, &psk);
+    let mut a_be = a_be;
+    a_be.guard.kill();
+    let mut c = Client::connect_queues(b_be.socket(), 1).unwrap();
+    assert!(read_all(&mut c, DISK) == model, "B does not read as A did");
+}
