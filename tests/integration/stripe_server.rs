@@ -558,6 +558,28 @@ fn host_b(dir: &Path, addr: &str, psk: &Path) -> (Backend, PathBuf) {
     (be, ctl)
 }
 
+/// On A (serving, partly fetched and written by a client): a client writes `data` at `off`
+/// (into `model`) after reading the stripes `reads`.
+fn use_a(a_be: &Backend, reads: &[u64], (off, data): (u64, &[u8]), model: &mut [u8]) {
+    let mut c = Client::connect_queues(a_be.socket(), 1).unwrap();
+    for &s in reads {
+        let at = (s * STRIPE) as usize;
+        assert_eq!(c.read(0, s * STRIPE, 4096).unwrap(), model[at..at + 4096]);
+    }
+    c.write(0, off, data).unwrap();
+    model[off as usize..off as usize + data.len()].copy_from_slice(data);
+    c.flush(0).unwrap();
+}
+
+/// B fills from A (see [`host_b`]); A is killed; B reads as `model`.
+fn move_to_b(mut a_be: Backend, d: &Path, psk: &Path, model: &[u8]) {
+    let addr = served_addr(&a_be);
+    let (b_be, _ctl) = host_b(d, &addr, psk);
+    a_be.guard.kill();
+    let mut c = Client::connect_queues(b_be.socket(), 1).unwrap();
+    assert!(read_all(&mut c, DISK) == model, "B does not read as A did");
+}
+
 /// A disk still filling from a disk archive (`archive_url`, file://) is moved on: its
 /// unfetched stripes are read through the archive on A and served to B.
 #[test]
@@ -614,23 +636,10 @@ fn a_disk_filling_from_an_archive_is_moved_on() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let a_be = Backend::start_with_args(BIN, &a_cfg, &["--kek", kek_arg]).unwrap();
-    let addr = served_addr(&a_be);
     let mut model = pattern_bytes(0, DISK as usize);
-    {
-        let mut c = Client::connect_queues(a_be.socket(), 1).unwrap();
-        for s in [0, 5, 17] {
-            c.read(0, s * STRIPE, 4096).unwrap();
-        }
-        let data = pattern_bytes(7 << 40, 4096);
-        c.write(0, 9 * STRIPE + 512, &data).unwrap();
-        model[(9 * STRIPE + 512) as usize..][..4096].copy_from_slice(&data);
-        c.flush(0).unwrap();
-    }
-    let (b_be, _ctl) = host_b(d, &addr, &psk);
-    let mut a_be = a_be;
-    a_be.guard.kill();
-    let mut c = Client::connect_queues(b_be.socket(), 1).unwrap();
-    assert!(read_all(&mut c, DISK) == model, "B does not read as A did");
+    let data = pattern_bytes(7 << 40, 4096);
+    use_a(&a_be, &[0, 5, 17], (9 * STRIPE + 512, &data), &mut model);
+    move_to_b(a_be, d, &psk, &model);
 }
 
 /// A disk still filling from S3 (Garage) is moved on: its unfetched stripes are fetched from
@@ -665,23 +674,9 @@ fn a_disk_filling_from_s3_is_moved_on() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let a_be = Backend::start_with_env(BIN, &a_cfg, &[], &garage.env()).unwrap();
-    let addr = served_addr(&a_be);
     let mut model = image.clone();
     model.resize(DISK as usize, 0);
-    {
-        let mut c = Client::connect_queues(a_be.socket(), 1).unwrap();
-        assert_eq!(
-            c.read(0, 3 * STRIPE, 4096).unwrap(),
-            model[3 * STRIPE as usize..][..4096]
-        );
-        let data = pattern_bytes(9 << 40, 4096);
-        c.write(0, 44 * STRIPE, &data).unwrap();
-        model[44 * STRIPE as usize..][..4096].copy_from_slice(&data);
-        c.flush(0).unwrap();
-    }
-    let (b_be, _ctl) = host_b(d, &addr, &psk);
-    let mut a_be = a_be;
-    a_be.guard.kill();
-    let mut c = Client::connect_queues(b_be.socket(), 1).unwrap();
-    assert!(read_all(&mut c, DISK) == model, "B does not read as A did");
+    let data = pattern_bytes(9 << 40, 4096);
+    use_a(&a_be, &[3], (44 * STRIPE, &data), &mut model);
+    move_to_b(a_be, d, &psk, &model);
 }
