@@ -15,8 +15,8 @@
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use openssl::ssl::SslContext;
@@ -29,6 +29,7 @@ use super::protocol::{
 };
 use super::tls::{self, Psk, Stream, TlsError};
 use crate::block::{run_sync, BlockDevice, IoBuf, IoChannel, IoOp, SECTOR_SHIFT};
+use crate::sys::ratelog::{self, RateLimiter, Verdict};
 
 /// Most connections at once.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -67,6 +68,9 @@ struct Shared {
     /// The connection limit was hit and logged at warn; again at debug until a client is
     /// served.
     warned_full: AtomicBool,
+    /// Failed connections (a wrong key, no TLS, a silent client) are logged at info at most
+    /// [`ratelog::BURST`] per [`ratelog::WINDOW`]: a flood must not flood the log.
+    failures: Mutex<RateLimiter>,
 }
 
 /// A running server; it runs until the process ends.
@@ -109,6 +113,7 @@ pub fn start(
         tls,
         connections: AtomicUsize::new(0),
         warned_full: AtomicBool::new(false),
+        failures: Mutex::new(RateLimiter::new(ratelog::BURST, ratelog::WINDOW)),
     });
     std::thread::Builder::new()
         .name("stripe-server".into())
@@ -153,12 +158,35 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             .spawn(move || {
                 let peer = tcp.peer_addr().ok();
                 if let Err(e) = connection(&s, tcp) {
-                    info!("stripe server: client {peer:?}: {e}");
+                    s.failed(peer, &*e);
                 }
                 s.connections.fetch_sub(1, Ordering::SeqCst);
             });
         if spawned.is_err() {
             shared.connections.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Shared {
+    fn failed(&self, peer: Option<SocketAddr>, e: &dyn std::error::Error) {
+        let verdict = self
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check("stripe-server", log::Level::Info, Instant::now());
+        match verdict {
+            Verdict::Pass { suppressed: 0 } => info!("stripe server: client {peer:?}: {e}"),
+            Verdict::Pass { suppressed } => info!(
+                "stripe server: client {peer:?}: {e} ({suppressed} failed connections not \
+                 logged before)"
+            ),
+            Verdict::StartSuppressing => info!(
+                "stripe server: client {peer:?}: {e}; more failed connections are not logged \
+                 for {:?}",
+                ratelog::WINDOW
+            ),
+            Verdict::Drop => debug!("stripe server: client {peer:?}: {e}"),
         }
     }
 }

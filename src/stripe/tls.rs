@@ -13,7 +13,8 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use openssl::error::ErrorStack;
 use openssl::ssl::{
@@ -23,6 +24,7 @@ use openssl::ssl::{
 use zeroize::Zeroizing;
 
 use crate::sys::open::{open_for_reading, Kinds};
+use crate::sys::ratelog::{self, RateLimiter, Verdict};
 
 /// The only cipher suite offered or accepted.
 pub const CIPHER: &str = "PSK-AES256-GCM-SHA384";
@@ -159,10 +161,8 @@ pub fn server_context(psk: Arc<Psk>) -> Result<SslContext, TlsError> {
         let want = psk.identity.as_bytes();
         // memcmp::eq needs equal lengths (and compares in constant time).
         if given.len() != want.len() || !openssl::memcmp::eq(given, want) {
-            log::warn!(
-                "stripe server: a client named PSK identity {:?}, not ours: refused",
-                String::from_utf8_lossy(&given[..given.len().min(MAX_IDENTITY_BYTES)])
-            );
+            let shown = String::from_utf8_lossy(&given[..given.len().min(MAX_IDENTITY_BYTES)]);
+            refused_identity(&shown);
             return Ok(0);
         }
         let key = &psk.key;
@@ -175,6 +175,24 @@ pub fn server_context(psk: Arc<Psk>) -> Result<SslContext, TlsError> {
         }
     });
     Ok(b.build())
+}
+
+/// Logs a refused identity at warn, at most [`ratelog::BURST`] per [`ratelog::WINDOW`] (a
+/// client can try identities in a loop); the rest at debug.
+fn refused_identity(shown: &str) {
+    static LIMIT: OnceLock<Mutex<RateLimiter>> = OnceLock::new();
+    let limit = LIMIT.get_or_init(|| Mutex::new(RateLimiter::new(ratelog::BURST, ratelog::WINDOW)));
+    let verdict = limit.lock().unwrap_or_else(|p| p.into_inner()).check(
+        "stripe-psk",
+        log::Level::Warn,
+        Instant::now(),
+    );
+    match verdict {
+        Verdict::Pass { .. } | Verdict::StartSuppressing => {
+            log::warn!("stripe server: a client named PSK identity {shown:?}, not ours: refused")
+        }
+        Verdict::Drop => log::debug!("stripe server: PSK identity {shown:?} refused"),
+    }
 }
 
 /// The client's context: it names `psk`'s identity and uses its key.
