@@ -11,6 +11,8 @@
 //! - [`remote`]: object stores and HTTP/S3 clients, with their retry and timeout settings.
 //! - [`archive`]: disk archives: encrypted, compressed chunks and a signed manifest.
 //! - [`block`]: the block-device trait and its layers (file, encryption, QoS, debug log).
+//! - [`stripe`]: moving a disk host to host: the remote stripe protocol (TLS-PSK), its server,
+//!   and the gate between a VM's rings and a copy.
 //! - [`lazy`]: the lazy-fetch layer, its metadata and its stripe sources (file, HTTP, S3,
 //!   archive).
 //! - [`virtio_blk`]: virtio-blk request parsing, the per-queue worker and its statistics.
@@ -34,6 +36,7 @@ pub mod block;
 pub mod crypto;
 pub mod lazy;
 pub mod remote;
+pub mod stripe;
 pub mod vhost;
 pub mod virtio_blk;
 

@@ -16,9 +16,11 @@ use ubiblk::block::{BlockDevice, CryptDevice, FileDevice};
 use ubiblk::config::Options;
 use ubiblk::crypto::Xts;
 use ubiblk::lazy::metadata::{DEFAULT_SHIFT, MAX_SHIFT, MIN_SHIFT};
-use ubiblk::lazy::source::file_identity;
+use ubiblk::lazy::source::{file_identity, stripe, SourceSpec};
 use ubiblk::lazy::{device_size, metadata_tool_files, pin, zero_past_image, Metadata};
+use ubiblk::remote::RemoteOptions;
 use ubiblk::service::cli::{self, ConfigArgs};
+use ubiblk::stripe::tls::PskSpec;
 use ubiblk::sys::open::{open_for_reading, Kinds};
 
 /// Initialise the metadata file used by lazy stripe fetch: a header and one byte per stripe of
@@ -30,15 +32,15 @@ use ubiblk::sys::open::{open_for_reading, Kinds};
 struct Args {
     #[command(flatten)]
     config: ConfigArgs,
-    /// Stripe size as a power of two of 512-byte sectors (6 = 32 KiB ... 16 = 32 MiB).
+    /// Stripe size as a power of two of 512-byte sectors (6 = 32 KiB ... 16 = 32 MiB; default
+    /// 11, or with `image_url: ubiblk://...` the served disk's).
     #[arg(
         short = 's',
         long = "stripe-sector-count-shift",
         value_name = "SHIFT",
-        default_value_t = DEFAULT_SHIFT,
         value_parser = clap::value_parser!(u8).range(MIN_SHIFT as i64..=MAX_SHIFT as i64)
     )]
-    shift: u8,
+    shift: Option<u8>,
 }
 
 fn main() -> ExitCode {
@@ -62,7 +64,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             device_size(&disk)?
         );
     }
-    let mut md = Metadata::new(disk_sectors, args.shift)?;
+    let shift = match opts.lazy_options().map(|l| l.source) {
+        Some(SourceSpec::StripeServer { url, psk }) => {
+            stripe_server_shift(&url, psk.as_ref(), disk_sectors, args.shift)?
+        }
+        _ => args.shift.unwrap_or(DEFAULT_SHIFT),
+    };
+    let mut md = Metadata::new(disk_sectors, shift)?;
     // First: a crash from here on leaves no pin, never an old pin beside new metadata.
     pin::remove(meta_path).with_context(|| {
         format!(
@@ -121,6 +129,51 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     );
     Ok(())
+}
+
+/// With `image_url: ubiblk://...`: the served disk's stripe size, which the disk takes (a
+/// stripe fetched is then one request); only its geometry is read, nothing else. Refused: a
+/// size this build cannot use, another `-s`, or a disk smaller than the served one.
+fn stripe_server_shift(
+    url: &str,
+    psk: Option<&PskSpec>,
+    disk_sectors: u64,
+    asked: Option<u8>,
+) -> anyhow::Result<u8> {
+    let remote = RemoteOptions {
+        retry_budget: std::time::Duration::ZERO,
+        ..RemoteOptions::default()
+    };
+    let src = stripe::open(url, psk, &remote).with_context(|| format!("image_url: {url}"))?;
+    let g = src.geometry();
+    if !(MIN_SHIFT..=MAX_SHIFT).contains(&g.shift) {
+        bail!(
+            "image_url: {url} serves stripes of 2^{} sectors; this build's are 2^{MIN_SHIFT} to \
+             2^{MAX_SHIFT}",
+            g.shift
+        );
+    }
+    if let Some(s) = asked.filter(|&s| s != g.shift) {
+        bail!(
+            "-s {s}: {url} serves stripes of 2^{} sectors; leave -s out to take its size",
+            g.shift
+        );
+    }
+    let ours = disk_sectors.div_ceil(1 << g.shift);
+    if ours < g.stripe_count() {
+        bail!(
+            "path: the disk ({disk_sectors} sectors, {ours} stripes) is smaller than the disk {url} \
+             serves ({} stripes of 2^{} sectors)",
+            g.stripe_count(),
+            g.shift
+        );
+    }
+    println!(
+        "{url}: {} stripes of 2^{} sectors",
+        g.stripe_count(),
+        g.shift
+    );
+    Ok(g.shift)
 }
 
 /// Zeroes the stripes past the image's end on the base disk (through the encryption layer with

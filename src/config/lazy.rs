@@ -48,7 +48,10 @@ impl Options {
         }
         let remote = self.image_url.is_some() || self.archive_url.is_some();
         if let Some(url) = &self.image_url {
-            check_url("image_url", url, &["http", "https", "s3"])?;
+            check_url("image_url", url, &["http", "https", "s3", "ubiblk"])?;
+            if self.stripe_source() {
+                super::stripe::check_stripe_url(url)?;
+            }
         }
         if let Some(url) = &self.archive_url {
             check_url("archive_url", url, &["s3", "file"])?;
@@ -162,6 +165,11 @@ impl Options {
     pub fn lazy_options(&self) -> Option<LazyOptions> {
         let source = if let Some(path) = &self.image_path {
             SourceSpec::File(path.clone())
+        } else if let Some(url) = self.image_url.as_ref().filter(|_| self.stripe_source()) {
+            SourceSpec::StripeServer {
+                url: url.clone(),
+                psk: self.source_psk(),
+            }
         } else if let Some(url) = &self.image_url {
             SourceSpec::Url(url.clone())
         } else {

@@ -9,7 +9,8 @@
 //! - `validate`: ranges and relations serde cannot check, legacy fields, `cpus`;
 //! - `lazy`: the lazy-fetch and remote fields, and the lazy layer's options built from them;
 //! - `files`: no two fields naming one file;
-//! - `socket`: `socket_mode` and `socket_group`.
+//! - `socket`: `socket_mode` and `socket_group`;
+//! - `stripe`: `stripe_server`, the `ubiblk://` source's PSK, `danger_zone`.
 //!
 //! The limits of `qos:` belong to the QoS layer ([`crate::block::QosLimits`]).
 
@@ -17,11 +18,14 @@ mod bounded;
 mod files;
 mod lazy;
 mod socket;
+mod stripe;
 mod validate;
 
 pub use crate::block::{QosInvalid, QosLimits};
+pub use crate::stripe::tls::PskSpec;
 pub use crate::vhost::MAX_NUM_QUEUES;
 pub use files::{file_url_path, same_file};
+pub use stripe::{DangerZone, StripeServerOptions};
 
 use serde::de::Deserializer;
 use serde::Deserialize;
@@ -76,6 +80,10 @@ pub const FIELDS: &[&str] = &[
     "track_written",
     "direct_io",
     "handover_wait_secs",
+    "stripe_server",
+    "psk_identity",
+    "psk_file",
+    "danger_zone",
 ];
 
 /// Fields the reference had at some point that are refused, and why: an unknown-field error
@@ -244,6 +252,18 @@ pub struct Options {
     /// without it); then its requests fail.
     #[serde(default, deserialize_with = "bounded::handover_wait_secs")]
     pub handover_wait_secs: Option<u32>,
+    /// Not in the reference's config (its `remote-stripe-server` is a separate binary): serve
+    /// this disk's stripes to another host (ubiblk v0.5's remote stripe protocol).
+    #[serde(default)]
+    pub stripe_server: Option<StripeServerOptions>,
+    /// With `image_url: ubiblk://HOST:PORT`: the PSK identity and the file holding the key.
+    #[serde(default)]
+    pub psk_identity: Option<String>,
+    #[serde(default)]
+    pub psk_file: Option<PathBuf>,
+    /// The reference v0.5's overrides of safety rules (`allow_unencrypted_connection`).
+    #[serde(default)]
+    pub danger_zone: Option<DangerZone>,
 }
 
 /// `encryption_key`: the entries as written (base64, maybe KEK-wrapped). Zeroed when dropped,

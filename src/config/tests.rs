@@ -587,3 +587,71 @@ fn device_id_of_20_bytes_is_accepted() {
     let o = Options::parse(&format!("{MIN}device_id: \"12345678901234567890\"\n")).unwrap();
     assert_eq!(o.device_id.len(), 20);
 }
+
+#[test]
+fn stripe_server_and_the_ubiblk_source_need_a_psk_or_the_loud_opt_in() {
+    let server = |s: &str| format!("{MIN}stripe_server: {s}\n");
+    let o = Options::parse(&server(
+        "{listen: \"0.0.0.0:4555\", psk_identity: host-b, psk_file: /etc/psk}",
+    ))
+    .unwrap();
+    let s = o.stripe_server.unwrap();
+    assert_eq!(
+        (s.listen.as_str(), s.psk_identity.as_deref()),
+        ("0.0.0.0:4555", Some("host-b"))
+    );
+    let e = err_of(&server("{listen: \"127.0.0.1:1\"}"));
+    assert!(
+        e.contains("stripe_server.psk_file`: is required") && e.contains("danger_zone"),
+        "{e}"
+    );
+    let plain = format!(
+        "{}danger_zone: {{enabled: true, allow_unencrypted_connection: true}}\n",
+        server("{listen: \"[::1]:4555\"}")
+    );
+    assert!(Options::parse(&plain).unwrap().allows_plaintext());
+    let half = format!(
+        "{}danger_zone: {{allow_unencrypted_connection: true}}\n",
+        server("{listen: \"[::1]:4555\"}")
+    );
+    assert!(err_of(&half).contains("danger_zone.allow_unencrypted_connection"));
+    for bad in ["4555", "host:", "host:99999", ":80", "[::1:80"] {
+        let e = err_of(&server(&format!(
+            "{{listen: \"{bad}\", psk_identity: a, psk_file: /p}}"
+        )));
+        assert!(
+            e.contains("stripe_server.listen`: must be HOST:PORT"),
+            "{bad}: {e}"
+        );
+    }
+    let e = err_of(&server(
+        "{listen: \"h:1\", psk_identity: \"a b\", psk_file: /p}",
+    ));
+    assert!(e.contains("stripe_server.psk_identity"), "{e}");
+    let e = err_of(&server("{listen: \"h:1\", psk_identity: a}"));
+    assert!(
+        e.contains("stripe_server.psk_file`: is required with psk_identity"),
+        "{e}"
+    );
+    assert!(err_of(&server("{listen: \"h:1\", port: 3}")).contains("port"));
+
+    let src = |extra: &str| {
+        format!("{MIN}image_url: \"ubiblk://10.0.0.1:4555\"\nmetadata_path: /tmp/m\n{extra}")
+    };
+    let o = Options::parse(&src("psk_identity: host-b\npsk_file: /etc/psk\n")).unwrap();
+    assert!(o.stripe_source());
+    match o.lazy_options().unwrap().source {
+        crate::lazy::source::SourceSpec::StripeServer { url, psk } => {
+            assert_eq!(url, "ubiblk://10.0.0.1:4555");
+            assert_eq!(psk.unwrap().identity, "host-b");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err_of(&src("")).contains("`psk_file`: is required"));
+    let e = err_of(&format!(
+        "{MIN}image_url: \"ubiblk://h:1/x\"\nmetadata_path: /m\n"
+    ));
+    assert!(e.contains("takes no path"), "{e}");
+    let e = err_of(&format!("{MIN}psk_file: /p\npsk_identity: a\n"));
+    assert!(e.contains("needs image_url: ubiblk://"), "{e}");
+}

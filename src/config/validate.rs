@@ -70,6 +70,7 @@ impl Options {
             ));
         }
         self.validate_lazy()?;
+        self.validate_stripe()?;
         if let Some(cpus) = &self.cpus {
             if cpus.len() != usize::from(self.num_queues) {
                 return Err(field_err(

@@ -28,6 +28,16 @@ use crate::remote::RemoteOptions;
 /// of several stripes.
 const LOCAL_FETCHERS: usize = 4;
 
+/// What [`LazyDevice::stripe_map`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StripeMap {
+    pub shift: u8,
+    /// Per stripe: [`super::metadata::FETCHED`], [`super::metadata::WRITTEN`].
+    pub bits: Vec<u8>,
+    /// Stripes `0..source_stripes` have content in the source.
+    pub source_stripes: usize,
+}
+
 /// What the lazy layer needs from the configuration.
 #[derive(Debug, Clone)]
 pub struct LazyOptions {
@@ -241,6 +251,34 @@ impl LazyDevice {
         self.shared.stripes.merge(&md);
         self.shared.queue.unhold();
         Ok(())
+    }
+
+    /// The stripes as a stripe server shows them: their size (2^shift sectors), each one's
+    /// FETCHED and WRITTEN bits now, and how many the source covers (the stripes from there
+    /// on, unfetched, read as zeros).
+    pub fn stripe_map(&self) -> StripeMap {
+        StripeMap {
+            shift: self.shared.stripes.shift,
+            source_stripes: self.source_stripes(),
+            bits: self.shared.stripes.bits(),
+        }
+    }
+
+    /// [`LazyDevice::stripe_map`] of one stripe, without copying the others: its size (as a
+    /// shift), its bits, and whether the source covers it; `None` past the last stripe.
+    pub fn stripe_state(&self, stripe: usize) -> Option<(u8, u8, bool)> {
+        let bits = self.shared.stripes.bits_of(stripe)?;
+        Some((
+            self.shared.stripes.shift,
+            bits,
+            stripe < self.source_stripes(),
+        ))
+    }
+
+    fn source_stripes(&self) -> usize {
+        let s = &self.shared.stripes;
+        let covered = self.source.bytes().div_ceil(s.stripe_bytes());
+        usize::try_from(covered).map_or(s.count(), |c| c.min(s.count()))
     }
 
     pub fn status(&self) -> LazyStatus {

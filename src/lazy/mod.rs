@@ -29,7 +29,7 @@ pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
 
-pub use device::{LazyDevice, LazyOptions};
+pub use device::{LazyDevice, LazyOptions, StripeMap};
 pub use error::{Error, GrowError};
 pub use metadata::{Metadata, MetadataError};
 pub use source::{FileSource, RangeSource, StripeSource};

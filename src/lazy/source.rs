@@ -6,6 +6,7 @@ mod file;
 mod http;
 mod identity;
 mod s3;
+pub mod stripe;
 
 use std::fmt;
 use std::io;
@@ -16,6 +17,7 @@ pub use archive::ArchiveSource;
 pub use file::{file_identity, FileSource};
 pub use http::RangeSource;
 pub use identity::{SourceIdentity, SourceKind};
+pub use stripe::StripeServerSource;
 
 use super::{Error, LazyOptions};
 use crate::block::{IoChannel, Notifier};
@@ -103,6 +105,12 @@ pub enum SourceSpec {
     Url(String),
     /// `archive_url`: a disk archive (`s3://bucket/prefix`, `file:///dir`).
     Archive(String),
+    /// `image_url: ubiblk://HOST:PORT`: another host's stripe server, with its PSK (`None`:
+    /// plaintext, the `danger_zone` opt-in).
+    StripeServer {
+        url: String,
+        psk: Option<crate::stripe::tls::PskSpec>,
+    },
 }
 
 impl SourceSpec {
@@ -110,7 +118,7 @@ impl SourceSpec {
     pub fn is_remote(&self) -> bool {
         match self {
             SourceSpec::File(_) => false,
-            SourceSpec::Url(_) => true,
+            SourceSpec::Url(_) | SourceSpec::StripeServer { .. } => true,
             SourceSpec::Archive(url) => !url.starts_with("file://"),
         }
     }
@@ -130,6 +138,14 @@ pub fn open(opts: &LazyOptions, ring_entries: u32) -> Result<Arc<dyn StripeSourc
                 url: crate::remote::http::redact(url).to_string(),
                 source,
             })?;
+            Ok(Arc::new(source))
+        }
+        SourceSpec::StripeServer { url, psk } => {
+            let source =
+                stripe::open(url, psk.as_ref(), &opts.remote).map_err(|source| Error::OpenUrl {
+                    url: url.clone(),
+                    source,
+                })?;
             Ok(Arc::new(source))
         }
         SourceSpec::Archive(url) => Ok(Arc::new(ArchiveSource::open(

@@ -222,6 +222,18 @@ impl StripeStates {
         self.fetched.fetch_add(1, SeqCst) + 1
     }
 
+    /// One stripe's persistent bits (FETCHED, WRITTEN); `None` past the last stripe.
+    pub fn bits_of(&self, stripe: usize) -> Option<u8> {
+        (stripe < self.count()).then(|| self.state(stripe).load(SeqCst) & (FETCHED | WRITTEN))
+    }
+
+    /// Every stripe's persistent bits (FETCHED, WRITTEN), as they are now.
+    pub fn bits(&self) -> Vec<u8> {
+        (0..self.count())
+            .map(|i| self.state(i).load(SeqCst) & (FETCHED | WRITTEN))
+            .collect()
+    }
+
     /// Plaintext of metadata sector `n` (>= 1) from the in-memory state.
     pub fn encode_sector(&self, n: u64) -> [u8; SECTOR_SIZE] {
         let mut out = [0u8; SECTOR_SIZE];

@@ -3,6 +3,7 @@
 //! - [`stack`]: the layers a config asks for, assembled into the device the VMM is shown.
 //! - [`control`]: the control socket (`status`, `stats`, `metrics`, `qos`, `set-qos`, `resize`).
 //! - [`resize`]: growing the disk while it is served (the control socket's `resize`).
+//! - [`moving`]: the stripe server (`stripe_server:`) that moves the disk to another host.
 //! - [`sdnotify`]: service-manager notifications (`READY=1`, `STOPPING=1`).
 //! - [`cli`]: start-up shared by the binaries (logging, config and KEK flags, exit status).
 //! - [`run`]: the daemon itself: claim the socket, open the stack, serve until a signal.
@@ -10,6 +11,7 @@
 pub mod cli;
 pub mod control;
 pub mod handover;
+pub mod moving;
 pub mod resize;
 pub mod sdnotify;
 pub mod stack;
@@ -112,6 +114,7 @@ pub fn run(opts: &Options, keys: Keys) -> Result<(), DaemonError> {
         capacity: stack.capacity,
         config_change: stack.config_change,
         owner: Some(stack.owner),
+        gate: stack.gate,
     };
     let served = vhost::serve(listener, &disk, &conn);
     // serve returns only on error; the signal thread holds the sockets too, so remove them here.

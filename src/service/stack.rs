@@ -32,6 +32,8 @@ use crate::lazy::LazyDevice;
 use crate::service::control::{self, Control, DeviceFacts};
 use crate::service::handover::{self, DiskLock};
 use crate::service::resize::Resizer;
+use crate::stripe::server::{ServerError, StripeServer};
+use crate::stripe::MoveGate;
 use crate::sys::socket::SocketFile;
 use crate::vhost::{ConfigChange, QueueSettings};
 use crate::virtio_blk::stats::DeviceStats;
@@ -62,6 +64,10 @@ pub struct Stack {
     pub owner: Arc<DiskLock>,
     /// What the control socket's `resize` acts on.
     pub resizer: Arc<Resizer>,
+    /// Between the VM's rings (the vhost relay reports them) and the stripe server.
+    pub gate: Arc<MoveGate>,
+    /// With `stripe_server`: the running server (its address).
+    pub stripe_server: Option<StripeServer>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +88,9 @@ pub enum StackError {
     /// The control socket; the error names the field.
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    /// `stripe_server`; the error names the field.
+    #[error(transparent)]
+    StripeServer(#[from] ServerError),
 }
 
 /// Opens the layers `opts` asks for, with `cipher` (from `encryption_key`) for the encryption
@@ -147,6 +156,8 @@ pub fn open_with_kek(
         device = layer.clone();
         lazy_device = Some(layer);
     }
+    // What a stripe server reads: plaintext, unfetched stripes through the source.
+    let logical = device.clone();
     if let Some(path) = &opts.io_debug_path {
         let layer = DebugLogDevice::new(device, path).map_err(|source| StackError::DebugLog {
             path: path.clone(),
@@ -190,6 +201,8 @@ pub fn open_with_kek(
         owner: Some(owner.clone()),
         busy: Mutex::new(()),
     });
+    let gate = Arc::new(MoveGate::default());
+    let stripe_server = super::moving::start(opts, logical, lazy_device.clone(), gate.clone())?;
     let mut control_socket = None;
     if let Some(path) = &opts.control_socket {
         let control = Control {
@@ -207,6 +220,7 @@ pub fn open_with_kek(
             capacity: capacity.clone(),
             resizer: Some(resizer.clone()),
             owner: Some(owner.clone()),
+            gate: stripe_server.as_ref().map(|_| gate.clone()),
         };
         control_socket = Some(control::serve(path, Arc::new(control))?);
         info!("control socket: {}", path.display());
@@ -236,6 +250,8 @@ pub fn open_with_kek(
         config_change,
         resizer,
         owner,
+        gate,
+        stripe_server,
     })
 }
 

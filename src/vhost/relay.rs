@@ -29,10 +29,12 @@ use vhost::vhost_user::Listener;
 use vm_memory::ByteValued;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use crate::stripe::MoveGate;
 use crate::sys::socket;
 
 const HEADER_LEN: usize = 12;
 const SET_PROTOCOL_FEATURES: u32 = 16;
+const GET_VRING_BASE: u32 = 11;
 const SET_VRING_KICK: u32 = 12;
 const SET_VRING_CALL: u32 = 13;
 const SET_BACKEND_REQ_FD: u32 = 21;
@@ -76,6 +78,10 @@ impl Message {
             self.header[6],
             self.header[7],
         ])
+    }
+
+    fn u32_body(&self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.body.get(..4)?.try_into().ok()?))
     }
 
     fn u64_body(&self) -> Option<u64> {
@@ -151,16 +157,18 @@ impl Relay {
         daemon: UnixStream,
         inflight: Arc<dyn InflightHandler>,
         config_change: super::ConfigChange,
+        gate: Arc<MoveGate>,
     ) -> io::Result<Relay> {
         let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
         let from_daemon = daemon.try_clone()?;
         let replies = {
             let to_frontend = to_frontend.clone();
             let frontend = frontend.try_clone()?;
+            let gate = gate.clone();
             std::thread::Builder::new()
                 .name("vhost-relay-reply".into())
                 .spawn(move || {
-                    forward_replies(&from_daemon, &to_frontend);
+                    forward_replies(&from_daemon, &to_frontend, &gate);
                     let _ = frontend.shutdown(std::net::Shutdown::Both);
                     let _ = from_daemon.shutdown(std::net::Shutdown::Both);
                 })?
@@ -174,6 +182,7 @@ impl Relay {
                     tracking: false,
                     warned: false,
                     config_change,
+                    gate,
                 };
                 if let Err(e) = state.forward_requests(&frontend, &daemon, &to_frontend) {
                     log::debug!("relay: frontend connection: {e}");
@@ -193,10 +202,16 @@ impl Relay {
     }
 }
 
-fn forward_replies(daemon: &UnixStream, frontend: &Mutex<UnixStream>) {
+fn forward_replies(daemon: &UnixStream, frontend: &Mutex<UnixStream>, gate: &MoveGate) {
     loop {
         match recv(daemon) {
             Ok(Some(m)) => {
+                // The daemon answers GET_VRING_BASE once the queue is drained: stopped.
+                if m.request() == GET_VRING_BASE {
+                    if let Some(queue) = m.u32_body() {
+                        gate.ring_stopped(queue);
+                    }
+                }
                 let f = frontend.lock().unwrap_or_else(|p| p.into_inner());
                 if send(&f, &m).is_err() {
                     return;
@@ -222,6 +237,8 @@ struct RequestState {
     /// Gets a duplicate of the backend request channel (SET_BACKEND_REQ_FD), which the
     /// daemon's `vhost::Backend` cannot send a config change on.
     config_change: super::ConfigChange,
+    /// Told of each ring start (SET_VRING_KICK), which it may refuse: a move is under way.
+    gate: Arc<MoveGate>,
 }
 
 impl RequestState {
@@ -242,6 +259,14 @@ impl RequestState {
                 req => {
                     if req == SET_BACKEND_REQ_FD {
                         self.keep_backend_channel(&m);
+                    }
+                    if req == SET_VRING_KICK {
+                        // The queue index is the body's low byte.
+                        let queue = m.u64_body().map_or(0, |b| (b & 0xff) as u32);
+                        if let Err(why) = self.gate.ring_started(queue) {
+                            warn!("frontend refused: it starts queue {queue} but {why}");
+                            return Err(io::Error::new(io::ErrorKind::PermissionDenied, why));
+                        }
                     }
                     if req == SET_PROTOCOL_FEATURES {
                         self.inflight_acked = m.u64_body().is_some_and(|f| {

@@ -15,6 +15,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::{relay, BlockBackend, ConfigChange, QueueSettings};
 use crate::block::{BlockDevice, Capacity};
+use crate::stripe::MoveGate;
 use crate::virtio_blk::stats::DeviceStats;
 use crate::virtio_blk::{ConfigSpace, DeviceInfo};
 
@@ -46,6 +47,9 @@ pub struct Disk {
     pub config_change: ConfigChange,
     /// Who may use the disk, when several backends serve it (live migration).
     pub owner: Option<Arc<dyn super::DiskOwner>>,
+    /// Told of every ring started and stopped; refuses ring starts while the disk is copied
+    /// away (see [`MoveGate`]).
+    pub gate: Arc<MoveGate>,
 }
 
 /// What [`serve`] shares with the rest of the service while it runs.
@@ -122,6 +126,7 @@ fn accept(
     listener: &mut Listener,
     daemon: &mut Daemon,
     backend: &Arc<BlockBackend>,
+    gate: &Arc<MoveGate>,
 ) -> io::Result<relay::Relay> {
     let frontend = loop {
         if let Some(s) = listener.accept().map_err(io::Error::other)? {
@@ -137,6 +142,7 @@ fn accept(
         ours,
         backend.clone(),
         backend.config_change().clone(),
+        gate.clone(),
     )
 }
 
@@ -169,7 +175,7 @@ pub fn serve(mut listener: Listener, disk: &Disk, conn: &Connection) -> Result<(
         };
         let handlers = daemon.get_epoll_handlers();
         *conn.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(backend.clone());
-        let relay = match accept(&mut listener, &mut daemon, &backend) {
+        let relay = match accept(&mut listener, &mut daemon, &backend, &disk.gate) {
             Ok(relay) => relay,
             Err(e) => {
                 if !failing {
@@ -190,6 +196,7 @@ pub fn serve(mut listener: Listener, disk: &Disk, conn: &Connection) -> Result<(
         conn.connected.store(false, Ordering::Relaxed);
         disk.config_change.set(None);
         relay.join();
+        disk.gate.frontend_gone();
         match ended {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(

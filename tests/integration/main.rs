@@ -32,4 +32,5 @@ mod servers;
 mod sockets;
 mod source_identity;
 mod standby;
+mod stripe_server;
 mod systemd;

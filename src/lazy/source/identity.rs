@@ -21,6 +21,7 @@ pub enum SourceKind {
     S3,
     /// `archive_url`.
     Archive,
+    StripeServer,
 }
 
 impl SourceKind {
@@ -28,7 +29,7 @@ impl SourceKind {
     pub fn field(self) -> &'static str {
         match self {
             SourceKind::File | SourceKind::BlockDevice => "image_path",
-            SourceKind::Http | SourceKind::S3 => "image_url",
+            SourceKind::Http | SourceKind::S3 | SourceKind::StripeServer => "image_url",
             SourceKind::Archive => "archive_url",
         }
     }
@@ -42,6 +43,7 @@ impl fmt::Display for SourceKind {
             SourceKind::Http => "http",
             SourceKind::S3 => "s3",
             SourceKind::Archive => "archive",
+            SourceKind::StripeServer => "ubiblk",
         })
     }
 }

@@ -37,7 +37,27 @@ pub(super) struct Facts<'a> {
 }
 
 /// The commands, for the error reply to an unknown one.
-const COMMANDS: &[&str] = &["status", "stats", "metrics", "qos", "set-qos", "resize"];
+const COMMANDS: &[&str] = &[
+    "status",
+    "stats",
+    "metrics",
+    "qos",
+    "set-qos",
+    "resize",
+    "move-status",
+    "move-end",
+];
+
+/// `move-status` and `move-end` on a disk without `stripe_server`.
+const NO_STRIPE_SERVER: &str = "this disk has no stripe_server: nothing moves it";
+
+/// The `move-end` reply: the state before, and after.
+#[derive(Serialize)]
+struct MoveEnded {
+    ended: bool,
+    before: crate::stripe::gate::GateStatus,
+    now: crate::stripe::gate::GateStatus,
+}
 
 const RESIZE_USAGE: &str = "resize {\"size_bytes\":N}: grow a file to N bytes (a multiple of \
      512, from the current size up to max_size_bytes); resize {}: take the size path has now \
@@ -144,7 +164,7 @@ impl Control {
         let line = line.trim();
         let (command, arg) = line.split_once(' ').unwrap_or((line, ""));
         let reply = match command {
-            "stats" | "metrics" | "qos" if !arg.trim().is_empty() => {
+            "stats" | "metrics" | "qos" | "move-status" | "move-end" if !arg.trim().is_empty() => {
                 serde_json::to_string(&BadArgument {
                     error: "this command takes no argument",
                     command,
@@ -154,6 +174,33 @@ impl Control {
             "stats" => serde_json::to_string(&self.stats()),
             "metrics" => return self.metrics(),
             "status" => serde_json::to_string(&self.status()),
+            "move-status" | "move-end" => match &self.gate {
+                None => serde_json::to_string(&Failed {
+                    error: NO_STRIPE_SERVER.into(),
+                    command: if command == "move-end" {
+                        "move-end"
+                    } else {
+                        "move-status"
+                    },
+                    usage: "add stripe_server: to the config",
+                }),
+                Some(gate) if command == "move-status" => serde_json::to_string(&gate.status()),
+                Some(gate) => {
+                    let before = gate.end_move();
+                    if before.moving {
+                        log::info!(
+                            "move-end: the move is over or cancelled after {} stripes; a VM \
+                             may start on this disk again",
+                            before.stripes_served
+                        );
+                    }
+                    serde_json::to_string(&MoveEnded {
+                        ended: before.moving,
+                        before,
+                        now: gate.status(),
+                    })
+                }
+            },
             "qos" => {
                 serde_json::to_string(&self.qos.as_ref().map(|q| q.limits()).unwrap_or_default())
             }

@@ -11,6 +11,8 @@
 //! checked as the config's are, and answers the new limits (a problem answers `{"error":...}`
 //! naming it, and nothing changes); `resize {"size_bytes":N}` / `resize {}` grows the disk
 //! ([`crate::service::resize`]) and answers the new size, or an error with the limits;
+//! with `stripe_server`, `move-status` answers whether a move is under way and whether a VM's
+//! rings run, and `move-end` declares the move over or cancelled (a VM may start again);
 //! anything else answers `{"error":"unknown command",...}`.
 //! Connections are served one thread each, at most [`MAX_CONNECTIONS`] at once (more are
 //! closed unanswered); a client may send several commands, and one silent for [`IO_TIMEOUT`] is
@@ -52,6 +54,9 @@ pub struct Control {
     pub resizer: Option<Arc<super::resize::Resizer>>,
     /// The disk's lock between backends (`status`'s `disk_owner`; `None`: always the owner).
     pub owner: Option<Arc<super::handover::DiskLock>>,
+    /// The one-point-in-time gate between the VM's rings and the stripe server
+    /// (`move-status`, `move-end`); `None` without `stripe_server`.
+    pub gate: Option<Arc<crate::stripe::MoveGate>>,
 }
 
 /// What the config and the opened stack say about the device (the size is `capacity`).

@@ -24,6 +24,7 @@ fn control() -> Control {
         capacity: crate::block::Capacity::new((1 << 30) >> 9),
         resizer: None,
         owner: None,
+        gate: None,
     }
 }
 

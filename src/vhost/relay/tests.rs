@@ -36,13 +36,22 @@ struct Rig {
     daemon: UnixStream,
     mock: Arc<Mock>,
     relay: Relay,
+    gate: Arc<MoveGate>,
 }
 
 fn rig() -> Rig {
     let (frontend, relay_front) = UnixStream::pair().unwrap();
     let (daemon, relay_daemon) = UnixStream::pair().unwrap();
     let mock = Arc::new(Mock::default());
-    let relay = Relay::start(relay_front, relay_daemon, mock.clone(), Default::default()).unwrap();
+    let gate = Arc::new(MoveGate::default());
+    let relay = Relay::start(
+        relay_front,
+        relay_daemon,
+        mock.clone(),
+        Default::default(),
+        gate.clone(),
+    )
+    .unwrap();
     for s in [&frontend, &daemon] {
         s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
@@ -52,6 +61,7 @@ fn rig() -> Rig {
         daemon,
         mock,
         relay,
+        gate,
     }
 }
 
@@ -255,6 +265,7 @@ fn a_looping_set_inflight_fd_logs_one_info_line_per_connection() {
         tracking: false,
         warned: false,
         config_change: Default::default(),
+        gate: Default::default(),
     };
     capture::start();
     for _ in 0..50 {
@@ -280,4 +291,39 @@ fn a_looping_set_inflight_fd_logs_one_info_line_per_connection() {
         "{info:?}"
     );
     assert_eq!(logs.len(), 50, "{logs:?}");
+}
+
+/// Ring starts and stops reach the move gate; a ring start during a move closes the
+/// connection instead of reaching the daemon.
+#[test]
+fn ring_starts_are_told_to_the_gate_and_refused_during_a_move() {
+    let r = rig();
+    let kick = |q: u64| {
+        let dup = owned(EventFd::new(0).unwrap());
+        msg(SET_VRING_KICK, 0, &q.to_le_bytes(), vec![dup])
+    };
+    send(&r.frontend, &kick(1)).unwrap();
+    let fwd = recv(&r.daemon).unwrap().unwrap();
+    assert_eq!(fwd.request(), SET_VRING_KICK);
+    assert!(r.gate.status().rings_running);
+    assert!(r.gate.stripe_read().is_err());
+    // The daemon's reply to GET_VRING_BASE (index 1, num 0): drained, stopped.
+    let mut body = 1u32.to_le_bytes().to_vec();
+    body.extend_from_slice(&0u32.to_le_bytes());
+    send(
+        &r.daemon,
+        &Message::reply(GET_VRING_BASE, &body, Vec::new()),
+    )
+    .unwrap();
+    assert_eq!(
+        recv(&r.frontend).unwrap().unwrap().request(),
+        GET_VRING_BASE
+    );
+    assert!(!r.gate.status().rings_running);
+    r.gate.stripe_read().unwrap();
+    send(&r.frontend, &kick(0)).unwrap();
+    // Refused: the relay closes both sides; the daemon never sees the kick.
+    assert!(recv(&r.daemon).unwrap().is_none());
+    assert!(!r.gate.status().rings_running);
+    r.relay.join();
 }

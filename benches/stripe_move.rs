@@ -1,0 +1,312 @@
+//! Moving a disk host to host: our `ubiblk://` source hydrating from our stripe server
+//! (TLS-PSK, over loopback), against a plain TCP copy of the same bytes, in the same run.
+//! Alternating rounds (ours first in odd rounds, the copy first in even ones); medians.
+//!
+//! Rows:
+//!
+//! * `hydrate`: host A serves a plain disk of UBIBLK_BENCH_SIZE_MB (pattern bytes) with
+//!   `stripe_server`; host B, a fresh sparse disk with `image_url: ubiblk://A`,
+//!   `autofetch: true` and `fetch_connections` UBIBLK_BENCH_CONNECTIONS, is timed from
+//!   spawning `vhost-backend` until `status` says `complete` (metadata by `init-metadata`,
+//!   not timed). Against: one TCP connection streaming the same file in 1 MiB writes into a
+//!   fresh file, fsync'd, timed from connect to fsync. MB/s, target >= 0.8x. The first
+//!   hydrated disk is compared with A's (`cmp`).
+//! * `demand`: a 4 KiB guest read (libblkio, QD1) of an unfetched stripe on B (no autofetch;
+//!   distinct stripes), against one stripe's transfer over a kept-alive TCP connection (an
+//!   8-byte request, the 1 MiB answer read from the same file). Median ms, target <= 1.5x.
+//!
+//! Run: `cargo bench --bench stripe_move`: a markdown report on stdout, rounds on stderr.
+//!
+//! Environment:
+//!   UBIBLK_BENCH_DIR           disks (default /dev/shm)
+//!   UBIBLK_BENCH_SIZE_MB       disk size in MiB (default 512)
+//!   UBIBLK_BENCH_ROUNDS        alternating rounds per row (default 5)
+//!   UBIBLK_BENCH_CONNECTIONS   B's fetch_connections (default 16)
+//!   UBIBLK_BENCH_DEMAND_READS  reads (and TCP stripe transfers) per demand round (default 32)
+//!   UBIBLK_BENCH_PLAINTEXT=1   A and B without TLS (the danger_zone opt-in): what TLS costs
+
+#[path = "common/mod.rs"]
+mod bench;
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use anyhow::{Context, Result};
+use bench::*;
+use common::*;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+const SHIFT: u8 = 11;
+const STRIPE: u64 = 512 << SHIFT;
+const IDENTITY: &str = "bench";
+
+struct Setup {
+    dir: PathBuf,
+    image: PathBuf,
+    size: u64,
+    addr: String,
+    psk: PathBuf,
+    backend: PathBuf,
+    init: PathBuf,
+    connections: u64,
+    plaintext: bool,
+}
+
+const PLAINTEXT: &str = "danger_zone: {enabled: true, allow_unencrypted_connection: true}";
+
+fn served_addr(be: &Backend) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(rest) = be.log().split("stripe server on ").nth(1) {
+            return Ok(rest.split(':').take(2).collect::<Vec<_>>().join(":"));
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no stripe server: {}", be.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// B's files, fresh: a sparse disk, metadata made against A. With `autofetch`.
+fn host_b(s: &Setup, round: usize, autofetch: bool) -> Result<(BackendConfig, PathBuf, PathBuf)> {
+    let d = s.dir.join(format!("b-{round}"));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    let base = d.join("base.raw");
+    std::fs::File::create(&base)?.set_len(s.size)?;
+    let ctl = d.join("ctl.sock");
+    let mut cfg = BackendConfig::new(&base, d.join("vhost.sock"))
+        .extra(format!("image_url: \"ubiblk://{}\"", s.addr));
+    cfg = if s.plaintext {
+        cfg.extra(PLAINTEXT)
+    } else {
+        cfg.extra(format!("psk_identity: {IDENTITY}"))
+            .extra_path("psk_file", &s.psk)
+    };
+    cfg = cfg
+        .extra_path("metadata_path", &d.join("meta"))
+        .extra_path("control_socket", &ctl)
+        .extra(format!("fetch_connections: {}", s.connections));
+    if autofetch {
+        cfg = cfg.extra("autofetch: true");
+    }
+    let yaml = d.join("b.yaml");
+    std::fs::write(&yaml, cfg.to_yaml())?;
+    run_init_metadata(&s.init, &yaml, SHIFT, &[])?;
+    Ok((cfg, ctl, base))
+}
+
+fn hydrate_ours(s: &Setup, round: usize) -> Result<f64> {
+    let (cfg, ctl, base) = host_b(s, round, true)?;
+    let t0 = Instant::now();
+    let mut be = start_backend_env(&s.backend, &cfg, &[])?;
+    let (_, _, done) = wait_fetch_complete(
+        &mut be,
+        &ctl,
+        Duration::from_millis(10),
+        Duration::from_secs(30),
+    )?;
+    let secs = (done - t0).as_secs_f64();
+    stop_backend(&mut be)?;
+    if round == 1 {
+        cmp_files(&base, &s.image).context("B's disk after hydration")?;
+    }
+    let _ = std::fs::remove_dir_all(base.parent().unwrap_or(Path::new("/nonexistent")));
+    Ok(s.size as f64 / MIB as f64 / secs)
+}
+
+/// The plain copy: the file streamed over one TCP connection into a fresh file, fsync'd.
+fn hydrate_tcp(s: &Setup, round: usize) -> Result<f64> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let image = s.image.clone();
+    let sender = std::thread::spawn(move || -> Result<()> {
+        let (mut c, _) = l.accept()?;
+        let mut f = std::fs::File::open(image)?;
+        let mut buf = vec![0u8; MIB as usize];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            c.write_all(&buf[..n])?;
+        }
+    });
+    let out = s.dir.join(format!("copy-{round}.raw"));
+    let t0 = Instant::now();
+    let mut c = TcpStream::connect(addr)?;
+    let mut f = std::fs::File::create(&out)?;
+    let mut buf = vec![0u8; MIB as usize];
+    let mut got = 0u64;
+    loop {
+        let n = c.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        f.write_all(&buf[..n])?;
+        got += n as u64;
+    }
+    f.sync_all()?;
+    let secs = t0.elapsed().as_secs_f64();
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    anyhow::ensure!(got == s.size, "copied {got} of {} bytes", s.size);
+    std::fs::remove_file(&out)?;
+    Ok(s.size as f64 / MIB as f64 / secs)
+}
+
+/// Stripes for demand reads: distinct, spread over the disk.
+fn demand_stripes(s: &Setup, n: usize, round: usize) -> Vec<u64> {
+    let stripes = s.size / STRIPE;
+    (0..n as u64)
+        .map(|i| (i * 7919 + round as u64 * 13) % stripes)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+fn demand_ours(s: &Setup, round: usize, n: usize) -> Result<f64> {
+    let (cfg, _ctl, base) = host_b(s, round, false)?;
+    let mut be = start_backend_env(&s.backend, &cfg, &[])?;
+    let mut c = connect_client(&cfg.socket, 1, 4 * MIB as usize, s.size)?;
+    let mut lat = Vec::new();
+    for stripe in demand_stripes(s, n, round) {
+        let off = stripe * STRIPE + 8192;
+        let t = Instant::now();
+        let got = c
+            .read(0, off, 4096)
+            .map_err(|e| anyhow::anyhow!("read: {}", errno_name(e)))?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(got == pattern_bytes(off, 4096), "wrong data at {off}");
+    }
+    drop(c);
+    stop_backend(&mut be)?;
+    let _ = std::fs::remove_dir_all(base.parent().unwrap_or(Path::new("/nonexistent")));
+    Ok(median(&lat))
+}
+
+fn demand_tcp(s: &Setup, round: usize, n: usize) -> Result<f64> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let image = s.image.clone();
+    let server = std::thread::spawn(move || -> Result<()> {
+        let (mut c, _) = l.accept()?;
+        c.set_nodelay(true)?;
+        let f = std::fs::File::open(image)?;
+        let mut buf = vec![0u8; STRIPE as usize];
+        let mut req = [0u8; 8];
+        while c.read_exact(&mut req).is_ok() {
+            f.read_exact_at(&mut buf, u64::from_le_bytes(req) * STRIPE)?;
+            c.write_all(&buf)?;
+        }
+        Ok(())
+    });
+    let mut c = TcpStream::connect(addr)?;
+    c.set_nodelay(true)?;
+    let mut buf = vec![0u8; STRIPE as usize];
+    let mut lat = Vec::new();
+    for stripe in demand_stripes(s, n, round) {
+        let t = Instant::now();
+        c.write_all(&stripe.to_le_bytes())?;
+        c.read_exact(&mut buf)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    drop(c);
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))??;
+    Ok(median(&lat))
+}
+
+fn main() -> Result<()> {
+    let dir = PathBuf::from(std::env::var("UBIBLK_BENCH_DIR").unwrap_or("/dev/shm".into()))
+        .join(format!("ubiblk-stripe-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let size = env_f64("UBIBLK_BENCH_SIZE_MB", 512.0) as u64 * MIB;
+    let rounds = env_f64("UBIBLK_BENCH_ROUNDS", 5.0) as usize;
+    let reads = env_f64("UBIBLK_BENCH_DEMAND_READS", 32.0) as usize;
+    let connections = env_f64("UBIBLK_BENCH_CONNECTIONS", 16.0) as u64;
+    warn_if_loaded();
+    let image = dir.join("a.raw");
+    ensure_pattern_file(&image, size)?;
+    let psk = dir.join("psk");
+    std::fs::write(&psk, b"a bench psk of 32 bytes, 0123456")?;
+    std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600))?;
+    let backend = bench_bin(
+        "UBIBLK_BACKEND_BIN",
+        option_env!("CARGO_BIN_EXE_vhost-backend"),
+        "vhost-backend",
+    )?;
+    let init = bench_bin(
+        "UBIBLK_INIT_METADATA_BIN",
+        option_env!("CARGO_BIN_EXE_init-metadata"),
+        "init-metadata",
+    )?;
+    let plaintext = env_flag("UBIBLK_BENCH_PLAINTEXT");
+    let a_cfg = BackendConfig::new(&image, dir.join("a.sock")).extra(if plaintext {
+        format!("stripe_server: {{listen: \"127.0.0.1:0\"}}\n{PLAINTEXT}")
+    } else {
+        format!(
+            "stripe_server: {{listen: \"127.0.0.1:0\", psk_identity: {IDENTITY}, psk_file: {}}}",
+            yaml_str(&psk.to_string_lossy())
+        )
+    });
+    let mut a = start_backend_env(&backend, &a_cfg, &[])?;
+    let s = Setup {
+        addr: served_addr(&a)?,
+        dir: dir.clone(),
+        image,
+        size,
+        psk,
+        backend,
+        init,
+        connections,
+        plaintext,
+    };
+    let (mut ours, mut tcp, mut d_ours, mut d_tcp) = (vec![], vec![], vec![], vec![]);
+    for round in 1..=rounds {
+        let order = if round % 2 == 1 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for mine in order {
+            if mine {
+                ours.push(hydrate_ours(&s, round)?);
+                d_ours.push(demand_ours(&s, round, reads)?);
+            } else {
+                tcp.push(hydrate_tcp(&s, round)?);
+                d_tcp.push(demand_tcp(&s, round, reads)?);
+            }
+        }
+        eprintln!(
+            "round {round}: hydrate ours {:.0} MB/s, tcp {:.0} MB/s; demand ours {:.2} ms, tcp stripe {:.2} ms",
+            ours[round - 1], tcp[round - 1], d_ours[round - 1], d_tcp[round - 1]
+        );
+    }
+    stop_backend(&mut a)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    for line in machine_description(Path::new("/dev/shm")) {
+        println!("{line}");
+    }
+    println!();
+    println!("| row | ours (median) | plain TCP (median) | ratio | target |");
+    println!("|---|---|---|---|---|");
+    let (h_o, h_t) = (median(&ours), median(&tcp));
+    println!(
+        "| hydrate {} MiB, {connections} connections, {} | {h_o:.0} MB/s | {h_t:.0} MB/s | {:.2}x | >= 0.8x |",
+        size >> 20,
+        if plaintext { "plaintext" } else { "TLS-PSK" },
+        h_o / h_t
+    );
+    let (d_o, d_t) = (median(&d_ours), median(&d_tcp));
+    println!(
+        "| demand 4 KiB read of an unfetched 1 MiB stripe | {d_o:.2} ms | {d_t:.2} ms (one stripe) | {:.2}x | <= 1.5x |",
+        d_o / d_t
+    );
+    println!("\n{rounds} alternating rounds; medians.");
+    Ok(())
+}
