@@ -166,9 +166,10 @@ fn main() -> anyhow::Result<()> {
         for first_ours in [round % 2 == 0, round % 2 != 0] {
             let work = scratch_dir("ubiblk-bench-migration");
             let (name, hops) = if first_ours {
-                ("ubiblk", ours(&bin, &guest, &disk, work.path())?)
+                let hops = ours(&bin, &guest, &disk, work.path());
+                ("ubiblk", hops.context("ubiblk run")?)
             } else {
-                ("qsd", qsd(&guest, &disk, work.path())?)
+                ("qsd", qsd(&guest, &disk, work.path()).context("qsd run")?)
             };
             println!(
                 "round {}: {name:6} hops (downtime ms, total ms): {hops:?}",

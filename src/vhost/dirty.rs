@@ -97,10 +97,17 @@ struct Shared {
 }
 
 impl Shared {
+    #[inline]
     fn mark(&self, offset: usize, len: usize) {
         if !self.active.load(Ordering::Acquire) {
             return;
         }
+        self.mark_logged(offset, len);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn mark_logged(&self, offset: usize, len: usize) {
         if let Some(log) = self.log.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
             log.mark(offset, len);
         }
@@ -160,6 +167,7 @@ impl<'a> WithBitmapSlice<'a> for DirtyBitmap {
 }
 
 impl Bitmap for DirtyBitmap {
+    #[inline]
     fn mark_dirty(&self, offset: usize, len: usize) {
         self.0.mark(offset, len);
     }
@@ -168,6 +176,7 @@ impl Bitmap for DirtyBitmap {
         self.0.is_marked(offset)
     }
 
+    #[inline]
     fn slice_at(&self, offset: usize) -> DirtySlice<'_> {
         DirtySlice {
             shared: &self.0,
@@ -197,6 +206,7 @@ impl WithBitmapSlice<'_> for DirtySlice<'_> {
 impl BitmapSlice for DirtySlice<'_> {}
 
 impl Bitmap for DirtySlice<'_> {
+    #[inline]
     fn mark_dirty(&self, offset: usize, len: usize) {
         self.shared.mark(self.base.saturating_add(offset), len);
     }
@@ -205,6 +215,7 @@ impl Bitmap for DirtySlice<'_> {
         self.shared.is_marked(self.base.saturating_add(offset))
     }
 
+    #[inline]
     fn slice_at(&self, offset: usize) -> Self {
         DirtySlice {
             shared: self.shared,
@@ -249,4 +260,55 @@ pub fn stop_logging(mem: &LoggedMemory) {
 /// The bitmaps of `mem`'s regions (kept to find the log when a new table replaces it).
 pub fn bitmaps(mem: &LoggedMemory) -> Vec<DirtyBitmap> {
     mem.iter().map(|r| bitmap_of(r).clone()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LoggedMemory;
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+
+    /// What one 4 KiB read costs the data path with no migration running: the status byte
+    /// and used-ring writes through vm-memory, plus the completion-time marking of the
+    /// buffer (`virtio_blk::worker`), on memory with our bitmap, vhost-user-backend's, and none.
+    /// A measurement, not a check: `cargo test --release --lib dirty_log_cost -- --ignored
+    /// --nocapture`. Measured here: ours adds 6 to 85 ns per request over none, depending on
+    /// how the compiler inlines vm-memory's accessors for a bitmap that is not `()` (the
+    /// difference stays with `mark` reduced to nothing); vhost-user-backend's adds ~200 ns.
+    #[test]
+    #[ignore]
+    fn dirty_log_cost() {
+        fn per_request<M: GuestMemory>(mem: &M, n: u64) -> f64 {
+            let start = std::time::Instant::now();
+            for i in 0..n {
+                let buf = GuestAddress((i % 64) * 4096);
+                if let Ok(slices) = mem.get_slices(buf, 4096, Permissions::Write) {
+                    for s in slices.flatten() {
+                        s.bitmap().mark_dirty(0, s.len());
+                    }
+                }
+                // Status byte, used element, used index.
+                let _ = mem.write_obj(0u8, GuestAddress(0x40_0000 + i % 128));
+                let _ = mem.write_obj(i, GuestAddress(0x41_0000 + (i % 128) * 8));
+                let _ = mem.write_obj(i as u16, GuestAddress(0x42_0000));
+            }
+            start.elapsed().as_secs_f64() * 1e9 / n as f64
+        }
+        const N: u64 = 20_000_000;
+        let ranges = [(GuestAddress(0), 8 << 20)];
+        let logged = LoggedMemory::from_ranges(&ranges).unwrap();
+        let plain = GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap();
+        let upstream =
+            GuestMemoryMmap::<vhost_user_backend::bitmap::BitmapMmapRegion>::from_ranges(&ranges)
+                .unwrap();
+        for _ in 0..2 {
+            eprintln!(
+                "no bitmap: {:.1} ns, DirtyBitmap (not logging): {:.1} ns, vhost-user-backend's \
+                 BitmapMmapRegion (not logging): {:.1} ns per request",
+                per_request(&plain, N),
+                per_request(&logged, N),
+                per_request(&upstream, N)
+            );
+        }
+    }
 }
