@@ -66,15 +66,15 @@ pub struct DiskLock {
     device: Arc<dyn BlockDevice>,
     lazy: Option<Arc<LazyDevice>>,
     wait: Duration,
+    /// Serializes acquire and release.
     state: Mutex<State>,
-    /// `state.held`, readable while an acquire holds the lock and waits (`status` must not
-    /// wait up to `handover_wait_secs` for its answer).
+    /// Whether this backend has the disk: changed under `state`, read without it (`status`
+    /// must not wait up to `handover_wait_secs` while an acquire waits).
     held: AtomicBool,
 }
 
 #[derive(Default)]
 struct State {
-    held: bool,
     /// The last acquire timed out: later ones try once without waiting (and without logging),
     /// so a guest's requests fail at once instead of each waiting.
     refused: bool,
@@ -96,10 +96,7 @@ impl DiskLock {
             device,
             lazy,
             wait,
-            state: Mutex::new(State {
-                held,
-                refused: false,
-            }),
+            state: Mutex::new(State { refused: false }),
             held: AtomicBool::new(held),
         }
     }
@@ -120,7 +117,7 @@ impl DiskLock {
 impl DiskOwner for DiskLock {
     fn acquire(&self) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.held {
+        if self.held() {
             return true;
         }
         let deadline = Instant::now()
@@ -166,7 +163,6 @@ impl DiskOwner for DiskLock {
             state.refused = true;
             return false;
         }
-        state.held = true;
         self.held.store(true, Ordering::Release);
         state.refused = false;
         info!("took the disk over: serving");
@@ -174,8 +170,8 @@ impl DiskOwner for DiskLock {
     }
 
     fn release(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if !state.held {
+        let _serial = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.held() {
             return;
         }
         let started = Instant::now();
@@ -197,7 +193,6 @@ impl DiskOwner for DiskLock {
         if let Err(e) = unlock(&self.file) {
             warn!("unlocking the disk failed: {e}");
         }
-        state.held = false;
         self.held.store(false, Ordering::Release);
         info!(
             "guest stopped: disk handed over in {:?} (another backend may take it)",

@@ -355,12 +355,10 @@ impl BlockBackend {
         let mut now = Instant::now();
         poll.woke(now);
         let mut done = Vec::new();
-        if vring.get_ref().get_queue().ready() {
-            if !self.activity.start(queue) {
-                self.refuse_available(queue, vring, &mem, &mut worker, stats);
-                poll.sleeping(Instant::now());
-                return;
-            }
+        // Without the disk (another backend has it, see `owner`) the loop below fails the
+        // requests it pops (`start_available`) and re-enables notifications as usual, so the
+        // guest's next request fails too instead of waiting for a kick that never comes.
+        if vring.get_ref().get_queue().ready() && self.activity.start(queue) {
             self.resume(queue, vring, &mem, &mut worker, stats, &mut done);
         }
         let event_idx = self.event_idx.load(Ordering::Relaxed);

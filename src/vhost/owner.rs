@@ -7,12 +7,6 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vhost_user_backend::VringT;
-
-use super::{BlockBackend, Memory, Vring};
-use crate::virtio_blk::stats::QueueStats;
-use crate::virtio_blk::QueueWorker;
-
 /// The disk's ownership, as the service implements it.
 pub trait DiskOwner: Send + Sync {
     /// Takes the disk for this process's guest (at once if it has it), waiting a bounded
@@ -79,41 +73,6 @@ impl Activity {
         if self.running.iter().all(|r| !r.load(Ordering::Acquire)) {
             if let Some(owner) = &self.owner {
                 owner.release();
-            }
-        }
-    }
-}
-
-impl BlockBackend {
-    /// Queue `queue` has work but the disk is not ours: fails every available request (IOERR,
-    /// see `start_available`) and re-enables notifications, looping while that finds more.
-    /// Without it, under EVENT_IDX the avail event would stay behind the requests failed here
-    /// and the guest would never kick again: its next request would hang instead of failing.
-    /// An avail index no chain backs (a hostile guest) ends the loop, as in `process`.
-    pub(super) fn refuse_available(
-        &self,
-        queue: usize,
-        vring: &Vring,
-        mem: &Memory,
-        worker: &mut QueueWorker,
-        stats: &QueueStats,
-    ) {
-        let mut done = Vec::new();
-        let mut rechecking = false;
-        loop {
-            let (found, corrupt) =
-                self.start_available(queue, vring, mem, worker, stats, &mut done);
-            self.complete(queue, vring, stats, &mut done);
-            if corrupt || (rechecking && !found) {
-                break;
-            }
-            match vring.enable_notification() {
-                Ok(true) => rechecking = true,
-                Ok(false) => break,
-                Err(e) => {
-                    self.warn_ring_op(format_args!("enable_notification failed: {e}"));
-                    break;
-                }
             }
         }
     }
