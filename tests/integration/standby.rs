@@ -3,14 +3,9 @@
 //! holder's works.
 
 use crate::common::*;
-use serde_json::Value;
+use crate::resize::ask;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-backend");
-
-fn ask(ctl: &std::path::Path, cmd: &str) -> Value {
-    let line = control_command(ctl, cmd).unwrap();
-    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{cmd}: {e}: {line}"))
-}
 
 #[test]
 fn resize_on_a_standby_backend_is_refused_and_changes_nothing() {
