@@ -228,13 +228,12 @@ impl LazyDevice {
         self.shared.queue.wake_parked();
     }
 
-    /// Hands the disk to another process (live migration): starts no more fetches, waits for
-    /// those running (each durable on its own), and persists the WRITTEN bits. Until
-    /// [`LazyDevice::take_over`], nothing here writes the disk or the metadata. Call with no
-    /// guest request in flight.
-    pub fn hand_over(&self) -> io::Result<()> {
+    /// Hands the disk to another process (live migration): starts no more fetches and waits
+    /// for those running (each durable on its own). Until [`LazyDevice::take_over`], nothing
+    /// here writes the disk or the metadata but a sync, which persists the WRITTEN bits: the
+    /// caller syncs the device next. Call with no guest request in flight.
+    pub fn hand_over(&self) {
         self.shared.queue.hold();
-        self.shared.persist_written()
     }
 
     /// Takes the disk (back) from the process it was handed to: adds what that process

@@ -176,13 +176,10 @@ impl DiskOwner for DiskLock {
         }
         let started = Instant::now();
         if let Some(lazy) = &self.lazy {
-            if let Err(e) = lazy.hand_over() {
-                // The WRITTEN bits stay dirty in memory; keep the disk rather than hand over
-                // metadata that misses them.
-                error!("handing the disk over failed (metadata not saved: {e}); keeping it");
-                return;
-            }
+            lazy.hand_over();
         }
+        // Syncs the data and persists the lazy layer's WRITTEN bits. If that fails, keep the
+        // disk (and fetch again) rather than hand over metadata that misses them.
         if let Err(e) = self.device.sync() {
             error!("handing the disk over failed (sync: {e}); keeping it");
             if let Some(lazy) = &self.lazy {
