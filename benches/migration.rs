@@ -31,20 +31,6 @@ use std::process::{Command, Stdio};
 
 const DISK: u64 = 128 << 20;
 
-#[derive(serde::Deserialize, Debug)]
-struct Migration {
-    exit_status: Option<i32>,
-    hops: Vec<Hop>,
-    error: Option<String>,
-}
-
-#[derive(serde::Deserialize, Debug)]
-struct Hop {
-    status: String,
-    downtime_ms: Option<f64>,
-    total_ms: Option<f64>,
-}
-
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -64,37 +50,33 @@ fn guest_dir() -> anyhow::Result<PathBuf> {
 }
 
 /// One run of migrate.py along `sockets`: the hops' (downtime, total) in ms.
-fn migrate(guest: &Path, sockets: &[PathBuf], work: &Path) -> anyhow::Result<Vec<(f64, f64)>> {
-    let socks: Vec<String> = sockets.iter().map(|s| s.display().to_string()).collect();
-    let mut cmd = Command::new("python3");
-    cmd.arg(repo().join("tests/vm/migrate.py"))
-        .arg("--guest")
-        .arg(guest)
-        .arg("--script")
-        .arg(repo().join("tests/vm/fio-restart.sh"))
-        .arg("--sockets")
-        .arg(socks.join(","))
-        .args(["--queues", "2", "--mem", "512M", "--timeout", "300"])
-        .args(["--cmdline", "ubiblk.fio_secs=20 ubiblk.read_pass=1"])
-        .arg("--console")
-        .arg(work.join("console.txt"));
-    if let Ok(bw) = std::env::var("UBIBLK_MIGRATE_BW") {
-        cmd.args(["--bandwidth", &bw]);
-    }
-    let out = cmd.stdin(Stdio::null()).output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let m: Migration = serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .with_context(|| format!("migrate.py: {stdout}"))?;
+fn migrate_along(
+    guest: &Path,
+    sockets: &[PathBuf],
+    work: &Path,
+) -> anyhow::Result<Vec<(f64, f64)>> {
+    let console = work.join("console.txt");
+    let m = migrate(&MigrateRun {
+        guest,
+        sockets,
+        cmdline: "ubiblk.fio_secs=20 ubiblk.read_pass=1",
+        console: &console,
+        bandwidth: match std::env::var("UBIBLK_MIGRATE_BW") {
+            Ok(bw) => Some(bw.parse().context("UBIBLK_MIGRATE_BW")?),
+            Err(_) => None,
+        },
+        cancel_first: false,
+    })?;
     if m.error.is_some() || m.exit_status != Some(0) {
         bail!(
             "migration run failed: {m:?}\n{}",
-            std::fs::read_to_string(work.join("console.txt")).unwrap_or_default()
+            std::fs::read_to_string(&console).unwrap_or_default()
         );
     }
     m.hops
         .iter()
         .map(|h| match (h.status.as_str(), h.downtime_ms, h.total_ms) {
-            ("completed", Some(d), Some(t)) => Ok((d, t)),
+            ("completed", Some(d), Some(t)) => Ok((d as f64, t as f64)),
             _ => bail!("hop not completed: {h:?}"),
         })
         .collect()
@@ -103,17 +85,13 @@ fn migrate(guest: &Path, sockets: &[PathBuf], work: &Path) -> anyhow::Result<Vec
 fn ours(bin: &Path, guest: &Path, disk: &Path, work: &Path) -> anyhow::Result<Vec<(f64, f64)>> {
     let mut backends = Vec::new();
     let mut sockets = Vec::new();
-    for name in ["a", "b"] {
+    for name in ["a", "b", "c"] {
         let sock = work.join(format!("{name}.sock"));
         let cfg = BackendConfig::new(disk, &sock).num_queues(2);
         backends.push(Backend::start(bin, &cfg)?);
         sockets.push(sock);
     }
-    migrate(
-        guest,
-        &[sockets[0].clone(), sockets[1].clone(), sockets[0].clone()],
-        work,
-    )
+    migrate_along(guest, &sockets, work)
 }
 
 fn qsd(guest: &Path, disk: &Path, work: &Path) -> anyhow::Result<Vec<(f64, f64)>> {
@@ -140,7 +118,7 @@ fn qsd(guest: &Path, disk: &Path, work: &Path) -> anyhow::Result<Vec<(f64, f64)>
         ..Default::default()
     };
     let _qsd = Qsd::start(disk, &sockets[0], &opts)?;
-    migrate(guest, &sockets, work)
+    migrate_along(guest, &sockets, work)
 }
 
 fn main() -> anyhow::Result<()> {

@@ -9,6 +9,7 @@
 //!   and a low-level submit/reap API ([`QueueIo`]) for issuing many requests in flight.
 //! * [`control`]: the control socket ([`ControlStatus`], [`control_command`]).
 //! * [`images`]: pattern-filled disks, the files of a lazy disk, scratch directories.
+//! * [`migrate`]: live migration of the test guest between QEMUs ([`migrate()`]).
 //! * [`require`]: tests that need a tool (QEMU, nginx, Garage, ...) skip without it, or fail
 //!   when `UBIBLK_REQUIRE_ALL=1` ([`require()`]).
 //! * [`servers`]: real HTTP (nginx) and S3 (Garage) servers for the remote-source tests.
@@ -22,6 +23,7 @@ pub mod backend;
 pub mod client;
 pub mod control;
 pub mod images;
+pub mod migrate;
 pub mod process;
 pub mod qsd;
 pub mod queue;
@@ -30,4 +32,7 @@ pub mod servers;
 
 // A binary that uses none of a module's items would warn about its re-export.
 #[allow(unused_imports)]
-pub use {backend::*, client::*, control::*, images::*, process::*, qsd::*, queue::*, require::*};
+pub use {
+    backend::*, client::*, control::*, images::*, migrate::*, process::*, qsd::*, queue::*,
+    require::*,
+};

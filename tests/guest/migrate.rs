@@ -11,28 +11,11 @@
 //! with our own frontend (tests/integration/dirty_log.rs).
 
 use super::*;
+use common::Migration;
 
 /// Disk and image of the migrated disk: an encrypted lazy disk with copy-on-read, filling from
 /// a 100 MiB image in the background (throttled so that autofetch runs through both hops).
 const DISK: u64 = 128 * MIB;
-
-/// The outcome of `tests/vm/migrate.py`: its JSON line.
-#[derive(serde::Deserialize, Debug)]
-struct Migration {
-    exit_status: Option<i32>,
-    hops: Vec<Hop>,
-    error: Option<String>,
-    /// A first attempt was cancelled during pre-copy (`--cancel-first`).
-    cancelled: bool,
-}
-
-#[derive(serde::Deserialize, Debug)]
-struct Hop {
-    status: String,
-    downtime_ms: Option<u64>,
-    total_ms: Option<u64>,
-    dirty_sync_count: Option<u64>,
-}
 
 /// Writes `d/NAME.yaml`: the disk `d/disk.raw` on 2 queues, `extra` (with `{d}` for `d`), and
 /// the backend's own sockets (`NAME.sock`, `NAME.ctl`): what differs between A and B.
@@ -57,36 +40,19 @@ fn start(d: &Path, name: &str) -> (Backend, PathBuf) {
     (Backend::start(&config, &[], &env, &log, &sock), sock)
 }
 
-/// Runs tests/vm/migrate.py: the guest boots on `sockets[0]` and migrates along the rest.
+/// Runs tests/vm/migrate.py: the guest boots on `sockets[0]` and migrates along the rest, at a
+/// `max-bandwidth` low enough for several pre-copy rounds while fio runs.
 fn migrate(sockets: &[&Path], cmdline: &str, console: &Path, cancel_first: bool) -> Migration {
-    let sockets: Vec<String> = sockets.iter().map(|s| s.display().to_string()).collect();
-    let out = Command::new("python3")
-        .arg(vm_script("migrate.py"))
-        .arg("--guest")
-        .arg(guest_dir())
-        .arg("--script")
-        .arg(vm_script("fio-restart.sh"))
-        .arg("--sockets")
-        .arg(sockets.join(","))
-        .args(["--queues", "2", "--mem", "512M", "--timeout", "300"])
-        // Low enough for several pre-copy rounds while fio runs.
-        .args(["--bandwidth", &(64 * MIB).to_string()])
-        .arg("--cmdline")
-        .arg(cmdline)
-        .arg("--console")
-        .arg(console)
-        .args(cancel_first.then_some("--cancel-first"))
-        .stdin(Stdio::null())
-        .output()
-        .expect("cannot run tests/vm/migrate.py");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(line).unwrap_or_else(|e| {
-        panic!(
-            "migrate.py printed no result ({e}): {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
+    let sockets: Vec<PathBuf> = sockets.iter().map(|s| s.to_path_buf()).collect();
+    common::migrate(&common::MigrateRun {
+        guest: guest_dir(),
+        sockets: &sockets,
+        cmdline,
+        console,
+        bandwidth: Some(64 * MIB),
+        cancel_first,
     })
+    .unwrap()
 }
 
 /// A plain disk, A -> B after a cancelled first attempt (the source keeps serving): the guest's O_DIRECT buffers are page-aligned, so the backend's
