@@ -80,6 +80,7 @@ pub const FIELDS: &[&str] = &[
     "track_written",
     "direct_io",
     "handover_wait_secs",
+    "standby",
     "stripe_server",
     "psk_identity",
     "psk_file",
@@ -252,6 +253,12 @@ pub struct Options {
     /// without it); then its requests fail.
     #[serde(default, deserialize_with = "bounded::handover_wait_secs")]
     pub handover_wait_secs: Option<u32>,
+    /// Not in the reference tools: start standing by (serve nothing, fetch nothing) until
+    /// the VMM starts the rings: the destination of a live migration without shared storage
+    /// (post-copy, `image_url: ubiblk://` the source host). With shared storage a backend
+    /// stands by on its own while the other holds the disk's lock.
+    #[serde(default)]
+    pub standby: bool,
     /// Not in the reference's config (its `remote-stripe-server` is a separate binary): serve
     /// this disk's stripes to another host (ubiblk v0.5's remote stripe protocol).
     #[serde(default)]

@@ -274,6 +274,19 @@ impl LazyDevice {
         ))
     }
 
+    /// Reads stripe `stripe` from the source into `buf` (its first `buf.len()` bytes; zeros
+    /// past the source's end) if it is not fetched, without storing it: nothing of this disk
+    /// is written, so a disk handed over stays as it was. `None`: the stripe is fetched (or
+    /// past the last one); read the disk.
+    pub fn read_unfetched(&self, stripe: usize, buf: &mut [u8]) -> Option<io::Result<()>> {
+        let s = &self.shared.stripes;
+        if stripe >= s.count() || s.is_fetched(stripe) {
+            return None;
+        }
+        let start = s.sectors_of(stripe).0 << SECTOR_SHIFT;
+        Some(self.source.read_at(start, buf))
+    }
+
     fn source_stripes(&self) -> usize {
         let s = &self.shared.stripes;
         let covered = self.source.bytes().div_ceil(s.stripe_bytes());

@@ -1,10 +1,12 @@
 //! `stripe_server:`: what the stripe server shows of this disk ([`Layout`]) and its start.
 //!
 //! The server reads the *logical* disk: the layer above encryption and lazy fetch (so it
-//! serves plaintext, and reads unfetched stripes through the disk's own source, fetching them
-//! as a guest read would), below the debug log and QoS (a copy is neither the guest's I/O
-//! nor limited as it is).
+//! serves plaintext), below the debug log and QoS (a copy is neither the guest's I/O nor
+//! limited as it is). A lazy disk's unfetched stripes are read straight from the disk's own
+//! source and not stored: serving never writes the disk, which may have been handed over to
+//! the destination's guest (post-copy live migration) and must stay as it was then.
 
+use std::io;
 use std::sync::Arc;
 
 use crate::block::BlockDevice;
@@ -71,6 +73,10 @@ impl Layout for LazyLayout {
     fn stripe(&self, index: u64) -> Option<(u8, u8)> {
         let (shift, bits, covered) = self.0.stripe_state(usize::try_from(index).ok()?)?;
         Some((shift, lazy_flags(bits, covered)))
+    }
+
+    fn read_elsewhere(&self, index: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+        self.0.read_unfetched(usize::try_from(index).ok()?, buf)
     }
 }
 

@@ -125,12 +125,19 @@ pub fn open_with_kek(
     let capacity = file.capacity();
     let disk_file = file.file();
     // Another backend with this disk is a live migration's source: stand by (see `handover`).
-    let held =
-        handover::try_lock(&disk_file, opts.readonly).map_err(|source| StackError::Open {
+    // With `standby`, a post-copy migration's destination stands by all the same.
+    let held = !opts.standby
+        && handover::try_lock(&disk_file, opts.readonly).map_err(|source| StackError::Open {
             path: opts.path.clone(),
             source,
         })?;
-    if !held {
+    if opts.standby {
+        info!(
+            "{}: standby: serving nothing and fetching nothing until the guest starts its \
+             rings (the destination of a live migration)",
+            opts.path.display()
+        );
+    } else if !held {
         info!(
             "{}: another backend holds the disk; standing by until its guest stops and it \
              hands the disk over (live migration)",

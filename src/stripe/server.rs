@@ -46,6 +46,13 @@ pub trait Layout: Send + Sync {
     /// For READ_STRIPE, without copying the others: the stripe size (a shift) and stripe
     /// `index`'s flags; `None` past the last stripe.
     fn stripe(&self, index: u64) -> Option<(u8, u8)>;
+    /// Reads stripe `index` into `buf` (its bytes on the disk) from somewhere other than the
+    /// disk, if it is not on the disk yet: a lazy disk's unfetched stripe, from its source.
+    /// `None`: read the disk.
+    fn read_elsewhere(&self, index: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+        let _ = (index, buf);
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -284,16 +291,26 @@ impl Session<'_> {
         };
         if len > 0 {
             buf.set_len(len);
-            let (r, back) = run_sync(self.channel, IoOp::Read { sector: first, buf });
-            match (r, back) {
-                (Ok(()), Some(b)) => buf = b,
-                (r, _) => {
-                    let errno = r.err().unwrap_or(libc::EIO);
+            if let Some(r) = self.s.layout.read_elsewhere(index, &mut buf[..]) {
+                if let Err(e) = r {
                     warn!(
-                        "stripe server: reading stripe {index} failed: {}",
-                        io::Error::from_raw_os_error(errno)
+                        "stripe server: reading stripe {index} from the disk's source failed: {e}"
                     );
+                    self.io = Some(buf);
                     return protocol::write_status(stream, STATUS_SERVER_ERROR);
+                }
+            } else {
+                let (r, back) = run_sync(self.channel, IoOp::Read { sector: first, buf });
+                match (r, back) {
+                    (Ok(()), Some(b)) => buf = b,
+                    (r, _) => {
+                        let errno = r.err().unwrap_or(libc::EIO);
+                        warn!(
+                            "stripe server: reading stripe {index} failed: {}",
+                            io::Error::from_raw_os_error(errno)
+                        );
+                        return protocol::write_status(stream, STATUS_SERVER_ERROR);
+                    }
                 }
             }
         }

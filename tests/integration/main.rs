@@ -23,6 +23,7 @@ mod lazy;
 mod lazy_crash;
 mod metadata;
 mod outage;
+mod postcopy;
 mod qsd_client;
 mod remote;
 mod resize;

@@ -15,15 +15,15 @@ use ubiblk::crypto::Xts;
 use ubiblk::stripe::protocol::{self, StripeReply};
 use ubiblk::stripe::tls::{self, Psk, Stream};
 
-const BIN: &str = env!("CARGO_BIN_EXE_vhost-backend");
-const INIT: &str = env!("CARGO_BIN_EXE_init-metadata");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_vhost-backend");
+pub(crate) const INIT: &str = env!("CARGO_BIN_EXE_init-metadata");
 const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/stripe_peer.py");
 /// 64 KiB stripes, a 48-stripe (3 MiB) disk.
-const SHIFT: u8 = 7;
-const STRIPE: u64 = 512 << SHIFT;
-const DISK: u64 = 48 * STRIPE;
-const IDENTITY: &str = "host-b";
-const KEY: [u8; 32] = *b"the-psk-of-the-move-0123456789ab";
+pub(crate) const SHIFT: u8 = 7;
+pub(crate) const STRIPE: u64 = 512 << SHIFT;
+pub(crate) const DISK: u64 = 48 * STRIPE;
+pub(crate) const IDENTITY: &str = "host-b";
+pub(crate) const KEY: [u8; 32] = *b"the-psk-of-the-move-0123456789ab";
 const PLAINTEXT: &str = "danger_zone: {enabled: true, allow_unencrypted_connection: true}";
 
 fn b64(k: &[u8]) -> String {
@@ -31,19 +31,19 @@ fn b64(k: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(k)
 }
 
-fn keys_yaml(k1: &[u8; 32], k2: &[u8; 32]) -> String {
+pub(crate) fn keys_yaml(k1: &[u8; 32], k2: &[u8; 32]) -> String {
     format!("encryption_key: [\"{}\", \"{}\"]", b64(k1), b64(k2))
 }
 
 /// A PSK file (mode 0600) in `dir`.
-fn psk_file(dir: &Path, name: &str, key: &[u8]) -> PathBuf {
+pub(crate) fn psk_file(dir: &Path, name: &str, key: &[u8]) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, key).unwrap();
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p
 }
 
-fn server_yaml(psk: Option<&Path>) -> String {
+pub(crate) fn server_yaml(psk: Option<&Path>) -> String {
     match psk {
         Some(p) => format!(
             "stripe_server: {{listen: \"127.0.0.1:0\", psk_identity: {IDENTITY}, psk_file: {}}}",
@@ -54,7 +54,7 @@ fn server_yaml(psk: Option<&Path>) -> String {
 }
 
 /// The address the backend's stripe server listens on, from its log.
-fn served_addr(be: &Backend) -> String {
+pub(crate) fn served_addr(be: &Backend) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let log = be.log();
@@ -69,7 +69,7 @@ fn served_addr(be: &Backend) -> String {
     }
 }
 
-fn wait_complete(ctl: &Path, timeout: Duration) -> ControlStatus {
+pub(crate) fn wait_complete(ctl: &Path, timeout: Duration) -> ControlStatus {
     let deadline = Instant::now() + timeout;
     loop {
         let s = ControlStatus::query(ctl).unwrap();
@@ -81,7 +81,7 @@ fn wait_complete(ctl: &Path, timeout: Duration) -> ControlStatus {
     }
 }
 
-fn read_all(c: &mut Client, len: u64) -> Vec<u8> {
+pub(crate) fn read_all(c: &mut Client, len: u64) -> Vec<u8> {
     let mut out = Vec::new();
     for off in (0..len).step_by(65536) {
         out.extend(c.read(0, off, 65536.min((len - off) as usize)).unwrap());
