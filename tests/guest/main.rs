@@ -17,6 +17,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod migrate;
+mod postcopy;
 
 use common::{require, ControlStatus, BOTO3, GARAGE, GUEST};
 use std::fmt::Write as _;
