@@ -59,14 +59,7 @@ struct Setup {
 const PLAINTEXT: &str = "danger_zone: {enabled: true, allow_unencrypted_connection: true}";
 
 fn served_addr(be: &Backend) -> Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(rest) = be.log().split("stripe server on ").nth(1) {
-            return Ok(rest.split(':').take(2).collect::<Vec<_>>().join(":"));
-        }
-        anyhow::ensure!(Instant::now() < deadline, "no stripe server: {}", be.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    stripe_server_addr(|| be.log())
 }
 
 /// B's files, fresh: a sparse disk, metadata made against A. With `autofetch`.
@@ -119,41 +112,8 @@ fn hydrate_ours(s: &Setup, round: usize) -> Result<f64> {
 
 /// The plain copy: the file streamed over one TCP connection into a fresh file, fsync'd.
 fn hydrate_tcp(s: &Setup, round: usize) -> Result<f64> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let image = s.image.clone();
-    let sender = std::thread::spawn(move || -> Result<()> {
-        let (mut c, _) = l.accept()?;
-        let mut f = std::fs::File::open(image)?;
-        let mut buf = vec![0u8; MIB as usize];
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                return Ok(());
-            }
-            c.write_all(&buf[..n])?;
-        }
-    });
     let out = s.dir.join(format!("copy-{round}.raw"));
-    let t0 = Instant::now();
-    let mut c = TcpStream::connect(addr)?;
-    let mut f = std::fs::File::create(&out)?;
-    let mut buf = vec![0u8; MIB as usize];
-    let mut got = 0u64;
-    loop {
-        let n = c.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        f.write_all(&buf[..n])?;
-        got += n as u64;
-    }
-    f.sync_all()?;
-    let secs = t0.elapsed().as_secs_f64();
-    sender
-        .join()
-        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
-    anyhow::ensure!(got == s.size, "copied {got} of {} bytes", s.size);
+    let secs = tcp_copy(&s.image, &out)?.as_secs_f64();
     std::fs::remove_file(&out)?;
     Ok(s.size as f64 / MIB as f64 / secs)
 }

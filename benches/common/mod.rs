@@ -594,3 +594,46 @@ pub fn fmt_thousands(x: f64) -> String {
     }
     format!("{sign}{out}")
 }
+
+/// A plain TCP copy over loopback, the reference for moving a disk: `src` streamed in 1 MiB
+/// writes over one connection into a fresh file `out`, fsync'd; timed from connect to fsync.
+pub fn tcp_copy(src: &Path, out: &Path) -> anyhow::Result<Duration> {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let src = src.to_path_buf();
+    let size = std::fs::metadata(&src)?.len();
+    let sender = std::thread::spawn(move || -> anyhow::Result<()> {
+        let (mut c, _) = l.accept()?;
+        let mut f = std::fs::File::open(src)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            c.write_all(&buf[..n])?;
+        }
+    });
+    let t0 = Instant::now();
+    let mut c = TcpStream::connect(addr)?;
+    let mut f = std::fs::File::create(out)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    loop {
+        let n = c.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        f.write_all(&buf[..n])?;
+        got += n as u64;
+    }
+    f.sync_all()?;
+    let took = t0.elapsed();
+    sender
+        .join()
+        .map_err(|_| anyhow!("the TCP copy's sender panicked"))??;
+    anyhow::ensure!(got == size, "copied {got} of {size} bytes");
+    Ok(took)
+}

@@ -15,7 +15,7 @@ use super::fetch::{fetcher, persister, Shared};
 use super::metadata::{Metadata, WRITTEN};
 use super::persist::{MetaFile, MetaStore};
 use super::queue::{lock, FetchQueue, Waker};
-use super::source::{self, SourceSpec, StripeSource};
+use super::source::{self, SourceIdentity, SourceKind, SourceSpec, StripeSource};
 use super::split::SourceEnd;
 use super::states::StripeStates;
 use super::{Error, LazyStatus};
@@ -108,8 +108,11 @@ impl LazyDevice {
         ring_entries: u32,
     ) -> Result<Self, Error> {
         let meta = open_metadata(&opts.metadata_path, inner.sectors(), xts)?;
+        if let Some(source) = unopened_if_complete(opts, &meta.1, inner.sectors())? {
+            return Self::start(inner, meta, source, opts, false);
+        }
         let source = source::open(opts, ring_entries)?;
-        Self::start(inner, meta, source, opts)
+        Self::start(inner, meta, source, opts, true)
     }
 
     /// [`LazyDevice::open`] with the source already open (`opts.source` is not used).
@@ -120,14 +123,16 @@ impl LazyDevice {
         opts: &LazyOptions,
     ) -> Result<Self, Error> {
         let meta = open_metadata(&opts.metadata_path, inner.sectors(), xts)?;
-        Self::start(inner, meta, source, opts)
+        Self::start(inner, meta, source, opts, true)
     }
 
+    /// `pin`: check the source against the one pinned for the disk (and pin it).
     fn start(
         inner: Arc<dyn BlockDevice>,
         (meta, md): (MetaFile, Metadata),
         source: Arc<dyn StripeSource>,
         opts: &LazyOptions,
+        pin: bool,
     ) -> Result<Self, Error> {
         let disk_sectors = inner.sectors();
         let (bytes, disk_bytes) = (source.bytes(), disk_sectors << SECTOR_SHIFT);
@@ -154,7 +159,9 @@ impl LazyDevice {
             );
         }
         // Before any fetch can start: a disk never holds stripes of two versions.
-        super::pin::check_and_pin(&opts.metadata_path, &md, &source.identity())?;
+        if pin {
+            super::pin::check_and_pin(&opts.metadata_path, &md, &source.identity())?;
+        }
         let source_end = SourceEnd::read(&*source, disk_sectors).map_err(|e| Error::ImageTail {
             image: source.to_string(),
             source: e,
@@ -319,6 +326,34 @@ impl LazyDevice {
             }),
         }
     }
+}
+
+/// A remote source is not opened for a disk whose stripes are all fetched: nothing will be
+/// read from it, and its host may be gone (see [`source::Unopened`]).
+fn unopened_if_complete(
+    opts: &LazyOptions,
+    md: &Metadata,
+    disk_sectors: u64,
+) -> Result<Option<Arc<dyn StripeSource>>, Error> {
+    let states = StripeStates::new(md, disk_sectors);
+    if !opts.source.is_remote() || states.fetched_count() < states.count() {
+        return Ok(None);
+    }
+    let (kind, name) = match &opts.source {
+        SourceSpec::Url(u) if u.starts_with("s3://") => (SourceKind::S3, u.clone()),
+        SourceSpec::Url(u) => (SourceKind::Http, crate::remote::http::redact(u).to_string()),
+        SourceSpec::StripeServer { url, .. } => (SourceKind::StripeServer, url.clone()),
+        SourceSpec::Archive(u) => (SourceKind::Archive, u.clone()),
+        SourceSpec::File(_) => return Ok(None),
+    };
+    let identity = super::pin::pinned(&opts.metadata_path)?
+        .unwrap_or_else(|| SourceIdentity::new(kind, name.clone(), disk_sectors << SECTOR_SHIFT));
+    info!(
+        "{name}: all {} stripes are fetched: the disk needs its source no more, which is not \
+         opened",
+        states.count()
+    );
+    Ok(Some(Arc::new(source::Unopened::new(name, identity))))
 }
 
 /// Opens and validates the metadata file.

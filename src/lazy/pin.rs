@@ -107,6 +107,11 @@ pub fn decide(pinned: Option<&SourceIdentity>, current: &SourceIdentity, md: &Me
     }
 }
 
+/// The identity pinned for the disk whose metadata is `metadata_path`, if any.
+pub fn pinned(metadata_path: &Path) -> Result<Option<SourceIdentity>, Error> {
+    read(&pin_path(metadata_path))
+}
+
 /// Reads the pin at `path`; `None` when there is none.
 fn read(path: &Path) -> Result<Option<SourceIdentity>, Error> {
     let io_err = |source| Error::Pin {

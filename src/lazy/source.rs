@@ -7,6 +7,7 @@ mod http;
 mod identity;
 mod s3;
 pub mod stripe;
+mod unopened;
 
 use std::fmt;
 use std::io;
@@ -18,6 +19,7 @@ pub use file::{file_identity, FileSource};
 pub use http::RangeSource;
 pub use identity::{SourceIdentity, SourceKind};
 pub use stripe::StripeServerSource;
+pub use unopened::Unopened;
 
 use super::{Error, LazyOptions};
 use crate::block::{IoChannel, Notifier};

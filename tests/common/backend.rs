@@ -253,3 +253,19 @@ pub fn umask(mask: libc::mode_t) -> impl FnOnce(&mut Command) {
         }
     }
 }
+
+/// The address (`HOST:PORT`) a backend's stripe server listens on, from its log (`log`
+/// reads it), waiting up to 10 s for the line.
+pub fn stripe_server_addr(log: impl Fn() -> String) -> anyhow::Result<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = log();
+        if let Some(rest) = text.split("stripe server on ").nth(1) {
+            return Ok(rest.split(':').take(2).collect::<Vec<_>>().join(":"));
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("no stripe server in the log:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

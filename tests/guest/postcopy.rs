@@ -73,20 +73,7 @@ fn guest_post_copy_migration_to_a_host_without_the_disk() {
         .unwrap();
     assert!(o.status.success(), "init-metadata (A) failed: {o:?}");
     let (a, sock_a) = start(d, "a");
-    let addr = {
-        let mut addr = String::new();
-        wait_for("A's stripe server", Duration::from_secs(10), || {
-            let log = a.log_text();
-            match log.split("stripe server on ").nth(1) {
-                Some(rest) => {
-                    addr = rest.split(':').take(2).collect::<Vec<_>>().join(":");
-                    true
-                }
-                None => false,
-            }
-        });
-        addr
-    };
+    let addr = common::stripe_server_addr(|| a.log_text()).unwrap();
     let config_b = write_config(
         d,
         "b",

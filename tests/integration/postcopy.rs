@@ -58,6 +58,11 @@ fn hosts(prefix: &str, b_extra: &[&str]) -> Hosts {
         psk_file(keys.path(), "a.psk", &KEY),
         psk_file(keys.path(), "b.psk", &KEY),
     );
+    // A fixed port: A restarted serves at the same address.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
     // 30 stripes and a bit of image on 48: stripes 31.. are past it.
     let image = pattern_bytes(0x9057_0000, (30 * STRIPE + 1000) as usize);
     let a = LazyFiles::new(
@@ -68,7 +73,7 @@ fn hosts(prefix: &str, b_extra: &[&str]) -> Hosts {
         &[
             "copy_on_read: true",
             &keys_yaml(&[0x11; 32], &[0x22; 32]),
-            &server_yaml(Some(&psk_a)),
+            &server_yaml(Some(&psk_a)).replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
         ],
     );
     a.init_metadata(INIT, SHIFT);
@@ -164,6 +169,7 @@ fn the_vm_moves_first_and_its_disk_follows_from_the_old_host() {
         "{}",
         h.a_be.log()
     );
+    assert!(!ControlStatus::query(&h.a.ctl).unwrap().disk_owner);
     let frozen = a_files(&h);
 
     // B's guest starts at once and reads the disk as A left it.
@@ -206,6 +212,15 @@ fn the_vm_moves_first_and_its_disk_follows_from_the_old_host() {
     let mut raw = std::fs::read(&h.b_base).unwrap();
     Xts::new(&B_KEYS.0, &B_KEYS.1).decrypt(0, &mut raw);
     assert!(raw == model, "B's base disk is not the disk under B's keys");
+
+    // B's backend restarts (an upgrade) with its config unchanged and A gone: complete, it
+    // needs no source.
+    let cfg = h.b_be.config.clone();
+    drop(h.b_be);
+    let b_be =
+        Backend::start(BIN, &cfg).unwrap_or_else(|e| panic!("B does not restart without A: {e:#}"));
+    let mut c = Client::connect_queues(b_be.socket(), 1).unwrap();
+    assert!(read_all(&mut c, DISK) == model, "B after its restart");
 }
 
 /// A migration that fails at switchover (A's VMM starts its ring again): A takes its disk
@@ -270,4 +285,16 @@ fn when_the_old_host_dies_mid_copy_only_unfetched_stripes_fail() {
     );
     let st = ControlStatus::query(&h.b_ctl).unwrap();
     assert!(st.fetch_errors > 0 && !st.complete, "{}", st.raw);
+
+    // A comes back (same disk, address and PSK): B's fetches resume.
+    let _a = Backend::start(BIN, &h.a.config).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        match c.read(0, 10 * STRIPE, 4096) {
+            Ok(got) => break got,
+            Err(e) => assert!(Instant::now() < deadline, "B after A came back: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(got, model[10 * STRIPE as usize..][..4096]);
 }

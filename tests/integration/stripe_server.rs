@@ -55,18 +55,7 @@ pub(crate) fn server_yaml(psk: Option<&Path>) -> String {
 
 /// The address the backend's stripe server listens on, from its log.
 pub(crate) fn served_addr(be: &Backend) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = be.log();
-        if let Some(rest) = log.split("stripe server on ").nth(1) {
-            return rest.split(':').take(2).collect::<Vec<_>>().join(":");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no stripe server in the log:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    stripe_server_addr(|| be.log()).unwrap()
 }
 
 pub(crate) fn wait_complete(ctl: &Path, timeout: Duration) -> ControlStatus {
