@@ -23,7 +23,8 @@
 //! medians and the ratios against QSD.
 //!
 //! Run: `cargo bench --bench migration`. Environment:
-//!   UBIBLK_BENCH_DIR        where the disks live (default: the target dir's tmp)
+//!   UBIBLK_BENCH_DIR        where the disks live (default /dev/shm: on a disk-backed file
+//!                           system our O_DIRECT reads would race the copy's page cache)
 //!   UBIBLK_BENCH_ROUNDS     rounds (default 3; each runs all three, ~3 min)
 //!   UBIBLK_MIGRATE_BW       max-bandwidth in bytes/s (default: QEMU's)
 //!   UBIBLK_BACKEND_BIN      vhost-backend to run (default: this crate's)
@@ -233,7 +234,7 @@ fn main() -> anyhow::Result<()> {
     let guest = guest_dir()?;
     let dir = std::env::var("UBIBLK_BENCH_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
+        .unwrap_or_else(|_| PathBuf::from("/dev/shm"));
     let rounds = env_f64("UBIBLK_BENCH_ROUNDS", 3.0) as usize;
     let disk = dir.join("ubiblk-bench-migration.raw");
     ensure_pattern_file(&disk, DISK)?;
