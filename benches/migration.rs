@@ -152,28 +152,36 @@ fn post_copy(
     let sockets = [a_sock, b_sock];
     std::thread::scope(|s| {
         let run = s.spawn(|| migrate_along(guest, &sockets, work, 45));
-        // A's hand-over, then B complete (polled every 5 ms).
-        let handed_over = loop {
-            let st: serde_json::Value = control_command(&a_ctl, "status")
+        // A hands the disk over when its guest stops its rings: at switchover, and also
+        // when the guest's driver resets the device at boot. The last hand-over before B is
+        // complete is the switchover (A's gate refuses its VMM once it served B). Polled
+        // every 5 ms.
+        let mut handed_over: Option<Instant> = None;
+        let mut a_owner = true;
+        let independent = loop {
+            let a_st: serde_json::Value = control_command(&a_ctl, "status")
                 .and_then(|r| Ok(serde_json::from_str(&r)?))
                 .map_err(|e| anyhow::anyhow!("A's status: {e:#}; A's log:\n{}", a.log()))?;
-            if st["disk_owner"] == false {
-                break Instant::now();
+            let owner = a_st["disk_owner"] != false;
+            if a_owner && !owner {
+                handed_over = Some(Instant::now());
+            }
+            a_owner = owner;
+            let st = ControlStatus::query(&b_ctl)
+                .map_err(|e| anyhow::anyhow!("B's status: {e:#}; B's log:\n{}", b.log()))?;
+            anyhow::ensure!(st.fetch_errors == 0, "B: fetch errors: {}", st.raw);
+            if st.complete {
+                let t = handed_over.context("B complete before A handed the disk over")?;
+                break t.elapsed().as_secs_f64();
             }
             if run.is_finished() {
                 let r = run
                     .join()
                     .map_err(|_| anyhow::anyhow!("migrate thread panicked"))?;
-                bail!("the migration ended before A handed the disk over: {r:?}");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let independent = loop {
-            let st = ControlStatus::query(&b_ctl)
-                .map_err(|e| anyhow::anyhow!("B's status: {e:#}; B's log:\n{}", b.log()))?;
-            anyhow::ensure!(st.fetch_errors == 0, "B: fetch errors: {}", st.raw);
-            if st.complete {
-                break handed_over.elapsed().as_secs_f64();
+                bail!(
+                    "the migration ended before B was complete: {r:?}\n{}",
+                    b.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(5));
         };

@@ -96,12 +96,11 @@ fn guest_post_copy_migration_to_a_host_without_the_disk() {
         "init-metadata (B, against A) failed: {o:?}"
     );
     let (b, sock_b) = start(d, "b");
-    let b_initial = ControlStatus::query(&d.join("b.ctl")).unwrap().fetched;
 
     let console = d.join("console.txt");
     let (ctl_a, ctl_b) = (d.join("a.ctl"), d.join("b.ctl"));
     let sockets = [sock_a.clone(), sock_b.clone()];
-    let (m, a_killed_while_running, b_fetched_before) = std::thread::scope(|s| {
+    let (m, a_killed_while_running) = std::thread::scope(|s| {
         let run = s.spawn(|| {
             common::migrate(&common::MigrateRun {
                 guest: guest_dir(),
@@ -113,17 +112,8 @@ fn guest_post_copy_migration_to_a_host_without_the_disk() {
             })
             .unwrap()
         });
-        // Until switchover B fetches nothing (it stands by); A serves its guest.
-        let mut b_fetched_before = None;
-        wait_for("A's hand-over", Duration::from_secs(280), || {
-            if a.log_text().contains("disk handed over") || run.is_finished() {
-                return true;
-            }
-            b_fetched_before = ControlStatus::query(&ctl_b).ok().map(|s| s.fetched);
-            false
-        });
         // B completes from A, then A's backend goes while the guest still runs on B.
-        wait_for("B complete", Duration::from_secs(120), || {
+        wait_for("B complete", Duration::from_secs(400), || {
             run.is_finished() || ControlStatus::query(&ctl_b).is_ok_and(|s| s.complete)
         });
         let running = !run.is_finished();
@@ -131,7 +121,7 @@ fn guest_post_copy_migration_to_a_host_without_the_disk() {
             .arg("-KILL")
             .arg(a.child.id().to_string())
             .status();
-        (run.join().unwrap(), running, b_fetched_before)
+        (run.join().unwrap(), running)
     });
     let report = || {
         format!(
@@ -165,11 +155,13 @@ fn guest_post_copy_migration_to_a_host_without_the_disk() {
     let (log_a, log_b) = (a.log_text(), b.log_text());
     assert!(log_b.contains("standby"), "{}", report());
     assert!(log_b.contains("took the disk over"), "{}", report());
-    // Nothing fetched in standby.
-    assert_eq!(b_fetched_before, Some(b_initial), "{}", report());
     assert!(log_a.contains("disk handed over"), "{}", report());
+    // B never asked A before A handed the disk over: A would have answered 0xFF (its guest's
+    // rings ran), which B retries. (That B in standby fetches nothing at all is checked
+    // directly in tests/integration/postcopy.rs.)
     let st = ControlStatus::query(&ctl_b).unwrap();
     assert!(st.complete && st.fetch_errors == 0, "{}", st.raw);
+    assert!(st.raw.contains("\"fetch_retries\":0,"), "{}", st.raw);
     assert!(ControlStatus::query(&ctl_a).is_err(), "A still answers");
 
     // On B alone: what the guest never wrote (past fio's 2 x 16 MiB) reads as A's image.
