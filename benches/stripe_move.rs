@@ -24,6 +24,7 @@
 //!   UBIBLK_BENCH_CONNECTIONS   B's fetch_connections (default 16)
 //!   UBIBLK_BENCH_DEMAND_READS  reads (and TCP stripe transfers) per demand round (default 32)
 //!   UBIBLK_BENCH_PLAINTEXT=1   A and B without TLS (the danger_zone opt-in): what TLS costs
+//!   UBIBLK_BENCH_ROWS          comma-separated rows to run (`hydrate`, `demand`; default both)
 
 #[path = "common/mod.rs"]
 mod bench;
@@ -246,6 +247,13 @@ fn main() -> Result<()> {
         "init-metadata",
     )?;
     let plaintext = env_flag("UBIBLK_BENCH_PLAINTEXT");
+    let rows = env_list("UBIBLK_BENCH_ROWS").unwrap_or_default();
+    let row = |name: &str| rows.is_empty() || rows.iter().any(|r| r == name);
+    let (hydrate, demand) = (row("hydrate"), row("demand"));
+    anyhow::ensure!(
+        hydrate || demand,
+        "UBIBLK_BENCH_ROWS: no row of hydrate, demand"
+    );
     let a_cfg = BackendConfig::new(&image, dir.join("a.sock")).extra(if plaintext {
         format!("stripe_server: {{listen: \"127.0.0.1:0\"}}\n{PLAINTEXT}")
     } else {
@@ -274,18 +282,31 @@ fn main() -> Result<()> {
             [false, true]
         };
         for mine in order {
-            if mine {
-                ours.push(hydrate_ours(&s, round)?);
-                d_ours.push(demand_ours(&s, round, reads)?);
-            } else {
-                tcp.push(hydrate_tcp(&s, round)?);
-                d_tcp.push(demand_tcp(&s, round, reads)?);
+            match (mine, hydrate) {
+                (true, true) => ours.push(hydrate_ours(&s, round)?),
+                (false, true) => tcp.push(hydrate_tcp(&s, round)?),
+                _ => {}
+            }
+            match (mine, demand) {
+                (true, true) => d_ours.push(demand_ours(&s, round, reads)?),
+                (false, true) => d_tcp.push(demand_tcp(&s, round, reads)?),
+                _ => {}
             }
         }
-        eprintln!(
-            "round {round}: hydrate ours {:.0} MB/s, tcp {:.0} MB/s; demand ours {:.2} ms, tcp stripe {:.2} ms",
-            ours[round - 1], tcp[round - 1], d_ours[round - 1], d_tcp[round - 1]
-        );
+        if hydrate {
+            eprintln!(
+                "round {round}: hydrate ours {:.0} MB/s, tcp {:.0} MB/s",
+                ours[round - 1],
+                tcp[round - 1]
+            );
+        }
+        if demand {
+            eprintln!(
+                "round {round}: demand ours {:.2} ms, tcp stripe {:.2} ms",
+                d_ours[round - 1],
+                d_tcp[round - 1]
+            );
+        }
     }
     stop_backend(&mut a)?;
     let _ = std::fs::remove_dir_all(&dir);
@@ -295,18 +316,22 @@ fn main() -> Result<()> {
     println!();
     println!("| row | ours (median) | plain TCP (median) | ratio | target |");
     println!("|---|---|---|---|---|");
-    let (h_o, h_t) = (median(&ours), median(&tcp));
-    println!(
-        "| hydrate {} MiB, {connections} connections, {} | {h_o:.0} MB/s | {h_t:.0} MB/s | {:.2}x | >= 0.8x |",
-        size >> 20,
-        if plaintext { "plaintext" } else { "TLS-PSK" },
-        h_o / h_t
-    );
-    let (d_o, d_t) = (median(&d_ours), median(&d_tcp));
-    println!(
-        "| demand 4 KiB read of an unfetched 1 MiB stripe | {d_o:.2} ms | {d_t:.2} ms (one stripe) | {:.2}x | <= 1.5x |",
-        d_o / d_t
-    );
+    let mode = if plaintext { "plaintext" } else { "TLS-PSK" };
+    if hydrate {
+        let (h_o, h_t) = (median(&ours), median(&tcp));
+        println!(
+            "| hydrate {} MiB, {connections} connections, {mode} | {h_o:.0} MB/s | {h_t:.0} MB/s | {:.2}x | >= 0.8x |",
+            size >> 20,
+            h_o / h_t
+        );
+    }
+    if demand {
+        let (d_o, d_t) = (median(&d_ours), median(&d_tcp));
+        println!(
+            "| demand 4 KiB read of an unfetched 1 MiB stripe, {mode} | {d_o:.2} ms | {d_t:.2} ms (one stripe) | {:.2}x | <= 1.5x |",
+            d_o / d_t
+        );
+    }
     println!("\n{rounds} alternating rounds; medians.");
     Ok(())
 }
