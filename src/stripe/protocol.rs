@@ -259,11 +259,16 @@ pub fn write_hello(w: &mut impl Write) -> io::Result<()> {
 
 /// Server side: an OK status, a u64 size and `payload` (METADATA, READ_STRIPE).
 pub fn write_payload(w: &mut impl Write, payload: &[u8]) -> io::Result<()> {
-    let mut head = [0u8; 9];
-    head[1..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    w.write_all(&head)?;
+    write_payload_head(w, payload.len() as u64)?;
     w.write_all(payload)?;
     w.flush()
+}
+
+/// Server side: an OK status and a u64 size, the payload to follow (not flushed).
+pub fn write_payload_head(w: &mut impl Write, size: u64) -> io::Result<()> {
+    let mut head = [0u8; 9];
+    head[1..].copy_from_slice(&size.to_le_bytes());
+    w.write_all(&head)
 }
 
 /// Server side: a status alone.
