@@ -352,6 +352,20 @@ pub fn read_stripe<S: Read + Write>(
     index: u64,
     buf: &mut [u8],
 ) -> Result<StripeReply, ProtocolError> {
+    read_stripe_progressive(s, index, buf, &mut |_| {})
+}
+
+/// Bytes of a stripe read before they are handed on (see [`read_stripe_progressive`]).
+pub const PROGRESS_STEP: usize = 16 << 10;
+
+/// [`read_stripe`], calling `arrived` with the first bytes of `buf` each time
+/// [`PROGRESS_STEP`] more (or the last) of them are in.
+pub fn read_stripe_progressive<S: Read + Write>(
+    s: &mut S,
+    index: u64,
+    buf: &mut [u8],
+    arrived: &mut dyn FnMut(&[u8]),
+) -> Result<StripeReply, ProtocolError> {
     let mut req = [0u8; 9];
     req[0] = READ_STRIPE_CMD;
     req[1..].copy_from_slice(&index.to_le_bytes());
@@ -369,7 +383,13 @@ pub fn read_stripe<S: Read + Write>(
             expected: buf.len().to_string(),
         });
     }
-    s.read_exact(buf)?;
+    let mut have = 0;
+    while have < buf.len() {
+        let end = (have + PROGRESS_STEP).min(buf.len());
+        s.read_exact(&mut buf[have..end])?;
+        have = end;
+        arrived(&buf[..have]);
+    }
     Ok(StripeReply::Data)
 }
 
