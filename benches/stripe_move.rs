@@ -11,13 +11,9 @@
 //!   not timed). Against: one TCP connection streaming the same file in 1 MiB writes into a
 //!   fresh file, fsync'd, timed from connect to fsync. MB/s, target >= 0.8x. The first
 //!   hydrated disk is compared with A's (`cmp`).
-//! * `demand`: a 4 KiB guest read (libblkio, QD1) 8 KiB into an unfetched stripe on B (no
-//!   autofetch; distinct stripes, one read after the other), against one stripe's transfer
-//!   over a kept-alive TCP connection (an 8-byte request, the 1 MiB answer read from the same
-//!   file). Median ms, target <= 1.5x. B answers a read as soon as its bytes are in (the
-//!   server sends a stripe in pieces as it reads them), so where in the stripe it lies
-//!   matters:
-//! * `demand-end`: the same with the stripe's last 4 KiB, which come in last.
+//! * `demand`: a 4 KiB guest read (libblkio, QD1) of an unfetched stripe on B (no autofetch;
+//!   distinct stripes), against one stripe's transfer over a kept-alive TCP connection (an
+//!   8-byte request, the 1 MiB answer read from the same file). Median ms, target <= 1.5x.
 //!
 //! Run: `cargo bench --bench stripe_move`: a markdown report on stdout, rounds on stderr.
 //!
@@ -27,12 +23,8 @@
 //!   UBIBLK_BENCH_ROUNDS        alternating rounds per row (default 5)
 //!   UBIBLK_BENCH_CONNECTIONS   B's fetch_connections (default 16)
 //!   UBIBLK_BENCH_DEMAND_READS  reads (and TCP stripe transfers) per demand round (default 32)
-//!   UBIBLK_BENCH_DEMAND_GAP_MS pause before each of them (default 0: the next read shares the
-//!                              machine with the rest of the last fetch: its transfer, B's
-//!                              base disk write and syncs)
 //!   UBIBLK_BENCH_PLAINTEXT=1   A and B without TLS (the danger_zone opt-in): what TLS costs
-//!   UBIBLK_BENCH_ROWS          comma-separated rows to run (`hydrate`, `demand`, `demand-end`;
-//!                              default all)
+//!   UBIBLK_BENCH_ROWS          comma-separated rows to run (`hydrate`, `demand`; default both)
 
 #[path = "common/mod.rs"]
 mod bench;
@@ -177,23 +169,13 @@ fn demand_stripes(s: &Setup, n: usize, round: usize) -> Vec<u64> {
         .collect()
 }
 
-/// How the demand rows run: reads per round, the pause before each, the read's byte offset
-/// in its stripe.
-#[derive(Clone, Copy)]
-struct Demand {
-    reads: usize,
-    gap: Duration,
-    at: u64,
-}
-
-fn demand_ours(s: &Setup, round: usize, d: Demand) -> Result<f64> {
+fn demand_ours(s: &Setup, round: usize, n: usize) -> Result<f64> {
     let (cfg, _ctl, base) = host_b(s, round, false)?;
     let mut be = start_backend_env(&s.backend, &cfg, &[])?;
     let mut c = connect_client(&cfg.socket, 1, 4 * MIB as usize, s.size)?;
     let mut lat = Vec::new();
-    for stripe in demand_stripes(s, d.reads, round) {
-        let off = stripe * STRIPE + d.at;
-        std::thread::sleep(d.gap);
+    for stripe in demand_stripes(s, n, round) {
+        let off = stripe * STRIPE + 8192;
         let t = Instant::now();
         let got = c
             .read(0, off, 4096)
@@ -207,7 +189,7 @@ fn demand_ours(s: &Setup, round: usize, d: Demand) -> Result<f64> {
     Ok(median(&lat))
 }
 
-fn demand_tcp(s: &Setup, round: usize, d: Demand) -> Result<f64> {
+fn demand_tcp(s: &Setup, round: usize, n: usize) -> Result<f64> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
     let image = s.image.clone();
@@ -227,8 +209,7 @@ fn demand_tcp(s: &Setup, round: usize, d: Demand) -> Result<f64> {
     c.set_nodelay(true)?;
     let mut buf = vec![0u8; STRIPE as usize];
     let mut lat = Vec::new();
-    for stripe in demand_stripes(s, d.reads, round) {
-        std::thread::sleep(d.gap);
+    for stripe in demand_stripes(s, n, round) {
         let t = Instant::now();
         c.write_all(&stripe.to_le_bytes())?;
         c.read_exact(&mut buf)?;
@@ -248,7 +229,6 @@ fn main() -> Result<()> {
     let size = env_f64("UBIBLK_BENCH_SIZE_MB", 512.0) as u64 * MIB;
     let rounds = env_f64("UBIBLK_BENCH_ROUNDS", 5.0) as usize;
     let reads = env_f64("UBIBLK_BENCH_DEMAND_READS", 32.0) as usize;
-    let gap = Duration::from_secs_f64(env_f64("UBIBLK_BENCH_DEMAND_GAP_MS", 0.0) / 1e3);
     let connections = env_f64("UBIBLK_BENCH_CONNECTIONS", 16.0) as u64;
     warn_if_loaded();
     let image = dir.join("a.raw");
@@ -269,15 +249,10 @@ fn main() -> Result<()> {
     let plaintext = env_flag("UBIBLK_BENCH_PLAINTEXT");
     let rows = env_list("UBIBLK_BENCH_ROWS").unwrap_or_default();
     let row = |name: &str| rows.is_empty() || rows.iter().any(|r| r == name);
-    let hydrate = row("hydrate");
-    let demands: Vec<(&str, Demand)> = [("demand", 8192), ("demand-end", STRIPE - 4096)]
-        .into_iter()
-        .filter(|(name, _)| row(name))
-        .map(|(name, at)| (name, Demand { reads, gap, at }))
-        .collect();
+    let (hydrate, demand) = (row("hydrate"), row("demand"));
     anyhow::ensure!(
-        hydrate || !demands.is_empty(),
-        "UBIBLK_BENCH_ROWS: no row of hydrate, demand, demand-end"
+        hydrate || demand,
+        "UBIBLK_BENCH_ROWS: no row of hydrate, demand"
     );
     let a_cfg = BackendConfig::new(&image, dir.join("a.sock")).extra(if plaintext {
         format!("stripe_server: {{listen: \"127.0.0.1:0\"}}\n{PLAINTEXT}")
@@ -299,9 +274,7 @@ fn main() -> Result<()> {
         connections,
         plaintext,
     };
-    let (mut ours, mut tcp) = (vec![], vec![]);
-    // Per demand row: ours, TCP.
-    let mut d_lat = vec![(vec![], vec![]); demands.len()];
+    let (mut ours, mut tcp, mut d_ours, mut d_tcp) = (vec![], vec![], vec![], vec![]);
     for round in 1..=rounds {
         let order = if round % 2 == 1 {
             [true, false]
@@ -314,12 +287,10 @@ fn main() -> Result<()> {
                 (false, true) => tcp.push(hydrate_tcp(&s, round)?),
                 _ => {}
             }
-            for ((_, d), (d_ours, d_tcp)) in demands.iter().zip(&mut d_lat) {
-                if mine {
-                    d_ours.push(demand_ours(&s, round, *d)?);
-                } else {
-                    d_tcp.push(demand_tcp(&s, round, *d)?);
-                }
+            match (mine, demand) {
+                (true, true) => d_ours.push(demand_ours(&s, round, reads)?),
+                (false, true) => d_tcp.push(demand_tcp(&s, round, reads)?),
+                _ => {}
             }
         }
         if hydrate {
@@ -329,9 +300,9 @@ fn main() -> Result<()> {
                 tcp[round - 1]
             );
         }
-        for ((name, _), (d_ours, d_tcp)) in demands.iter().zip(&d_lat) {
+        if demand {
             eprintln!(
-                "round {round}: {name} ours {:.2} ms, tcp stripe {:.2} ms",
+                "round {round}: demand ours {:.2} ms, tcp stripe {:.2} ms",
                 d_ours[round - 1],
                 d_tcp[round - 1]
             );
@@ -354,16 +325,10 @@ fn main() -> Result<()> {
             h_o / h_t
         );
     }
-    for ((name, d), (d_ours, d_tcp)) in demands.iter().zip(&d_lat) {
-        let (d_o, d_t) = (median(d_ours), median(d_tcp));
-        let gap = if d.gap.is_zero() {
-            String::new()
-        } else {
-            format!(", {:?} apart", d.gap)
-        };
+    if demand {
+        let (d_o, d_t) = (median(&d_ours), median(&d_tcp));
         println!(
-            "| {name}: 4 KiB read at byte {} of an unfetched 1 MiB stripe, {mode}{gap} | {d_o:.2} ms | {d_t:.2} ms (one stripe) | {:.2}x | <= 1.5x |",
-            d.at,
+            "| demand 4 KiB read of an unfetched 1 MiB stripe, {mode} | {d_o:.2} ms | {d_t:.2} ms (one stripe) | {:.2}x | <= 1.5x |",
             d_o / d_t
         );
     }

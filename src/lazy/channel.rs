@@ -263,33 +263,32 @@ impl LazyChannel {
     }
 
     /// Completes parked read `p`, wholly inside `stripe`, from the stripe's staged content
-    /// (see [`Shared::staged`]); gives `p` back if there is none or its bytes are not all in
-    /// yet (the fetcher wakes the channel when they are).
+    /// (see [`Shared::staged`]); gives `p` back if there is none.
     fn serve_staged(&mut self, p: Parked, stripe: usize) -> Result<(), Parked> {
-        let Some(staged) = self.shared.staged(stripe) else {
+        let Some(data) = self.shared.staged(stripe) else {
             return Err(p);
         };
-        let first = self.shared.stripes.sectors_of(stripe).0;
-        let (id, wait) = (p.id, p.wait);
-        let (sector, mut dest) = match p.op {
-            IoOp::Read { sector, buf } => (sector, Dest::Buf(buf)),
-            IoOp::ReadVec { sector, iov } => (sector, Dest::Vecs(iov)),
-            op => return Err(Parked { id, op, wait }),
+        let (sector, len) = match &p.op {
+            IoOp::Read { sector, buf } => (*sector, buf.len()),
+            IoOp::ReadVec { sector, iov } => (*sector, iov.len()),
+            _ => return Err(p),
         };
-        // The request lies inside the stripe (copy_to checks its end anyway).
-        let from = ((sector - first) << SECTOR_SHIFT) as usize;
-        if !staged.copy_to(from, &mut dest) {
-            let op = match dest {
-                Dest::Buf(buf) => IoOp::Read { sector, buf },
-                Dest::Vecs(iov) => IoOp::ReadVec { sector, iov },
-            };
-            return Err(Parked { id, op, wait });
-        }
+        let from = ((sector - self.shared.stripes.sectors_of(stripe).0) << SECTOR_SHIFT) as usize;
+        // The request lies inside the stripe and the staged copy is all of it; checked anyway.
+        let Some(src) = data.get(from..from + len) else {
+            return Err(p);
+        };
+        let mut dest = match p.op {
+            IoOp::Read { buf, .. } => Dest::Buf(buf),
+            IoOp::ReadVec { iov, .. } => Dest::Vecs(iov),
+            op => return Err(Parked { op, ..p }),
+        };
+        dest.put(0, len, Some(src));
         let buf = match dest {
-            Dest::Buf(buf) => Some(buf),
+            Dest::Buf(b) => Some(b),
             Dest::Vecs(_) => None,
         };
-        self.below.finish(id, Ok(()), buf);
+        self.below.finish(p.id, Ok(()), buf);
         Ok(())
     }
 

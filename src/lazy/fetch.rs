@@ -19,11 +19,10 @@ use log::{error, info, warn};
 use super::persist::MetaStore;
 use super::queue::{lock, FetchQueue, Job};
 use super::source::StripeSource;
-use super::staged::Staged;
 use super::states::StripeStates;
 use crate::block::{run_sync, BlockDevice, IoBuf, IoChannel, IoOp, SECTOR_SHIFT};
 
-/// Staging buffers kept for reuse.
+/// Staged copies kept for reuse.
 const STAGED_SPARES: usize = 4;
 
 /// State shared by the device, its channels and the fetchers.
@@ -37,11 +36,10 @@ pub(crate) struct Shared {
     pub errors: AtomicU64,
     /// The last failed fetch's error (for `status`).
     pub last_error: Mutex<Option<String>>,
-    /// Stripes a guest waits for whose content is being read from the source or is not yet
-    /// durable on the base disk (see [`Shared::staged`]); at most one per fetcher.
-    pub staged: Mutex<Vec<Arc<Staged>>>,
-    /// Buffers demand fetches read stripes into, kept for the next (a fresh 1 MiB buffer
-    /// costs its page faults).
+    /// Stripes a guest waits for whose content is read from the source but not yet durable
+    /// on the base disk (see [`Shared::staged`]); at most one per fetcher.
+    pub staged: Mutex<Vec<(usize, Arc<[u8]>)>>,
+    /// Staged copies no longer used, for the next demand fetch.
     pub staged_free: Mutex<Vec<Arc<[u8]>>>,
     /// Stripe buffers of idle fetchers. Shared, not one per thread: a waiting fetcher is
     /// woken in FIFO order, so a demand fetch rarely runs on the thread that ran the last
@@ -94,22 +92,21 @@ impl Shared {
         self.meta.persist_written(&self.stripes)
     }
 
-    /// The content of `stripe` as a demand fetch reads it from the source, until the fetch
-    /// has finished: parked reads wholly inside the part already in are served from here at
-    /// once, instead of after the rest of the transfer, the base disk write, its fdatasync and
-    /// the metadata update (most of a demand fetch's latency when the source is near). Only
-    /// reads: a write still waits for FETCHED, so nothing a guest writes can be lost to a
-    /// fetch that fails later, and a read served here returned the source's bytes, which is
-    /// what the stripe holds until FETCHED.
-    pub fn staged(&self, stripe: usize) -> Option<Arc<Staged>> {
+    /// The content of `stripe` if a demand fetch has read it from the source and not yet
+    /// finished: parked reads wholly inside it are served from here at once, instead of
+    /// after the base disk write, its fdatasync and the metadata update (most of a demand
+    /// fetch's latency when the source is near). Only reads: a write still waits for FETCHED,
+    /// so nothing a guest writes can be lost to a fetch that fails later, and a read served
+    /// here returned the source's bytes, which is what the stripe holds until FETCHED.
+    pub fn staged(&self, stripe: usize) -> Option<Arc<[u8]>> {
         lock(&self.staged)
             .iter()
-            .find(|s| s.stripe == stripe)
-            .cloned()
+            .find(|(s, _)| *s == stripe)
+            .map(|(_, data)| data.clone())
     }
 
-    /// A buffer of `len` bytes to read a demand fetch's stripe into: a spare if one is free
-    /// (and no channel still reads it), else a new one.
+    /// A buffer of `len` bytes to read a demand fetch's stripe into and then stage: a spare
+    /// if one is free (and no channel still reads it), else a new one.
     fn staging_buffer(&self, len: usize) -> Arc<[u8]> {
         let spare = lock(&self.staged_free).pop();
         spare
@@ -117,17 +114,31 @@ impl Shared {
             .unwrap_or_else(|| Arc::from(vec![0u8; len]))
     }
 
-    /// Keeps `data`, a staging buffer, for a later demand fetch.
-    fn unstage(&self, data: Arc<[u8]>) {
+    /// Keeps `copy`, a staged stripe no longer used, for the next demand fetch.
+    fn unstage(&self, copy: Arc<[u8]>) {
         let mut free = lock(&self.staged_free);
         if free.len() < STAGED_SPARES {
-            free.push(data);
+            free.push(copy);
         }
+    }
+
+    /// Stages `data`, the content of `stripe` read from the source, and wakes the channels
+    /// waiting.
+    fn stage(&self, stripe: usize, data: Arc<[u8]>) {
+        lock(&self.staged).push((stripe, data));
+        self.queue.wake_parked();
     }
 
     fn finish(&self, stripe: usize, background: bool, result: io::Result<()>) {
         // FETCHED is set (or the fetch failed): reads go to the base disk (or fail) now.
-        lock(&self.staged).retain(|s| s.stripe != stripe);
+        let mut staged = lock(&self.staged);
+        if let Some(i) = staged.iter().position(|(s, _)| *s == stripe) {
+            let (_, copy) = staged.swap_remove(i);
+            drop(staged);
+            self.unstage(copy);
+        } else {
+            drop(staged);
+        }
         // Off the running count first, so `status` never shows complete with work pending.
         self.queue.finished(background);
         match result {
@@ -228,26 +239,16 @@ fn fetch(
         if background {
             source.read_at(start, &mut buf).map_err(read_err)?;
         } else {
-            // A guest waits: its reads go as soon as their bytes are in, before the rest of
-            // the stripe, the copy into `buf`, the write and the syncs below.
-            let staged = Arc::new(Staged::new(stripe, len));
-            lock(&shared.staged).push(staged.clone());
-            let mut data = shared.staging_buffer(len);
+            // A guest waits: read into the staged copy and let its reads go before the copy
+            // into `buf`, the write and the syncs below.
+            let mut staged = shared.staging_buffer(len);
             // Not shared (see staging_buffer): no copy is made here.
-            let read = source.read_progressive(start, Arc::make_mut(&mut data), &mut |prefix| {
-                if staged.arrived(prefix) {
-                    shared.queue.wake_parked();
-                }
-            });
-            if let Err(e) = read {
-                shared.unstage(data);
+            if let Err(e) = source.read_at(start, Arc::make_mut(&mut staged)) {
+                shared.unstage(staged);
                 return Err(read_err(e));
             }
-            if staged.complete(data.clone()) {
-                shared.queue.wake_parked();
-            }
-            buf.copy_from_slice(&data);
-            shared.unstage(data);
+            shared.stage(stripe, staged.clone());
+            buf.copy_from_slice(&staged);
         }
         run_sync(channel, IoOp::Write { sector: first, buf })
     };

@@ -5,8 +5,7 @@
 //! - `device`: the layer ([`LazyDevice`]) and its set-up; `channel`: its per-queue channel,
 //!   which parks requests on unfetched stripes and `split`s reads that need no fetch;
 //! - `states` (stripe states), `queue` (the fetcher pool's work and wake-ups), `persist` (the
-//!   metadata file kept in step), composed by `fetch` with the fetcher threads; `staged`: a
-//!   demand fetch's stripe as it arrives, which reads of it are served from;
+//!   metadata file kept in step), composed by `fetch` with the fetcher threads;
 //! - `grow`: growing the disk (the control socket's `resize`), metadata first;
 //! - [`metadata`]: the file format; `status`: the progress the control socket reports;
 //!   [`pin`]: the source's identity pinned next to the metadata, checked at every start.
@@ -23,7 +22,6 @@ pub mod pin;
 mod queue;
 pub mod source;
 mod split;
-mod staged;
 mod states;
 mod status;
 #[cfg(test)]

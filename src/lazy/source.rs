@@ -62,22 +62,6 @@ pub trait StripeSource: fmt::Display + Send + Sync {
     /// Fills `buf` with the bytes at `offset`; past the end of the source, with zeros.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
 
-    /// [`read_at`](StripeSource::read_at) of one stripe a guest waits for: `arrived` is
-    /// called with the buffer's first bytes each time more of them are final, so that reads
-    /// inside them are served before the rest is in (an attempt retried after an error may
-    /// bring the same bytes again). By default, once, with all of it; a source whose bytes
-    /// come in order over a stream (`ubiblk://`) calls it as they arrive.
-    fn read_progressive(
-        &self,
-        offset: u64,
-        buf: &mut [u8],
-        arrived: &mut dyn FnMut(&[u8]),
-    ) -> io::Result<()> {
-        self.read_at(offset, buf)?;
-        arrived(buf);
-        Ok(())
-    }
-
     /// A new read-through channel for one queue, whose completions signal `notify` (an
     /// eventfd the queue's worker already watches). It serves only [`IoOp::Read`] of whole
     /// sectors lying inside the source's whole sectors (the layer zero-fills the rest and

@@ -259,16 +259,11 @@ pub fn write_hello(w: &mut impl Write) -> io::Result<()> {
 
 /// Server side: an OK status, a u64 size and `payload` (METADATA, READ_STRIPE).
 pub fn write_payload(w: &mut impl Write, payload: &[u8]) -> io::Result<()> {
-    write_payload_head(w, payload.len() as u64)?;
+    let mut head = [0u8; 9];
+    head[1..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    w.write_all(&head)?;
     w.write_all(payload)?;
     w.flush()
-}
-
-/// Server side: an OK status and a u64 size, the payload to follow (not flushed).
-pub fn write_payload_head(w: &mut impl Write, size: u64) -> io::Result<()> {
-    let mut head = [0u8; 9];
-    head[1..].copy_from_slice(&size.to_le_bytes());
-    w.write_all(&head)
 }
 
 /// Server side: a status alone.
@@ -352,20 +347,6 @@ pub fn read_stripe<S: Read + Write>(
     index: u64,
     buf: &mut [u8],
 ) -> Result<StripeReply, ProtocolError> {
-    read_stripe_progressive(s, index, buf, &mut |_| {})
-}
-
-/// Bytes of a stripe read before they are handed on (see [`read_stripe_progressive`]).
-pub const PROGRESS_STEP: usize = 16 << 10;
-
-/// [`read_stripe`], calling `arrived` with the first bytes of `buf` each time
-/// [`PROGRESS_STEP`] more (or the last) of them are in.
-pub fn read_stripe_progressive<S: Read + Write>(
-    s: &mut S,
-    index: u64,
-    buf: &mut [u8],
-    arrived: &mut dyn FnMut(&[u8]),
-) -> Result<StripeReply, ProtocolError> {
     let mut req = [0u8; 9];
     req[0] = READ_STRIPE_CMD;
     req[1..].copy_from_slice(&index.to_le_bytes());
@@ -383,13 +364,7 @@ pub fn read_stripe_progressive<S: Read + Write>(
             expected: buf.len().to_string(),
         });
     }
-    let mut have = 0;
-    while have < buf.len() {
-        let end = (have + PROGRESS_STEP).min(buf.len());
-        s.read_exact(&mut buf[have..end])?;
-        have = end;
-        arrived(&buf[..have]);
-    }
+    s.read_exact(buf)?;
     Ok(StripeReply::Data)
 }
 

@@ -11,13 +11,8 @@
 //!   ([`MoveGate`]). Out-of-range indexes get [`STATUS_INVALID_STRIPE`], stripes without data
 //!   [`STATUS_NO_DATA`], unknown opcodes [`STATUS_INVALID_COMMAND`]; a read that fails
 //!   [`STATUS_SERVER_ERROR`]. Malformed requests close the connection.
-//! - A stripe goes out in two pieces: its first [`FIRST_PIECE`] bytes as soon as they are
-//!   read, so the client has them before the server has read the rest (a guest waiting for
-//!   a few KiB near the stripe's start is answered sooner), then the rest. A read failing
-//!   after the first piece is sent closes the connection: the client sees the stripe cut
-//!   short, as when a connection drops.
 
-use std::io::{self, Write};
+use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,10 +38,6 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest TLS handshake: a connection holds one of [`MAX_CONNECTIONS`] slots before it has
 /// shown it holds the key, so a flood of silent connections is shed sooner.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Bytes of a stripe sent before the rest is read (see the module documentation). More
-/// pieces cost more than they save: each is a read of its own.
-pub const FIRST_PIECE: usize = 64 << 10;
 
 /// What the server says about the disk, taken afresh for every request.
 pub trait Layout: Send + Sync {
@@ -218,7 +209,7 @@ fn connection(s: &Shared, tcp: TcpStream) -> Result<(), Box<dyn std::error::Erro
         s,
         channel: &mut *channel,
         io: None,
-        zeros: Vec::new(),
+        padded: Vec::new(),
         served: 0,
         refused: false,
     };
@@ -237,10 +228,10 @@ fn connection(s: &Shared, tcp: TcpStream) -> Result<(), Box<dyn std::error::Erro
 struct Session<'a> {
     s: &'a Shared,
     channel: &'a mut dyn IoChannel,
-    /// The piece being read, reused (it comes back with each completion).
+    /// The stripe being read, reused (it comes back with each completion).
     io: Option<IoBuf>,
-    /// Zeros, for what a partial last stripe lacks.
-    zeros: Vec<u8>,
+    /// A partial last stripe, padded with zeros.
+    padded: Vec<u8>,
     served: u64,
     /// A refused READ_STRIPE was logged at warn (later ones at debug).
     refused: bool,
@@ -286,59 +277,38 @@ impl Session<'_> {
         let stripe_bytes = 1usize << (shift as u32 + SECTOR_SHIFT);
         let first = index << shift;
         let n = (1u64 << shift).min(self.s.device.sectors().saturating_sub(first));
-        // The disk's partial last stripe (or one wholly past a shrunk end): zeros after it.
         let len = (n << SECTOR_SHIFT) as usize;
-        let pieces = [
-            (0, FIRST_PIECE.min(stripe_bytes)),
-            (FIRST_PIECE, stripe_bytes),
-        ];
-        for (k, (at, end)) in pieces.into_iter().filter(|(at, end)| at < end).enumerate() {
-            let from_disk = (end - at).min(len.saturating_sub(at));
-            let sector = first + (at >> SECTOR_SHIFT) as u64;
-            let buf = match self.read(sector, from_disk, stripe_bytes) {
-                Ok(buf) => buf,
-                Err(errno) => {
-                    let e = io::Error::from_raw_os_error(errno);
-                    warn!("stripe server: reading stripe {index} failed: {e}");
-                    if k == 0 {
-                        return protocol::write_status(stream, STATUS_SERVER_ERROR);
-                    }
-                    return Err(io::Error::new(
-                        e.kind(),
-                        format!("stripe {index} cut short: {e}"),
-                    ));
+        let mut buf = match self.io.take() {
+            Some(b) if b.capacity() >= stripe_bytes => b,
+            _ => IoBuf::new(stripe_bytes),
+        };
+        if len > 0 {
+            buf.set_len(len);
+            let (r, back) = run_sync(self.channel, IoOp::Read { sector: first, buf });
+            match (r, back) {
+                (Ok(()), Some(b)) => buf = b,
+                (r, _) => {
+                    let errno = r.err().unwrap_or(libc::EIO);
+                    warn!(
+                        "stripe server: reading stripe {index} failed: {}",
+                        io::Error::from_raw_os_error(errno)
+                    );
+                    return protocol::write_status(stream, STATUS_SERVER_ERROR);
                 }
-            };
-            if k == 0 {
-                protocol::write_payload_head(stream, stripe_bytes as u64)?;
             }
-            let sent = stream.write_all(&buf);
-            self.io = Some(buf);
-            sent?;
-            if from_disk < end - at {
-                self.zeros.resize(end - at - from_disk, 0);
-                stream.write_all(&self.zeros)?;
-            }
-            stream.flush()?;
         }
+        let sent = if len == stripe_bytes {
+            protocol::write_payload(stream, &buf)
+        } else {
+            // The disk's partial last stripe (or one wholly past a shrunk end): zeros after it.
+            self.padded.clear();
+            self.padded.extend_from_slice(&buf[..len]);
+            self.padded.resize(stripe_bytes, 0);
+            protocol::write_payload(stream, &self.padded)
+        };
+        self.io = Some(buf);
+        sent?;
         self.served += 1;
         Ok(())
-    }
-
-    /// `bytes` (a multiple of 512) from `sector` of the disk, in the reused buffer (of
-    /// `capacity` bytes at least); an errno if the read fails.
-    fn read(&mut self, sector: u64, bytes: usize, capacity: usize) -> Result<IoBuf, i32> {
-        let mut buf = match self.io.take() {
-            Some(b) if b.capacity() >= capacity => b,
-            _ => IoBuf::new(capacity),
-        };
-        buf.set_len(bytes);
-        if bytes == 0 {
-            return Ok(buf);
-        }
-        match run_sync(self.channel, IoOp::Read { sector, buf }) {
-            (Ok(()), Some(b)) => Ok(b),
-            (r, _) => Err(r.err().unwrap_or(libc::EIO)),
-        }
     }
 }

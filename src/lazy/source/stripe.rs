@@ -198,13 +198,12 @@ impl StripeServerSource {
         Ok(conn)
     }
 
-    /// One stripe into `out` (exactly a stripe long), its first bytes handed to `arrived` as
-    /// they come in (see [`StripeSource::read_progressive`]).
-    fn fetch(&self, index: u64, out: &mut [u8], arrived: &mut dyn FnMut(&[u8])) -> io::Result<()> {
+    /// One stripe into `out` (exactly a stripe long).
+    fn fetch(&self, index: u64, out: &mut [u8]) -> io::Result<()> {
         self.policy.run(|timeout| {
             let mut conn = self.checkout(timeout)?;
             let what = |e: &dyn fmt::Display| format!("{}: stripe {index}: {e}", self.url);
-            match protocol::read_stripe_progressive(&mut conn, index, out, &mut *arrived) {
+            match protocol::read_stripe(&mut conn, index, out) {
                 Ok(StripeReply::Data) => {
                     self.pool_put(conn);
                     Ok(())
@@ -212,7 +211,6 @@ impl StripeServerSource {
                 Ok(StripeReply::Status(STATUS_NO_DATA)) => {
                     self.pool_put(conn);
                     out.fill(0);
-                    arrived(out);
                     Ok(())
                 }
                 Ok(StripeReply::Status(STATUS_SERVER_ERROR)) => {
@@ -265,32 +263,15 @@ impl StripeSource for StripeServerSource {
             if !self.geometry.has_data(index) {
                 out.fill(0);
             } else if within == 0 && n as u64 == sb {
-                self.fetch(index, out, &mut |_| {})?;
+                self.fetch(index, out)?;
             } else {
                 whole.resize(sb as usize, 0);
-                self.fetch(index, &mut whole, &mut |_| {})?;
+                self.fetch(index, &mut whole)?;
                 out.copy_from_slice(&whole[within..within + n]);
             }
             pos += n;
         }
         Ok(())
-    }
-
-    /// A whole stripe with data is handed on as it arrives; anything else as `read_at`.
-    fn read_progressive(
-        &self,
-        offset: u64,
-        buf: &mut [u8],
-        arrived: &mut dyn FnMut(&[u8]),
-    ) -> io::Result<()> {
-        let sb = self.geometry.stripe_bytes();
-        let index = offset / sb;
-        if !offset.is_multiple_of(sb) || buf.len() as u64 != sb || !self.geometry.has_data(index) {
-            self.read_at(offset, buf)?;
-            arrived(buf);
-            return Ok(());
-        }
-        self.fetch(index, buf, arrived)
     }
 
     fn retries(&self) -> u64 {

@@ -187,23 +187,3 @@ fn client_checks_what_the_server_sends() {
     );
     assert!(read_stripe(&mut Peer::new(Vec::new()), 0, &mut buf).is_err());
 }
-
-#[test]
-fn a_stripe_is_handed_on_as_it_arrives() {
-    let stripe: Vec<u8> = (0..PROGRESS_STEP * 2 + 512).map(|i| i as u8).collect();
-    let mut answer = vec![STATUS_OK];
-    answer.extend_from_slice(&(stripe.len() as u64).to_le_bytes());
-    answer.extend_from_slice(&stripe);
-    let mut peer = Peer::new(answer);
-    let mut buf = vec![0u8; stripe.len()];
-    let mut seen = Vec::new();
-    let reply = read_stripe_progressive(&mut peer, 3, &mut buf, &mut |prefix| {
-        assert_eq!(prefix, &stripe[..prefix.len()]);
-        seen.push(prefix.len());
-    })
-    .unwrap();
-    assert_eq!(reply, StripeReply::Data);
-    assert_eq!(seen, [PROGRESS_STEP, 2 * PROGRESS_STEP, stripe.len()]);
-    assert_eq!(buf, stripe);
-    assert_eq!(peer.out[0], READ_STRIPE_CMD);
-}
