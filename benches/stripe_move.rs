@@ -23,6 +23,9 @@
 //!   UBIBLK_BENCH_ROUNDS        alternating rounds per row (default 5)
 //!   UBIBLK_BENCH_CONNECTIONS   B's fetch_connections (default 16)
 //!   UBIBLK_BENCH_DEMAND_READS  reads (and TCP stripe transfers) per demand round (default 32)
+//!   UBIBLK_BENCH_DEMAND_GAP_MS pause before each of them (default 0: a read shares the
+//!                              machine with the end of the last fetch, B's base disk write
+//!                              and syncs)
 //!   UBIBLK_BENCH_PLAINTEXT=1   A and B without TLS (the danger_zone opt-in): what TLS costs
 //!   UBIBLK_BENCH_ROWS          comma-separated rows to run (`hydrate`, `demand`; default both)
 
@@ -169,13 +172,14 @@ fn demand_stripes(s: &Setup, n: usize, round: usize) -> Vec<u64> {
         .collect()
 }
 
-fn demand_ours(s: &Setup, round: usize, n: usize) -> Result<f64> {
+fn demand_ours(s: &Setup, round: usize, n: usize, gap: Duration) -> Result<f64> {
     let (cfg, _ctl, base) = host_b(s, round, false)?;
     let mut be = start_backend_env(&s.backend, &cfg, &[])?;
     let mut c = connect_client(&cfg.socket, 1, 4 * MIB as usize, s.size)?;
     let mut lat = Vec::new();
     for stripe in demand_stripes(s, n, round) {
         let off = stripe * STRIPE + 8192;
+        std::thread::sleep(gap);
         let t = Instant::now();
         let got = c
             .read(0, off, 4096)
@@ -189,7 +193,7 @@ fn demand_ours(s: &Setup, round: usize, n: usize) -> Result<f64> {
     Ok(median(&lat))
 }
 
-fn demand_tcp(s: &Setup, round: usize, n: usize) -> Result<f64> {
+fn demand_tcp(s: &Setup, round: usize, n: usize, gap: Duration) -> Result<f64> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
     let image = s.image.clone();
@@ -210,6 +214,7 @@ fn demand_tcp(s: &Setup, round: usize, n: usize) -> Result<f64> {
     let mut buf = vec![0u8; STRIPE as usize];
     let mut lat = Vec::new();
     for stripe in demand_stripes(s, n, round) {
+        std::thread::sleep(gap);
         let t = Instant::now();
         c.write_all(&stripe.to_le_bytes())?;
         c.read_exact(&mut buf)?;
@@ -229,6 +234,7 @@ fn main() -> Result<()> {
     let size = env_f64("UBIBLK_BENCH_SIZE_MB", 512.0) as u64 * MIB;
     let rounds = env_f64("UBIBLK_BENCH_ROUNDS", 5.0) as usize;
     let reads = env_f64("UBIBLK_BENCH_DEMAND_READS", 32.0) as usize;
+    let gap = Duration::from_secs_f64(env_f64("UBIBLK_BENCH_DEMAND_GAP_MS", 0.0) / 1e3);
     let connections = env_f64("UBIBLK_BENCH_CONNECTIONS", 16.0) as u64;
     warn_if_loaded();
     let image = dir.join("a.raw");
@@ -288,8 +294,8 @@ fn main() -> Result<()> {
                 _ => {}
             }
             match (mine, demand) {
-                (true, true) => d_ours.push(demand_ours(&s, round, reads)?),
-                (false, true) => d_tcp.push(demand_tcp(&s, round, reads)?),
+                (true, true) => d_ours.push(demand_ours(&s, round, reads, gap)?),
+                (false, true) => d_tcp.push(demand_tcp(&s, round, reads, gap)?),
                 _ => {}
             }
         }
@@ -327,8 +333,13 @@ fn main() -> Result<()> {
     }
     if demand {
         let (d_o, d_t) = (median(&d_ours), median(&d_tcp));
+        let gap = if gap.is_zero() {
+            String::new()
+        } else {
+            format!(", {gap:?} apart")
+        };
         println!(
-            "| demand 4 KiB read of an unfetched 1 MiB stripe, {mode} | {d_o:.2} ms | {d_t:.2} ms (one stripe) | {:.2}x | <= 1.5x |",
+            "| demand 4 KiB read of an unfetched 1 MiB stripe, {mode}{gap} | {d_o:.2} ms | {d_t:.2} ms (one stripe) | {:.2}x | <= 1.5x |",
             d_o / d_t
         );
     }
