@@ -23,7 +23,11 @@
 //!   UBIBLK_BENCH_ROUNDS        alternating rounds per row (default 5)
 //!   UBIBLK_BENCH_CONNECTIONS   B's fetch_connections (default 16)
 //!   UBIBLK_BENCH_DEMAND_READS  reads (and TCP stripe transfers) per demand round (default 32)
+//!   UBIBLK_BENCH_DEMAND_GAP_MS pause before each of them (default 0: a read shares the
+//!                              machine with the end of the last fetch, B's base disk write
+//!                              and syncs)
 //!   UBIBLK_BENCH_PLAINTEXT=1   A and B without TLS (the danger_zone opt-in): what TLS costs
+//!   UBIBLK_BENCH_ROWS          comma-separated rows to run (`hydrate`, `demand`; default both)
 
 #[path = "common/mod.rs"]
 mod bench;
@@ -128,13 +132,14 @@ fn demand_stripes(s: &Setup, n: usize, round: usize) -> Vec<u64> {
         .collect()
 }
 
-fn demand_ours(s: &Setup, round: usize, n: usize) -> Result<f64> {
+fn demand_ours(s: &Setup, round: usize, n: usize, gap: Duration) -> Result<f64> {
     let (cfg, _ctl, base) = host_b(s, round, false)?;
     let mut be = start_backend_env(&s.backend, &cfg, &[])?;
     let mut c = connect_client(&cfg.socket, 1, 4 * MIB as usize, s.size)?;
     let mut lat = Vec::new();
     for stripe in demand_stripes(s, n, round) {
         let off = stripe * STRIPE + 8192;
+        std::thread::sleep(gap);
         let t = Instant::now();
         let got = c
             .read(0, off, 4096)
@@ -148,7 +153,7 @@ fn demand_ours(s: &Setup, round: usize, n: usize) -> Result<f64> {
     Ok(median(&lat))
 }
 
-fn demand_tcp(s: &Setup, round: usize, n: usize) -> Result<f64> {
+fn demand_tcp(s: &Setup, round: usize, n: usize, gap: Duration) -> Result<f64> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
     let image = s.image.clone();
@@ -169,6 +174,7 @@ fn demand_tcp(s: &Setup, round: usize, n: usize) -> Result<f64> {
     let mut buf = vec![0u8; STRIPE as usize];
     let mut lat = Vec::new();
     for stripe in demand_stripes(s, n, round) {
+        std::thread::sleep(gap);
         let t = Instant::now();
         c.write_all(&stripe.to_le_bytes())?;
         c.read_exact(&mut buf)?;
@@ -188,6 +194,7 @@ fn main() -> Result<()> {
     let size = env_f64("UBIBLK_BENCH_SIZE_MB", 512.0) as u64 * MIB;
     let rounds = env_f64("UBIBLK_BENCH_ROUNDS", 5.0) as usize;
     let reads = env_f64("UBIBLK_BENCH_DEMAND_READS", 32.0) as usize;
+    let gap = Duration::from_secs_f64(env_f64("UBIBLK_BENCH_DEMAND_GAP_MS", 0.0) / 1e3);
     let connections = env_f64("UBIBLK_BENCH_CONNECTIONS", 16.0) as u64;
     warn_if_loaded();
     let image = dir.join("a.raw");
@@ -206,6 +213,13 @@ fn main() -> Result<()> {
         "init-metadata",
     )?;
     let plaintext = env_flag("UBIBLK_BENCH_PLAINTEXT");
+    let rows = env_list("UBIBLK_BENCH_ROWS").unwrap_or_default();
+    let row = |name: &str| rows.is_empty() || rows.iter().any(|r| r == name);
+    let (hydrate, demand) = (row("hydrate"), row("demand"));
+    anyhow::ensure!(
+        hydrate || demand,
+        "UBIBLK_BENCH_ROWS: no row of hydrate, demand"
+    );
     let a_cfg = BackendConfig::new(&image, dir.join("a.sock")).extra(if plaintext {
         format!("stripe_server: {{listen: \"127.0.0.1:0\"}}\n{PLAINTEXT}")
     } else {
@@ -234,18 +248,31 @@ fn main() -> Result<()> {
             [false, true]
         };
         for mine in order {
-            if mine {
-                ours.push(hydrate_ours(&s, round)?);
-                d_ours.push(demand_ours(&s, round, reads)?);
-            } else {
-                tcp.push(hydrate_tcp(&s, round)?);
-                d_tcp.push(demand_tcp(&s, round, reads)?);
+            match (mine, hydrate) {
+                (true, true) => ours.push(hydrate_ours(&s, round)?),
+                (false, true) => tcp.push(hydrate_tcp(&s, round)?),
+                _ => {}
+            }
+            match (mine, demand) {
+                (true, true) => d_ours.push(demand_ours(&s, round, reads, gap)?),
+                (false, true) => d_tcp.push(demand_tcp(&s, round, reads, gap)?),
+                _ => {}
             }
         }
-        eprintln!(
-            "round {round}: hydrate ours {:.0} MB/s, tcp {:.0} MB/s; demand ours {:.2} ms, tcp stripe {:.2} ms",
-            ours[round - 1], tcp[round - 1], d_ours[round - 1], d_tcp[round - 1]
-        );
+        if hydrate {
+            eprintln!(
+                "round {round}: hydrate ours {:.0} MB/s, tcp {:.0} MB/s",
+                ours[round - 1],
+                tcp[round - 1]
+            );
+        }
+        if demand {
+            eprintln!(
+                "round {round}: demand ours {:.2} ms, tcp stripe {:.2} ms",
+                d_ours[round - 1],
+                d_tcp[round - 1]
+            );
+        }
     }
     stop_backend(&mut a)?;
     let _ = std::fs::remove_dir_all(&dir);
@@ -255,18 +282,27 @@ fn main() -> Result<()> {
     println!();
     println!("| row | ours (median) | plain TCP (median) | ratio | target |");
     println!("|---|---|---|---|---|");
-    let (h_o, h_t) = (median(&ours), median(&tcp));
-    println!(
-        "| hydrate {} MiB, {connections} connections, {} | {h_o:.0} MB/s | {h_t:.0} MB/s | {:.2}x | >= 0.8x |",
-        size >> 20,
-        if plaintext { "plaintext" } else { "TLS-PSK" },
-        h_o / h_t
-    );
-    let (d_o, d_t) = (median(&d_ours), median(&d_tcp));
-    println!(
-        "| demand 4 KiB read of an unfetched 1 MiB stripe | {d_o:.2} ms | {d_t:.2} ms (one stripe) | {:.2}x | <= 1.5x |",
-        d_o / d_t
-    );
+    let mode = if plaintext { "plaintext" } else { "TLS-PSK" };
+    if hydrate {
+        let (h_o, h_t) = (median(&ours), median(&tcp));
+        println!(
+            "| hydrate {} MiB, {connections} connections, {mode} | {h_o:.0} MB/s | {h_t:.0} MB/s | {:.2}x | >= 0.8x |",
+            size >> 20,
+            h_o / h_t
+        );
+    }
+    if demand {
+        let (d_o, d_t) = (median(&d_ours), median(&d_tcp));
+        let gap = if gap.is_zero() {
+            String::new()
+        } else {
+            format!(", {gap:?} apart")
+        };
+        println!(
+            "| demand 4 KiB read of an unfetched 1 MiB stripe, {mode}{gap} | {d_o:.2} ms | {d_t:.2} ms (one stripe) | {:.2}x | <= 1.5x |",
+            d_o / d_t
+        );
+    }
     println!("\n{rounds} alternating rounds; medians.");
     Ok(())
 }

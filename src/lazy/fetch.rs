@@ -105,15 +105,27 @@ impl Shared {
             .map(|(_, data)| data.clone())
     }
 
-    /// Stages a copy of `data`, the content of `stripe`, and wakes the channels waiting.
-    fn stage(&self, stripe: usize, data: &[u8]) {
-        let reuse = lock(&self.staged_free).pop().and_then(|mut copy| {
-            let spare = Arc::get_mut(&mut copy).filter(|c| c.len() == data.len())?;
-            spare.copy_from_slice(data);
-            Some(copy)
-        });
-        let copy = reuse.unwrap_or_else(|| Arc::from(data));
-        lock(&self.staged).push((stripe, copy));
+    /// A buffer of `len` bytes to read a demand fetch's stripe into and then stage: a spare
+    /// if one is free (and no channel still reads it), else a new one.
+    fn staging_buffer(&self, len: usize) -> Arc<[u8]> {
+        let spare = lock(&self.staged_free).pop();
+        spare
+            .filter(|s| s.len() == len && Arc::strong_count(s) == 1)
+            .unwrap_or_else(|| Arc::from(vec![0u8; len]))
+    }
+
+    /// Keeps `copy`, a staged stripe no longer used, for the next demand fetch.
+    fn unstage(&self, copy: Arc<[u8]>) {
+        let mut free = lock(&self.staged_free);
+        if free.len() < STAGED_SPARES {
+            free.push(copy);
+        }
+    }
+
+    /// Stages `data`, the content of `stripe` read from the source, and wakes the channels
+    /// waiting.
+    fn stage(&self, stripe: usize, data: Arc<[u8]>) {
+        lock(&self.staged).push((stripe, data));
         self.queue.wake_parked();
     }
 
@@ -123,10 +135,7 @@ impl Shared {
         if let Some(i) = staged.iter().position(|(s, _)| *s == stripe) {
             let (_, copy) = staged.swap_remove(i);
             drop(staged);
-            let mut free = lock(&self.staged_free);
-            if free.len() < STAGED_SPARES {
-                free.push(copy);
-            }
+            self.unstage(copy);
         } else {
             drop(staged);
         }
@@ -223,13 +232,23 @@ fn fetch(
     } else {
         let spare = lock(&shared.bufs).pop().filter(|b| b.len() == len);
         let mut buf = spare.unwrap_or_else(|| IoBuf::new(len));
-        // Past the source's end the disk reads as zeros; read_at never leaves stale bytes.
-        source.read_at(start, &mut buf).map_err(|e| {
+        let read_err = |e: io::Error| {
             io::Error::new(e.kind(), format!("reading the image at byte {start}: {e}"))
-        })?;
-        if !background {
-            // A guest waits: let its reads go before the write and syncs below.
-            shared.stage(stripe, &buf);
+        };
+        // Past the source's end the disk reads as zeros; read_at never leaves stale bytes.
+        if background {
+            source.read_at(start, &mut buf).map_err(read_err)?;
+        } else {
+            // A guest waits: read into the staged copy and let its reads go before the copy
+            // into `buf`, the write and the syncs below.
+            let mut staged = shared.staging_buffer(len);
+            // Not shared (see staging_buffer): no copy is made here.
+            if let Err(e) = source.read_at(start, Arc::make_mut(&mut staged)) {
+                shared.unstage(staged);
+                return Err(read_err(e));
+            }
+            shared.stage(stripe, staged.clone());
+            buf.copy_from_slice(&staged);
         }
         run_sync(channel, IoOp::Write { sector: first, buf })
     };
