@@ -14,6 +14,8 @@
 //! * `demand`: a 4 KiB guest read (libblkio, QD1) of an unfetched stripe on B (no autofetch;
 //!   distinct stripes), against one stripe's transfer over a kept-alive TCP connection (an
 //!   8-byte request, the 1 MiB answer read from the same file). Median ms, target <= 1.5x.
+//!   With TLS, also against the same transfer over TLS-PSK with the stripe server's TLS
+//!   settings: the floor a demand read over the protocol cannot go below.
 //!
 //! Run: `cargo bench --bench stripe_move`: a markdown report on stdout, rounds on stderr.
 //!
@@ -153,30 +155,50 @@ fn demand_ours(s: &Setup, round: usize, n: usize, gap: Duration) -> Result<f64> 
     Ok(median(&lat))
 }
 
-fn demand_tcp(s: &Setup, round: usize, n: usize, gap: Duration) -> Result<f64> {
+/// One stripe's transfer, the demand row's reference: over a kept-alive connection, an 8-byte
+/// request, the 1 MiB answer read from the same file (`pread`) and written back. Plain TCP, or
+/// (`tls`) TLS-PSK with the stripe server's own TLS settings (`ubiblk::stripe::tls`: OpenSSL,
+/// TLS 1.2, PSK-AES256-GCM-SHA384): the floor of any demand read over the protocol.
+fn demand_tcp(s: &Setup, round: usize, n: usize, gap: Duration, tls: bool) -> Result<f64> {
+    use ubiblk::stripe::tls::{self, Psk, Stream};
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
     let image = s.image.clone();
+    let key = std::fs::read(&s.psk)?;
+    let psk = std::sync::Arc::new(Psk::new(IDENTITY, key)?);
+    let (server_ctx, client_ctx) = (tls::server_context(psk.clone())?, tls::client_context(psk)?);
     let server = std::thread::spawn(move || -> Result<()> {
-        let (mut c, _) = l.accept()?;
+        let (c, _) = l.accept()?;
         c.set_nodelay(true)?;
+        let mut c = if tls {
+            tls::accept(&server_ctx, c)?
+        } else {
+            Stream::Plain(c)
+        };
         let f = std::fs::File::open(image)?;
         let mut buf = vec![0u8; STRIPE as usize];
         let mut req = [0u8; 8];
         while c.read_exact(&mut req).is_ok() {
             f.read_exact_at(&mut buf, u64::from_le_bytes(req) * STRIPE)?;
             c.write_all(&buf)?;
+            c.flush()?;
         }
         Ok(())
     });
-    let mut c = TcpStream::connect(addr)?;
+    let c = TcpStream::connect(addr)?;
     c.set_nodelay(true)?;
+    let mut c = if tls {
+        tls::connect(&client_ctx, c)?
+    } else {
+        Stream::Plain(c)
+    };
     let mut buf = vec![0u8; STRIPE as usize];
     let mut lat = Vec::new();
     for stripe in demand_stripes(s, n, round) {
         std::thread::sleep(gap);
         let t = Instant::now();
         c.write_all(&stripe.to_le_bytes())?;
+        c.flush()?;
         c.read_exact(&mut buf)?;
         lat.push(t.elapsed().as_secs_f64() * 1e3);
     }
@@ -241,6 +263,7 @@ fn main() -> Result<()> {
         plaintext,
     };
     let (mut ours, mut tcp, mut d_ours, mut d_tcp) = (vec![], vec![], vec![], vec![]);
+    let mut d_tls = vec![];
     for round in 1..=rounds {
         let order = if round % 2 == 1 {
             [true, false]
@@ -255,7 +278,12 @@ fn main() -> Result<()> {
             }
             match (mine, demand) {
                 (true, true) => d_ours.push(demand_ours(&s, round, reads, gap)?),
-                (false, true) => d_tcp.push(demand_tcp(&s, round, reads, gap)?),
+                (false, true) => {
+                    d_tcp.push(demand_tcp(&s, round, reads, gap, false)?);
+                    if !plaintext {
+                        d_tls.push(demand_tcp(&s, round, reads, gap, true)?);
+                    }
+                }
                 _ => {}
             }
         }
@@ -268,9 +296,10 @@ fn main() -> Result<()> {
         }
         if demand {
             eprintln!(
-                "round {round}: demand ours {:.2} ms, tcp stripe {:.2} ms",
+                "round {round}: demand ours {:.2} ms, tcp stripe {:.2} ms, tls stripe {:?} ms",
                 d_ours[round - 1],
-                d_tcp[round - 1]
+                d_tcp[round - 1],
+                d_tls.get(round - 1)
             );
         }
     }
@@ -302,6 +331,13 @@ fn main() -> Result<()> {
             "| demand 4 KiB read of an unfetched 1 MiB stripe, {mode}{gap} | {d_o:.2} ms | {d_t:.2} ms (one stripe) | {:.2}x | <= 1.5x |",
             d_o / d_t
         );
+        if !d_tls.is_empty() {
+            let d_s = median(&d_tls);
+            println!(
+                "| the same, against one stripe over TLS-PSK (the protocol's transport) | {d_o:.2} ms | {d_s:.2} ms (one stripe, TLS) | {:.2}x | |",
+                d_o / d_s
+            );
+        }
     }
     println!("\n{rounds} alternating rounds; medians.");
     Ok(())

@@ -195,6 +195,38 @@ fn http_image_reads_equal_the_image() {
     assert!(s["fetched"].as_u64().unwrap() >= 21, "{s}");
 }
 
+/// Once every stripe is on the disk, the backend restarts with the image's server gone: a
+/// complete disk does not open its remote source (or wait on it for the retry budget).
+#[test]
+fn a_complete_disk_restarts_without_its_http_server() {
+    if !require(&[NGINX]) {
+        return;
+    }
+    let r = Remote::new("ubiblk-remote-done");
+    let mut nginx = Nginx::start(r.files.dir.path());
+    let config = r.config_with(&nginx.url("image.raw"), &["autofetch: true"]);
+    let (be, mut c) = start(&config, &[]);
+    r.complete_and_equal(&be, &mut c, Duration::from_secs(30));
+    drop(c);
+    drop(be);
+    nginx.down();
+    let t0 = Instant::now();
+    let (be, mut c) = start(&config, &[]);
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "the start took {:?}",
+        t0.elapsed()
+    );
+    assert!(be.log().contains("which is not opened"), "{}", be.log());
+    r.check_all(&mut c);
+    let s = r.status();
+    assert_eq!(
+        (s["complete"].as_bool(), s["fetch_errors"].as_u64()),
+        (Some(true), Some(0)),
+        "{s}"
+    );
+}
+
 #[test]
 fn https_image_trusts_the_ca_in_ssl_cert_file() {
     if !require(&[NGINX, OPENSSL]) {

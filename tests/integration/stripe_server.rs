@@ -438,9 +438,41 @@ fn stripe_reads_wait_for_the_vm_to_stop_and_the_vm_for_move_end() {
 fn our_source_against_a_python_server_good_and_hostile() {
     let image = pattern_bytes(0xabc_0000, (10 * STRIPE) as usize);
     for mode in ["good", "short", "wrongsize", "garbage", "stall", "busy"] {
+        let b = PyServerAndB::start(mode, &image);
+        let mut c = Client::connect_queues(b.be.socket(), 1).unwrap();
+        let t0 = Instant::now();
+        let r = c.read(0, 3 * STRIPE, 8192);
+        if mode == "good" {
+            assert_eq!(r.unwrap(), image[3 * STRIPE as usize..][..8192], "{mode}");
+            // Past the image (no such stripe on the server): zeros.
+            assert_eq!(c.read(0, 20 * STRIPE, 4096).unwrap(), vec![0u8; 4096]);
+        } else {
+            assert_eq!(r, Err(libc::EIO), "{mode}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "{mode}: {:?}",
+                t0.elapsed()
+            );
+            let s = ControlStatus::query(&b.ctl).unwrap();
+            assert!(s.fetch_errors >= 1 && s.fetched == 0, "{mode}: {}", s.raw);
+        }
+    }
+}
+
+/// The Python server of `mode` serving `image`, and B (plaintext, no autofetch, 2
+/// connections, 1 s timeouts) made against it.
+struct PyServerAndB {
+    _dir: tempfile::TempDir,
+    _server: ChildGuard,
+    be: Backend,
+    ctl: PathBuf,
+}
+
+impl PyServerAndB {
+    fn start(mode: &str, image: &[u8]) -> Self {
         let dir = scratch_dir("stripe-pysrv");
         let img = dir.path().join("image.raw");
-        std::fs::write(&img, &image).unwrap();
+        std::fs::write(&img, image).unwrap();
         let portfile = dir.path().join("port");
         let mut cmd = Command::new("python3");
         cmd.args([PEER, "server"])
@@ -448,8 +480,7 @@ fn our_source_against_a_python_server_good_and_hostile() {
             .arg(&img)
             .arg(SHIFT.to_string())
             .arg(mode);
-        let _server =
-            ChildGuard::spawn("stripe-peer", cmd, scratch_dir("stripe-peer-log")).unwrap();
+        let server = ChildGuard::spawn("stripe-peer", cmd, scratch_dir("stripe-peer-log")).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !portfile.exists() {
             assert!(Instant::now() < deadline, "the python server did not start");
@@ -475,24 +506,35 @@ fn our_source_against_a_python_server_good_and_hostile() {
         let out = Command::new(INIT).arg("-f").arg(&yaml).output().unwrap();
         assert!(out.status.success(), "{mode}: {out:?}");
         let be = Backend::start(BIN, &cfg).unwrap();
-        let mut c = Client::connect_queues(be.socket(), 1).unwrap();
-        let t0 = Instant::now();
-        let r = c.read(0, 3 * STRIPE, 8192);
-        if mode == "good" {
-            assert_eq!(r.unwrap(), image[3 * STRIPE as usize..][..8192], "{mode}");
-            // Past the image (no such stripe on the server): zeros.
-            assert_eq!(c.read(0, 20 * STRIPE, 4096).unwrap(), vec![0u8; 4096]);
-        } else {
-            assert_eq!(r, Err(libc::EIO), "{mode}");
-            assert!(
-                t0.elapsed() < Duration::from_secs(15),
-                "{mode}: {:?}",
-                t0.elapsed()
-            );
-            let s = ControlStatus::query(&ctl).unwrap();
-            assert!(s.fetch_errors >= 1 && s.fetched == 0, "{mode}: {}", s.raw);
+        PyServerAndB {
+            _dir: dir,
+            _server: server,
+            be,
+            ctl,
         }
     }
+}
+
+/// A server closes idle connections (the reference's does after its operation timeout, 20 s
+/// by default): our pool drops them instead of failing a fetch on one and retrying.
+#[test]
+fn pooled_connections_the_server_closed_are_not_used() {
+    let image = pattern_bytes(0x1d1e_0000, (10 * STRIPE) as usize);
+    let b = PyServerAndB::start("idleclose", &image);
+    let mut c = Client::connect_queues(b.be.socket(), 1).unwrap();
+    for s in [1u64, 4, 7] {
+        std::thread::sleep(Duration::from_millis(700));
+        let at = (s * STRIPE) as usize;
+        assert_eq!(c.read(0, s * STRIPE, 4096).unwrap(), image[at..at + 4096]);
+    }
+    let s = ControlStatus::query(&b.ctl).unwrap();
+    assert!(
+        s.raw.contains("\"fetch_retries\":0,"),
+        "{}\n{}",
+        s.raw,
+        b.be.log()
+    );
+    assert!(!b.be.log().contains("retrying"), "{}", b.be.log());
 }
 
 /// A wrong key or identity on the source side stops the start-up with an error that says

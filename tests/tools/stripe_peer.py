@@ -14,7 +14,10 @@ docs/remote-stripe.md, plaintext (Python's ssl has TLS-PSK only from 3.13).
                                              short, then close), wrongsize (a stripe size
                                              one sector off), garbage (status 0x7A), stall
                                              (answers HELLO and METADATA, never a stripe),
-                                             busy (status 0xFF to every READ_STRIPE)
+                                             busy (status 0xFF to every READ_STRIPE),
+                                             idleclose (a connection idle for 0.3 s is
+                                             closed, as the reference's server does after
+                                             its operation timeout)
 """
 import binascii, json, socket, struct, sys, threading, time, zlib
 
@@ -120,6 +123,9 @@ def raw(host, port, hexdata):
 def serve_conn(c, image, shift, mode):
     stripe = 512 << shift
     count = (len(image) + stripe - 1) // stripe
+    if mode == "idleclose":
+        # As the reference's server: a session idle longer than its timeout is closed.
+        c.settimeout(0.3)
     try:
         while True:
             op = c.recv(1)

@@ -151,6 +151,19 @@ fn protocol_failure(e: ProtocolError) -> Failure {
     }
 }
 
+/// Whether a pooled connection can carry a request: the server sends nothing unasked, so
+/// anything to read on an idle connection is its end (a TLS close_notify, or EOF: the
+/// reference's server closes sessions idle longer than its operation timeout).
+fn idle_and_open(conn: &Stream) -> bool {
+    let tcp = conn.tcp();
+    if tcp.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let peeked = tcp.peek(&mut [0u8; 1]);
+    let restored = tcp.set_nonblocking(false).is_ok();
+    restored && matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
 impl StripeServerSource {
     /// The served disk's geometry, as the first connection showed it.
     pub fn geometry(&self) -> &Geometry {
@@ -171,12 +184,15 @@ impl StripeServerSource {
             .push(conn);
     }
 
-    /// A pooled connection, or a new one showing the same geometry.
+    /// A pooled connection the server has not closed, or a new one showing the same geometry.
     fn checkout(&self, timeout: Duration) -> Result<Stream, Failure> {
-        let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        if let Some(conn) = pooled {
-            set_timeouts(conn.tcp(), timeout).map_err(Failure::transient)?;
-            return Ok(conn);
+        loop {
+            let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let Some(conn) = pooled else { break };
+            if idle_and_open(&conn) {
+                set_timeouts(conn.tcp(), timeout).map_err(Failure::transient)?;
+                return Ok(conn);
+            }
         }
         let (conn, geometry) = self.dial(timeout)?;
         if geometry.shift != self.geometry.shift
