@@ -478,6 +478,28 @@ fn guest_second_vm_on_the_same_backend() {
 // Lazy stripe fetch
 // ---------------------------------------------------------------------------------------------
 
+/// Reads `[from, to)` of the disk behind `socket` (a fresh client) and checks it against the
+/// lazy image (`lazy_image(LAZY_IMAGE)`, zeros past it); `log` for the failure message.
+fn assert_reads_as_image(socket: &Path, from: u64, to: u64, log: &dyn Fn() -> String) {
+    let mut client = common::Client::connect_queues(socket, 1).unwrap();
+    let image = lazy_image(LAZY_IMAGE);
+    let chunk = 128 << 10;
+    let mut off = from;
+    while off < to {
+        let got = client
+            .read(0, off, chunk)
+            .unwrap_or_else(|e| panic!("read at {off}: errno {e}\n{}", log()));
+        let want: Vec<u8> = (off..off + chunk as u64)
+            .map(|i| image.get(i as usize).copied().unwrap_or(0))
+            .collect();
+        assert!(
+            got == want,
+            "the disk differs from the image in the 128 KiB at {off}"
+        );
+        off += chunk as u64;
+    }
+}
+
 /// Deterministic, non-zero-looking content for a lazy-fetch image: every 8-byte word depends on
 /// its offset, so a misplaced sector or stripe shows.
 fn lazy_image(len: u64) -> Vec<u8> {

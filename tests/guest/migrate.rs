@@ -32,7 +32,7 @@ fn config(d: &Path, name: &str, extra: &str) -> PathBuf {
 }
 
 /// Starts the backend on `d/NAME.yaml` (logging at info to `d/NAME.log`): it and its socket.
-fn start(d: &Path, name: &str) -> (Backend, PathBuf) {
+pub(super) fn start(d: &Path, name: &str) -> (Backend, PathBuf) {
     let sock = d.join(format!("{name}.sock"));
     let env = [("RUST_LOG".to_string(), "info".to_string())];
     let config = d.join(format!("{name}.yaml"));
@@ -190,21 +190,5 @@ fn guest_live_migration_encrypted_lazy_a_b_a() {
     drop(b);
 
     // The rest of the disk reads as the image, then zeros, through A (a fresh client).
-    let mut client = common::Client::connect_queues(&sock_a, 1).unwrap();
-    let image = lazy_image(LAZY_IMAGE);
-    let chunk = 128 << 10;
-    let mut off = 32 * MIB;
-    while off < DISK {
-        let got = client
-            .read(0, off, chunk)
-            .unwrap_or_else(|e| panic!("read at {off}: errno {e}\n{}", a.log_text()));
-        let want: Vec<u8> = (off..off + chunk as u64)
-            .map(|i| image.get(i as usize).copied().unwrap_or(0))
-            .collect();
-        assert!(
-            got == want,
-            "disk differs from the image in the 128 KiB at {off}"
-        );
-        off += chunk as u64;
-    }
+    assert_reads_as_image(&sock_a, 32 * MIB, DISK, &|| a.log_text());
 }

@@ -7,6 +7,7 @@
 //! on at once, B completes, A's backend is killed while fio still runs on B, fio finishes with
 //! every block verified, and the blocks the guest never wrote read on B as A's image.
 
+use super::migrate::start;
 use super::*;
 use std::os::unix::fs::PermissionsExt;
 
@@ -16,14 +17,6 @@ fn write_config(d: &Path, name: &str, yaml: &str) -> PathBuf {
     let path = d.join(format!("{name}.yaml"));
     fs::write(&path, yaml.replace("{d}", &d.display().to_string())).unwrap();
     path
-}
-
-fn start(d: &Path, name: &str) -> (Backend, PathBuf) {
-    let sock = d.join(format!("{name}.sock"));
-    let env = [("RUST_LOG".to_string(), "info".to_string())];
-    let config = d.join(format!("{name}.yaml"));
-    let log = d.join(format!("{name}.log"));
-    (Backend::start(&config, &[], &env, &log, &sock), sock)
 }
 
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
@@ -166,21 +159,5 @@ fn guest_post_copy_migration_to_a_host_without_the_disk() {
 
     // On B alone: what the guest never wrote (past fio's 2 x 16 MiB) reads as A's image.
     drop(a);
-    let mut client = common::Client::connect_queues(&sock_b, 1).unwrap();
-    let image = lazy_image(LAZY_IMAGE);
-    let chunk = 128 << 10;
-    let mut off = 32 * MIB;
-    while off < DISK {
-        let got = client
-            .read(0, off, chunk)
-            .unwrap_or_else(|e| panic!("read at {off}: errno {e}\n{}", b.log_text()));
-        let want: Vec<u8> = (off..off + chunk as u64)
-            .map(|i| image.get(i as usize).copied().unwrap_or(0))
-            .collect();
-        assert!(
-            got == want,
-            "B differs from A's image in the 128 KiB at {off}"
-        );
-        off += chunk as u64;
-    }
+    assert_reads_as_image(&sock_b, 32 * MIB, DISK, &|| b.log_text());
 }
