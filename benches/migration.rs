@@ -229,16 +229,8 @@ fn qsd(guest: &Path, disk: &Path, work: &Path) -> anyhow::Result<Vec<(f64, f64)>
 
 fn main() -> anyhow::Result<()> {
     warn_if_loaded();
-    let bin = bench_bin(
-        "UBIBLK_BACKEND_BIN",
-        option_env!("CARGO_BIN_EXE_vhost-backend"),
-        "vhost-backend",
-    )?;
-    let init = bench_bin(
-        "UBIBLK_INIT_METADATA_BIN",
-        option_env!("CARGO_BIN_EXE_init-metadata"),
-        "init-metadata",
-    )?;
+    let bin = backend_bin()?;
+    let init = init_metadata_bin()?;
     let guest = guest_dir()?;
     let dir = std::env::var("UBIBLK_BENCH_DIR")
         .map(PathBuf::from)

@@ -1302,16 +1302,8 @@ fn main() -> anyhow::Result<()> {
     let want = |p: &str| parts.is_empty() || parts.iter().any(|x| x == p);
 
     let bins = Bins {
-        backend: bench_bin(
-            "UBIBLK_BACKEND_BIN",
-            option_env!("CARGO_BIN_EXE_vhost-backend"),
-            "vhost-backend",
-        )?,
-        init_metadata: bench_bin(
-            "UBIBLK_INIT_METADATA_BIN",
-            option_env!("CARGO_BIN_EXE_init-metadata"),
-            "init-metadata",
-        )?,
+        backend: backend_bin()?,
+        init_metadata: init_metadata_bin()?,
         archive: bench_bin(
             "UBIBLK_ARCHIVE_BIN",
             option_env!("CARGO_BIN_EXE_archive"),

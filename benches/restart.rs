@@ -180,11 +180,7 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let want = |p: &str| parts.is_empty() || parts.iter().any(|a| a == p);
     warn_if_loaded();
-    let bin = bench_bin(
-        "UBIBLK_BACKEND_BIN",
-        option_env!("CARGO_BIN_EXE_vhost-backend"),
-        "vhost-backend",
-    )?;
+    let bin = backend_bin()?;
     let dir = PathBuf::from(std::env::var("UBIBLK_BENCH_DIR").unwrap_or("/dev/shm".into()));
     let size = env_f64("UBIBLK_BENCH_SIZE_MB", 256.0) as u64 * 1024 * 1024;
     let rounds = env_f64("UBIBLK_BENCH_ROUNDS", 7.0) as usize;

@@ -224,16 +224,8 @@ fn main() -> Result<()> {
     let psk = dir.join("psk");
     std::fs::write(&psk, b"a bench psk of 32 bytes, 0123456")?;
     std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600))?;
-    let backend = bench_bin(
-        "UBIBLK_BACKEND_BIN",
-        option_env!("CARGO_BIN_EXE_vhost-backend"),
-        "vhost-backend",
-    )?;
-    let init = bench_bin(
-        "UBIBLK_INIT_METADATA_BIN",
-        option_env!("CARGO_BIN_EXE_init-metadata"),
-        "init-metadata",
-    )?;
+    let backend = backend_bin()?;
+    let init = init_metadata_bin()?;
     let plaintext = env_flag("UBIBLK_BENCH_PLAINTEXT");
     let rows = env_list("UBIBLK_BENCH_ROWS").unwrap_or_default();
     let row = |name: &str| rows.is_empty() || rows.iter().any(|r| r == name);

@@ -449,6 +449,24 @@ pub fn bench_bin(env: &str, built: Option<&'static str>, name: &str) -> anyhow::
     Ok(p)
 }
 
+/// `vhost-backend`: `$UBIBLK_BACKEND_BIN`, else this crate's.
+pub fn backend_bin() -> anyhow::Result<PathBuf> {
+    bench_bin(
+        "UBIBLK_BACKEND_BIN",
+        option_env!("CARGO_BIN_EXE_vhost-backend"),
+        "vhost-backend",
+    )
+}
+
+/// `init-metadata`: `$UBIBLK_INIT_METADATA_BIN`, else this crate's.
+pub fn init_metadata_bin() -> anyhow::Result<PathBuf> {
+    bench_bin(
+        "UBIBLK_INIT_METADATA_BIN",
+        option_env!("CARGO_BIN_EXE_init-metadata"),
+        "init-metadata",
+    )
+}
+
 /// Starts `bin --config <yaml>` with `env` added to its environment (e.g. S3 credentials) and
 /// waits for its vhost-user socket. A stale socket file is removed first.
 pub fn start_backend_env(
