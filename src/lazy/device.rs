@@ -335,8 +335,8 @@ fn unopened_if_complete(
     md: &Metadata,
     disk_sectors: u64,
 ) -> Result<Option<Arc<dyn StripeSource>>, Error> {
-    let states = StripeStates::new(md, disk_sectors);
-    if !opts.source.is_remote() || states.fetched_count() < states.count() {
+    // The metadata's stripe count is the disk's: it is derived from the disk's size.
+    if !opts.source.is_remote() || md.fetched_count() < md.stripe_count() {
         return Ok(None);
     }
     let (kind, name) = match &opts.source {
@@ -351,7 +351,7 @@ fn unopened_if_complete(
     info!(
         "{name}: all {} stripes are fetched: the disk needs its source no more, which is not \
          opened",
-        states.count()
+        md.stripe_count()
     );
     Ok(Some(Arc::new(source::Unopened::new(name, identity))))
 }

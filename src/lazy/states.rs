@@ -229,9 +229,7 @@ impl StripeStates {
 
     /// Every stripe's persistent bits (FETCHED, WRITTEN), as they are now.
     pub fn bits(&self) -> Vec<u8> {
-        (0..self.count())
-            .map(|i| self.state(i).load(SeqCst) & (FETCHED | WRITTEN))
-            .collect()
+        (0..self.count()).filter_map(|i| self.bits_of(i)).collect()
     }
 
     /// Plaintext of metadata sector `n` (>= 1) from the in-memory state.
