@@ -266,6 +266,34 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Reads stripe `index` (from sector `first`, `buf.len()` bytes) into `buf`: where the
+    /// layout says it is if not on the disk, else from the disk. A failure is logged; the
+    /// buffer comes back with it unless the channel kept it.
+    fn read(&mut self, index: u64, first: u64, mut buf: IoBuf) -> Result<IoBuf, Option<IoBuf>> {
+        if let Some(r) = self.s.layout.read_elsewhere(index, &mut buf[..]) {
+            return match r {
+                Ok(()) => Ok(buf),
+                Err(e) => {
+                    warn!(
+                        "stripe server: reading stripe {index} from the disk's source failed: {e}"
+                    );
+                    Err(Some(buf))
+                }
+            };
+        }
+        match run_sync(self.channel, IoOp::Read { sector: first, buf }) {
+            (Ok(()), Some(b)) => Ok(b),
+            (r, back) => {
+                let errno = r.err().unwrap_or(libc::EIO);
+                warn!(
+                    "stripe server: reading stripe {index} failed: {}",
+                    io::Error::from_raw_os_error(errno)
+                );
+                Err(back)
+            }
+        }
+    }
+
     fn read_stripe(&mut self, stream: &mut Stream, index: u64) -> io::Result<()> {
         let Some((shift, flags)) = self.s.layout.stripe(index) else {
             return protocol::write_status(stream, STATUS_INVALID_STRIPE);
@@ -291,28 +319,13 @@ impl Session<'_> {
         };
         if len > 0 {
             buf.set_len(len);
-            if let Some(r) = self.s.layout.read_elsewhere(index, &mut buf[..]) {
-                if let Err(e) = r {
-                    warn!(
-                        "stripe server: reading stripe {index} from the disk's source failed: {e}"
-                    );
-                    self.io = Some(buf);
+            buf = match self.read(index, first, buf) {
+                Ok(b) => b,
+                Err(back) => {
+                    self.io = back;
                     return protocol::write_status(stream, STATUS_SERVER_ERROR);
                 }
-            } else {
-                let (r, back) = run_sync(self.channel, IoOp::Read { sector: first, buf });
-                match (r, back) {
-                    (Ok(()), Some(b)) => buf = b,
-                    (r, _) => {
-                        let errno = r.err().unwrap_or(libc::EIO);
-                        warn!(
-                            "stripe server: reading stripe {index} failed: {}",
-                            io::Error::from_raw_os_error(errno)
-                        );
-                        return protocol::write_status(stream, STATUS_SERVER_ERROR);
-                    }
-                }
-            }
+            };
         }
         let sent = if len == stripe_bytes {
             protocol::write_payload(stream, &buf)
