@@ -15,8 +15,11 @@ pub struct IoBuf {
 }
 
 // SAFETY: IoBuf uniquely owns its allocation, like Vec<u8>: no other handle to it exists, so
-// moving the IoBuf to another thread moves all access with it. (It is not Sync.)
+// moving the IoBuf to another thread moves all access with it.
 unsafe impl Send for IoBuf {}
+// SAFETY: as Vec<u8>: through a shared reference the bytes are only read (Deref, as_ptr);
+// writing needs &mut IoBuf.
+unsafe impl Sync for IoBuf {}
 
 impl IoBuf {
     /// A zero-filled buffer of `len` bytes.

@@ -1,5 +1,6 @@
 //! The bottom of every stack: a regular file or block device, driven through io_uring.
 
+use super::inline::InlineChannel;
 use super::{
     BlockDevice, Completion, IoBuf, IoChannel, IoOp, IoVecs, Notifier, Slab, SECTOR_SHIFT,
 };
@@ -128,6 +129,10 @@ impl BlockDevice for FileDevice {
     }
 
     fn new_channel_with(&self, notifier: Notifier) -> io::Result<Box<dyn IoChannel>> {
+        if notifier.is_inline() {
+            let (file, wt) = (self.file.clone(), self.write_through);
+            return Ok(Box::new(InlineChannel::new(file, notifier, wt)));
+        }
         let mut channel = UringChannel::new(self.file.clone(), self.ring_entries, notifier)?;
         channel.write_through = self.write_through;
         Ok(Box::new(channel))
@@ -432,11 +437,20 @@ mod tests {
         assert_eq!(&on_disk[4096..4096 + 8192], &expect[..]);
     }
 
+    /// Both kinds of channel: io_uring, and inline (see `block::inline`).
+    const NOTIFIERS: [fn() -> io::Result<Notifier>; 2] = [Notifier::new, Notifier::inline];
+
     #[test]
     fn write_through_writes_zeroes_and_flushes_complete_once_each() {
+        for notifier in NOTIFIERS {
+            write_through_on(notifier);
+        }
+    }
+
+    fn write_through_on(notifier: fn() -> io::Result<Notifier>) {
         let (f, d) = device(1 << 20);
         let d = d.write_through(true);
-        let mut ch = d.new_channel().unwrap();
+        let mut ch = d.new_channel_with(notifier().unwrap()).unwrap();
         let data = filled(65536, 9);
         run_sync(
             ch.as_mut(),
@@ -522,16 +536,20 @@ mod tests {
 
     #[test]
     fn read_past_end_is_an_error() {
-        let (_f, d) = device(4096);
-        let mut ch = d.new_channel().unwrap();
-        let (r, _) = run_sync(
-            ch.as_mut(),
-            IoOp::Read {
-                sector: 4,
-                buf: IoBuf::new(4096),
-            },
-        );
-        assert_eq!(r, Err(libc::EIO));
+        let (f, d) = device(8192);
+        for notifier in NOTIFIERS {
+            let mut ch = d.new_channel_with(notifier().unwrap()).unwrap();
+            let read = |ch: &mut dyn IoChannel, sector| {
+                let buf = IoBuf::new(4096);
+                run_sync(ch, IoOp::Read { sector, buf }).0
+            };
+            assert_eq!(read(ch.as_mut(), 16), Err(libc::EIO));
+            // Short: the file shrank under the device.
+            f.as_file().set_len(6144).unwrap();
+            assert_eq!(read(ch.as_mut(), 8), Err(libc::EIO));
+            f.as_file().set_len(8192).unwrap();
+            assert_eq!(read(ch.as_mut(), 8), Ok(()));
+        }
     }
 
     #[test]

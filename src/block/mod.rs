@@ -12,6 +12,7 @@ mod buf;
 mod crypt;
 pub mod debuglog;
 mod file;
+mod inline;
 mod layer;
 mod notifier;
 mod qos;

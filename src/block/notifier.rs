@@ -11,31 +11,56 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 /// to return. Clones share one eventfd: every channel of a stack (and any thread working for
 /// one, such as the lazy fetchers) signals the notifier it was created with, so the worker
 /// watches a single descriptor.
+///
+/// A notifier also says how its channels' caller waits: an [`inline`](Notifier::inline) one
+/// belongs to a thread that blocks on every operation (a stripe server session, a lazy
+/// fetcher), and the file device then runs operations on that thread instead of through
+/// io_uring (see `block::inline`).
 #[derive(Clone, Debug)]
-pub struct Notifier(Arc<EventFd>);
+pub struct Notifier {
+    fd: Arc<EventFd>,
+    inline: bool,
+}
 
 impl Notifier {
     pub fn new() -> io::Result<Self> {
-        Ok(Notifier(Arc::new(EventFd::new(EFD_NONBLOCK)?)))
+        Ok(Notifier {
+            fd: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+            inline: false,
+        })
+    }
+
+    /// For a thread that waits for each operation it starts (with [`super::run_sync`]): its
+    /// operations may run on it, during `submit`.
+    pub fn inline() -> io::Result<Self> {
+        Ok(Notifier {
+            inline: true,
+            ..Notifier::new()?
+        })
+    }
+
+    /// See [`Notifier::inline`].
+    pub fn is_inline(&self) -> bool {
+        self.inline
     }
 
     /// Makes the descriptor readable.
     pub fn notify(&self) {
         // Fails only when the counter would overflow, and then it is readable already.
-        let _ = self.0.write(1);
+        let _ = self.fd.write(1);
     }
 
     /// Clears readiness after it woke the caller; call before polling, so that a completion
     /// posted meanwhile makes it readable again. (Polling loops skip this: it costs a syscall.)
     pub fn ack(&self) {
         // EAGAIN means it was not readable: nothing to clear.
-        let _ = self.0.read();
+        let _ = self.fd.read();
     }
 
     /// Blocks until the descriptor is readable or `timeout` passes; true if it is readable.
     pub fn wait(&self, timeout: Duration) -> bool {
         let mut pfd = libc::pollfd {
-            fd: self.0.as_raw_fd(),
+            fd: self.fd.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
@@ -47,13 +72,13 @@ impl Notifier {
 
     /// A descriptor of its own for the same eventfd, for code that keeps an [`EventFd`].
     pub fn try_clone_eventfd(&self) -> io::Result<EventFd> {
-        self.0.try_clone()
+        self.fd.try_clone()
     }
 }
 
 impl AsRawFd for Notifier {
     fn as_raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+        self.fd.as_raw_fd()
     }
 }
 

@@ -422,12 +422,22 @@ fn gathered(mem: &IoBuf, pieces: &[(usize, usize)]) -> Vec<u8> {
 /// sectors read back as zeros (the contract leaves them unspecified, e.g. under encryption).
 /// Needs at least 4 MiB.
 pub fn check_stack(discard_zeroes: bool, make: impl FnOnce(&Path) -> Arc<dyn BlockDevice>) {
+    check_stack_with(discard_zeroes, Notifier::new, make)
+}
+
+/// [`check_stack`] on channels made with `notifier()`'s notifiers (e.g. [`Notifier::inline`]).
+pub fn check_stack_with(
+    discard_zeroes: bool,
+    notifier: fn() -> std::io::Result<Notifier>,
+    make: impl FnOnce(&Path) -> Arc<dyn BlockDevice>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let device = make(dir.path());
     let dev = device.as_ref();
     let end = dev.sectors();
     assert!(end >= 8192, "the suite needs 4 MiB");
-    let mut ch = dev.new_channel().unwrap();
+    let new_channel = || dev.new_channel_with(notifier().unwrap()).unwrap();
+    let mut ch = new_channel();
     let ch = ch.as_mut();
 
     // Round trips through our buffers, odd sizes and places included, up to the last sector.
@@ -442,7 +452,7 @@ pub fn check_stack(discard_zeroes: bool, make: impl FnOnce(&Path) -> Arc<dyn Blo
         );
     }
     // Another channel sees the data.
-    let mut other = dev.new_channel().unwrap();
+    let mut other = new_channel();
     assert!(read(other.as_mut(), 100, 65536)[..] == pattern(65536, 4)[..]);
     drop(other);
 

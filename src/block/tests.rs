@@ -3,9 +3,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::testing::{check_stack, MemDevice};
+use super::testing::{check_stack, check_stack_with, MemDevice};
 use super::QosLimits;
-use super::{BlockDevice, CryptDevice, DebugLogDevice, FileDevice, Qos, QosDevice};
+use super::{BlockDevice, CryptDevice, DebugLogDevice, FileDevice, Notifier, Qos, QosDevice};
 use crate::crypto::Xts;
 use crate::lazy::source::SourceSpec;
 use crate::lazy::{LazyDevice, LazyOptions, Metadata};
@@ -59,17 +59,63 @@ fn debuglog_over_crypt_over_file() {
     });
 }
 
+/// A lazy disk over a file in `dir`, filled from an image file, nothing fetched yet.
+fn lazy(dir: &Path) -> Arc<dyn BlockDevice> {
+    lazy_over(dir, file(dir))
+}
+
+/// A lazy disk over `base`, as [`lazy`].
+fn lazy_over(dir: &Path, base: Arc<dyn BlockDevice>) -> Arc<dyn BlockDevice> {
+    let (image, meta) = (dir.join("image"), dir.join("meta"));
+    let data: Vec<u8> = (0..DISK).map(|i| (i / 512 + i % 253) as u8).collect();
+    std::fs::write(&image, data).unwrap();
+    let md = Metadata::new((DISK / 512) as u64, 6).unwrap();
+    md.write_to(&std::fs::File::create(&meta).unwrap(), None)
+        .unwrap();
+    let opts = LazyOptions::new(SourceSpec::File(image), meta);
+    Arc::new(LazyDevice::open(base, None, &opts, 64).unwrap())
+}
+
 #[test]
 fn lazy_over_file() {
+    check_stack(true, lazy);
+}
+
+/// Below the lazy layer a device that takes no vectors: a demand fetch writes a copy of its
+/// staged stripe instead of the staged copy itself.
+#[test]
+fn lazy_over_debuglog_over_file() {
     check_stack(true, |d| {
-        let (image, meta) = (d.join("image"), d.join("meta"));
-        let data: Vec<u8> = (0..DISK).map(|i| (i / 512 + i % 253) as u8).collect();
-        std::fs::write(&image, data).unwrap();
-        let md = Metadata::new((DISK / 512) as u64, 6).unwrap();
-        md.write_to(&std::fs::File::create(&meta).unwrap(), None)
-            .unwrap();
-        let opts = LazyOptions::new(SourceSpec::File(image), meta);
-        Arc::new(LazyDevice::open(file(d), None, &opts, 64).unwrap())
+        let log = Arc::new(DebugLogDevice::new(file(d), &d.join("io.log")).unwrap());
+        lazy_over(d, log)
+    });
+}
+
+// The stacks again with inline channels (a thread that waits for each operation: stripe
+// server sessions, lazy fetchers): the file device then runs operations during submit.
+
+#[test]
+fn file_device_inline() {
+    check_stack_with(true, Notifier::inline, file);
+}
+
+#[test]
+fn crypt_over_file_inline() {
+    check_stack_with(false, Notifier::inline, |d| {
+        Arc::new(CryptDevice::new(file(d), xts()))
+    });
+}
+
+#[test]
+fn lazy_over_file_inline() {
+    check_stack_with(true, Notifier::inline, lazy);
+}
+
+#[test]
+fn qos_over_debuglog_over_file_inline() {
+    check_stack_with(true, Notifier::inline, |d| {
+        let log = Arc::new(DebugLogDevice::new(file(d), &d.join("io.log")).unwrap());
+        Arc::new(QosDevice::new(log, Qos::new(qos_limits()).unwrap()))
     });
 }
 

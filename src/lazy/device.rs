@@ -193,8 +193,9 @@ impl LazyDevice {
             opts.copy_on_read,
             opts.autofetch
         );
+        // A fetcher waits for each write: it runs on the fetcher's thread (Notifier::inline).
         let channels = (0..fetchers)
-            .map(|_| inner.new_channel())
+            .map(|_| inner.new_channel_with(Notifier::inline()?))
             .collect::<io::Result<Vec<_>>>()
             .map_err(Error::FetcherChannels)?;
         let mut fetchers = Vec::new();

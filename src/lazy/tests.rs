@@ -12,7 +12,8 @@ use super::source::SourceSpec;
 use super::testing::{Fault, MemSource};
 use super::{LazyDevice, LazyOptions, Metadata};
 use crate::block::{
-    run_sync, BlockDevice, Completion, FileDevice, IoBuf, IoChannel, IoOp, IoVecs, Notifier,
+    run_sync, BlockDevice, Completion, DebugLogDevice, FileDevice, IoBuf, IoChannel, IoOp, IoVecs,
+    Notifier,
 };
 
 mod grow;
@@ -133,6 +134,41 @@ fn write_to_unfetched_stripe_parks_until_the_fetch_is_durable() {
     assert!(!f.device.shared.meta.written_dirty());
     let (r, _) = run_sync(&mut *ch, IoOp::Flush);
     r.unwrap();
+}
+
+/// A demand fetch (here for a write) stores the image's stripe on the base disk whether the
+/// disk takes the staged copy itself (a file takes vectors) or a copy of it (a layer that
+/// takes none).
+#[test]
+fn a_demand_fetch_stores_the_stripe_with_or_without_vectors() {
+    for vectors in [true, false] {
+        let f = fixture(STRIPE * STRIPES, false);
+        let file: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&f.base, false, 64).unwrap());
+        let base: Arc<dyn BlockDevice> = match vectors {
+            true => file,
+            false => Arc::new(DebugLogDevice::new(file, &f.base.with_extension("log")).unwrap()),
+        };
+        assert_eq!(base.iovec_align().is_some(), vectors);
+        drop(f.device);
+        let device = open(base, &f.image_path, &f.meta, false);
+        let mut ch = device.new_channel().unwrap();
+        let sector = (2 * STRIPE / 512 + 5) as u64;
+        let (r, _) = run_sync(
+            &mut *ch,
+            IoOp::Write {
+                sector,
+                buf: buf_of(&[9; 512]),
+            },
+        );
+        r.unwrap();
+        let mut want = f.image[2 * STRIPE..3 * STRIPE].to_vec();
+        want[5 * 512..6 * 512].fill(9);
+        let stored = std::fs::read(&f.base).unwrap();
+        assert!(
+            stored[2 * STRIPE..3 * STRIPE] == want[..],
+            "vectors: {vectors}"
+        );
+    }
 }
 
 #[test]

@@ -28,7 +28,7 @@ use super::protocol::{
     STATUS_SERVER_ERROR, WRITTEN,
 };
 use super::tls::{self, Psk, Stream, TlsError};
-use crate::block::{run_sync, BlockDevice, IoBuf, IoChannel, IoOp, SECTOR_SHIFT};
+use crate::block::{run_sync, BlockDevice, IoBuf, IoChannel, IoOp, Notifier, SECTOR_SHIFT};
 use crate::sys::ratelog::{self, RateLimiter, Verdict};
 
 /// Most connections at once.
@@ -211,7 +211,8 @@ fn connection(s: &Shared, tcp: TcpStream) -> Result<(), Box<dyn std::error::Erro
     stream.tcp().set_write_timeout(Some(IO_TIMEOUT))?;
     s.warned_full.store(false, Ordering::Relaxed);
     info!("stripe server: client {peer} connected");
-    let mut channel = s.device.new_channel()?;
+    // The session waits for each read: it runs on this thread (see Notifier::inline).
+    let mut channel = s.device.new_channel_with(Notifier::inline()?)?;
     let mut session = Session {
         s,
         channel: &mut *channel,
