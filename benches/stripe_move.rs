@@ -15,7 +15,11 @@
 //!   distinct stripes), against one stripe's transfer over a kept-alive TCP connection (an
 //!   8-byte request, the 1 MiB answer read from the same file). Median ms, target <= 1.5x.
 //!   With TLS, also against the same transfer over TLS-PSK with the stripe server's TLS
-//!   settings: the floor a demand read over the protocol cannot go below.
+//!   settings (the floor a demand read over the protocol cannot go below), and against that
+//!   transfer followed by storing the stripe as a fetch must (written into a fresh file in the
+//!   bench directory, fdatasync'd). Each also reports its CPU time per read: ours A's and B's
+//!   whole processes and the client thread; a reference its two threads. When the CPU is what
+//!   runs out (back-to-back reads beside CPU-bound neighbours), latency follows CPU time.
 //!
 //! Run: `cargo bench --bench stripe_move`: a markdown report on stdout, rounds on stderr.
 //!
@@ -134,11 +138,26 @@ fn demand_stripes(s: &Setup, n: usize, round: usize) -> Vec<u64> {
         .collect()
 }
 
-fn demand_ours(s: &Setup, round: usize, n: usize, gap: Duration) -> Result<f64> {
+/// A demand round's result: the median latency, and the CPU time both ends (and the client)
+/// spent per read, in ms.
+#[derive(Clone, Copy)]
+struct Demand {
+    ms: f64,
+    cpu_ms: f64,
+}
+
+/// Time for work started by the last read (B's base disk write and syncs, A's io_uring
+/// workers) to finish before the CPU clocks are read.
+const SETTLE: Duration = Duration::from_millis(50);
+
+fn demand_ours(s: &Setup, a_pid: u32, round: usize, n: usize, gap: Duration) -> Result<Demand> {
     let (cfg, _ctl, base) = host_b(s, round, false)?;
     let mut be = start_backend_env(&s.backend, &cfg, &[])?;
     let mut c = connect_client(&cfg.socket, 1, 4 * MIB as usize, s.size)?;
     let mut lat = Vec::new();
+    std::thread::sleep(SETTLE);
+    let cpu = || process_cpu_time(a_pid) + process_cpu_time(be.guard.pid()) + thread_cpu_time();
+    let cpu0 = cpu();
     for stripe in demand_stripes(s, n, round) {
         let off = stripe * STRIPE + 8192;
         std::thread::sleep(gap);
@@ -149,17 +168,37 @@ fn demand_ours(s: &Setup, round: usize, n: usize, gap: Duration) -> Result<f64> 
         lat.push(t.elapsed().as_secs_f64() * 1e3);
         anyhow::ensure!(got == pattern_bytes(off, 4096), "wrong data at {off}");
     }
+    std::thread::sleep(SETTLE);
+    let cpu_ms = (cpu() - cpu0).as_secs_f64() * 1e3 / lat.len() as f64;
     drop(c);
     stop_backend(&mut be)?;
     let _ = std::fs::remove_dir_all(base.parent().unwrap_or(Path::new("/nonexistent")));
-    Ok(median(&lat))
+    Ok(Demand {
+        ms: median(&lat),
+        cpu_ms,
+    })
+}
+
+/// The demand row's references.
+#[derive(Clone, Copy, PartialEq)]
+enum Transfer {
+    /// One stripe over plain TCP: the target's reference.
+    Tcp,
+    /// The same over TLS-PSK with the stripe server's own TLS settings (`ubiblk::stripe::tls`:
+    /// OpenSSL, TLS 1.2, PSK-AES256-GCM-SHA384): the floor of any demand read over the protocol.
+    Tls,
+    /// [`Transfer::Tls`], then the stripe stored as a fetch must store it: written into a
+    /// fresh sparse file in the bench directory (as B's disk) and fdatasync'd. The least work
+    /// a stream of demand reads of distinct stripes costs: the ceiling where the CPU, not the
+    /// latency of each step, is what runs out.
+    TlsStored,
 }
 
 /// One stripe's transfer, the demand row's reference: over a kept-alive connection, an 8-byte
-/// request, the 1 MiB answer read from the same file (`pread`) and written back. Plain TCP, or
-/// (`tls`) TLS-PSK with the stripe server's own TLS settings (`ubiblk::stripe::tls`: OpenSSL,
-/// TLS 1.2, PSK-AES256-GCM-SHA384): the floor of any demand read over the protocol.
-fn demand_tcp(s: &Setup, round: usize, n: usize, gap: Duration, tls: bool) -> Result<f64> {
+/// request, the 1 MiB answer read from the same file (`pread`) and written back; see
+/// [`Transfer`] for the kinds.
+fn demand_tcp(s: &Setup, round: usize, n: usize, gap: Duration, kind: Transfer) -> Result<Demand> {
+    let tls = kind != Transfer::Tcp;
     use ubiblk::stripe::tls::{self, Psk, Stream};
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
@@ -167,7 +206,7 @@ fn demand_tcp(s: &Setup, round: usize, n: usize, gap: Duration, tls: bool) -> Re
     let key = std::fs::read(&s.psk)?;
     let psk = std::sync::Arc::new(Psk::new(IDENTITY, key)?);
     let (server_ctx, client_ctx) = (tls::server_context(psk.clone())?, tls::client_context(psk)?);
-    let server = std::thread::spawn(move || -> Result<()> {
+    let server = std::thread::spawn(move || -> Result<Duration> {
         let (c, _) = l.accept()?;
         c.set_nodelay(true)?;
         let mut c = if tls {
@@ -178,12 +217,15 @@ fn demand_tcp(s: &Setup, round: usize, n: usize, gap: Duration, tls: bool) -> Re
         let f = std::fs::File::open(image)?;
         let mut buf = vec![0u8; STRIPE as usize];
         let mut req = [0u8; 8];
+        // From after the handshake (not a transfer's) to the client's close, waits for
+        // requests included, as the stripe server's CPU time includes them.
+        let t = thread_cpu_time();
         while c.read_exact(&mut req).is_ok() {
             f.read_exact_at(&mut buf, u64::from_le_bytes(req) * STRIPE)?;
             c.write_all(&buf)?;
             c.flush()?;
         }
-        Ok(())
+        Ok(thread_cpu_time() - t)
     });
     let c = TcpStream::connect(addr)?;
     c.set_nodelay(true)?;
@@ -193,20 +235,41 @@ fn demand_tcp(s: &Setup, round: usize, n: usize, gap: Duration, tls: bool) -> Re
         Stream::Plain(c)
     };
     let mut buf = vec![0u8; STRIPE as usize];
+    let stored = s.dir.join(format!("stored-{round}.raw"));
+    let store = match kind {
+        Transfer::TlsStored => {
+            let f = std::fs::File::create(&stored)?;
+            f.set_len(s.size)?;
+            Some(f)
+        }
+        _ => None,
+    };
     let mut lat = Vec::new();
+    let mut cpu = Duration::ZERO;
     for stripe in demand_stripes(s, n, round) {
         std::thread::sleep(gap);
-        let t = Instant::now();
+        let (t, c0) = (Instant::now(), thread_cpu_time());
         c.write_all(&stripe.to_le_bytes())?;
         c.flush()?;
         c.read_exact(&mut buf)?;
+        if let Some(f) = &store {
+            f.write_all_at(&buf, stripe * STRIPE)?;
+            f.sync_data()?;
+        }
         lat.push(t.elapsed().as_secs_f64() * 1e3);
+        cpu += thread_cpu_time() - c0;
+    }
+    if store.is_some() {
+        std::fs::remove_file(&stored)?;
     }
     drop(c);
-    server
+    cpu += server
         .join()
         .map_err(|_| anyhow::anyhow!("server panicked"))??;
-    Ok(median(&lat))
+    Ok(Demand {
+        ms: median(&lat),
+        cpu_ms: cpu.as_secs_f64() * 1e3 / lat.len() as f64,
+    })
 }
 
 fn main() -> Result<()> {
@@ -255,7 +318,7 @@ fn main() -> Result<()> {
         plaintext,
     };
     let (mut ours, mut tcp, mut d_ours, mut d_tcp) = (vec![], vec![], vec![], vec![]);
-    let mut d_tls = vec![];
+    let (mut d_tls, mut d_stored) = (vec![], vec![]);
     for round in 1..=rounds {
         let order = if round % 2 == 1 {
             [true, false]
@@ -269,11 +332,12 @@ fn main() -> Result<()> {
                 _ => {}
             }
             match (mine, demand) {
-                (true, true) => d_ours.push(demand_ours(&s, round, reads, gap)?),
+                (true, true) => d_ours.push(demand_ours(&s, a.guard.pid(), round, reads, gap)?),
                 (false, true) => {
-                    d_tcp.push(demand_tcp(&s, round, reads, gap, false)?);
+                    d_tcp.push(demand_tcp(&s, round, reads, gap, Transfer::Tcp)?);
                     if !plaintext {
-                        d_tls.push(demand_tcp(&s, round, reads, gap, true)?);
+                        d_tls.push(demand_tcp(&s, round, reads, gap, Transfer::Tls)?);
+                        d_stored.push(demand_tcp(&s, round, reads, gap, Transfer::TlsStored)?);
                     }
                 }
                 _ => {}
@@ -287,11 +351,19 @@ fn main() -> Result<()> {
             );
         }
         if demand {
+            let show = |name: &str, d: Option<&Demand>| {
+                d.map_or(String::new(), |d| {
+                    format!(", {name} {:.2} ms ({:.2} ms CPU)", d.ms, d.cpu_ms)
+                })
+            };
+            let tls = show("tls stripe", d_tls.get(round - 1))
+                + &show("tls stripe stored", d_stored.get(round - 1));
             eprintln!(
-                "round {round}: demand ours {:.2} ms, tcp stripe {:.2} ms, tls stripe {:?} ms",
-                d_ours[round - 1],
-                d_tcp[round - 1],
-                d_tls.get(round - 1)
+                "round {round}: demand ours {:.2} ms ({:.2} ms CPU), tcp stripe {:.2} ms ({:.2} ms CPU){tls}",
+                d_ours[round - 1].ms,
+                d_ours[round - 1].cpu_ms,
+                d_tcp[round - 1].ms,
+                d_tcp[round - 1].cpu_ms,
             );
         }
     }
@@ -313,7 +385,9 @@ fn main() -> Result<()> {
         );
     }
     if demand {
-        let (d_o, d_t) = (median(&d_ours), median(&d_tcp));
+        let ms = |v: &[Demand]| median(&v.iter().map(|d| d.ms).collect::<Vec<_>>());
+        let cpu = |v: &[Demand]| median(&v.iter().map(|d| d.cpu_ms).collect::<Vec<_>>());
+        let (d_o, d_t) = (ms(&d_ours), ms(&d_tcp));
         let gap = if gap.is_zero() {
             String::new()
         } else {
@@ -324,10 +398,31 @@ fn main() -> Result<()> {
             d_o / d_t
         );
         if !d_tls.is_empty() {
-            let d_s = median(&d_tls);
+            let d_s = ms(&d_tls);
             println!(
                 "| the same, against one stripe over TLS-PSK (the protocol's transport) | {d_o:.2} ms | {d_s:.2} ms (one stripe, TLS) | {:.2}x | |",
                 d_o / d_s
+            );
+        }
+        if !d_stored.is_empty() {
+            let d_s = ms(&d_stored);
+            println!(
+                "| the same, against one stripe over TLS-PSK then stored (written, fdatasync'd) | {d_o:.2} ms | {d_s:.2} ms (one stripe, TLS, stored) | {:.2}x | |",
+                d_o / d_s
+            );
+        }
+        let reference = if d_tls.is_empty() { &d_tcp } else { &d_tls };
+        let (c_o, c_r) = (cpu(&d_ours), cpu(reference));
+        println!(
+            "| CPU per demand read, both hosts and the client, against the {} transfer's two ends | {c_o:.2} ms | {c_r:.2} ms | {:.2}x | |",
+            if d_tls.is_empty() { "TCP" } else { "TLS" },
+            c_o / c_r
+        );
+        if !d_stored.is_empty() {
+            let c_s = cpu(&d_stored);
+            println!(
+                "| CPU per demand read, against the stored TLS transfer's | {c_o:.2} ms | {c_s:.2} ms | {:.2}x | |",
+                c_o / c_s
             );
         }
     }

@@ -93,8 +93,23 @@ pub fn thread_cpu_time() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// utime + stime of a process (all threads), from /proc/<pid>/stat.
+/// CPU time of a process, all its threads (exited ones and io_uring workers included): its
+/// CPU-time clock (ns), or utime + stime from /proc/<pid>/stat (clock ticks) where that clock
+/// cannot be read.
 pub fn process_cpu_time(pid: u32) -> Duration {
+    let mut clock: libc::clockid_t = 0;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `clock` and `ts` are valid, writable values of ours for the duration of the calls.
+    let precise = unsafe {
+        libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) == 0
+            && libc::clock_gettime(clock, &mut ts) == 0
+    };
+    if precise {
+        return Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+    }
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return Duration::ZERO;
     };
