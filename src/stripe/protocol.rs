@@ -20,7 +20,7 @@
 //! Everything read from a peer is bounded before it is allocated, and every reader here
 //! returns an error, never panics, on anything malformed.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 
 pub const METADATA_CMD: u8 = 0x00;
 pub const READ_STRIPE_CMD: u8 = 0x01;
@@ -261,8 +261,20 @@ pub fn write_hello(w: &mut impl Write) -> io::Result<()> {
 pub fn write_payload(w: &mut impl Write, payload: &[u8]) -> io::Result<()> {
     let mut head = [0u8; 9];
     head[1..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    w.write_all(&head)?;
-    w.write_all(payload)?;
+    // Head and payload in one write where the stream takes vectors (a plain socket: one
+    // `writev`, so the client is not woken for the 9-byte head alone and again for the rest).
+    let sent = loop {
+        match w.write_vectored(&[IoSlice::new(&head), IoSlice::new(payload)]) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => break r?,
+        }
+    };
+    if sent < head.len() {
+        w.write_all(&head[sent..])?;
+        w.write_all(payload)?;
+    } else {
+        w.write_all(&payload[sent - head.len()..])?;
+    }
     w.flush()
 }
 

@@ -336,6 +336,12 @@ impl Write for Stream {
             Stream::Tls(s) => s.write(buf),
         }
     }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write_vectored(bufs),
+            Stream::Tls(s) => s.write_vectored(bufs),
+        }
+    }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Stream::Plain(s) => s.flush(),
@@ -348,6 +354,16 @@ impl Write for Stream {
 mod tests {
     use super::*;
     use std::net::TcpListener;
+
+    /// A plain stream hands vectors to the socket (`writev`), not just the first of them.
+    #[test]
+    fn a_plain_stream_writes_vectors_in_one_call() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let mut s = Stream::Plain(c);
+        let bufs = [io::IoSlice::new(b"head"), io::IoSlice::new(b"payload")];
+        assert_eq!(s.write_vectored(&bufs).unwrap(), 11);
+    }
 
     fn pair(server: Arc<Psk>, client: Arc<Psk>) -> (Result<(), String>, Result<(), String>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -123,6 +123,52 @@ fn requests_and_answers_on_the_wire() {
     );
 }
 
+/// Records each write call; takes vectors (as a socket's `writev`), but at most `limit` bytes
+/// a call, so partial writes are exercised too.
+struct Calls {
+    calls: Vec<Vec<u8>>,
+    limit: usize,
+}
+
+impl Write for Calls {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        let n = all.len().min(self.limit);
+        self.calls.push(all[..n].to_vec());
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A payload goes out with its head in one write where the stream takes vectors: a client is
+/// not woken for the 9-byte head alone. Partial writes still send every byte once.
+#[test]
+fn a_payload_and_its_head_go_in_one_write() {
+    let payload: Vec<u8> = (0..100u8).collect();
+    let mut want = vec![0u8; 9];
+    want[1] = 100;
+    want.extend_from_slice(&payload);
+    let mut w = Calls {
+        calls: vec![],
+        limit: usize::MAX,
+    };
+    write_payload(&mut w, &payload).unwrap();
+    assert_eq!(w.calls, [want.clone()]);
+    for limit in [1, 5, 9, 10, 50] {
+        let mut w = Calls {
+            calls: vec![],
+            limit,
+        };
+        write_payload(&mut w, &payload).unwrap();
+        assert_eq!(w.calls.concat(), want, "at most {limit} bytes a call");
+    }
+}
+
 #[test]
 fn client_checks_what_the_server_sends() {
     // HELLO: another version, an old server, a server error.
