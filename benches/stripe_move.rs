@@ -9,15 +9,16 @@
 //!   `autofetch: true` and `fetch_connections` UBIBLK_BENCH_CONNECTIONS, is timed from
 //!   spawning `vhost-backend` until `status` says `complete` (metadata by `init-metadata`,
 //!   not timed). Against: one TCP connection streaming the same file in 1 MiB writes into a
-//!   fresh file, fsync'd, timed from connect to fsync. MB/s, target >= 0.8x. The first
-//!   hydrated disk is compared with A's (`cmp`).
+//!   fresh file, fsync'd, timed from connect to fsync. MB/s, target >= 0.8x. With TLS, also
+//!   against the same copy over TLS-PSK with the stripe server's settings (what the
+//!   protocol's encryption costs). The first hydrated disk is compared with A's (`cmp`).
 //! * `demand`: a 4 KiB guest read (libblkio, QD1) of an unfetched stripe on B (no autofetch;
 //!   distinct stripes), against one stripe's transfer over a kept-alive TCP connection (an
 //!   8-byte request, the 1 MiB answer read from the same file). Median ms, target <= 1.5x.
 //!   With TLS, also against the same transfer over TLS-PSK with the stripe server's TLS
-//!   settings (the floor a demand read over the protocol cannot go below), and against that
-//!   transfer followed by storing the stripe as a fetch must (written into a fresh file in the
-//!   bench directory, fdatasync'd). Each also reports its CPU time per read: ours A's and B's
+//!   settings (the floor a demand read over the protocol cannot go below). And against the
+//!   transfer (TLS or not, as A and B) followed by storing the stripe as a fetch must (written
+//!   into a fresh file in the bench directory, fdatasync'd). Each also reports its CPU time per read: ours A's and B's
 //!   whole processes and the client thread; a reference its two threads. When the CPU is what
 //!   runs out (back-to-back reads beside CPU-bound neighbours), latency follows CPU time.
 //!
@@ -128,6 +129,24 @@ fn hydrate_tcp(s: &Setup, round: usize) -> Result<f64> {
     Ok(s.size as f64 / MIB as f64 / secs)
 }
 
+/// The same copy over TLS-PSK with the stripe server's own TLS settings: what encrypting and
+/// decrypting the bytes costs (the protocol's transport), with one connection.
+fn hydrate_tls(s: &Setup, round: usize) -> Result<f64> {
+    use ubiblk::stripe::tls::{self, Psk};
+    let out = s.dir.join(format!("copy-{round}.raw"));
+    let psk = std::sync::Arc::new(Psk::new(IDENTITY, std::fs::read(&s.psk)?)?);
+    let (server, client) = (tls::server_context(psk.clone())?, tls::client_context(psk)?);
+    let secs = stream_copy(
+        &s.image,
+        &out,
+        move |tcp| Ok(tls::accept(&server, tcp)?),
+        |tcp| Ok(tls::connect(&client, tcp)?),
+    )?
+    .as_secs_f64();
+    std::fs::remove_file(&out)?;
+    Ok(s.size as f64 / MIB as f64 / secs)
+}
+
 /// Stripes for demand reads: distinct, spread over the disk.
 fn demand_stripes(s: &Setup, n: usize, round: usize) -> Vec<u64> {
     let stripes = s.size / STRIPE;
@@ -144,6 +163,8 @@ fn demand_stripes(s: &Setup, n: usize, round: usize) -> Vec<u64> {
 struct Demand {
     ms: f64,
     cpu_ms: f64,
+    /// Ours: the same read once its stripe is fetched (0 for a reference).
+    local_ms: f64,
 }
 
 /// Time for work started by the last read (B's base disk write and syncs, A's io_uring
@@ -170,35 +191,45 @@ fn demand_ours(s: &Setup, a_pid: u32, round: usize, n: usize, gap: Duration) -> 
     }
     std::thread::sleep(SETTLE);
     let cpu_ms = (cpu() - cpu0).as_secs_f64() * 1e3 / lat.len() as f64;
+    // The same reads again, their stripes now on B's disk: the vhost-user round trip that
+    // every demand read includes besides its fetch.
+    let mut local = Vec::new();
+    for stripe in demand_stripes(s, n, round) {
+        let off = stripe * STRIPE + 8192;
+        std::thread::sleep(gap);
+        let t = Instant::now();
+        c.read(0, off, 4096)
+            .map_err(|e| anyhow::anyhow!("read: {}", errno_name(e)))?;
+        local.push(t.elapsed().as_secs_f64() * 1e3);
+    }
     drop(c);
     stop_backend(&mut be)?;
     let _ = std::fs::remove_dir_all(base.parent().unwrap_or(Path::new("/nonexistent")));
     Ok(Demand {
         ms: median(&lat),
         cpu_ms,
+        local_ms: median(&local),
     })
 }
 
-/// The demand row's references.
-#[derive(Clone, Copy, PartialEq)]
-enum Transfer {
-    /// One stripe over plain TCP: the target's reference.
-    Tcp,
-    /// The same over TLS-PSK with the stripe server's own TLS settings (`ubiblk::stripe::tls`:
-    /// OpenSSL, TLS 1.2, PSK-AES256-GCM-SHA384): the floor of any demand read over the protocol.
-    Tls,
-    /// [`Transfer::Tls`], then the stripe stored as a fetch must store it: written into a
-    /// fresh sparse file in the bench directory (as B's disk) and fdatasync'd. The least work
-    /// a stream of demand reads of distinct stripes costs: the ceiling where the CPU, not the
-    /// latency of each step, is what runs out.
-    TlsStored,
+/// The demand row's references: one stripe over plain TCP (the target's reference), or over
+/// TLS-PSK with the stripe server's own TLS settings (`ubiblk::stripe::tls`: OpenSSL, TLS 1.2,
+/// PSK-AES256-GCM-SHA384; the floor of any demand read over the protocol); `stored`: then the
+/// stripe stored as a fetch must store it, written into a fresh sparse file in the bench
+/// directory (as B's disk) and fdatasync'd. That is the least work a stream of demand reads
+/// of distinct stripes costs: the ceiling where the CPU, not the latency of each step, is
+/// what runs out.
+#[derive(Clone, Copy)]
+struct Transfer {
+    tls: bool,
+    stored: bool,
 }
 
 /// One stripe's transfer, the demand row's reference: over a kept-alive connection, an 8-byte
 /// request, the 1 MiB answer read from the same file (`pread`) and written back; see
 /// [`Transfer`] for the kinds.
 fn demand_tcp(s: &Setup, round: usize, n: usize, gap: Duration, kind: Transfer) -> Result<Demand> {
-    let tls = kind != Transfer::Tcp;
+    let tls = kind.tls;
     use ubiblk::stripe::tls::{self, Psk, Stream};
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
@@ -236,13 +267,13 @@ fn demand_tcp(s: &Setup, round: usize, n: usize, gap: Duration, kind: Transfer) 
     };
     let mut buf = vec![0u8; STRIPE as usize];
     let stored = s.dir.join(format!("stored-{round}.raw"));
-    let store = match kind {
-        Transfer::TlsStored => {
+    let store = match kind.stored {
+        true => {
             let f = std::fs::File::create(&stored)?;
             f.set_len(s.size)?;
             Some(f)
         }
-        _ => None,
+        false => None,
     };
     let mut lat = Vec::new();
     let mut cpu = Duration::ZERO;
@@ -269,6 +300,7 @@ fn demand_tcp(s: &Setup, round: usize, n: usize, gap: Duration, kind: Transfer) 
     Ok(Demand {
         ms: median(&lat),
         cpu_ms: cpu.as_secs_f64() * 1e3 / lat.len() as f64,
+        local_ms: 0.0,
     })
 }
 
@@ -318,6 +350,7 @@ fn main() -> Result<()> {
         plaintext,
     };
     let (mut ours, mut tcp, mut d_ours, mut d_tcp) = (vec![], vec![], vec![], vec![]);
+    let mut tls_copy = vec![];
     let (mut d_tls, mut d_stored) = (vec![], vec![]);
     for round in 1..=rounds {
         let order = if round % 2 == 1 {
@@ -328,24 +361,34 @@ fn main() -> Result<()> {
         for mine in order {
             match (mine, hydrate) {
                 (true, true) => ours.push(hydrate_ours(&s, round)?),
-                (false, true) => tcp.push(hydrate_tcp(&s, round)?),
+                (false, true) => {
+                    tcp.push(hydrate_tcp(&s, round)?);
+                    if !plaintext {
+                        tls_copy.push(hydrate_tls(&s, round)?);
+                    }
+                }
                 _ => {}
             }
             match (mine, demand) {
                 (true, true) => d_ours.push(demand_ours(&s, a.guard.pid(), round, reads, gap)?),
                 (false, true) => {
-                    d_tcp.push(demand_tcp(&s, round, reads, gap, Transfer::Tcp)?);
-                    if !plaintext {
-                        d_tls.push(demand_tcp(&s, round, reads, gap, Transfer::Tls)?);
-                        d_stored.push(demand_tcp(&s, round, reads, gap, Transfer::TlsStored)?);
+                    let tls = !plaintext;
+                    let kind = |tls, stored| Transfer { tls, stored };
+                    d_tcp.push(demand_tcp(&s, round, reads, gap, kind(false, false))?);
+                    if tls {
+                        d_tls.push(demand_tcp(&s, round, reads, gap, kind(true, false))?);
                     }
+                    d_stored.push(demand_tcp(&s, round, reads, gap, kind(tls, true))?);
                 }
                 _ => {}
             }
         }
         if hydrate {
+            let tls = tls_copy
+                .get(round - 1)
+                .map_or(String::new(), |t| format!(", tls {t:.0} MB/s"));
             eprintln!(
-                "round {round}: hydrate ours {:.0} MB/s, tcp {:.0} MB/s",
+                "round {round}: hydrate ours {:.0} MB/s, tcp {:.0} MB/s{tls}",
                 ours[round - 1],
                 tcp[round - 1]
             );
@@ -357,11 +400,12 @@ fn main() -> Result<()> {
                 })
             };
             let tls = show("tls stripe", d_tls.get(round - 1))
-                + &show("tls stripe stored", d_stored.get(round - 1));
+                + &show("stripe stored", d_stored.get(round - 1));
             eprintln!(
-                "round {round}: demand ours {:.2} ms ({:.2} ms CPU), tcp stripe {:.2} ms ({:.2} ms CPU){tls}",
+                "round {round}: demand ours {:.2} ms ({:.2} ms CPU; fetched: {:.3} ms), tcp stripe {:.2} ms ({:.2} ms CPU){tls}",
                 d_ours[round - 1].ms,
                 d_ours[round - 1].cpu_ms,
+                d_ours[round - 1].local_ms,
                 d_tcp[round - 1].ms,
                 d_tcp[round - 1].cpu_ms,
             );
@@ -383,6 +427,13 @@ fn main() -> Result<()> {
             size >> 20,
             h_o / h_t
         );
+        if !tls_copy.is_empty() {
+            let h_s = median(&tls_copy);
+            println!(
+                "| the same, against the copy over TLS-PSK (the protocol's transport, one connection) | {h_o:.0} MB/s | {h_s:.0} MB/s (TLS) | {:.2}x | |",
+                h_o / h_s
+            );
+        }
     }
     if demand {
         let ms = |v: &[Demand]| median(&v.iter().map(|d| d.ms).collect::<Vec<_>>());
@@ -407,10 +458,14 @@ fn main() -> Result<()> {
         if !d_stored.is_empty() {
             let d_s = ms(&d_stored);
             println!(
-                "| the same, against one stripe over TLS-PSK then stored (written, fdatasync'd) | {d_o:.2} ms | {d_s:.2} ms (one stripe, TLS, stored) | {:.2}x | |",
+                "| the same, against one stripe over {mode} then stored (written, fdatasync'd) | {d_o:.2} ms | {d_s:.2} ms (one stripe, stored) | {:.2}x | |",
                 d_o / d_s
             );
         }
+        let local = median(&d_ours.iter().map(|d| d.local_ms).collect::<Vec<_>>());
+        println!(
+            "| the same read once its stripe is fetched (the vhost-user round trip in every read) | {local:.3} ms | | | |"
+        );
         let reference = if d_tls.is_empty() { &d_tcp } else { &d_tls };
         let (c_o, c_r) = (cpu(&d_ours), cpu(reference));
         println!(
@@ -421,7 +476,7 @@ fn main() -> Result<()> {
         if !d_stored.is_empty() {
             let c_s = cpu(&d_stored);
             println!(
-                "| CPU per demand read, against the stored TLS transfer's | {c_o:.2} ms | {c_s:.2} ms | {:.2}x | |",
+                "| CPU per demand read, against the stored transfer's | {c_o:.2} ms | {c_s:.2} ms | {:.2}x | |",
                 c_o / c_s
             );
         }

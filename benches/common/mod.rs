@@ -631,6 +631,21 @@ pub fn fmt_thousands(x: f64) -> String {
 /// A plain TCP copy over loopback, the reference for moving a disk: `src` streamed in 1 MiB
 /// writes over one connection into a fresh file `out`, fsync'd; timed from connect to fsync.
 pub fn tcp_copy(src: &Path, out: &Path) -> anyhow::Result<Duration> {
+    stream_copy(src, out, Ok, Ok)
+}
+
+/// [`tcp_copy`] over the streams `server` and `client` make of the two ends of the TCP
+/// connection (e.g. TLS sessions); the handshake is timed too.
+pub fn stream_copy<S, C>(
+    src: &Path,
+    out: &Path,
+    server: impl FnOnce(std::net::TcpStream) -> anyhow::Result<S> + Send + 'static,
+    client: impl FnOnce(std::net::TcpStream) -> anyhow::Result<C>,
+) -> anyhow::Result<Duration>
+where
+    S: std::io::Write,
+    C: std::io::Read,
+{
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     let l = TcpListener::bind("127.0.0.1:0")?;
@@ -638,23 +653,23 @@ pub fn tcp_copy(src: &Path, out: &Path) -> anyhow::Result<Duration> {
     let src = src.to_path_buf();
     let size = std::fs::metadata(&src)?.len();
     let sender = std::thread::spawn(move || -> anyhow::Result<()> {
-        let (mut c, _) = l.accept()?;
+        let mut c = server(l.accept()?.0)?;
         let mut f = std::fs::File::open(src)?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
             let n = f.read(&mut buf)?;
             if n == 0 {
-                return Ok(());
+                return Ok(c.flush()?);
             }
             c.write_all(&buf[..n])?;
         }
     });
     let t0 = Instant::now();
-    let mut c = TcpStream::connect(addr)?;
+    let mut c = client(TcpStream::connect(addr)?)?;
     let mut f = std::fs::File::create(out)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut got = 0u64;
-    loop {
+    while got < size {
         let n = c.read(&mut buf)?;
         if n == 0 {
             break;
@@ -664,9 +679,10 @@ pub fn tcp_copy(src: &Path, out: &Path) -> anyhow::Result<Duration> {
     }
     f.sync_all()?;
     let took = t0.elapsed();
+    drop(c);
     sender
         .join()
-        .map_err(|_| anyhow!("the TCP copy's sender panicked"))??;
+        .map_err(|_| anyhow!("the copy's sender panicked"))??;
     anyhow::ensure!(got == size, "copied {got} of {size} bytes");
     Ok(took)
 }
