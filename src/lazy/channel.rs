@@ -22,6 +22,7 @@ use super::persist::WaitState;
 use super::queue::Waker;
 use super::split::{Dest, Piece, Pieces, SourceEnd};
 use crate::block::{Below, BufPool, Completion, IoChannel, IoOp, Notifier, Slab, SECTOR_SHIFT};
+use crate::sys::sched::{set_slice, SHORT_SLICE_NS};
 
 /// A request waiting for its stripes, or a FLUSH waiting for WRITTEN bits to be durable.
 struct Parked {
@@ -137,6 +138,8 @@ pub(crate) struct LazyChannel {
     seen_generation: u64,
     ops: Ops,
     parked: Vec<Parked>,
+    /// See [`LazyChannel::waiting`].
+    short_slice: bool,
 }
 
 /// Failed if one of the stripes' fetch failed, else still pending (the stripes are not all
@@ -187,6 +190,7 @@ impl LazyChannel {
             seen_generation: 0,
             ops: Ops::default(),
             parked: Vec::new(),
+            short_slice: false,
         }
     }
 
@@ -195,9 +199,22 @@ impl LazyChannel {
         self.below.add(key as u64, op);
     }
 
+    /// While requests wait for fetches, this thread (the queue's worker) asks for a short
+    /// time slice, so that a fetch's completion wakes it at once beside CPU-bound neighbours
+    /// (see [`crate::sys::sched::set_slice`]); not otherwise: a polling worker sharing its core
+    /// with a busy-polling client loses to the extra preemptions.
+    fn waiting(&mut self, on: bool) {
+        if self.short_slice != on {
+            self.short_slice = on;
+            let ns = if on { SHORT_SLICE_NS } else { 0 };
+            let _ = set_slice(ns);
+        }
+    }
+
     fn park(&mut self, id: u64, op: IoOp, wait: Wait) {
         // Announce the wait before queuing: a fetcher finishing now must see it and wake us.
         self.waker.parked.store(self.parked.len() + 1, SeqCst);
+        self.waiting(true);
         if let Wait::Stripes { first, last, .. } = wait {
             for s in first..=last {
                 self.shared.request(s);
@@ -248,6 +265,9 @@ impl LazyChannel {
             }
         }
         self.waker.parked.store(self.parked.len(), SeqCst);
+        if self.parked.is_empty() {
+            self.waiting(false);
+        }
         if sent {
             let _ = self.below.submit();
         }

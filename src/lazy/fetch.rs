@@ -189,6 +189,8 @@ pub(crate) fn fetcher(
     mut channel: Box<dyn IoChannel>,
     source: Arc<dyn StripeSource>,
 ) {
+    // Woken for guest demand: run at once beside CPU-bound neighbours (see set_slice).
+    let _ = crate::sys::sched::set_slice(crate::sys::sched::SHORT_SLICE_NS);
     while let Some(Job(stripe, background)) = shared.queue.next_job(&shared.stripes, &*source) {
         let result = fetch(
             &shared,

@@ -896,3 +896,41 @@ fn a_delayed_stripe_holds_only_its_own_requests() {
     assert_eq!(&got[..], &image[STRIPE + 4096..STRIPE + 8192]);
     assert_eq!((source.reads(1), source.reads(4)), (1, 1));
 }
+
+/// While a queue's requests wait for fetches, its worker asks for a short time slice, so that
+/// a fetch's completion wakes it at once beside CPU-bound neighbours; it gives it back once
+/// nothing waits.
+#[test]
+fn a_queue_waiting_for_a_fetch_asks_for_a_short_slice() {
+    use crate::sys::sched::{current_slice, SHORT_SLICE_NS};
+    let Some(base) = current_slice() else {
+        eprintln!("skipped: the kernel reports no se.slice");
+        return;
+    };
+    let f = fixture(0, false);
+    let image: Vec<u8> = (0..STRIPE * STRIPES).map(|i| (i % 239) as u8).collect();
+    let inner: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&f.base, false, 64).unwrap());
+    let (device, source) = open_memory(inner, image.clone(), &f.meta, false);
+    source.set(1, Fault::Delay(Duration::from_millis(300)));
+    let mut ch = device.new_channel().unwrap();
+    let sector = (STRIPE / 512) as u64;
+    assert_eq!(current_slice(), Some(base));
+    let buf = IoBuf::new(4096);
+    ch.add(1, IoOp::Read { sector, buf });
+    ch.submit().unwrap();
+    assert_eq!(
+        current_slice(),
+        Some(SHORT_SLICE_NS),
+        "waiting for the fetch"
+    );
+    let mut out = Vec::new();
+    while out.is_empty() {
+        ch.wait().unwrap();
+        ch.poll(&mut out);
+    }
+    assert!(out[0].result.is_ok());
+    assert_eq!(current_slice(), Some(base), "nothing waits");
+    // A read of a fetched stripe does not wait: the slice stays as it is.
+    assert_eq!(read(&mut *ch, sector, 4096), image[STRIPE..STRIPE + 4096]);
+    assert_eq!(current_slice(), Some(base));
+}

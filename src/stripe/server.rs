@@ -199,6 +199,8 @@ impl Shared {
 }
 
 fn connection(s: &Shared, tcp: TcpStream) -> Result<(), Box<dyn std::error::Error>> {
+    // A request is a guest's demand read on the other host (see set_slice).
+    let _ = crate::sys::sched::set_slice(crate::sys::sched::SHORT_SLICE_NS);
     tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     tcp.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
     tcp.set_nodelay(true)?;

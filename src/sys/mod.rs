@@ -6,10 +6,12 @@
 //! - [`ratelog`]: a logger that rate-limits noisy targets (a hostile guest cannot flood logs).
 //! - [`yaml`]: YAML parse errors described without repeating the file's values.
 //! - [`open`]: opening a file to read without a FIFO making us wait, its kind checked.
+//! - [`sched`]: asking the scheduler for short time slices on a request's path.
 
 pub mod affinity;
 pub mod open;
 pub mod ratelog;
+pub mod sched;
 pub mod socket;
 pub(crate) mod yaml;
 
