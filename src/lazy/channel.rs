@@ -199,10 +199,11 @@ impl LazyChannel {
         self.below.add(key as u64, op);
     }
 
-    /// While requests wait for fetches, this thread (the queue's worker) asks for a short
-    /// time slice, so that a fetch's completion wakes it at once beside CPU-bound neighbours
-    /// (see [`crate::sys::sched::set_slice`]); not otherwise: a polling worker sharing its core
-    /// with a busy-polling client loses to the extra preemptions.
+    /// While requests are parked (waiting for fetches, or a FLUSH for WRITTEN bits), this
+    /// thread (the queue's worker) asks for a short time slice, so that the wake-up when they
+    /// can go runs it at once beside CPU-bound neighbours (see
+    /// [`crate::sys::sched::set_slice`]); not otherwise: a polling worker sharing its core with
+    /// a busy-polling client loses to the extra preemptions.
     fn waiting(&mut self, on: bool) {
         if self.short_slice != on {
             self.short_slice = on;

@@ -214,7 +214,7 @@ pub(crate) fn persister(shared: Arc<Shared>) {
 /// Writes a staged stripe to the base disk at `sector`: straight from the staged copy where
 /// the disk takes caller memory (the copy is page-aligned), else from a copy of it.
 fn write_staged(
-    base: &dyn BlockDevice,
+    (shared, base): (&Shared, &dyn BlockDevice),
     channel: &mut dyn IoChannel,
     sector: u64,
     staged: Arc<IoBuf>,
@@ -223,7 +223,8 @@ fn write_staged(
         (staged.as_ptr() as usize).is_multiple_of(a) && staged.len().is_multiple_of(a)
     });
     if !direct {
-        let mut buf = IoBuf::new(staged.len());
+        let spare = lock(&shared.bufs).pop().filter(|b| b.len() == staged.len());
+        let mut buf = spare.unwrap_or_else(|| IoBuf::new(staged.len()));
         buf.copy_from_slice(&staged);
         return run_sync(channel, IoOp::Write { sector, buf });
     }
@@ -281,7 +282,7 @@ fn fetch(
                 return Err(read_err(e));
             }
             shared.stage(stripe, staged.clone());
-            write_staged(base, channel, first, staged)
+            write_staged((shared, base), channel, first, staged)
         }
     };
     if let Some(buf) = back {
