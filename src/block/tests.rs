@@ -44,11 +44,14 @@ fn crypt_over_mem_device() {
     check_stack(false, |_| Arc::new(CryptDevice::new(mem, xts())));
 }
 
+/// A debug log (io.log in `dir`) over [`file`].
+fn logged(dir: &Path) -> Arc<dyn BlockDevice> {
+    Arc::new(DebugLogDevice::new(file(dir), &dir.join("io.log")).unwrap())
+}
+
 #[test]
 fn debuglog_over_file() {
-    check_stack(true, |d| {
-        Arc::new(DebugLogDevice::new(file(d), &d.join("io.log")).unwrap())
-    });
+    check_stack(true, logged);
 }
 
 #[test]
@@ -85,10 +88,7 @@ fn lazy_over_file() {
 /// staged stripe instead of the staged copy itself.
 #[test]
 fn lazy_over_debuglog_over_file() {
-    check_stack(true, |d| {
-        let log = Arc::new(DebugLogDevice::new(file(d), &d.join("io.log")).unwrap());
-        lazy_over(d, log)
-    });
+    check_stack(true, |d| lazy_over(d, logged(d)));
 }
 
 // The stacks again with inline channels (a thread that waits for each operation: stripe
@@ -114,8 +114,7 @@ fn lazy_over_file_inline() {
 #[test]
 fn qos_over_debuglog_over_file_inline() {
     check_stack_with(true, Notifier::inline, |d| {
-        let log = Arc::new(DebugLogDevice::new(file(d), &d.join("io.log")).unwrap());
-        Arc::new(QosDevice::new(log, Qos::new(qos_limits()).unwrap()))
+        Arc::new(QosDevice::new(logged(d), Qos::new(qos_limits()).unwrap()))
     });
 }
 

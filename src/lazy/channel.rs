@@ -138,7 +138,7 @@ pub(crate) struct LazyChannel {
     seen_generation: u64,
     ops: Ops,
     parked: Vec<Parked>,
-    /// See [`LazyChannel::waiting`].
+    /// See [`LazyChannel::update_slice`].
     short_slice: bool,
 }
 
