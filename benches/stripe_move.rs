@@ -18,9 +18,14 @@
 //!   With TLS, also against the same transfer over TLS-PSK with the stripe server's TLS
 //!   settings (the floor a demand read over the protocol cannot go below). And against the
 //!   transfer (TLS or not, as A and B) followed by storing the stripe as a fetch must (written
-//!   into a fresh file in the bench directory, fdatasync'd). Each also reports its CPU time per read: ours A's and B's
-//!   whole processes and the client thread; a reference its two threads. When the CPU is what
-//!   runs out (back-to-back reads beside CPU-bound neighbours), latency follows CPU time.
+//!   into a fresh file in the bench directory, fdatasync'd), and against the transfer with a
+//!   second thread storing each stripe while the next one travels ("stored behind": the
+//!   least any fetch that keeps its stripe and serves its guest from memory can cost). Each
+//!   also reports its CPU time per read: ours A's and B's whole processes and the client
+//!   thread; a reference its threads. When the CPU is what runs out (back-to-back reads
+//!   beside CPU-bound neighbours), latency follows CPU time. Also: the same reads once
+//!   fetched (the vhost-user round trip in every read), and a wake-up round trip between two
+//!   threads with the same gap (what one hop between threads costs on this machine).
 //!
 //! Run: `cargo bench --bench stripe_move`: a markdown report on stdout, rounds on stderr.
 //!
@@ -35,6 +40,9 @@
 //!                              and syncs)
 //!   UBIBLK_BENCH_PLAINTEXT=1   A and B without TLS (the danger_zone opt-in): what TLS costs
 //!   UBIBLK_BENCH_ROWS          comma-separated rows to run (`hydrate`, `demand`; default both)
+//!   UBIBLK_BENCH_PIN=1         demand rows only: each host on a core of its own, as on two
+//!                              machines (A and a reference's server on CPU 0; B, the client
+//!                              and a reference's client and storer on CPU 1)
 
 #[path = "common/mod.rs"]
 mod bench;
@@ -174,6 +182,7 @@ const SETTLE: Duration = Duration::from_millis(50);
 fn demand_ours(s: &Setup, a_pid: u32, round: usize, n: usize, gap: Duration) -> Result<Demand> {
     let (cfg, _ctl, base) = host_b(s, round, false)?;
     let mut be = start_backend_env(&s.backend, &cfg, &[])?;
+    pin_process(be.guard.pid(), pin_cpu(false))?;
     let mut c = connect_client(&cfg.socket, 1, 4 * MIB as usize, s.size)?;
     let mut lat = Vec::new();
     std::thread::sleep(SETTLE);
@@ -222,7 +231,20 @@ fn demand_ours(s: &Setup, a_pid: u32, round: usize, n: usize, gap: Duration) -> 
 #[derive(Clone, Copy)]
 struct Transfer {
     tls: bool,
-    stored: bool,
+    stored: Store,
+}
+
+/// What a [`Transfer`] does with the stripe it received.
+#[derive(Clone, Copy, PartialEq)]
+enum Store {
+    /// Nothing: the bare transfer.
+    No,
+    /// Stores it before the next request (timed).
+    Inline,
+    /// Hands it to a second thread that stores it while the next transfer runs, as a fetch
+    /// serves its guest from memory and stores behind: the least any demand read that keeps
+    /// what it fetched can cost when reads come back to back (only the transfer is timed).
+    Behind,
 }
 
 /// One stripe's transfer, the demand row's reference: over a kept-alive connection, an 8-byte
@@ -238,6 +260,7 @@ fn demand_tcp(s: &Setup, round: usize, n: usize, gap: Duration, kind: Transfer) 
     let psk = std::sync::Arc::new(Psk::new(IDENTITY, key)?);
     let (server_ctx, client_ctx) = (tls::server_context(psk.clone())?, tls::client_context(psk)?);
     let server = std::thread::spawn(move || -> Result<Duration> {
+        pin_thread(pin_cpu(true))?;
         let (c, _) = l.accept()?;
         c.set_nodelay(true)?;
         let mut c = if tls {
@@ -268,12 +291,33 @@ fn demand_tcp(s: &Setup, round: usize, n: usize, gap: Duration, kind: Transfer) 
     let mut buf = vec![0u8; STRIPE as usize];
     let stored = s.dir.join(format!("stored-{round}.raw"));
     let store = match kind.stored {
-        true => {
+        Store::No => None,
+        _ => {
             let f = std::fs::File::create(&stored)?;
             f.set_len(s.size)?;
-            Some(f)
+            Some(std::sync::Arc::new(f))
         }
-        false => None,
+    };
+    // Store::Behind: the storing thread, fed whole stripes (and handing the buffers back).
+    let (to_store, back) = (
+        std::sync::mpsc::channel::<(u64, Vec<u8>)>(),
+        std::sync::mpsc::channel(),
+    );
+    let storer = match (&store, kind.stored) {
+        (Some(f), Store::Behind) => {
+            let (f, rx, tx) = (f.clone(), to_store.1, back.0);
+            Some(std::thread::spawn(move || -> Result<Duration> {
+                pin_thread(pin_cpu(false))?;
+                let t = thread_cpu_time();
+                for (stripe, buf) in rx {
+                    f.write_all_at(&buf, stripe * STRIPE)?;
+                    f.sync_data()?;
+                    let _ = tx.send(buf);
+                }
+                Ok(thread_cpu_time() - t)
+            }))
+        }
+        _ => None,
     };
     let mut lat = Vec::new();
     let mut cpu = Duration::ZERO;
@@ -283,12 +327,29 @@ fn demand_tcp(s: &Setup, round: usize, n: usize, gap: Duration, kind: Transfer) 
         c.write_all(&stripe.to_le_bytes())?;
         c.flush()?;
         c.read_exact(&mut buf)?;
-        if let Some(f) = &store {
-            f.write_all_at(&buf, stripe * STRIPE)?;
-            f.sync_data()?;
+        match (&store, kind.stored) {
+            (Some(f), Store::Inline) => {
+                f.write_all_at(&buf, stripe * STRIPE)?;
+                f.sync_data()?;
+            }
+            (Some(_), _) => {
+                let next = back
+                    .1
+                    .try_recv()
+                    .unwrap_or_else(|_| vec![0u8; STRIPE as usize]);
+                let full = std::mem::replace(&mut buf, next);
+                to_store.0.send((stripe, full))?;
+            }
+            _ => {}
         }
         lat.push(t.elapsed().as_secs_f64() * 1e3);
         cpu += thread_cpu_time() - c0;
+    }
+    drop(to_store.0);
+    if let Some(storer) = storer {
+        cpu += storer
+            .join()
+            .map_err(|_| anyhow::anyhow!("storer panicked"))??;
     }
     if store.is_some() {
         std::fs::remove_file(&stored)?;
@@ -302,6 +363,82 @@ fn demand_tcp(s: &Setup, round: usize, n: usize, gap: Duration, kind: Transfer) 
         cpu_ms: cpu.as_secs_f64() * 1e3 / lat.len() as f64,
         local_ms: 0.0,
     })
+}
+
+/// With UBIBLK_BENCH_PIN=1, host A and host B each get one core of their own, as on two
+/// machines: A's process (and a reference's server thread) on CPU 0, B's process, the
+/// client and a reference's client and storer on CPU 1. `None`: no pinning.
+fn pin_cpu(host_a: bool) -> Option<usize> {
+    env_flag("UBIBLK_BENCH_PIN").then_some(if host_a { 0 } else { 1 })
+}
+
+fn cpu_set(cpu: usize) -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is plain bits; all zeros is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is 0 or 1, within the set's size.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    set
+}
+
+/// Pins the calling thread to `cpu` (see [`pin_cpu`]).
+fn pin_thread(cpu: Option<usize>) -> Result<()> {
+    let Some(cpu) = cpu else { return Ok(()) };
+    let set = cpu_set(cpu);
+    // SAFETY: a valid cpu_set_t of the size given; tid 0 is the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    anyhow::ensure!(
+        rc == 0,
+        "sched_setaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+/// Pins every thread of process `pid` to `cpu`; threads it starts later inherit it.
+fn pin_process(pid: u32, cpu: Option<usize>) -> Result<()> {
+    let Some(cpu) = cpu else { return Ok(()) };
+    let set = cpu_set(cpu);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Ok(tid) = task?.file_name().to_string_lossy().parse::<libc::pid_t>() else {
+            continue;
+        };
+        // SAFETY: a valid cpu_set_t of the size given; `tid` is one of the process's threads.
+        let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) };
+        anyhow::ensure!(
+            rc == 0,
+            "sched_setaffinity {tid}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// The median round trip (ms) of a wake-up between two threads that each wait `idle` first:
+/// the price of one hop between threads on this machine. On a VM whose cores go idle between
+/// reads, a halted vCPU is woken through the hypervisor; a demand read makes more such hops
+/// than a transfer (a reference, not a limit of ours).
+fn wake_round_trip(idle: Duration, n: usize) -> Result<f64> {
+    let (to, rx) = std::sync::mpsc::channel::<()>();
+    let (tx, back) = std::sync::mpsc::channel::<()>();
+    let echo = std::thread::spawn(move || {
+        for () in rx {
+            if tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lat = Vec::new();
+    for _ in 0..n {
+        std::thread::sleep(idle);
+        let t = Instant::now();
+        to.send(())?;
+        back.recv()?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    drop(to);
+    echo.join()
+        .map_err(|_| anyhow::anyhow!("echo thread panicked"))?;
+    Ok(median(&lat))
 }
 
 fn main() -> Result<()> {
@@ -329,6 +466,10 @@ fn main() -> Result<()> {
         hydrate || demand,
         "UBIBLK_BENCH_ROWS: no row of hydrate, demand"
     );
+    anyhow::ensure!(
+        !(hydrate && env_flag("UBIBLK_BENCH_PIN")),
+        "UBIBLK_BENCH_PIN is for the demand rows: set UBIBLK_BENCH_ROWS=demand"
+    );
     let a_cfg = BackendConfig::new(&image, dir.join("a.sock")).extra(if plaintext {
         format!("stripe_server: {{listen: \"127.0.0.1:0\"}}\n{PLAINTEXT}")
     } else {
@@ -338,6 +479,9 @@ fn main() -> Result<()> {
         )
     });
     let mut a = start_backend_env(&backend, &a_cfg, &[])?;
+    pin_process(a.guard.pid(), pin_cpu(true))?;
+    // The client (and a reference's client) is this thread: on B's core.
+    pin_thread(pin_cpu(false))?;
     let s = Setup {
         addr: served_addr(&a)?,
         dir: dir.clone(),
@@ -351,7 +495,7 @@ fn main() -> Result<()> {
     };
     let (mut ours, mut tcp, mut d_ours, mut d_tcp) = (vec![], vec![], vec![], vec![]);
     let mut tls_copy = vec![];
-    let (mut d_tls, mut d_stored) = (vec![], vec![]);
+    let (mut d_tls, mut d_stored, mut d_behind, mut wake) = (vec![], vec![], vec![], vec![]);
     for round in 1..=rounds {
         let order = if round % 2 == 1 {
             [true, false]
@@ -374,11 +518,13 @@ fn main() -> Result<()> {
                 (false, true) => {
                     let tls = !plaintext;
                     let kind = |tls, stored| Transfer { tls, stored };
-                    d_tcp.push(demand_tcp(&s, round, reads, gap, kind(false, false))?);
+                    d_tcp.push(demand_tcp(&s, round, reads, gap, kind(false, Store::No))?);
                     if tls {
-                        d_tls.push(demand_tcp(&s, round, reads, gap, kind(true, false))?);
+                        d_tls.push(demand_tcp(&s, round, reads, gap, kind(true, Store::No))?);
                     }
-                    d_stored.push(demand_tcp(&s, round, reads, gap, kind(tls, true))?);
+                    d_stored.push(demand_tcp(&s, round, reads, gap, kind(tls, Store::Inline))?);
+                    d_behind.push(demand_tcp(&s, round, reads, gap, kind(tls, Store::Behind))?);
+                    wake.push(wake_round_trip(gap, reads)?);
                 }
                 _ => {}
             }
@@ -400,7 +546,9 @@ fn main() -> Result<()> {
                 })
             };
             let tls = show("tls stripe", d_tls.get(round - 1))
-                + &show("stripe stored", d_stored.get(round - 1));
+                + &show("stripe stored", d_stored.get(round - 1))
+                + &show("stored behind", d_behind.get(round - 1))
+                + &format!(", wake-up round trip {:.3} ms", wake[round - 1]);
             eprintln!(
                 "round {round}: demand ours {:.2} ms ({:.2} ms CPU; fetched: {:.3} ms), tcp stripe {:.2} ms ({:.2} ms CPU){tls}",
                 d_ours[round - 1].ms,
@@ -462,10 +610,23 @@ fn main() -> Result<()> {
                 d_o / d_s
             );
         }
+        if !d_behind.is_empty() {
+            let d_b = ms(&d_behind);
+            println!(
+                "| the same, against one stripe over {mode} stored by a second thread behind the next transfer (the least a fetch that keeps its stripe can do) | {d_o:.2} ms | {d_b:.2} ms (one stripe, stored behind) | {:.2}x | |",
+                d_o / d_b
+            );
+        }
         let local = median(&d_ours.iter().map(|d| d.local_ms).collect::<Vec<_>>());
         println!(
             "| the same read once its stripe is fetched (the vhost-user round trip in every read) | {local:.3} ms | | | |"
         );
+        if !wake.is_empty() {
+            println!(
+                "| a wake-up round trip between two threads{gap} (what each hop between threads costs here) | | {:.3} ms | | |",
+                median(&wake)
+            );
+        }
         let reference = if d_tls.is_empty() { &d_tcp } else { &d_tls };
         let (c_o, c_r) = (cpu(&d_ours), cpu(reference));
         println!(
