@@ -110,21 +110,32 @@ impl FileDevice {
     }
 }
 
-/// Whether a write into `file` is a CPU copy made under the file's inode lock: buffered
-/// writes (no O_DIRECT), and any write into tmpfs (its O_DIRECT copies too). Two such writes
-/// into one file never run at once, and a waiting writer spins on its core while the holder
-/// copies: measured, 16 lazy fetchers hydrating a tmpfs disk spent ~40% of their CPU spinning,
-/// on cores the source's sessions needed. Direct writes to a block device or a disk file
-/// system are left to run side by side (their waiters sleep during the I/O anyway).
+/// Whether a write into `file` is a CPU copy made under the file's inode lock (see
+/// [`writes_take_turns`]).
 fn copies_writes(file: &File, direct: bool) -> bool {
-    if !direct {
-        return true;
-    }
+    let block_device = file
+        .metadata()
+        .is_ok_and(|m| m.file_type().is_block_device());
     // SAFETY: statfs is plain data; all zeros is a valid value for fstatfs to overwrite.
     let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `fs` is a writable statfs; the descriptor is open for the call.
     let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) };
-    rc == 0 && fs.f_type == libc::TMPFS_MAGIC
+    writes_take_turns(
+        block_device,
+        direct,
+        rc == 0 && fs.f_type == libc::TMPFS_MAGIC,
+    )
+}
+
+/// Buffered writes into a regular file (no O_DIRECT), and any write into a tmpfs file (its
+/// O_DIRECT copies too), are CPU copies made under the file's inode lock: two never run at
+/// once, and a waiting writer spins on its core while the holder copies (measured: 16 lazy
+/// fetchers hydrating a tmpfs disk spent ~40% of their CPU spinning, on cores the source's
+/// sessions needed). Those writers take turns on a lock of ours instead, where waiting
+/// sleeps. A block device takes no inode lock (its node may sit on devtmpfs, a tmpfs), and
+/// direct writes to a disk file system wait for the I/O asleep: both left side by side.
+fn writes_take_turns(block_device: bool, direct: bool, tmpfs: bool) -> bool {
+    !block_device && (!direct || tmpfs)
 }
 
 /// Refuses what cannot hold a disk's sectors: a disk is a regular file or a block device. A
@@ -430,6 +441,31 @@ mod tests {
             *x = (i as u8).wrapping_mul(31).wrapping_add(seed);
         }
         b
+    }
+
+    #[test]
+    fn only_copying_writes_into_one_file_take_turns() {
+        // (block device, O_DIRECT, on tmpfs) -> take turns
+        assert!(
+            writes_take_turns(false, false, false),
+            "buffered regular file"
+        );
+        assert!(
+            writes_take_turns(false, true, true),
+            "tmpfs, O_DIRECT or not"
+        );
+        assert!(
+            !writes_take_turns(false, true, false),
+            "O_DIRECT on a disk file system"
+        );
+        assert!(
+            !writes_take_turns(true, true, true),
+            "a block device node on devtmpfs"
+        );
+        assert!(
+            !writes_take_turns(true, false, false),
+            "a block device, buffered"
+        );
     }
 
     #[test]
