@@ -372,43 +372,34 @@ fn pin_cpu(host_a: bool) -> Option<usize> {
     env_flag("UBIBLK_BENCH_PIN").then_some(if host_a { 0 } else { 1 })
 }
 
-fn cpu_set(cpu: usize) -> libc::cpu_set_t {
+/// Pins thread `tid` (0: the calling thread) to `cpu`.
+fn set_affinity(tid: libc::pid_t, cpu: usize) -> Result<()> {
     // SAFETY: cpu_set_t is plain bits; all zeros is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `cpu` is 0 or 1, within the set's size.
     unsafe { libc::CPU_SET(cpu, &mut set) };
-    set
-}
-
-/// Pins the calling thread to `cpu` (see [`pin_cpu`]).
-fn pin_thread(cpu: Option<usize>) -> Result<()> {
-    let Some(cpu) = cpu else { return Ok(()) };
-    let set = cpu_set(cpu);
-    // SAFETY: a valid cpu_set_t of the size given; tid 0 is the calling thread.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    // SAFETY: a valid cpu_set_t of the size given; `tid` is 0 or a thread we were given.
+    let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) };
     anyhow::ensure!(
         rc == 0,
-        "sched_setaffinity: {}",
+        "sched_setaffinity {tid}: {}",
         std::io::Error::last_os_error()
     );
     Ok(())
 }
 
+/// Pins the calling thread to `cpu` (see [`pin_cpu`]).
+fn pin_thread(cpu: Option<usize>) -> Result<()> {
+    cpu.map_or(Ok(()), |cpu| set_affinity(0, cpu))
+}
+
 /// Pins every thread of process `pid` to `cpu`; threads it starts later inherit it.
 fn pin_process(pid: u32, cpu: Option<usize>) -> Result<()> {
     let Some(cpu) = cpu else { return Ok(()) };
-    let set = cpu_set(cpu);
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let Ok(tid) = task?.file_name().to_string_lossy().parse::<libc::pid_t>() else {
-            continue;
-        };
-        // SAFETY: a valid cpu_set_t of the size given; `tid` is one of the process's threads.
-        let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) };
-        anyhow::ensure!(
-            rc == 0,
-            "sched_setaffinity {tid}: {}",
-            std::io::Error::last_os_error()
-        );
+        if let Ok(tid) = task?.file_name().to_string_lossy().parse::<libc::pid_t>() {
+            set_affinity(tid, cpu)?;
+        }
     }
     Ok(())
 }

@@ -46,7 +46,7 @@ pub struct FileDevice {
     ring_entries: u32,
     /// `write_through`: every write durable when it completes (see [`FileDevice::write_through`]).
     write_through: bool,
-    /// Where the kernel writes by copying under the inode lock (see [`copies_writes`]): the
+    /// Where the kernel writes by copying under the inode lock (see [`writes_take_turns`]): the
     /// lock the device's inline channels take around a write instead of spinning on it.
     writers: Option<Arc<Mutex<()>>>,
 }
@@ -73,9 +73,11 @@ impl FileDevice {
             other => (other?, true),
         };
         // And what was opened, in case the path changed in between.
-        check_disk_kind(&file.metadata()?)?;
+        let meta = file.metadata()?;
+        check_disk_kind(&meta)?;
         let bytes = device_size(&file)?;
-        let writers = copies_writes(&file, direct).then(Arc::default);
+        let block_device = meta.file_type().is_block_device();
+        let writers = writes_take_turns(block_device, direct, on_tmpfs(&file)).then(Arc::default);
         Ok(FileDevice {
             file: Arc::new(file),
             sectors: Capacity::new(bytes >> SECTOR_SHIFT),
@@ -103,28 +105,20 @@ impl FileDevice {
         self.file.clone()
     }
 
-    /// The lock inline writers take turns on, where they do (see [`copies_writes`]).
+    /// The lock inline writers take turns on, where they do (see [`writes_take_turns`]).
     #[cfg(test)]
     pub(crate) fn writers_lock(&self) -> Option<Arc<Mutex<()>>> {
         self.writers.clone()
     }
 }
 
-/// Whether a write into `file` is a CPU copy made under the file's inode lock (see
-/// [`writes_take_turns`]).
-fn copies_writes(file: &File, direct: bool) -> bool {
-    let block_device = file
-        .metadata()
-        .is_ok_and(|m| m.file_type().is_block_device());
+/// Whether `file` lives on tmpfs (see [`writes_take_turns`]).
+pub(super) fn on_tmpfs(file: &File) -> bool {
     // SAFETY: statfs is plain data; all zeros is a valid value for fstatfs to overwrite.
     let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `fs` is a writable statfs; the descriptor is open for the call.
     let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) };
-    writes_take_turns(
-        block_device,
-        direct,
-        rc == 0 && fs.f_type == libc::TMPFS_MAGIC,
-    )
+    rc == 0 && fs.f_type == libc::TMPFS_MAGIC
 }
 
 /// Buffered writes into a regular file (no O_DIRECT), and any write into a tmpfs file (its

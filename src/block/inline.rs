@@ -24,7 +24,7 @@ pub(super) struct InlineChannel {
     write_through: bool,
     /// Held by the device's inline channels while they write (or punch holes) where the
     /// kernel would serialize the writes anyway and let the waiters spin (see
-    /// `file::copies_writes`): waiting here sleeps instead.
+    /// `file::writes_take_turns`): waiting here sleeps instead.
     writers: Option<Arc<Mutex<()>>>,
 }
 
@@ -93,13 +93,10 @@ impl InlineChannel {
                         _ => Err(errno(io::Error::last_os_error())),
                     }
                 });
-                let r = if let Err(e) = punched {
-                    Err(e)
-                } else if self.write_through {
-                    self.file.sync_data().map_err(errno)
-                } else {
-                    Ok(())
-                };
+                let r = punched.and_then(|()| match self.write_through {
+                    true => self.file.sync_data().map_err(errno),
+                    false => Ok(()),
+                });
                 (r, None)
             }
         }
@@ -188,7 +185,6 @@ impl IoChannel for InlineChannel {
 #[cfg(test)]
 mod tests {
     use crate::block::{run_sync, BlockDevice, FileDevice, IoBuf, IoOp, Notifier};
-    use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     use std::sync::Arc;
     use std::time::Duration;
@@ -249,12 +245,7 @@ mod tests {
         let f = tempfile::NamedTempFile::new().unwrap();
         f.as_file().set_len(MIB as u64).unwrap();
         let d = FileDevice::open(f.path(), false, 8).unwrap();
-        // SAFETY: statfs is plain data, all zeros valid; `fs` is writable for the call and
-        // the descriptor open.
-        let tmpfs = unsafe {
-            let mut fs: libc::statfs = std::mem::zeroed();
-            libc::fstatfs(f.as_file().as_raw_fd(), &mut fs) == 0 && fs.f_type == libc::TMPFS_MAGIC
-        };
+        let tmpfs = crate::block::file::on_tmpfs(f.as_file());
         // Buffered where O_DIRECT is refused (and tmpfs copies either way): serialized.
         let direct = std::fs::OpenOptions::new()
             .read(true)
