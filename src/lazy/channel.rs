@@ -283,6 +283,24 @@ impl LazyChannel {
         self.below.finish(id, Err(libc::EIO), buf);
     }
 
+    /// Fetches `stripe` on this thread and serves read `p` (wholly inside it) from it, when
+    /// nothing else waits for a fetch here or anywhere (see [`Shared::fetch_here`]): a lone
+    /// demand read on a quiet disk skips two wake-ups. Several at once, or beside autofetch,
+    /// go to the pool, which runs them side by side. Gives `p` back unless served.
+    fn fetch_here(&mut self, p: Parked, stripe: usize) -> Result<(), Parked> {
+        let shared = &self.shared;
+        if !self.parked.is_empty() || !shared.may_fetch_here() || !shared.stripes.claim(stripe) {
+            return Err(p);
+        }
+        let served = match shared.fetch_here(stripe) {
+            true => self.serve_staged(p, stripe),
+            false => Err(p),
+        };
+        // Queued after the read is served: the fetch that stores it then unstages it.
+        self.shared.queue.demand(stripe);
+        served
+    }
+
     /// Completes parked read `p`, wholly inside `stripe`, from the stripe's staged content
     /// (see [`Shared::staged`]); gives `p` back if there is none.
     fn serve_staged(&mut self, p: Parked, stripe: usize) -> Result<(), Parked> {
@@ -385,7 +403,10 @@ impl IoChannel for LazyChannel {
             if !write && first == last {
                 // Staged before this read arrived: no later wake-up would bring it back.
                 let p = Parked { id, op, wait };
-                return match self.serve_staged(p, first) {
+                return match self
+                    .serve_staged(p, first)
+                    .or_else(|p| self.fetch_here(p, first))
+                {
                     Ok(()) => (),
                     Err(p) => self.park(p.id, p.op, p.wait),
                 };

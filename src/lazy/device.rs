@@ -182,6 +182,7 @@ impl LazyDevice {
             staged: Mutex::default(),
             staged_free: Mutex::default(),
             bufs: Mutex::default(),
+            here_paused_until: Mutex::default(),
             shutdown: Mutex::default(),
         });
         info!(

@@ -247,6 +247,11 @@ impl FetchQueue {
         }
     }
 
+    /// Whether fetches are held (see [`FetchQueue::hold`]): the disk is another process's.
+    pub fn held(&self) -> bool {
+        lock(&self.queue).held
+    }
+
     /// Stripes waiting in the demand queue plus fetches running.
     pub fn pending(&self) -> usize {
         let q = lock(&self.queue);

@@ -13,6 +13,7 @@ use std::fmt;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use archive::ArchiveSource;
 pub use file::{file_identity, FileSource};
@@ -47,6 +48,10 @@ use crate::remote::retry::Outage;
 ///   without fetching. Without it (the default), such reads wait for their stripes to be
 ///   fetched, exactly as with `copy_on_read: true`; implement it only where per-request
 ///   reads are cheap (a local file, not a remote object).
+/// - [`read_now`](StripeSource::read_now), optional: one bounded attempt at a whole stripe,
+///   for a queue's worker that fetches a lone demand read itself (`LazyChannel::fetch_here`).
+///   Implement it where most of a near source's read is the hops between threads (a stripe
+///   server); without it (the default) the fetcher pool reads every stripe.
 /// - [`Display`](fmt::Display): how logs name it (a path, a URL).
 /// - [`identity`](StripeSource::identity): what tells this version of its content from any
 ///   other (an ETag, a manifest's MAC, a file's mtime and inode), taken at open. The layer
@@ -73,6 +78,16 @@ pub trait StripeSource: fmt::Display + Send + Sync {
     /// [`IoOp::Read`]: crate::block::IoOp::Read
     fn read_through(&self, notify: Notifier) -> Option<io::Result<Box<dyn IoChannel>>> {
         let _ = notify;
+        None
+    }
+
+    /// Reads the whole stripe at `offset` (`buf` is exactly a stripe long) on the calling
+    /// thread, a queue's worker that has nothing else in flight: one attempt, over a connection
+    /// already open, that gives up after `within` (the worker's other requests wait meanwhile).
+    /// `None`: not attempted (the default; or no idle connection at hand): the fetcher pool
+    /// reads the stripe, with its retries.
+    fn read_now(&self, offset: u64, buf: &mut [u8], within: Duration) -> Option<io::Result<()>> {
+        let _ = (offset, buf, within);
         None
     }
 

@@ -14,13 +14,19 @@ pub use crate::block::testing::Fault;
 /// An image in a `Vec<u8>`, served as a [`StripeSource`] without read-through (reads of
 /// unfetched stripes wait for their fetch). A read touching a stripe with a [`Fault`] fails
 /// with its errno ([`Fault::Fail`]) or sleeps its delay first ([`Fault::Delay`], so the
-/// fetcher thread is held that long); the fault stays until [`MemSource::clear`].
+/// fetcher thread is held that long); the fault stays until [`MemSource::clear`]. With
+/// [`MemSource::offer_read_now`] it also makes [`StripeSource::read_now`] reads (recorded
+/// apart, with their threads, and failing with [`MemSource::fail_now`]).
 pub struct MemSource {
     data: Vec<u8>,
     stripe_bytes: u64,
     faults: Mutex<HashMap<u64, Fault>>,
     /// Reads that touched each stripe, failed or not.
     reads: Mutex<HashMap<u64, u64>>,
+    /// `read_now` offered, and the errno it fails with (0: none).
+    now: Mutex<Option<i32>>,
+    /// The stripes `read_now` read, and on which threads.
+    now_reads: Mutex<Vec<(u64, std::thread::ThreadId)>>,
     /// Bytes of the reads that succeeded.
     bytes_read: AtomicU64,
 }
@@ -39,8 +45,25 @@ impl MemSource {
             stripe_bytes,
             faults: Mutex::new(HashMap::new()),
             reads: Mutex::new(HashMap::new()),
+            now: Mutex::new(None),
+            now_reads: Mutex::new(Vec::new()),
             bytes_read: AtomicU64::new(0),
         }
+    }
+
+    /// Makes `read_now` reads from now on.
+    pub fn offer_read_now(&self) {
+        lock(&self.now).get_or_insert(0);
+    }
+
+    /// Later `read_now` reads fail with `errno` (0: they succeed again).
+    pub fn fail_now(&self, errno: i32) {
+        *lock(&self.now) = Some(errno);
+    }
+
+    /// The stripes `read_now` was asked for, and the threads that asked.
+    pub fn now_reads(&self) -> Vec<(u64, std::thread::ThreadId)> {
+        lock(&self.now_reads).clone()
     }
 
     /// Applies `fault` to every later read touching `stripe` (replacing its earlier fault).
@@ -102,6 +125,25 @@ impl StripeSource for MemSource {
         buf[n..].fill(0);
         self.bytes_read.fetch_add(buf.len() as u64, SeqCst);
         Ok(())
+    }
+
+    fn read_now(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        _within: std::time::Duration,
+    ) -> Option<io::Result<()>> {
+        let errno = (*lock(&self.now))?;
+        let stripe = offset / self.stripe_bytes;
+        lock(&self.now_reads).push((stripe, std::thread::current().id()));
+        if errno != 0 {
+            return Some(Err(io::Error::from_raw_os_error(errno)));
+        }
+        let start = usize::try_from(offset).map_or(self.data.len(), |o| o.min(self.data.len()));
+        let n = (self.data.len() - start).min(buf.len());
+        buf[..n].copy_from_slice(&self.data[start..start + n]);
+        buf[n..].fill(0);
+        Some(Ok(()))
     }
 
     fn identity(&self) -> SourceIdentity {

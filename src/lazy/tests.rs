@@ -17,6 +17,7 @@ use crate::block::{
 };
 
 mod grow;
+mod here;
 mod outage;
 
 const SHIFT: u8 = 6; // 32 KiB stripes

@@ -184,15 +184,21 @@ impl StripeServerSource {
             .push(conn);
     }
 
+    /// A pooled connection the server has not closed, its reads and writes bounded by
+    /// `timeout`.
+    fn pooled(&self, timeout: Duration) -> Option<io::Result<Stream>> {
+        loop {
+            let conn = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
+            if idle_and_open(&conn) {
+                return Some(set_timeouts(conn.tcp(), timeout).map(|()| conn));
+            }
+        }
+    }
+
     /// A pooled connection the server has not closed, or a new one showing the same geometry.
     fn checkout(&self, timeout: Duration) -> Result<Stream, Failure> {
-        loop {
-            let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
-            let Some(conn) = pooled else { break };
-            if idle_and_open(&conn) {
-                set_timeouts(conn.tcp(), timeout).map_err(Failure::transient)?;
-                return Ok(conn);
-            }
+        if let Some(conn) = self.pooled(timeout) {
+            return conn.map_err(Failure::transient);
         }
         let (conn, geometry) = self.dial(timeout)?;
         if geometry.shift != self.geometry.shift
@@ -290,6 +296,45 @@ impl StripeSource for StripeServerSource {
         Ok(())
     }
 
+    /// Over a pooled connection only (a new one would cost a handshake), no retries: a
+    /// failure, the server's `0xFF` included, leaves the stripe to the pool.
+    fn read_now(&self, offset: u64, buf: &mut [u8], within: Duration) -> Option<io::Result<()>> {
+        let sb = self.geometry.stripe_bytes();
+        if !offset.is_multiple_of(sb) || buf.len() as u64 != sb {
+            return None;
+        }
+        let index = offset / sb;
+        if !self.geometry.has_data(index) {
+            buf.fill(0);
+            return Some(Ok(()));
+        }
+        let mut conn = match self.pooled(within)? {
+            Ok(conn) => conn,
+            Err(e) => return Some(Err(e)),
+        };
+        let what =
+            |e: &dyn fmt::Display| io::Error::other(format!("{}: stripe {index}: {e}", self.url));
+        Some(match protocol::read_stripe(&mut conn, index, buf) {
+            Ok(StripeReply::Data) => {
+                self.pool_put(conn);
+                Ok(())
+            }
+            Ok(StripeReply::Status(STATUS_NO_DATA)) => {
+                self.pool_put(conn);
+                buf.fill(0);
+                Ok(())
+            }
+            Ok(StripeReply::Status(s)) => {
+                if s == STATUS_SERVER_ERROR {
+                    self.pool_put(conn);
+                }
+                Err(what(&format_args!("status {s:#04x}")))
+            }
+            // Cut short (a timeout mid-stripe): the connection is dropped, never reused.
+            Err(e) => Err(what(&e)),
+        })
+    }
+
     fn retries(&self) -> u64 {
         self.policy.retries()
     }
@@ -369,6 +414,44 @@ mod tests {
         let e = src.read_at(32768, &mut buf).unwrap_err().to_string();
         assert!(e.contains("now serves another disk"), "{e}");
         assert!(src.retries() >= 1);
+    }
+
+    /// `read_now` takes a pooled connection (never dials), gives up within its bound on a
+    /// stalled stripe and drops that connection; the next fetch dials a new one.
+    #[test]
+    fn read_now_uses_an_idle_connection_and_gives_up_in_time() {
+        let url = server(|_, req, c| match req {
+            Request::Hello => write_hello(c).is_ok(),
+            Request::Metadata => meta(c, 6),
+            Request::ReadStripe(0) => write_payload(c, &[0x11; 32768]).is_ok(),
+            Request::ReadStripe(1) => {
+                std::thread::sleep(Duration::from_millis(500));
+                write_payload(c, &[0x22; 32768]).is_ok()
+            }
+            _ => write_status(c, STATUS_NO_DATA).is_ok(),
+        });
+        let src = open(&url, None, &opts()).unwrap();
+        let within = Duration::from_millis(50);
+        let mut buf = vec![0u8; 32768];
+        // Whole stripes only.
+        assert!(src.read_now(512, &mut buf[..512], within).is_none());
+        src.read_now(0, &mut buf, within).unwrap().unwrap();
+        assert!(buf.iter().all(|&b| b == 0x11));
+        let t = std::time::Instant::now();
+        let e = src.read_now(32768, &mut buf, within).unwrap().unwrap_err();
+        assert!(
+            t.elapsed() < Duration::from_millis(400),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(e.to_string().contains("stripe 1"), "{e}");
+        // The stalled connection is gone, and read_now does not dial.
+        assert!(src.read_now(0, &mut buf, within).is_none());
+        src.read_at(3 * 32768, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0), "no data reads as zeros");
+        buf.fill(9);
+        src.read_now(2 * 32768, &mut buf, within).unwrap().unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
     }
 
     #[test]
