@@ -7,8 +7,8 @@
 //! * `hydrate`: host A serves a plain disk of UBIBLK_BENCH_SIZE_MB (pattern bytes) with
 //!   `stripe_server`; host B, a fresh sparse disk with `image_url: ubiblk://A`,
 //!   `autofetch: true` and `fetch_connections` UBIBLK_BENCH_CONNECTIONS, is timed from
-//!   spawning `vhost-backend` until `status` says `complete` (metadata by `init-metadata`,
-//!   not timed). Against: one TCP connection streaming the same file in 1 MiB writes into a
+//!   spawning `vhost-backend` until its log says the fetch is complete (watched every
+//!   millisecond; `status` then confirms it; metadata by `init-metadata`, not timed). Against: one TCP connection streaming the same file in 1 MiB writes into a
 //!   fresh file, fsync'd, timed from connect to fsync. MB/s, target >= 0.8x. With TLS, also
 //!   against the same copy over TLS-PSK with the stripe server's settings (what the
 //!   protocol's encryption costs). The first hydrated disk is compared with A's (`cmp`).
@@ -114,10 +114,10 @@ fn hydrate_ours(s: &Setup, round: usize) -> Result<f64> {
     let (cfg, ctl, base) = host_b(s, round, true)?;
     let t0 = Instant::now();
     let mut be = start_backend_env(&s.backend, &cfg, &[])?;
-    let (_, _, done) = wait_fetch_complete(
+    let done = wait_fetch_logged(
         &mut be,
         &ctl,
-        Duration::from_millis(10),
+        Duration::from_millis(200),
         Duration::from_secs(30),
     )?;
     let secs = (done - t0).as_secs_f64();

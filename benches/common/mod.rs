@@ -18,7 +18,7 @@ use crate::common::{
     create_pattern_file, errno_name, Backend, BackendConfig, Client, ClientOptions, ControlStatus,
     QueueIo, SOCKET_TIMEOUT,
 };
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, bail, ensure, Context};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Barrier;
@@ -302,7 +302,7 @@ pub fn connect_client_with(
             ..opts.clone()
         },
     )?;
-    anyhow::ensure!(
+    ensure!(
         client.capacity() == disk_size,
         "capacity {} != disk size {disk_size}",
         client.capacity()
@@ -460,7 +460,7 @@ pub fn bench_bin(env: &str, built: Option<&'static str>, name: &str) -> anyhow::
         .map(PathBuf::from)
         .or_else(|| built.map(PathBuf::from))
         .ok_or_else(|| anyhow!("{name} is not a binary of this crate (set {env})"))?;
-    anyhow::ensure!(p.exists(), "{name} binary {} does not exist", p.display());
+    ensure!(p.exists(), "{name} binary {} does not exist", p.display());
     Ok(p)
 }
 
@@ -595,6 +595,75 @@ pub fn wait_fetch_complete(
     }
 }
 
+/// When the backend's log says its lazy fetch is complete (`lazy fetch complete`, logged as
+/// the last stripe becomes durable), watched every millisecond without touching the backend
+/// (a `status` query costs it a connection and a thread); then `status` once, which must say
+/// `complete` with no fetch errors. Fails as [`wait_fetch_complete`] does, whose progress
+/// checks run here every `poll`. Timing a fill by `status` polls alone errs late by up to a
+/// poll (10 ms on a fill of ~100 ms).
+pub fn wait_fetch_logged(
+    be: &mut Backend,
+    ctl: &Path,
+    poll: Duration,
+    stall: Duration,
+) -> anyhow::Result<Instant> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut log = std::fs::File::open(be.guard.log_path())?;
+    let (mut seen, mut tail) = (0u64, String::new());
+    let mut checked = Instant::now();
+    let mut progress = (Instant::now(), u64::MAX);
+    loop {
+        let len = log.metadata()?.len();
+        if len > seen {
+            log.seek(SeekFrom::Start(seen))?;
+            let mut more = String::new();
+            (&mut log).take(len - seen).read_to_string(&mut more)?;
+            seen = len;
+            // The line may arrive in pieces: keep the unfinished last one.
+            tail.push_str(&more);
+            if tail.contains("lazy fetch complete") {
+                let done = Instant::now();
+                let s = ControlStatus::query(ctl)?;
+                ensure!(
+                    s.complete && s.fetch_errors == 0,
+                    "logged complete, but status says: {}",
+                    s.raw
+                );
+                return Ok(done);
+            }
+            tail = tail.rsplit('\n').next().unwrap_or_default().to_string();
+        }
+        if let Some(st) = be.guard.try_wait() {
+            bail!(
+                "vhost-backend exited ({st}) during the fetch; log:\n{}",
+                be.log()
+            );
+        }
+        if checked.elapsed() >= poll {
+            checked = Instant::now();
+            // The control socket may appear a little after the vhost-user socket.
+            if let Ok(s) = ControlStatus::query(ctl) {
+                ensure!(
+                    s.fetch_errors == 0,
+                    "fetch errors: {}; log:\n{}",
+                    s.raw,
+                    be.log()
+                );
+                if s.fetched != progress.1 {
+                    progress = (Instant::now(), s.fetched);
+                } else if progress.0.elapsed() > stall {
+                    bail!(
+                        "no fetch progress for {stall:?}: {}; log:\n{}",
+                        s.raw,
+                        be.log()
+                    );
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// `cmp a b`; an error names the first difference.
 pub fn cmp_files(a: &Path, b: &Path) -> anyhow::Result<()> {
     let out = Command::new("cmp")
@@ -683,6 +752,6 @@ where
     sender
         .join()
         .map_err(|_| anyhow!("the copy's sender panicked"))??;
-    anyhow::ensure!(got == size, "copied {got} of {size} bytes");
+    ensure!(got == size, "copied {got} of {size} bytes");
     Ok(took)
 }
