@@ -117,7 +117,7 @@ fn hydrate_ours(s: &Setup, round: usize) -> Result<f64> {
     let done = wait_fetch_logged(
         &mut be,
         &ctl,
-        Duration::from_millis(200),
+        Duration::from_millis(10),
         Duration::from_secs(30),
     )?;
     let secs = (done - t0).as_secs_f64();

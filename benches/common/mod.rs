@@ -598,9 +598,10 @@ pub fn wait_fetch_complete(
 /// When the backend's log says its lazy fetch is complete (`lazy fetch complete`, logged as
 /// the last stripe becomes durable), watched every millisecond without touching the backend
 /// (a `status` query costs it a connection and a thread); then `status` once, which must say
-/// `complete` with no fetch errors. Fails as [`wait_fetch_complete`] does, whose progress
-/// checks run here every `poll`. Timing a fill by `status` polls alone errs late by up to a
-/// poll (10 ms on a fill of ~100 ms).
+/// `complete` with no fetch errors. Fails as [`wait_fetch_complete`] does, whose checks run
+/// here every `poll` (and end the wait, as late as that, where the line is not logged:
+/// `RUST_LOG` below info). Timing a fill by `status` polls alone errs late by up to a poll
+/// (10 ms on a fill of ~100 ms).
 pub fn wait_fetch_logged(
     be: &mut Backend,
     ctl: &Path,
@@ -649,6 +650,10 @@ pub fn wait_fetch_logged(
                     s.raw,
                     be.log()
                 );
+                if s.complete {
+                    // Not logged (RUST_LOG below info): as late as this poll.
+                    return Ok(Instant::now());
+                }
                 if s.fetched != progress.1 {
                     progress = (Instant::now(), s.fetched);
                 } else if progress.0.elapsed() > stall {
