@@ -29,8 +29,13 @@ const STAGED_SPARES: usize = 4;
 /// its other requests wait as long. A near stripe server answers a 1 MiB stripe in 0.3–1.3 ms.
 pub(crate) const FETCH_HERE_WITHIN: Duration = Duration::from_millis(10);
 
-/// After a worker's own fetch failed (a slow or failing source), workers leave every fetch
-/// to the pool this long.
+/// An own fetch slower than this one (a far or busy source) pauses own fetches as a failed
+/// one does: such a source gains little from two wake-ups less, and the worker's other
+/// requests would wait as long each time.
+const FETCH_HERE_SLOW: Duration = Duration::from_millis(5);
+
+/// After a worker's own fetch failed or was slow, workers leave every fetch to the pool this
+/// long.
 const FETCH_HERE_PAUSE: Duration = Duration::from_secs(10);
 
 /// State shared by the device, its channels and the fetchers.
@@ -84,7 +89,8 @@ impl Shared {
 
     /// Whether a queue's worker may fetch a stripe itself now: no fetch is queued or running
     /// (the pool sleeps), fetches are not held (the disk is another process's), the source is
-    /// not down, and no such fetch failed in the last [`FETCH_HERE_PAUSE`].
+    /// not down, and no such fetch failed or took over [`FETCH_HERE_SLOW`] in the last
+    /// [`FETCH_HERE_PAUSE`].
     pub fn may_fetch_here(&self) -> bool {
         self.queue.pending() == 0
             && !self.queue.held()
@@ -104,20 +110,25 @@ impl Shared {
         let (first, sectors) = self.stripes.sectors_of(stripe);
         let (start, len) = (first << SECTOR_SHIFT, (sectors << SECTOR_SHIFT) as usize);
         let mut staged = self.staging_buffer(len);
+        let started = Instant::now();
         let read = match Arc::get_mut(&mut staged) {
             Some(buf) if start < self.source.bytes() => {
                 self.source.read_now(start, buf, FETCH_HERE_WITHIN)
             }
             _ => None,
         };
+        let pause = || *lock(&self.here_paused_until) = Some(Instant::now() + FETCH_HERE_PAUSE);
         match read {
             Some(Ok(())) => {
                 self.stage(stripe, staged);
+                if started.elapsed() > FETCH_HERE_SLOW {
+                    pause();
+                }
                 true
             }
             Some(Err(e)) => {
                 self.unstage(staged);
-                *lock(&self.here_paused_until) = Some(Instant::now() + FETCH_HERE_PAUSE);
+                pause();
                 // At most once per pause (per queue): not a flood.
                 info!(
                     "stripe {stripe}: a queue's own fetch failed ({e}); the fetchers take it, and \

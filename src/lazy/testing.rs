@@ -16,7 +16,8 @@ pub use crate::block::testing::Fault;
 /// with its errno ([`Fault::Fail`]) or sleeps its delay first ([`Fault::Delay`], so the
 /// fetcher thread is held that long); the fault stays until [`MemSource::clear`]. With
 /// [`MemSource::offer_read_now`] it also makes [`StripeSource::read_now`] reads (recorded
-/// apart, with their threads, and failing with [`MemSource::fail_now`]).
+/// apart, with their threads, delayed as other reads, and failing with
+/// [`MemSource::fail_now`]).
 pub struct MemSource {
     data: Vec<u8>,
     stripe_bytes: u64,
@@ -136,6 +137,9 @@ impl StripeSource for MemSource {
         let errno = (*lock(&self.now))?;
         let stripe = offset / self.stripe_bytes;
         lock(&self.now_reads).push((stripe, std::thread::current().id()));
+        if let Some(Fault::Delay(d)) = lock(&self.faults).get(&stripe).copied() {
+            std::thread::sleep(d);
+        }
         if errno != 0 {
             return Some(Err(io::Error::from_raw_os_error(errno)));
         }

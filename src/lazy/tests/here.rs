@@ -159,3 +159,28 @@ fn a_handed_over_disk_fetches_nothing_on_its_workers() {
         &image()[5 * STRIPE..5 * STRIPE + 4096]
     );
 }
+
+/// An own fetch that succeeds but slowly (a far source) pauses own fetches as a failed one:
+/// the next lone read goes to the pool.
+#[test]
+fn a_slow_own_fetch_pauses_own_fetches() {
+    let dir = tempfile::tempdir().unwrap();
+    let (device, source, _, _) = disk(dir.path());
+    let image = image();
+    source.set(1, Fault::Delay(Duration::from_millis(8)));
+    let mut ch = device.new_channel().unwrap();
+    assert_eq!(read(&mut *ch, S, 4096), image[STRIPE..STRIPE + 4096]);
+    assert_eq!(source.reads(1), 0, "the pool read it again");
+    settle(&device);
+    assert_eq!(
+        read(&mut *ch, 6 * S, 4096),
+        image[6 * STRIPE..6 * STRIPE + 4096]
+    );
+    assert_eq!(source.reads(6), 1);
+    let asked: Vec<u64> = source.now_reads().iter().map(|r| r.0).collect();
+    assert_eq!(
+        asked,
+        vec![1],
+        "fetched on the worker after a slow own fetch"
+    );
+}
