@@ -27,7 +27,7 @@ const STAGED_SPARES: usize = 4;
 
 /// Longest a queue's worker waits for a stripe it fetches itself (see [`Shared::fetch_here`]);
 /// its other requests wait as long. A near stripe server answers a 1 MiB stripe in 0.3–1.3 ms.
-pub(crate) const FETCH_HERE_WITHIN: Duration = Duration::from_millis(10);
+const FETCH_HERE_WITHIN: Duration = Duration::from_millis(10);
 
 /// An own fetch slower than this one (a far or busy source) pauses own fetches as a failed
 /// one does: such a source gains little from two wake-ups less, and the worker's other
