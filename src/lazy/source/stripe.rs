@@ -223,33 +223,16 @@ impl StripeServerSource {
     /// One stripe into `out` (exactly a stripe long).
     fn fetch(&self, index: u64, out: &mut [u8]) -> io::Result<()> {
         self.policy.run(|timeout| {
-            let mut conn = self.checkout(timeout)?;
+            let conn = self.checkout(timeout)?;
             let what = |e: &dyn fmt::Display| format!("{}: stripe {index}: {e}", self.url);
-            match protocol::read_stripe(&mut conn, index, out) {
-                Ok(StripeReply::Data) => {
-                    self.pool_put(conn);
-                    Ok(())
-                }
-                Ok(StripeReply::Status(STATUS_NO_DATA)) => {
-                    self.pool_put(conn);
-                    out.fill(0);
-                    Ok(())
-                }
-                Ok(StripeReply::Status(STATUS_SERVER_ERROR)) => {
-                    self.pool_put(conn);
-                    Err(Failure::transient(io::Error::other(what(
-                        &"server error (or a VM runs on the served disk)",
-                    ))))
-                }
-                Ok(StripeReply::Status(s)) => {
-                    let why = if s == STATUS_NOT_FETCHED {
-                        "the server has not fetched it and cannot read its own source"
-                    } else {
-                        protocol::status_name(s)
-                    };
-                    Err(Failure::permanent(io::Error::other(what(&format_args!(
-                        "status {s:#04x}: {why}"
-                    )))))
+            match self.exchange(conn, index, out) {
+                Ok(None) => Ok(()),
+                Ok(Some(s)) => {
+                    let e = io::Error::other(what(&status_message(s)));
+                    Err(match s {
+                        STATUS_SERVER_ERROR => Failure::transient(e),
+                        _ => Failure::permanent(e),
+                    })
                 }
                 Err(e) => {
                     let mut f = protocol_failure(e);
@@ -258,6 +241,41 @@ impl StripeServerSource {
                 }
             }
         })
+    }
+
+    /// Asks `conn` for stripe `index` into `out` (zeros for NO_DATA): `Ok(Some(status))` when
+    /// the server answered with an error status. The connection goes back to the pool after
+    /// the stripe, NO_DATA or `0xFF` (a busy server); after any other status, or a failed
+    /// exchange, it is dropped.
+    fn exchange(
+        &self,
+        mut conn: Stream,
+        index: u64,
+        out: &mut [u8],
+    ) -> Result<Option<u8>, ProtocolError> {
+        match protocol::read_stripe(&mut conn, index, out)? {
+            StripeReply::Data => {}
+            StripeReply::Status(STATUS_NO_DATA) => out.fill(0),
+            StripeReply::Status(s) => {
+                if s == STATUS_SERVER_ERROR {
+                    self.pool_put(conn);
+                }
+                return Ok(Some(s));
+            }
+        }
+        self.pool_put(conn);
+        Ok(None)
+    }
+}
+
+/// What an error status answering READ_STRIPE means.
+fn status_message(s: u8) -> String {
+    match s {
+        STATUS_SERVER_ERROR => "server error (or a VM runs on the served disk)".to_string(),
+        STATUS_NOT_FETCHED => {
+            format!("status {s:#04x}: the server has not fetched it and cannot read its own source")
+        }
+        _ => format!("status {s:#04x}: {}", protocol::status_name(s)),
     }
 }
 
@@ -308,28 +326,15 @@ impl StripeSource for StripeServerSource {
             buf.fill(0);
             return Some(Ok(()));
         }
-        let mut conn = match self.pooled(within)? {
+        let conn = match self.pooled(within)? {
             Ok(conn) => conn,
             Err(e) => return Some(Err(e)),
         };
         let what =
             |e: &dyn fmt::Display| io::Error::other(format!("{}: stripe {index}: {e}", self.url));
-        Some(match protocol::read_stripe(&mut conn, index, buf) {
-            Ok(StripeReply::Data) => {
-                self.pool_put(conn);
-                Ok(())
-            }
-            Ok(StripeReply::Status(STATUS_NO_DATA)) => {
-                self.pool_put(conn);
-                buf.fill(0);
-                Ok(())
-            }
-            Ok(StripeReply::Status(s)) => {
-                if s == STATUS_SERVER_ERROR {
-                    self.pool_put(conn);
-                }
-                Err(what(&format_args!("status {s:#04x}")))
-            }
+        Some(match self.exchange(conn, index, buf) {
+            Ok(None) => Ok(()),
+            Ok(Some(s)) => Err(what(&status_message(s))),
             // Cut short (a timeout mid-stripe): the connection is dropped, never reused.
             Err(e) => Err(what(&e)),
         })
