@@ -92,8 +92,7 @@ impl Shared {
     /// not down, and no such fetch failed or took over [`FETCH_HERE_SLOW`] in the last
     /// [`FETCH_HERE_PAUSE`].
     pub fn may_fetch_here(&self) -> bool {
-        self.queue.pending() == 0
-            && !self.queue.held()
+        self.queue.idle()
             && !self.source_refuses()
             && !self.shutting_down()
             && lock(&self.here_paused_until).is_none_or(|t| Instant::now() >= t)
@@ -109,14 +108,14 @@ impl Shared {
     pub fn fetch_here(&self, stripe: usize) -> bool {
         let (first, sectors) = self.stripes.sectors_of(stripe);
         let (start, len) = (first << SECTOR_SHIFT, (sectors << SECTOR_SHIFT) as usize);
+        if start >= self.source.bytes() {
+            // Past the source's end: the pool writes zeros without reading.
+            return false;
+        }
         let mut staged = self.staging_buffer(len);
         let started = Instant::now();
-        let read = match Arc::get_mut(&mut staged) {
-            Some(buf) if start < self.source.bytes() => {
-                self.source.read_now(start, buf, FETCH_HERE_WITHIN)
-            }
-            _ => None,
-        };
+        let read = Arc::get_mut(&mut staged)
+            .and_then(|buf| self.source.read_now(start, buf, FETCH_HERE_WITHIN));
         let pause = || *lock(&self.here_paused_until) = Some(Instant::now() + FETCH_HERE_PAUSE);
         match read {
             Some(Ok(())) => {

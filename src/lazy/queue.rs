@@ -247,9 +247,11 @@ impl FetchQueue {
         }
     }
 
-    /// Whether fetches are held (see [`FetchQueue::hold`]): the disk is another process's.
-    pub fn held(&self) -> bool {
-        lock(&self.queue).held
+    /// No fetch queued or running, and fetches not held (see [`FetchQueue::hold`]: the disk
+    /// is another process's).
+    pub fn idle(&self) -> bool {
+        let q = lock(&self.queue);
+        q.demand.is_empty() && q.running == 0 && !q.held
     }
 
     /// Stripes waiting in the demand queue plus fetches running.
