@@ -67,6 +67,14 @@ impl MemSource {
         lock(&self.now_reads).clone()
     }
 
+    /// Fills `buf` with the bytes at `offset`, zeros past the end.
+    fn copy_out(&self, offset: u64, buf: &mut [u8]) {
+        let start = usize::try_from(offset).map_or(self.data.len(), |o| o.min(self.data.len()));
+        let n = (self.data.len() - start).min(buf.len());
+        buf[..n].copy_from_slice(&self.data[start..start + n]);
+        buf[n..].fill(0);
+    }
+
     /// Applies `fault` to every later read touching `stripe` (replacing its earlier fault).
     pub fn set(&self, stripe: u64, fault: Fault) {
         lock(&self.faults).insert(stripe, fault);
@@ -120,10 +128,7 @@ impl StripeSource for MemSource {
         if let Some(Fault::Fail(errno)) = faults.iter().find(|f| matches!(f, Fault::Fail(_))) {
             return Err(io::Error::from_raw_os_error(*errno));
         }
-        let start = usize::try_from(offset).map_or(self.data.len(), |o| o.min(self.data.len()));
-        let n = (self.data.len() - start).min(buf.len());
-        buf[..n].copy_from_slice(&self.data[start..start + n]);
-        buf[n..].fill(0);
+        self.copy_out(offset, buf);
         self.bytes_read.fetch_add(buf.len() as u64, SeqCst);
         Ok(())
     }
@@ -143,10 +148,7 @@ impl StripeSource for MemSource {
         if errno != 0 {
             return Some(Err(io::Error::from_raw_os_error(errno)));
         }
-        let start = usize::try_from(offset).map_or(self.data.len(), |o| o.min(self.data.len()));
-        let n = (self.data.len() - start).min(buf.len());
-        buf[..n].copy_from_slice(&self.data[start..start + n]);
-        buf[n..].fill(0);
+        self.copy_out(offset, buf);
         Some(Ok(()))
     }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{on_disk_at, open_memory, read, settle, write, SHIFT, STRIPE, STRIPES};
-use crate::block::{BlockDevice, FileDevice, IoBuf, IoOp};
+use crate::block::{BlockDevice, FileDevice, IoBuf, IoChannel, IoOp};
 use crate::lazy::testing::{Fault, MemSource};
 use crate::lazy::{LazyDevice, Metadata};
 
@@ -30,6 +30,34 @@ fn disk(dir: &Path) -> (LazyDevice, std::sync::Arc<MemSource>, PathBuf, PathBuf)
     let (device, source) = open_memory(inner, image(), &meta, false);
     source.offer_read_now();
     (device, source, base, meta)
+}
+
+/// Submits a 4 KiB read at `sector` (id 1) without waiting for it.
+fn start_read(ch: &mut dyn IoChannel, sector: u64) {
+    ch.add(
+        1,
+        IoOp::Read {
+            sector,
+            buf: IoBuf::new(4096),
+        },
+    );
+    ch.submit().unwrap();
+}
+
+/// Waits for the read [`start_read`] submitted; its bytes (it must have succeeded).
+fn finish_read(ch: &mut dyn IoChannel) -> Vec<u8> {
+    let mut out = Vec::new();
+    while out.is_empty() {
+        ch.wait().unwrap();
+        ch.poll(&mut out);
+    }
+    assert_eq!(out[0].result, Ok(()));
+    out[0].buf.as_ref().unwrap().to_vec()
+}
+
+/// The stripes `read_now` was asked for, in order.
+fn now_stripes(source: &MemSource) -> Vec<u64> {
+    source.now_reads().iter().map(|r| r.0).collect()
 }
 
 fn stripe_of(data: &[u8], stripe: usize) -> &[u8] {
@@ -69,14 +97,7 @@ fn a_demand_read_beside_a_running_fetch_goes_to_the_pool() {
     source.fail_now(libc::EIO);
     // Fails here (a pause follows: cleared below), so stripe 2 goes to the slow pool fetch.
     let mut slow = device.new_channel().unwrap();
-    slow.add(
-        1,
-        IoOp::Read {
-            sector: 2 * S,
-            buf: IoBuf::new(4096),
-        },
-    );
-    slow.submit().unwrap();
+    start_read(&mut *slow, 2 * S);
     *device.shared.here_paused_until.lock().unwrap() = None;
     source.fail_now(0);
     let mut ch = device.new_channel().unwrap();
@@ -84,22 +105,16 @@ fn a_demand_read_beside_a_running_fetch_goes_to_the_pool() {
         read(&mut *ch, 3 * S, 4096),
         image[3 * STRIPE..3 * STRIPE + 4096]
     );
-    let asked: Vec<u64> = source.now_reads().iter().map(|r| r.0).collect();
+    let asked = now_stripes(&source);
     assert_eq!(
         asked,
         vec![2],
         "stripe 3 was fetched beside a running fetch"
     );
     assert_eq!(source.reads(3), 1);
-    let mut out = Vec::new();
-    while out.is_empty() {
-        slow.wait().unwrap();
-        slow.poll(&mut out);
-    }
-    assert_eq!(out[0].result, Ok(()));
     assert_eq!(
-        &out[0].buf.as_ref().unwrap()[..],
-        &image[2 * STRIPE..2 * STRIPE + 4096]
+        finish_read(&mut *slow),
+        image[2 * STRIPE..2 * STRIPE + 4096]
     );
 }
 
@@ -122,7 +137,7 @@ fn a_failed_own_fetch_is_left_to_the_pool_and_pauses_own_fetches() {
         image[4 * STRIPE..4 * STRIPE + 4096]
     );
     assert_eq!(source.reads(4), 1);
-    let asked: Vec<u64> = source.now_reads().iter().map(|r| r.0).collect();
+    let asked = now_stripes(&source);
     assert_eq!(asked, vec![1], "fetched on the worker during the pause");
 }
 
@@ -134,14 +149,7 @@ fn a_handed_over_disk_fetches_nothing_on_its_workers() {
     let (device, source, _, _) = disk(dir.path());
     device.hand_over();
     let mut ch = device.new_channel().unwrap();
-    ch.add(
-        1,
-        IoOp::Read {
-            sector: 5 * S,
-            buf: IoBuf::new(4096),
-        },
-    );
-    ch.submit().unwrap();
+    start_read(&mut *ch, 5 * S);
     std::thread::sleep(Duration::from_millis(50));
     let mut out = Vec::new();
     ch.poll(&mut out);
@@ -149,14 +157,9 @@ fn a_handed_over_disk_fetches_nothing_on_its_workers() {
     assert!(source.now_reads().is_empty());
     assert_eq!(source.reads(5), 0);
     device.take_over().unwrap();
-    while out.is_empty() {
-        ch.wait().unwrap();
-        ch.poll(&mut out);
-    }
-    assert_eq!(out[0].result, Ok(()));
     assert_eq!(
-        &out[0].buf.as_ref().unwrap()[..],
-        &image()[5 * STRIPE..5 * STRIPE + 4096]
+        finish_read(&mut *ch),
+        image()[5 * STRIPE..5 * STRIPE + 4096]
     );
 }
 
@@ -177,7 +180,7 @@ fn a_slow_own_fetch_pauses_own_fetches() {
         image[6 * STRIPE..6 * STRIPE + 4096]
     );
     assert_eq!(source.reads(6), 1);
-    let asked: Vec<u64> = source.now_reads().iter().map(|r| r.0).collect();
+    let asked = now_stripes(&source);
     assert_eq!(
         asked,
         vec![1],
