@@ -548,6 +548,69 @@ pub fn stop_backend(be: &mut Backend) -> anyhow::Result<()> {
     }
 }
 
+/// What every wait for a lazy fetch checks on each `status` reply: no fetch errors, progress
+/// within `stall`, the backend still running.
+struct FetchWatch {
+    t0: Instant,
+    /// When the first reply arrived.
+    first: Option<Instant>,
+    /// The last change of `fetched`, and its value.
+    progress: (Instant, u64),
+    stall: Duration,
+}
+
+impl FetchWatch {
+    fn new(stall: Duration) -> Self {
+        FetchWatch {
+            t0: Instant::now(),
+            first: None,
+            progress: (Instant::now(), u64::MAX),
+            stall,
+        }
+    }
+
+    /// Asks `status` once: the reply and when it arrived, checked; `None` while the control
+    /// socket is not up yet (it may appear a little after the vhost-user socket).
+    fn poll(
+        &mut self,
+        be: &mut Backend,
+        ctl: &Path,
+    ) -> anyhow::Result<Option<(ControlStatus, Instant)>> {
+        if let Some(st) = be.guard.try_wait() {
+            bail!(
+                "vhost-backend exited ({st}) during the fetch; log:\n{}",
+                be.log()
+            );
+        }
+        let s = match ControlStatus::query(ctl) {
+            Ok(s) => s,
+            Err(_) if self.first.is_none() && self.t0.elapsed() < Duration::from_secs(10) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e.context(format!("backend log:\n{}", be.log()))),
+        };
+        let now = Instant::now();
+        self.first.get_or_insert(now);
+        ensure!(
+            s.fetch_errors == 0,
+            "fetch errors: {}; log:\n{}",
+            s.raw,
+            be.log()
+        );
+        if s.fetched != self.progress.1 {
+            self.progress = (now, s.fetched);
+        } else if !s.complete && now - self.progress.0 > self.stall {
+            bail!(
+                "no fetch progress for {:?}: {}; log:\n{}",
+                self.stall,
+                s.raw,
+                be.log()
+            );
+        }
+        Ok(Some((s, now)))
+    }
+}
+
 /// Polls `status` on the control socket `ctl` every `poll` until `complete`; fails on fetch
 /// errors, on no progress for `stall`, or when the backend exits. Returns the last status, when
 /// the first reply arrived and when the `complete` reply arrived.
@@ -557,39 +620,12 @@ pub fn wait_fetch_complete(
     poll: Duration,
     stall: Duration,
 ) -> anyhow::Result<(ControlStatus, Instant, Instant)> {
-    let t0 = Instant::now();
-    let mut first: Option<Instant> = None;
-    let mut progress = (Instant::now(), u64::MAX);
+    let mut watch = FetchWatch::new(stall);
     loop {
-        if let Some(st) = be.guard.try_wait() {
-            bail!(
-                "vhost-backend exited ({st}) during the fetch; log:\n{}",
-                be.log()
-            );
-        }
-        match ControlStatus::query(ctl) {
-            Ok(s) => {
-                let now = Instant::now();
-                first.get_or_insert(now);
-                if s.fetch_errors > 0 {
-                    bail!("fetch errors: {}; log:\n{}", s.raw, be.log());
-                }
-                if s.complete {
-                    return Ok((s, first.unwrap(), now));
-                }
-                if s.fetched != progress.1 {
-                    progress = (now, s.fetched);
-                } else if now - progress.0 > stall {
-                    bail!(
-                        "no fetch progress for {stall:?}: {}; log:\n{}",
-                        s.raw,
-                        be.log()
-                    );
-                }
+        if let Some((s, now)) = watch.poll(be, ctl)? {
+            if s.complete {
+                return Ok((s, watch.first.unwrap_or(now), now));
             }
-            // The control socket may appear a little after the vhost-user socket.
-            Err(_) if first.is_none() && t0.elapsed() < Duration::from_secs(10) => {}
-            Err(e) => return Err(e.context(format!("backend log:\n{}", be.log()))),
         }
         std::thread::sleep(poll);
     }
@@ -611,8 +647,8 @@ pub fn wait_fetch_logged(
     use std::io::{Read, Seek, SeekFrom};
     let mut log = std::fs::File::open(be.guard.log_path())?;
     let (mut seen, mut tail) = (0u64, String::new());
+    let mut watch = FetchWatch::new(stall);
     let mut checked = Instant::now();
-    let mut progress = (Instant::now(), u64::MAX);
     loop {
         let len = log.metadata()?.len();
         if len > seen {
@@ -634,34 +670,12 @@ pub fn wait_fetch_logged(
             }
             tail = tail.rsplit('\n').next().unwrap_or_default().to_string();
         }
-        if let Some(st) = be.guard.try_wait() {
-            bail!(
-                "vhost-backend exited ({st}) during the fetch; log:\n{}",
-                be.log()
-            );
-        }
         if checked.elapsed() >= poll {
             checked = Instant::now();
-            // The control socket may appear a little after the vhost-user socket.
-            if let Ok(s) = ControlStatus::query(ctl) {
-                ensure!(
-                    s.fetch_errors == 0,
-                    "fetch errors: {}; log:\n{}",
-                    s.raw,
-                    be.log()
-                );
+            if let Some((s, now)) = watch.poll(be, ctl)? {
                 if s.complete {
                     // Not logged (RUST_LOG below info): as late as this poll.
-                    return Ok(Instant::now());
-                }
-                if s.fetched != progress.1 {
-                    progress = (Instant::now(), s.fetched);
-                } else if progress.0.elapsed() > stall {
-                    bail!(
-                        "no fetch progress for {stall:?}: {}; log:\n{}",
-                        s.raw,
-                        be.log()
-                    );
+                    return Ok(now);
                 }
             }
         }
