@@ -2,7 +2,7 @@
 //! (curl, boto3): nginx serves files with Range and TLS and survives stop/restart; Garage
 //! round-trips objects on one node and on a three-node cluster with a node down.
 
-use crate::common::servers::{Garage, Nginx};
+use crate::common::servers::{free_ports, Garage, Nginx};
 use crate::common::{pattern_bytes, require, scratch_dir, BOTO3, CURL, GARAGE, NGINX, OPENSSL};
 use std::path::Path;
 use std::process::{Command, Output};
@@ -155,6 +155,16 @@ fn nginx_stop_restart() {
     // restart() of a running server works too.
     n.restart();
     assert_eq!(curl_body(&["-r", "0-9", &url]), (data[..10].to_vec(), 206));
+}
+
+/// Ports picked together are distinct (each held while the next is picked): a Garage node
+/// once got one port for both its RPC and its admin API and never became ready.
+#[test]
+fn ports_picked_together_are_distinct() {
+    let mut ports = free_ports(64);
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports.len(), 64);
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::{
-    free_port, http_status, listening, python_hint, random_hex, scratch_dir, try_wait_ready,
+    free_ports, http_status, listening, python_hint, random_hex, scratch_dir, try_wait_ready,
     ChildGuard, START_TIMEOUT,
 };
 
@@ -125,10 +125,13 @@ impl Garage {
         let mut last = String::new();
         for attempt in 0..5 {
             g.nodes.clear();
+            // Every node's three ports, distinct.
+            let mut ports = free_ports(3 * n).into_iter();
             for i in 0..n {
                 let node_dir = g.dir.path().join(format!("a{attempt}-node{i}"));
                 std::fs::create_dir_all(&node_dir).unwrap();
-                let (rpc_port, s3_port, admin_port) = (free_port(), free_port(), free_port());
+                let mut port = || ports.next().expect("3 ports per node");
+                let (rpc_port, s3_port, admin_port) = (port(), port(), port());
                 let config = node_dir.join("garage.toml");
                 std::fs::write(
                     &config,

@@ -33,10 +33,22 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// A free TCP port on 127.0.0.1 (bound, then released: another process could take it before
 /// the server binds it; the constructors retry with fresh ports when a server fails to start).
 pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("cannot bind a TCP port on 127.0.0.1")
-        .port()
+    free_ports(1)[0]
+}
+
+/// `n` distinct free ports on 127.0.0.1: all held at once while they are picked, since a
+/// port let go is free again and may come back from the next pick (Garage was once given
+/// the same port for its RPC and its admin API, which then never answered `/health`).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| {
+            TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .expect("cannot bind a TCP port on 127.0.0.1")
+        })
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("a bound listener's address").port())
+        .collect()
 }
 
 /// Whether something accepts TCP connections on 127.0.0.1:`port`.
