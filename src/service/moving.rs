@@ -6,25 +6,39 @@
 //! source and not stored: serving never writes the disk, which may have been handed over to
 //! the destination's guest (post-copy live migration) and must stay as it was then.
 
+use std::fs::File;
 use std::io;
 use std::sync::Arc;
 
-use crate::block::BlockDevice;
+use log::info;
+
+use crate::block::{BlockDevice, SECTOR_SHIFT};
 use crate::config::Options;
 use crate::lazy::metadata::{DEFAULT_SHIFT, FETCHED as LAZY_FETCHED, WRITTEN as LAZY_WRITTEN};
 use crate::lazy::LazyDevice;
 use crate::stripe::protocol::{FETCHED, HAS_SOURCE, WRITTEN};
 use crate::stripe::server::{self, Layout, ServerError, StripeServer};
 use crate::stripe::{Geometry, MoveGate, Psk};
+use crate::sys::zerocopy;
 
 /// A disk without lazy fetch: every stripe holds data (nothing records which were written),
 /// stripes of 1 MiB (the reference's default), as many as cover the disk's current size.
-struct PlainLayout(Arc<dyn BlockDevice>);
+/// `file`: the disk's file opened without O_DIRECT, where its bytes are what is served (not
+/// encrypted) and the transport is plaintext (see [`Layout::in_file`]).
+struct PlainLayout {
+    device: Arc<dyn BlockDevice>,
+    file: Option<File>,
+}
 
 impl PlainLayout {
     fn count(&self) -> u64 {
-        self.0.sectors().div_ceil(1 << DEFAULT_SHIFT)
+        self.device.sectors().div_ceil(1 << DEFAULT_SHIFT)
     }
+}
+
+/// Stripe `index`'s byte offset in a disk file with stripes of 2^`shift` sectors.
+fn stripe_offset(index: u64, shift: u8) -> Option<u64> {
+    index.checked_mul(1u64 << (u32::from(shift) + SECTOR_SHIFT))
 }
 
 impl Layout for PlainLayout {
@@ -37,6 +51,10 @@ impl Layout for PlainLayout {
 
     fn stripe(&self, index: u64) -> Option<(u8, u8)> {
         (index < self.count()).then_some((DEFAULT_SHIFT, WRITTEN))
+    }
+
+    fn in_file(&self, index: u64) -> Option<(&File, u64)> {
+        Some((self.file.as_ref()?, stripe_offset(index, DEFAULT_SHIFT)?))
     }
 }
 
@@ -55,12 +73,16 @@ fn lazy_flags(bits: u8, covered: bool) -> u8 {
 }
 
 /// A lazy disk: a fetched stripe is data; an unfetched one is read through the source when
-/// the source covers it, and is zeros (no data) past the source's end.
-struct LazyLayout(Arc<LazyDevice>);
+/// the source covers it, and is zeros (no data) past the source's end. `file` as
+/// [`PlainLayout`]'s: a fetched stripe is on the disk as it is served.
+struct LazyLayout {
+    lazy: Arc<LazyDevice>,
+    file: Option<File>,
+}
 
 impl Layout for LazyLayout {
     fn geometry(&self) -> Geometry {
-        let map = self.0.stripe_map();
+        let map = self.lazy.stripe_map();
         let flags = (map.bits.iter().enumerate())
             .map(|(i, &b)| lazy_flags(b, i < map.source_stripes))
             .collect();
@@ -71,20 +93,29 @@ impl Layout for LazyLayout {
     }
 
     fn stripe(&self, index: u64) -> Option<(u8, u8)> {
-        let (shift, bits, covered) = self.0.stripe_state(usize::try_from(index).ok()?)?;
+        let (shift, bits, covered) = self.lazy.stripe_state(usize::try_from(index).ok()?)?;
         Some((shift, lazy_flags(bits, covered)))
     }
 
     fn read_elsewhere(&self, index: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
-        self.0.read_unfetched(usize::try_from(index).ok()?, buf)
+        self.lazy.read_unfetched(usize::try_from(index).ok()?, buf)
+    }
+
+    fn in_file(&self, index: u64) -> Option<(&File, u64)> {
+        let file = self.file.as_ref()?;
+        let (shift, bits, _) = self.lazy.stripe_state(usize::try_from(index).ok()?)?;
+        // Once fetched, a stripe's bytes are on the disk before the bit is set, and stay.
+        (bits & LAZY_FETCHED != 0).then_some((file, stripe_offset(index, shift)?))
     }
 }
 
 /// Starts the stripe server `opts.stripe_server` asks for (if any), serving `logical`.
+/// `plain_file`: the disk's file when its bytes are the logical disk's (not encrypted).
 pub fn start(
     opts: &Options,
     logical: Arc<dyn BlockDevice>,
     lazy: Option<Arc<LazyDevice>>,
+    plain_file: Option<&File>,
     gate: Arc<MoveGate>,
 ) -> Result<Option<StripeServer>, ServerError> {
     let Some(cfg) = &opts.stripe_server else {
@@ -95,9 +126,27 @@ pub fn start(
         // Validation allows this only with the danger_zone opt-in.
         _ => None,
     };
+    // Plaintext connections send stripes straight from the page cache (TLS encrypts them in
+    // user space anyway). Reopened without O_DIRECT, from which `sendfile` gains nothing.
+    let file = match plain_file.filter(|_| psk.is_none()) {
+        Some(f) => match zerocopy::reopen_buffered(f) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                info!("stripe server: {}: cannot reopen for sendfile ({e}); reading and sending stripes instead", opts.path.display());
+                None
+            }
+        },
+        None => None,
+    };
+    if file.is_some() {
+        info!("stripe server: stripes on the disk go out with sendfile (zero-copy)");
+    }
     let layout: Arc<dyn Layout> = match lazy {
-        Some(l) => Arc::new(LazyLayout(l)),
-        None => Arc::new(PlainLayout(logical.clone())),
+        Some(lazy) => Arc::new(LazyLayout { lazy, file }),
+        None => Arc::new(PlainLayout {
+            device: logical.clone(),
+            file,
+        }),
     };
     server::start(&cfg.listen, psk, logical, layout, gate).map(Some)
 }

@@ -152,6 +152,8 @@ pub fn open_with_kek(
         info!("AES-256-XTS encryption on");
     }
     let encrypted = cipher.is_some();
+    // The disk's own bytes are the logical disk's: a stripe server may send them as they are.
+    let plain_file = (!encrypted).then(|| disk_file.clone());
     let mut lazy_device = None;
     if let Some(mut lazy) = opts.lazy_options() {
         lazy.archive_kek = kek;
@@ -209,7 +211,13 @@ pub fn open_with_kek(
         busy: Mutex::new(()),
     });
     let gate = Arc::new(MoveGate::default());
-    let stripe_server = super::moving::start(opts, logical, lazy_device.clone(), gate.clone())?;
+    let stripe_server = super::moving::start(
+        opts,
+        logical,
+        lazy_device.clone(),
+        plain_file.as_deref(),
+        gate.clone(),
+    )?;
     let mut control_socket = None;
     if let Some(path) = &opts.control_socket {
         let control = Control {

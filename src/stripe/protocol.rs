@@ -257,10 +257,17 @@ pub fn write_hello(w: &mut impl Write) -> io::Result<()> {
     w.flush()
 }
 
+/// Server side: what precedes a payload of `len` bytes (STATUS_OK, then the length).
+pub fn payload_head(len: u64) -> [u8; 9] {
+    let mut head = [0u8; 9];
+    head[0] = STATUS_OK;
+    head[1..].copy_from_slice(&len.to_le_bytes());
+    head
+}
+
 /// Server side: an OK status, a u64 size and `payload` (METADATA, READ_STRIPE).
 pub fn write_payload(w: &mut impl Write, payload: &[u8]) -> io::Result<()> {
-    let mut head = [0u8; 9];
-    head[1..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    let head = payload_head(payload.len() as u64);
     // Head and payload in one write where the stream takes vectors (a plain socket: one
     // `writev`, so the client is not woken for the 9-byte head alone and again for the rest).
     let sent = loop {

@@ -12,7 +12,8 @@
 //!   [`STATUS_NO_DATA`], unknown opcodes [`STATUS_INVALID_COMMAND`]; a read that fails
 //!   [`STATUS_SERVER_ERROR`]. Malformed requests close the connection.
 
-use std::io;
+use std::fs::File;
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,6 +31,7 @@ use super::protocol::{
 use super::tls::{self, Psk, Stream, TlsError};
 use crate::block::{run_sync, BlockDevice, IoBuf, IoChannel, IoOp, Notifier, SECTOR_SHIFT};
 use crate::sys::ratelog::{self, RateLimiter, Verdict};
+use crate::sys::zerocopy;
 
 /// Most connections at once.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -51,6 +53,14 @@ pub trait Layout: Send + Sync {
     /// `None`: read the disk.
     fn read_elsewhere(&self, index: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
         let _ = (index, buf);
+        None
+    }
+    /// Where stripe `index`'s bytes lie as they are served (not encrypted, on the disk) in a
+    /// file opened without O_DIRECT, and at which byte offset: a plaintext connection sends
+    /// them from there with `sendfile`, without reading them into a buffer and copying that
+    /// into the socket. `None`: read it through the block layer.
+    fn in_file(&self, index: u64) -> Option<(&File, u64)> {
+        let _ = index;
         None
     }
 }
@@ -222,6 +232,7 @@ fn connection(s: &Shared, tcp: TcpStream) -> Result<(), Box<dyn std::error::Erro
         padded: Vec::new(),
         served: 0,
         refused: false,
+        no_sendfile: false,
     };
     let end = session.serve(&mut stream);
     info!(
@@ -245,6 +256,8 @@ struct Session<'a> {
     served: u64,
     /// A refused READ_STRIPE was logged at warn (later ones at debug).
     refused: bool,
+    /// `sendfile` failed for want of support: read and copy from then on.
+    no_sendfile: bool,
 }
 
 impl Session<'_> {
@@ -316,6 +329,13 @@ impl Session<'_> {
         let first = index << shift;
         let n = (1u64 << shift).min(self.s.device.sectors().saturating_sub(first));
         let len = (n << SECTOR_SHIFT) as usize;
+        if len == stripe_bytes && !self.no_sendfile {
+            if let Stream::Plain(tcp) = &*stream {
+                if let Some((file, offset)) = self.s.layout.in_file(index) {
+                    return self.send_from_file(tcp, (index, first), file, offset, len);
+                }
+            }
+        }
         let mut buf = match self.io.take() {
             Some(b) if b.capacity() >= stripe_bytes => b,
             _ => IoBuf::new(stripe_bytes),
@@ -344,4 +364,60 @@ impl Session<'_> {
         self.served += 1;
         Ok(())
     }
+
+    /// Stripe `index` (from sector `first`), `len` bytes at `offset` in `file`, sent with
+    /// `sendfile` after its head.
+    /// Where the kernel cannot (the head is out, nothing more), the stripe is read and sent
+    /// as usual, and so are the session's later ones.
+    fn send_from_file(
+        &mut self,
+        tcp: &TcpStream,
+        (index, first): (u64, u64),
+        file: &File,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<()> {
+        let head = protocol::payload_head(len as u64);
+        match zerocopy::send_head_and_file(tcp, &head, file, offset, len) {
+            Ok(()) => zerocopy::drop_cached(file, offset, len),
+            Err((0, e)) if unsupported(&e) => {
+                debug!("stripe server: sendfile: {e}; reading and sending stripes instead");
+                self.no_sendfile = true;
+                let mut buf = match self.io.take() {
+                    Some(b) if b.capacity() >= len => b,
+                    _ => IoBuf::new(len),
+                };
+                buf.set_len(len);
+                match self.read(index, first, buf) {
+                    Ok(b) => {
+                        let sent = (&*tcp).write_all(&b);
+                        self.io = Some(b);
+                        sent?;
+                    }
+                    // The head promised a stripe: the client sees the connection end.
+                    Err(back) => {
+                        self.io = back;
+                        return Err(io::Error::other("reading the stripe failed"));
+                    }
+                }
+            }
+            Err((_, e)) => {
+                warn!("stripe server: sending stripe {index}: {e}");
+                return Err(e);
+            }
+        }
+        self.served += 1;
+        Ok(())
+    }
 }
+
+/// `sendfile` cannot read this file or write this socket (as opposed to a failed transfer).
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -7,6 +7,7 @@
 //! - [`yaml`]: YAML parse errors described without repeating the file's values.
 //! - [`open`]: opening a file to read without a FIFO making us wait, its kind checked.
 //! - [`sched`]: asking the scheduler for short time slices on a request's path.
+//! - [`zerocopy`]: a file's bytes to a socket with `sendfile`, the file reopened without O_DIRECT.
 
 pub mod affinity;
 pub mod open;
@@ -14,6 +15,7 @@ pub mod ratelog;
 pub mod sched;
 pub mod socket;
 pub(crate) mod yaml;
+pub mod zerocopy;
 
 use std::error::Error;
 

@@ -122,6 +122,33 @@ fn plain_server(
     (dir, be, addr)
 }
 
+/// Starts lazy disk `a` (its metadata made) and, as a guest would, reads its first `reads`
+/// stripes (fetching them) and writes 8 KiB at each `(offset, seed)`: A, its stripe server's
+/// address and what the disk now reads as.
+fn start_used(
+    a: &LazyFiles,
+    image: &[u8],
+    reads: u64,
+    writes: &[(u64, u64)],
+) -> (Backend, String, Vec<u8>) {
+    a.init_metadata(INIT, SHIFT);
+    let be = Backend::start(BIN, &a.config).unwrap();
+    let addr = served_addr(&be);
+    let mut model = image.to_vec();
+    model.resize(DISK as usize, 0);
+    let mut c = Client::connect_queues(be.socket(), 1).unwrap();
+    for s in 0..reads {
+        c.read(0, s * STRIPE, 4096).unwrap();
+    }
+    for &(off, seed) in writes {
+        let data = pattern_bytes(seed << 32, 8192);
+        c.write(0, off, &data).unwrap();
+        model[off as usize..off as usize + 8192].copy_from_slice(&data);
+    }
+    c.flush(0).unwrap();
+    (be, addr, model)
+}
+
 /// A (encrypted, lazy, half fetched, written) serves B (other keys, made by init-metadata
 /// against A, autofetch); B completes, A is killed, B reads as A did. Meanwhile a VM
 /// attaching to A is refused until `move-end`.
@@ -144,32 +171,17 @@ fn a_half_fetched_encrypted_lazy_disk_moves_to_another_host() {
             &server_yaml(Some(&psk_a)),
         ],
     );
-    a.init_metadata(INIT, SHIFT);
-    let a_be = Backend::start(BIN, &a.config).unwrap();
-    let addr = served_addr(&a_be);
-    let mut model = image.clone();
-    model.resize(DISK as usize, 0);
-    {
-        let mut c = Client::connect_queues(a_be.socket(), 1).unwrap();
-        // Half the image's stripes fetched (read), writes in fetched, unfetched and
-        // past-image stripes.
-        for s in 0..15 {
-            c.read(0, s * STRIPE, 4096).unwrap();
-        }
-        for (off, seed) in [
-            (2 * STRIPE + 512, 1u64),
-            (20 * STRIPE, 2),
-            (40 * STRIPE + 4096, 3),
-        ] {
-            let data = pattern_bytes(seed << 32, 8192);
-            c.write(0, off, &data).unwrap();
-            model[off as usize..off as usize + 8192].copy_from_slice(&data);
-        }
-        c.flush(0).unwrap();
-        let s = ControlStatus::query(&a.ctl).unwrap();
-        // 15 read, 1 written, 17 past the image (init-metadata zeroes and marks them).
-        assert_eq!(s.fetched, 33, "{}", s.raw);
-    }
+    // Half the image's stripes fetched (read), writes in fetched, unfetched and past-image
+    // stripes.
+    let writes = [
+        (2 * STRIPE + 512, 1),
+        (20 * STRIPE, 2),
+        (40 * STRIPE + 4096, 3),
+    ];
+    let (a_be, addr, model) = start_used(&a, &image, 15, &writes);
+    let s = ControlStatus::query(&a.ctl).unwrap();
+    // 15 read, 1 written, 17 past the image (init-metadata zeroes and marks them).
+    assert_eq!(s.fetched, 33, "{}", s.raw);
     // B: empty, other keys, its metadata made against A (geometry only).
     let b_dir = scratch_dir("stripe-b");
     let (b_base, b_meta, b_ctl) = (
@@ -309,27 +321,33 @@ fn openssl_s_client_reads_a_stripe_and_a_wrong_psk_or_identity_is_refused() {
     assert!(!be.log().contains(&hex(&KEY)[..16]));
 }
 
+/// The Python peer's copy of the whole disk served at `addr` (plaintext), into `out`: what it
+/// printed (geometry, the status past the end) and the copy.
+fn python_copy(addr: &str, out: &Path) -> (serde_json::Value, Vec<u8>) {
+    let (host, port) = addr.split_once(':').unwrap();
+    let run = Command::new("python3")
+        .args([PEER, "client", host, port])
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{run:?}");
+    let printed = serde_json::from_slice(&run.stdout).unwrap();
+    (printed, std::fs::read(out).unwrap())
+}
+
 /// The Python peer (from the protocol document) downloads the whole disk from our server
 /// (plaintext opt-in); raw requests: a huge index, an unknown opcode.
 #[test]
 fn a_python_client_from_the_spec_reads_the_disk_and_odd_requests_get_their_status() {
     let (dir, be, addr) = plain_server("stripe-py", None, &[]);
     let (host, port) = addr.split_once(':').unwrap();
-    let out_path = dir.path().join("copy.raw");
-    let out = Command::new("python3")
-        .args([PEER, "client", host, port])
-        .arg(&out_path)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (v, copy) = python_copy(&addr, &dir.path().join("copy.raw"));
     assert_eq!(
         (v["shift"].as_u64(), v["stripes"].as_u64()),
         (Some(11), Some(3)),
         "{v}"
     );
     assert_eq!(v["beyond"], protocol::STATUS_INVALID_STRIPE, "{v}");
-    let copy = std::fs::read(&out_path).unwrap();
     assert!(
         copy == pattern_bytes(0, DISK as usize),
         "the copy differs from the disk"
@@ -347,6 +365,34 @@ fn a_python_client_from_the_spec_reads_the_disk_and_odd_requests_get_their_statu
     // A READ_STRIPE cut short: the server waits, then the client leaves; no answer.
     assert_eq!(raw("010000"), "");
     drop(be);
+}
+
+/// Plaintext: a half-fetched lazy disk, written by a client, copied by the Python peer is the
+/// disk as its guest sees it, encrypted or not. Not encrypted, its fetched stripes go out
+/// with `sendfile` from the disk file (the log says so), its unfetched ones through its
+/// source; encrypted, every stripe is decrypted first (nothing is sent from the file).
+#[test]
+fn plaintext_copies_are_the_logical_disk_with_stripes_sent_from_the_file() {
+    for encrypted in [false, true] {
+        let image = pattern_bytes(0x77_0000, (30 * STRIPE + 1000) as usize);
+        let keys = keys_yaml(&[0x55; 32], &[0x66; 32]);
+        let mut extra = vec!["copy_on_read: true".to_string(), server_yaml(None)];
+        if encrypted {
+            extra.push(keys);
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let a = LazyFiles::new("stripe-pt", DISK, 0xee, &image, &extra);
+        let writes = [(2 * STRIPE + 512, 1), (20 * STRIPE, 2)];
+        let (be, addr, model) = start_used(&a, &image, 10, &writes);
+        let dir = scratch_dir("stripe-pt-copy");
+        let (_, copy) = python_copy(&addr, &dir.path().join("copy.raw"));
+        assert!(
+            copy == model,
+            "encrypted {encrypted}: the copy is not the disk"
+        );
+        let zero_copy = be.log().contains("go out with sendfile");
+        assert_eq!(zero_copy, !encrypted, "{}", be.log());
+    }
 }
 
 /// Against a TLS server: plaintext, garbage and a flood of idle connections are closed or
