@@ -132,7 +132,7 @@ pub fn start(
         Some(f) => match zerocopy::reopen_buffered(f) {
             Ok(f) => Some(f),
             Err(e) => {
-                info!("stripe server: {}: cannot reopen for sendfile ({e}); reading and sending stripes instead", opts.path.display());
+                info!("stripe server: no sendfile (reopening the disk: {e})");
                 None
             }
         },

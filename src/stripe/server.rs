@@ -401,10 +401,8 @@ impl Session<'_> {
                     }
                 }
             }
-            Err((_, e)) => {
-                warn!("stripe server: sending stripe {index}: {e}");
-                return Err(e);
-            }
+            // The connection ends; its "gone" line says why.
+            Err((_, e)) => return Err(e),
         }
         self.served += 1;
         Ok(())
