@@ -128,16 +128,11 @@ pub fn start(
     };
     // Plaintext connections send stripes straight from the page cache (TLS encrypts them in
     // user space anyway). Reopened without O_DIRECT, from which `sendfile` gains nothing.
-    let file = match plain_file.filter(|_| psk.is_none()) {
-        Some(f) => match zerocopy::reopen_buffered(f) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                info!("stripe server: no sendfile (reopening the disk: {e})");
-                None
-            }
-        },
-        None => None,
-    };
+    let file = plain_file.filter(|_| psk.is_none()).and_then(|f| {
+        zerocopy::reopen_buffered(f)
+            .map_err(|e| info!("stripe server: no sendfile (reopening the disk: {e})"))
+            .ok()
+    });
     if file.is_some() {
         info!("stripe server: stripes on the disk go out with sendfile (zero-copy)");
     }

@@ -282,6 +282,14 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// The session's stripe buffer (a new one if it has none of `bytes`).
+    fn stripe_buf(&mut self, bytes: usize) -> IoBuf {
+        match self.io.take() {
+            Some(b) if b.capacity() >= bytes => b,
+            _ => IoBuf::new(bytes),
+        }
+    }
+
     /// Reads stripe `index` (from sector `first`, `buf.len()` bytes) into `buf`: where the
     /// layout says it is if not on the disk, else from the disk. A failure is logged; the
     /// buffer comes back with it unless the channel kept it.
@@ -336,10 +344,7 @@ impl Session<'_> {
                 }
             }
         }
-        let mut buf = match self.io.take() {
-            Some(b) if b.capacity() >= stripe_bytes => b,
-            _ => IoBuf::new(stripe_bytes),
-        };
+        let mut buf = self.stripe_buf(stripe_bytes);
         if len > 0 {
             buf.set_len(len);
             buf = match self.read(index, first, buf) {
@@ -383,10 +388,7 @@ impl Session<'_> {
             Err((0, e)) if unsupported(&e) => {
                 debug!("stripe server: sendfile: {e}; reading and sending stripes instead");
                 self.no_sendfile = true;
-                let mut buf = match self.io.take() {
-                    Some(b) if b.capacity() >= len => b,
-                    _ => IoBuf::new(len),
-                };
+                let mut buf = self.stripe_buf(len);
                 buf.set_len(len);
                 match self.read(index, first, buf) {
                     Ok(b) => {
